@@ -1,0 +1,15 @@
+"""fused_sam: Sharpness-Aware Minimization for PyTorch in a few fused multi-tensor launches."""
+
+from fused_sam.bn import frozen_bn_stats
+from fused_sam.functional import BackendUnavailableError, available_backends
+from fused_sam.optimizer import FusedSAM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "FusedSAM",
+    "__version__",
+    "available_backends",
+    "frozen_bn_stats",
+]

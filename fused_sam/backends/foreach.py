@@ -1,0 +1,210 @@
+"""Portable backend built from ``torch._foreach_*`` ops (CPU and every torch device).
+
+A few launches per op whatever the number of tensors, no host synchronisation and no
+``.item()``: the norm, the scale and the non-finite decision stay on the device. Low-precision
+tensors are computed in float32 and rounded once when written back.
+
+Unlike a flat kernel, torch ops index every tensor through its strides, so this backend also
+takes the tensors a flat kernel cannot (non-dense, or with unequal strides); ``functional``
+routes them here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fused_sam.masks import unpack_bits
+
+__all__ = [
+    "FLAT",
+    "norm_sq_partials",
+    "perturb_",
+    "restore_",
+    "restore_adam_step_",
+    "restore_sgd_step_",
+    "unavailable_reason",
+]
+
+FLAT = False
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """torch's foreach ops exist on every device torch supports."""
+    return None
+
+
+def _f32(ts: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors themselves, or float32 copies of low-precision ones (math in fp32+)."""
+    return [t.float() if t.dtype in _LOW_PRECISION else t for t in ts]
+
+
+def _scaling(params: Sequence[Tensor], eta: float) -> list[Tensor]:
+    t = torch._foreach_abs(_f32(params))
+    if eta != 0:
+        torch._foreach_add_(t, eta)
+    return t
+
+
+def norm_sq_partials(
+    grads: Sequence[Tensor], params: Sequence[Tensor], adaptive: bool, eta: float
+) -> Tensor:
+    """See :func:`fused_sam.reference.norm_sq_partials`; one partial per tensor."""
+    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    if adaptive:
+        scaled = _scaling(params, eta)
+        torch._foreach_mul_(scaled, _f32(grads))
+        norms = torch._foreach_norm(scaled, 2, dtype=acc)
+    else:
+        norms = torch._foreach_norm(list(grads), 2, dtype=acc)
+    return torch.stack(norms).square()
+
+
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    sumsq: Tensor,
+    rho: float,
+    eps: float,
+    adaptive: bool,
+    eta: float,
+    masks: Sequence[Tensor] | None,
+) -> None:
+    """See :func:`fused_sam.reference.perturb_`."""
+    torch._foreach_copy_(list(backups), list(params))
+    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    norm = sumsq.to(acc).sum().sqrt()
+    finite = torch.isfinite(norm)
+    scale = torch.where(finite, rho / (norm + eps), torch.zeros_like(norm))
+    # e lives in one flat float32 buffer so that the non-finite guard below is a single launch.
+    numels = [g.numel() for g in grads]
+    flat = torch.cat([g.reshape(-1).to(acc) for g in grads])
+    flat.mul_(scale)
+    if adaptive:
+        t = torch.cat([w.reshape(-1).to(acc) for w in params]).abs_().add_(eta)
+        flat.mul_(t).mul_(t)
+    if masks is not None:
+        flat.mul_(torch.cat([unpack_bits(m, w).reshape(-1) for m, w in zip(masks, params)]))
+    # scale is 0 when the norm is not finite, but 0 * inf = nan where a gradient itself is not
+    # finite: zero those so a skipped perturbation leaves the weights bit-identical.
+    flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    e = [v.view(g.shape) for v, g in zip(flat.split(numels), grads)]
+    torch._foreach_add_(list(params), e)
+
+
+def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    """Exact restore: ``w = backup`` with one multi-tensor copy."""
+    torch._foreach_copy_(list(params), list(backups))
+
+
+def _select(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
+    return new if skip is None else torch.where(skip, old, new)
+
+
+def _prepare(
+    grads: Sequence[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None, maximize: bool
+) -> tuple[list[Tensor], Tensor | None]:
+    g = [t.float() if t.dtype in _LOW_PRECISION else t.clone() for t in grads]
+    if grad_scale is not None:
+        torch._foreach_div_(g, grad_scale)
+    if maximize:
+        torch._foreach_neg_(g)
+    skip = None if found_inf is None else found_inf.ne(0)
+    return g, skip
+
+
+def restore_sgd_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.restore_sgd_step_`. The skip is decided on device."""
+    restore_(params, backups)
+    d, skip = _prepare(grads, grad_scale, found_inf, maximize)
+    w32 = _f32(params)
+    if weight_decay != 0:
+        torch._foreach_add_(d, w32, alpha=weight_decay)
+    if momentum != 0:
+        if first_step:
+            v = [x.clone() for x in d]
+        else:
+            v = torch._foreach_mul(_f32(momentum_buffers), momentum)
+            torch._foreach_add_(v, d, alpha=1 - dampening)
+        for buf, new in zip(momentum_buffers, v):
+            buf.copy_(_select(skip, buf, new.to(buf.dtype)))
+        if nesterov:
+            torch._foreach_add_(d, v, alpha=momentum)
+        else:
+            d = v
+    new_w = torch._foreach_add(w32, d, alpha=-lr)
+    for w, nw in zip(params, new_w):
+        w.copy_(_select(skip, w, nw.to(w.dtype)))
+
+
+def restore_adam_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.restore_adam_step_`. The skip is decided on device."""
+    restore_(params, backups)
+    g, skip = _prepare(grads, grad_scale, found_inf, maximize)
+    w = _f32(params)
+    w = [x.clone() if x is p else x for x, p in zip(w, params)]
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            torch._foreach_mul_(w, 1 - lr * weight_decay)
+        else:
+            torch._foreach_add_(g, w, alpha=weight_decay)
+    m = torch._foreach_mul(_f32(exp_avgs), beta1)
+    torch._foreach_add_(m, g, alpha=1 - beta1)
+    v = torch._foreach_mul(_f32(exp_avg_sqs), beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    vmax = torch._foreach_maximum(_f32(max_exp_avg_sqs), v) if amsgrad else v
+    for i, p in enumerate(params):
+        step_t = state_steps[i]
+        new_step = step_t + 1
+        step = new_step.to(p.device, w[i].dtype)
+        bias_c1 = 1 - beta1**step
+        bias_c2_sqrt = (1 - beta2**step).sqrt()
+        denom = vmax[i].sqrt() / bias_c2_sqrt + eps
+        new_w = w[i] - (lr / bias_c1) * m[i] / denom
+        exp_avgs[i].copy_(_select(skip, exp_avgs[i], m[i].to(exp_avgs[i].dtype)))
+        exp_avg_sqs[i].copy_(_select(skip, exp_avg_sqs[i], v[i].to(exp_avg_sqs[i].dtype)))
+        if amsgrad:
+            mx = max_exp_avg_sqs[i]
+            mx.copy_(_select(skip, mx, vmax[i].to(mx.dtype)))
+        p.copy_(_select(skip, p, new_w.to(p.dtype)))
+        step_skip = None if skip is None else skip.to(step_t.device)
+        step_t.copy_(_select(step_skip, step_t, new_step))

@@ -1,0 +1,360 @@
+"""The SAM ops behind one dispatch point.
+
+:class:`fused_sam.FusedSAM` holds no math: it collects tensors and hyperparameters and calls the
+functions here. This module is the one place that chooses a backend and splits the tensors into
+buckets a backend can take in one call:
+
+* one bucket per ``(device, dtype, per-tensor hyperparameters)``;
+* tensors that a flat kernel cannot index as ``p[i], g[i], b[i]`` alike (not non-overlapping and
+  dense, or with unequal strides) go to the ``foreach`` backend, which is stride-correct;
+* complex tensors are processed through their real view.
+
+Backends are modules with the five functions of :mod:`fused_sam.reference` and the same
+signatures, plus ``unavailable_reason(device) -> str | None`` and a ``FLAT`` flag.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "nonfinite",
+    "norm_sq",
+    "perturb_",
+    "resolve_backend",
+    "restore_",
+    "restore_adam_step_",
+    "restore_sgd_step_",
+    "uses_fused_base_step",
+]
+
+#: Backend names users may pass as ``backend=``, with the module that implements each.
+BACKENDS: dict[str, str] = {
+    "reference": "fused_sam.reference",
+    "foreach": "fused_sam.backends.foreach",
+    "cpu": "fused_sam.backends.native",
+    "cuda": "fused_sam.backends.native",
+    "triton": "fused_sam.backends.triton",
+}
+
+# Preference order of ``backend=None`` / ``"auto"`` for each device type.
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "foreach"),
+    "cpu": ("cpu", "foreach"),
+}
+
+# Backends whose restore+step kernels replace ``base_optimizer.step()`` for SGD/Adam/AdamW.
+_FUSED_BASE_STEP = frozenset({"cpu", "cuda", "triton"})
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend named explicitly cannot run here; the message says why and how to fix it."""
+
+
+def _module(name: str) -> ModuleType:
+    try:
+        path = BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}; choose one of {sorted(BACKENDS)} or None for auto"
+        ) from None
+    return importlib.import_module(path)
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (``None`` when it can)."""
+    try:
+        mod = _module(name)
+    except ImportError as exc:  # pragma: no cover - a backend module failing to import at all
+        return f"cannot import {BACKENDS[name]}: {exc}"
+    if name in ("cpu", "cuda") and device.type != name:
+        return f"the {name!r} backend runs on {name} tensors, these are on {device}"
+    return mod.unavailable_reason(device)
+
+
+def available_backends(device: torch.device | str) -> dict[str, str | None]:
+    """Map every backend name to ``None`` (usable on ``device``) or the reason it is not."""
+    device = torch.device(device)
+    return {name: unavailable_reason(name, device) for name in BACKENDS}
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """Pick the backend for tensors on ``device``.
+
+    Args:
+        name: ``None`` or ``"auto"`` for the fastest usable backend, or a backend name, which is
+            then required: if it cannot run, :class:`BackendUnavailableError` says why instead of
+            silently falling back.
+        device: the device of the tensors.
+    """
+    return _resolve(name, torch.device(device))
+
+
+@functools.cache
+def _resolve(name: str | None, device: torch.device) -> str:
+    if name is None or name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("foreach",)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+    return name
+
+
+def uses_fused_base_step(name: str | None, devices: Iterable[torch.device]) -> bool:
+    """Whether the backend chosen for every device fuses restore with the SGD/Adam/AdamW update.
+
+    Backends that do not (``reference``, ``foreach``) restore and then call the base
+    optimizer's own ``step()``, which keeps a ``rho = 0`` run bit-identical to the base alone.
+    """
+    return all(_resolve(name, torch.device(d)) in _FUSED_BASE_STEP for d in devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bucketing
+
+
+def _as_real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive storage slots.
+
+    True for contiguous, channels_last and any permuted-contiguous layout; false for slices
+    with gaps and expanded (stride-0) tensors.
+    """
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat_ok(tensors: Sequence[Tensor]) -> bool:
+    """Whether a flat kernel may index all ``tensors`` alike as ``t[i]`` over their storage."""
+    first = tensors[0]
+    if not is_dense(first):
+        return False
+    stride = first.stride()
+    return all(t.stride() == stride for t in tensors[1:])
+
+
+def _buckets(
+    backend: str | None,
+    columns: Sequence[Sequence[Tensor] | None],
+    extra: Callable[[int], Hashable] | None = None,
+) -> list[tuple[str, list[int]]]:
+    """Split indices into ``(backend, indices)`` buckets.
+
+    ``columns`` are the per-index tensor lists of one call (``None`` for an absent list); the
+    first column decides device and dtype. Indices a flat kernel cannot take go to ``foreach``.
+    """
+    first = columns[0]
+    assert first is not None
+    groups: dict[Hashable, list[int]] = {}
+    for i, t in enumerate(first):
+        row = [col[i] for col in columns if col is not None]
+        chosen = _resolve(backend, t.device)
+        if _module(chosen).FLAT and not _flat_ok(row):
+            chosen = "foreach"
+        key = (chosen, t.device, t.dtype, extra(i) if extra is not None else None)
+        groups.setdefault(key, []).append(i)
+    return [(key[0], idx) for key, idx in groups.items()]
+
+
+def _pick(seq: Sequence[Tensor] | None, idx: list[int]) -> list[Tensor] | None:
+    if seq is None:
+        return None
+    return [_as_real(seq[i]) for i in idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+
+
+def norm_sq(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    adaptive: Sequence[bool],
+    eta: Sequence[float],
+    backend: str | None,
+) -> Tensor:
+    """Partial sums of squares of the (ASAM-scaled) gradient over every tensor given.
+
+    Args:
+        grads, params: one entry per tensor (params read only where ``adaptive``).
+        adaptive, eta: per-tensor ASAM switch and offset.
+        backend: the backend request (a name, or ``None`` for auto), resolved per device.
+
+    Returns:
+        A 1-D float32 (float64 if any tensor is float64) tensor on ``grads[0]``'s device whose
+        sum is the squared global norm.
+    """
+    parts: list[Tensor] = []
+    for chosen, idx in _buckets(backend, [grads, params], lambda i: (adaptive[i], eta[i])):
+        i0 = idx[0]
+        mod = _module(chosen)
+        parts.append(
+            mod.norm_sq_partials(_pick(grads, idx), _pick(params, idx), adaptive[i0], eta[i0])
+        )
+    device = grads[0].device
+    if len(parts) == 1:
+        return parts[0]
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+    return torch.cat([p.to(device, dtype, non_blocking=True) for p in parts])
+
+
+def nonfinite(sumsq: Tensor) -> Tensor:
+    """0-dim float32 flag (1.0 = the norm is inf/nan), computed on device without a host sync."""
+    return torch.logical_not(torch.isfinite(sumsq.sum())).float()
+
+
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    sumsq: Tensor,
+    rho: Sequence[float],
+    eps: float,
+    adaptive: Sequence[bool],
+    eta: Sequence[float],
+    masks: Sequence[Tensor] | None,
+    backend: str | None,
+) -> None:
+    """Backup the weights and move them to ``w + e`` (see :func:`fused_sam.reference.perturb_`).
+
+    ``rho``, ``adaptive`` and ``eta`` are per tensor; ``sumsq`` comes from :func:`norm_sq`.
+    """
+    key = lambda i: (rho[i], adaptive[i], eta[i])  # noqa: E731
+    for chosen, idx in _buckets(backend, [params, grads, backups], key):
+        i0 = idx[0]
+        dev_sumsq = sumsq.to(params[i0].device, non_blocking=True)
+        bucket_masks = None if masks is None else [masks[i] for i in idx]
+        _module(chosen).perturb_(
+            _pick(params, idx),
+            _pick(grads, idx),
+            _pick(backups, idx),
+            dev_sumsq,
+            rho[i0],
+            eps,
+            adaptive[i0],
+            eta[i0],
+            bucket_masks,
+        )
+
+
+def restore_(params: Sequence[Tensor], backups: Sequence[Tensor], backend: str | None) -> None:
+    """Exact restore ``w = backup`` for every tensor given."""
+    for chosen, idx in _buckets(backend, [params, backups]):
+        _module(chosen).restore_(_pick(params, idx), _pick(backups, idx))
+
+
+def restore_sgd_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor] | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: Sequence[bool],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    backend: str | None,
+) -> None:
+    """Restore and take one SGD step (see :func:`fused_sam.reference.restore_sgd_step_`).
+
+    ``momentum_buffers`` is ``None`` when ``momentum == 0``; ``first_step`` is per tensor.
+    """
+    cols = [params, grads, backups, momentum_buffers]
+    for chosen, idx in _buckets(backend, cols, lambda i: first_step[i]):
+        dev = params[idx[0]].device
+        _module(chosen).restore_sgd_step_(
+            _pick(params, idx),
+            _pick(grads, idx),
+            _pick(backups, idx),
+            _pick(momentum_buffers, idx) or [],
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=maximize,
+            first_step=first_step[idx[0]],
+            grad_scale=_on(grad_scale, dev),
+            found_inf=_on(found_inf, dev),
+        )
+
+
+def restore_adam_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] | None,
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    backend: str | None,
+) -> None:
+    """Restore and take one Adam/AdamW step (see :func:`fused_sam.reference.restore_adam_step_`).
+
+    ``max_exp_avg_sqs`` is ``None`` unless ``amsgrad``.
+    """
+    cols = [params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    for chosen, idx in _buckets(backend, cols):
+        dev = params[idx[0]].device
+        _module(chosen).restore_adam_step_(
+            _pick(params, idx),
+            _pick(grads, idx),
+            _pick(backups, idx),
+            _pick(exp_avgs, idx),
+            _pick(exp_avg_sqs, idx),
+            _pick(max_exp_avg_sqs, idx) or [],
+            [state_steps[i] for i in idx],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            grad_scale=_on(grad_scale, dev),
+            found_inf=_on(found_inf, dev),
+        )
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)

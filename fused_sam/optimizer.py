@@ -1,0 +1,554 @@
+"""``FusedSAM``: Sharpness-Aware Minimization as a ``torch.optim.Optimizer``.
+
+This module holds no math. It validates hyperparameters, collects tensors per step, keeps the
+in-flight bookkeeping of a SAM step, and calls :mod:`fused_sam.functional`, the one place that
+dispatches to a backend.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import SGD, Adam, AdamW, Optimizer
+
+from fused_sam import functional as F
+
+__all__ = ["FusedSAM"]
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+_ADAPTIVE_CHOICES = (False, True, "weights")
+# Keys FusedSAM keeps in every param group (next to the base optimizer's own keys).
+_SAM_KEYS = ("rho", "adaptive", "eta")
+# Attributes that describe one SAM step in flight or caches; never pickled or deep-copied.
+_TRANSIENT = ("step", "_backups", "_perturbed", "_found_inf", "_pending_zero_grad")
+
+
+def _check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return value
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    _check_nonneg("rho", group["rho"])
+    _check_nonneg("eta", group["eta"])
+    if group["adaptive"] not in _ADAPTIVE_CHOICES or (
+        isinstance(group["adaptive"], int) and not (isinstance(group["adaptive"], bool))
+    ):
+        raise ValueError(
+            f"adaptive must be False (SAM), True (ASAM on every tensor) or 'weights' (ASAM on "
+            f"tensors with 2+ dims only, as official ASAM), got {group['adaptive']!r}"
+        )
+
+
+class FusedSAM(Optimizer):
+    r"""Sharpness-Aware Minimization (SAM) and ASAM around any ``torch.optim`` optimizer.
+
+    One SAM step, with :math:`g_1` the gradient at :math:`w`:
+
+    .. math::
+        e = \frac{\rho\, T(w)^2 g_1}{\lVert T(w)\, g_1 \rVert_2 + \epsilon}, \qquad
+        w' = w + e \;\to\; g_2 = \nabla L(w'), \qquad
+        w \leftarrow \mathrm{base\_step}(w, g_2)
+
+    with :math:`T(w) = 1` (SAM) or :math:`|w| + \eta` (ASAM). The norm is global over all
+    parameters with a gradient; the restore of :math:`w` is an exact copy from a backup.
+
+    Two ways to build it::
+
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        opt = FusedSAM(torch.optim.AdamW(model.parameters(), lr=1e-3), rho=0.05)
+
+    Two ways to drive it::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)          # w -> w + e
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)         # exact restore, then the base step
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)                # both passes; returns the first-pass loss
+
+    A bare ``step()`` finishes a SAM step whose ``first_step`` has run (trainers call ``step()``
+    without a closure); with nothing in flight it is a plain base-optimizer step.
+
+    ``param_groups`` and ``state`` are the base optimizer's own objects: LR schedulers act on
+    both at once, ``rho``/``adaptive``/``eta`` live in the same group dicts (so ``rho`` can be
+    scheduled too), and ``state_dict()`` is in the base optimizer's format.
+
+    Args:
+        params: parameters or param groups, or an already-built optimizer instance.
+        base_optimizer: the optimizer class when ``params`` are parameters (``None`` when an
+            instance is given).
+        rho: neighbourhood radius (per group; SAM uses 0.05, ASAM typically 0.5-2.0).
+        adaptive: ``False`` for SAM; ``True`` for ASAM on every tensor (the community
+            ``adaptive=True``); ``"weights"`` for ASAM on tensors with two or more dims only,
+            leaving biases and norm parameters unscaled (official ASAM).
+        eta: ASAM offset in :math:`T(w) = |w| + \eta` (official ASAM uses 0.01; the community
+            implementation 0).
+        norm_eps: :math:`\epsilon` added to the gradient norm (named so that it cannot clash
+            with Adam's ``eps``).
+        backend: ``None``/``"auto"`` for the fastest available; or one of ``"reference"``,
+            ``"foreach"``, ``"cpu"``, ``"cuda"``, ``"triton"``, which is then required and
+            raises :class:`fused_sam.BackendUnavailableError` with the reason if it cannot run.
+        skip_nonfinite: check the second-pass gradients too and skip the base update when any
+            is inf/nan (costs one read of the gradients). Non-finite first-pass gradients always
+            skip the perturbation and the base update.
+        **base_kwargs: keyword arguments for ``base_optimizer`` (``lr``, ``momentum``, ...).
+
+    Attributes:
+        base_optimizer: the wrapped optimizer.
+        last_step_skipped: 0-dim bool tensor, ``True`` when the last SAM step was skipped
+            because a gradient was not finite (read it with ``bool()``; that syncs the device).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT | Optimizer,
+        base_optimizer: type[Optimizer] | None = None,
+        rho: float = 0.05,
+        adaptive: bool | str = False,
+        *,
+        eta: float = 0.0,
+        norm_eps: float = 1e-12,
+        backend: str | None = None,
+        skip_nonfinite: bool = True,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(params, Optimizer):
+            if base_optimizer is not None or base_kwargs:
+                raise ValueError(
+                    "pass either an optimizer instance, or parameters plus an optimizer class "
+                    "and its keyword arguments, not both"
+                )
+            base = params
+        else:
+            if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+                raise ValueError(
+                    "base_optimizer must be a torch.optim.Optimizer subclass such as "
+                    f"torch.optim.SGD, got {base_optimizer!r}"
+                )
+            _check_base_kwargs(base_optimizer, base_kwargs)
+            base = base_optimizer(params, **base_kwargs)
+        if isinstance(base, FusedSAM):
+            raise ValueError("FusedSAM cannot wrap another FusedSAM")
+        self.norm_eps = _check_nonneg("norm_eps", norm_eps, positive=True)
+        if backend is not None and backend != "auto" and backend not in F.BACKENDS:
+            raise ValueError(
+                f"unknown backend {backend!r}; choose one of {sorted(F.BACKENDS)} or None"
+            )
+        self.backend = backend
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.base_optimizer = base
+
+        sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
+        _validate_group({**sam_defaults})
+        # Optimizer.__init__ walks the groups through add_param_group, which (while
+        # initialising) fills the SAM keys into the base optimizer's own group dicts.
+        self._initializing = True
+        super().__init__(base.param_groups, sam_defaults)
+        self._initializing = False
+        # One source of truth: the base optimizer's groups and state.
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.defaults = {**base.defaults, **sam_defaults}
+        for group in self.param_groups:
+            _validate_group(group)
+        self._reset_transient()
+
+        # A forced backend that cannot run must fail now, with its reason, not mid-training.
+        for device in self._devices():
+            F.resolve_backend(backend, device)
+
+    # -------------------------------------------------------------------------------------
+    # torch.optim.Optimizer plumbing
+
+    def _reset_transient(self) -> None:
+        self._backups: dict[Tensor, Tensor] = {}
+        self._perturbed: list[Tensor] | None = None  # not None <=> a SAM step is in flight
+        self._found_inf: Tensor | None = None
+        self._pending_zero_grad = False
+        if not hasattr(self, "last_step_skipped"):
+            self.last_step_skipped: Tensor = torch.zeros((), dtype=torch.bool)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the base optimizer (and so to this one), with SAM defaults."""
+        if getattr(self, "_initializing", False):
+            super().add_param_group(param_group)
+            return
+        self.base_optimizer.add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key in _SAM_KEYS:
+            group.setdefault(key, self.defaults[key])
+        _validate_group(group)
+        for device in self._devices():
+            F.resolve_backend(self.backend, device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict, in its own format (SAM keys ride in the groups).
+
+        Raises:
+            RuntimeError: while a SAM step is in flight (between ``first_step`` and
+                ``second_step``): the model then holds perturbed weights, and a checkpoint
+                taken now would silently store them. Finish or ``restore()`` first.
+        """
+        self._check_not_in_flight("state_dict()")
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of this optimizer or of a bare base optimizer of the same type."""
+        self._check_not_in_flight("load_state_dict()")
+        self.base_optimizer.load_state_dict(state_dict)
+        # Optimizer.load_state_dict replaces both objects: re-link the wrapper to them.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for key in _SAM_KEYS:
+                group.setdefault(key, self.defaults[key])
+            _validate_group(group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._check_not_in_flight("pickling or copying")
+        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self._reset_transient()
+
+    def __repr__(self) -> str:
+        base = repr(self.base_optimizer)
+        head = f"FusedSAM(base={type(self.base_optimizer).__name__}, backend={self.backend!r}, "
+        head += f"norm_eps={self.norm_eps}, skip_nonfinite={self.skip_nonfinite})"
+        return head + "\n" + base
+
+    # -------------------------------------------------------------------------------------
+    # The SAM step
+
+    @property
+    def in_flight(self) -> bool:
+        """``True`` between ``first_step`` and the end of the step (weights are perturbed)."""
+        return self._perturbed is not None
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save the weights and move them to the ascent point ``w + e``.
+
+        Parameters without a gradient are not perturbed. Non-finite gradients leave every weight
+        bit-identical and mark the step skipped (its base update is skipped too).
+
+        Args:
+            zero_grad: zero the gradients afterwards (``set_to_none`` as ``zero_grad()``).
+
+        Raises:
+            RuntimeError: a SAM step is already in flight, or a gradient is sparse.
+        """
+        self._check_not_in_flight("first_step()")
+        params, grads, rho, adaptive, eta = [], [], [], [], []
+        for group in self.param_groups:
+            _validate_group(group)  # rho may have been scheduled since the last step
+            sign = -1.0 if group.get("maximize", False) else 1.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                _check_grad(p)
+                params.append(p)
+                grads.append(p.grad)
+                rho.append(sign * float(group["rho"]))
+                adaptive.append(_adaptive_for(group["adaptive"], p))
+                eta.append(float(group["eta"]))
+        if params:
+            backups = [self._backup_for(p) for p in params]
+            sumsq = F.norm_sq(grads, params, adaptive, eta, self.backend)
+            self._found_inf = F.nonfinite(sumsq)
+            F.perturb_(
+                params,
+                grads,
+                backups,
+                sumsq,
+                rho,
+                self.norm_eps,
+                adaptive,
+                eta,
+                None,
+                self.backend,
+            )
+        else:
+            self._found_inf = None
+        self._perturbed = params
+        if zero_grad:
+            self.zero_grad()
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the weights exactly and take the base optimizer's step with the new grads.
+
+        Goes through :meth:`step`, so step hooks and LR-scheduler bookkeeping see exactly one
+        optimizer step per SAM step.
+
+        Args:
+            zero_grad: zero the gradients afterwards.
+
+        Raises:
+            RuntimeError: no SAM step is in flight (``first_step`` was not called).
+        """
+        if not self.in_flight:
+            raise RuntimeError("second_step() called without a preceding first_step()")
+        self._pending_zero_grad = zero_grad
+        self.step()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Abandon an in-flight SAM step: restore the perturbed weights exactly, no base step.
+
+        A no-op when nothing is in flight.
+        """
+        if self._perturbed:
+            F.restore_(self._perturbed, [self._backups[p] for p in self._perturbed], self.backend)
+        self._perturbed = None
+        self._found_inf = None
+        self._pending_zero_grad = False
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Run a whole SAM step with ``closure``, or finish the one in flight.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (it should zero the gradients
+                and call ``backward()``). Called twice: at ``w`` and at ``w + e``. Without it,
+                ``step()`` finishes a SAM step begun by :meth:`first_step`, or, if none is in
+                flight, takes a plain base-optimizer step.
+
+        Returns:
+            The first-pass loss (what ``closure`` returned at ``w``), or ``None``.
+
+        If ``closure`` raises in the second pass, the weights are restored exactly before the
+        exception propagates.
+        """
+        if closure is None:
+            if self.in_flight:
+                self._finish()
+            else:
+                self.base_optimizer.step()
+            return None
+        self._check_not_in_flight("step(closure)")
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                closure()
+        except BaseException:
+            self.restore()
+            raise
+        self._finish()
+        return loss
+
+    # -------------------------------------------------------------------------------------
+    # internals
+
+    @torch.no_grad()
+    def _finish(self) -> None:
+        perturbed = self._perturbed or []
+        found_inf = self._found_inf
+        zero_grad = self._pending_zero_grad
+        # Decide the skip on device: first-pass flag OR a non-finite second-pass gradient.
+        if self.skip_nonfinite:
+            with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if with_grad:
+                for p in with_grad:
+                    _check_grad(p)
+                grads = [p.grad for p in with_grad]
+                n = len(with_grad)
+                inf2 = F.nonfinite(
+                    F.norm_sq(grads, with_grad, [False] * n, [0.0] * n, self.backend)
+                )
+                found_inf = (
+                    inf2
+                    if found_inf is None
+                    else torch.maximum(found_inf, inf2.to(found_inf.device))
+                )
+
+        fused = self._fused_kind()
+        if fused is not None:
+            self._fused_restore_step(fused, perturbed, found_inf)
+        else:
+            if perturbed:
+                F.restore_(perturbed, [self._backups[p] for p in perturbed], self.backend)
+            if found_inf is None or not bool(found_inf.item()):
+                self.base_optimizer.step()
+        self.last_step_skipped = (
+            torch.zeros((), dtype=torch.bool) if found_inf is None else found_inf.bool()
+        )
+        self._perturbed = None
+        self._found_inf = None
+        self._pending_zero_grad = False
+        if zero_grad:
+            self.zero_grad()
+
+    def _fused_kind(self) -> str | None:
+        """``"sgd"``/``"adam"`` when the backend's fused restore+step can replace base.step()."""
+        base = self.base_optimizer
+        kind = {SGD: "sgd", Adam: "adam", AdamW: "adam"}.get(type(base))
+        if kind is None or not F.uses_fused_base_step(self.backend, self._devices()):
+            return None
+        for group in self.param_groups:
+            if group.get("differentiable") or isinstance(group["lr"], Tensor):
+                return None
+            if kind == "adam" and any(isinstance(b, Tensor) for b in group["betas"]):
+                return None
+        return kind
+
+    def _fused_restore_step(
+        self, kind: str, perturbed: list[Tensor], found_inf: Tensor | None
+    ) -> None:
+        in_perturbed = set(map(id, perturbed))
+        stepped: set[int] = set()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            stepped.update(map(id, params))
+            grads = [p.grad for p in params]
+            # A parameter that was not perturbed is its own backup: stepped without a restore.
+            backups = [self._backups[p] if id(p) in in_perturbed else p for p in params]
+            if kind == "sgd":
+                self._sgd(group, params, grads, backups, found_inf)
+            else:
+                self._adam(group, params, grads, backups, found_inf)
+        rest = [p for p in perturbed if id(p) not in stepped]
+        if rest:
+            F.restore_(rest, [self._backups[p] for p in rest], self.backend)
+
+    def _sgd(self, group: dict[str, Any], params, grads, backups, found_inf) -> None:
+        momentum = group["momentum"]
+        bufs = None
+        first = [False] * len(params)
+        if momentum != 0:
+            bufs = []
+            for i, p in enumerate(params):
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["momentum_buffer"] = buf
+                    first[i] = True
+                bufs.append(buf)
+        F.restore_sgd_step_(
+            params,
+            grads,
+            backups,
+            bufs,
+            lr=float(group["lr"]),
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            first_step=first,
+            grad_scale=None,
+            found_inf=found_inf,
+            backend=self.backend,
+        )
+
+    def _adam(self, group: dict[str, Any], params, grads, backups, found_inf) -> None:
+        amsgrad = group["amsgrad"]
+        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+        for p in params:
+            st = self.state[p]
+            if len(st) == 0:
+                # torch.optim.Adam's own state format; the step counter lives on the param's
+                # device (as with fused=True) so the kernels never read host memory.
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif st["step"].device != p.device:
+                st["step"] = st["step"].to(p.device)
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
+            if amsgrad:
+                max_sqs.append(st["max_exp_avg_sq"])
+            steps.append(st["step"])
+        beta1, beta2 = group["betas"]
+        decoupled = group.get("decoupled_weight_decay", isinstance(self.base_optimizer, AdamW))
+        F.restore_adam_step_(
+            params,
+            grads,
+            backups,
+            exp_avgs,
+            exp_avg_sqs,
+            max_sqs if amsgrad else None,
+            steps,
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=amsgrad,
+            maximize=group["maximize"],
+            decoupled_weight_decay=bool(decoupled),
+            grad_scale=None,
+            found_inf=found_inf,
+            backend=self.backend,
+        )
+
+    def _backup_for(self, p: Tensor) -> Tensor:
+        # Allocated once per parameter and reused every step; preserve_format keeps a dense
+        # parameter's strides so flat kernels can index weight and backup alike.
+        buf = self._backups.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._backups[p] = buf
+        return buf
+
+    def _devices(self) -> set[torch.device]:
+        return {p.device for g in self.param_groups for p in g["params"]}
+
+    def _check_not_in_flight(self, what: str) -> None:
+        if self.in_flight:
+            raise RuntimeError(
+                f"{what} while a SAM step is in flight: the weights are perturbed (w + e). "
+                "Call second_step() (or step()) to finish the step, or restore() to abandon it."
+            )
+
+
+def _adaptive_for(setting: bool | str, p: Tensor) -> bool:
+    if setting == "weights":
+        return p.dim() >= 2
+    return bool(setting)
+
+
+def _check_grad(p: Tensor) -> None:
+    if p.grad.is_sparse:
+        raise RuntimeError(
+            "FusedSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+            "use dense gradients"
+        )
+
+
+def _check_base_kwargs(cls: type[Optimizer], kwargs: dict[str, Any]) -> None:
+    sig = inspect.signature(cls.__init__)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    accepted = [n for n in sig.parameters if n not in ("self", "params")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for {cls.__name__}; FusedSAM takes rho, adaptive, "
+            f"eta, norm_eps, backend, skip_nonfinite and passes the rest to {cls.__name__}, "
+            f"which accepts {accepted}"
+        )

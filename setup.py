@@ -1,0 +1,66 @@
+"""Build script for the optional native extension ``fused_sam._C``.
+
+All metadata lives in pyproject.toml; this file only decides which extension to build:
+
+* the C++ CPU kernels whenever ``csrc/`` has sources (skip with ``FUSED_SAM_NO_NATIVE=1`` for a
+  pure-Python install: the ``foreach`` and ``reference`` backends need no compiler);
+* the CUDA kernels as well when torch has CUDA and ``nvcc`` is found, or when forced with
+  ``FUSED_SAM_CUDA=1`` (set ``TORCH_CUDA_ARCH_LIST``, e.g. ``9.0``, when no GPU is visible);
+  ``FUSED_SAM_CUDA=0`` disables them.
+
+``MAX_JOBS`` limits ninja's parallel compile jobs. Build with
+``pip install --no-build-isolation .`` so the extension links against the installed torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+CSRC = ROOT / "csrc"
+
+
+def _flag(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip().lower()
+
+
+def _want_cuda(torch_cuda: str | None) -> bool:
+    forced = _flag("FUSED_SAM_CUDA")
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    return torch_cuda is not None and shutil.which("nvcc") is not None
+
+
+def _extensions() -> tuple[list, dict]:
+    if _flag("FUSED_SAM_NO_NATIVE") in ("1", "true", "yes", "on"):
+        return [], {}
+    cpp = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
+    if not cpp:
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cxx = ["-O3", "-std=c++17"]
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu"))
+    if _want_cuda(torch.version.cuda) and cuda_sources:
+        ext = CUDAExtension(
+            "fused_sam._C",
+            cpp + cuda_sources,
+            include_dirs=[str(CSRC)],
+            define_macros=[("FUSED_SAM_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+        )
+    else:
+        ext = CppExtension("fused_sam._C", cpp, include_dirs=[str(CSRC)], extra_compile_args=cxx)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,57 @@
+"""Shared test configuration.
+
+Triton kernels run on CPU tensors through the interpreter when no GPU is present, so the flag
+must be set before anything imports triton.
+
+A backend that should exist in this environment and is missing is a failure, not a skip: the
+native extension is built by the normal install and Triton is a dependency. Only an explicit
+``FUSED_SAM_ALLOW_MISSING=cpu,triton`` (e.g. for a pure-Python install) turns that into a skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fused_sam import functional as F
+
+ALLOW_MISSING = {s for s in os.environ.get("FUSED_SAM_ALLOW_MISSING", "").split(",") if s}
+
+#: Backends compared against the reference on CPU tensors.
+CPU_BACKENDS = ["foreach", "cpu", "triton"]
+
+#: (atol, rtol) per dtype, from DESIGN.md section 6.
+TOL = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-6, 1e-5),
+    torch.bfloat16: (1e-3, 1e-2),
+    torch.float16: (1e-4, 1e-3),
+}
+
+
+def require_backend(name: str, device: str | torch.device = "cpu") -> None:
+    """Fail (or, if explicitly allowed, skip) when backend ``name`` cannot run on ``device``."""
+    reason = F.unavailable_reason(name, torch.device(device))
+    if reason is None:
+        return
+    if name in ALLOW_MISSING:
+        pytest.skip(f"backend {name!r} allowed missing: {reason}")
+    pytest.fail(f"backend {name!r} should be available here but is not: {reason}")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """Compare at the tolerance of ``expected``'s dtype."""
+    atol, rtol = TOL[expected.dtype]
+    torch.testing.assert_close(
+        actual, expected, atol=atol, rtol=rtol, msg=lambda detail: f"{msg}\n{detail}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
