@@ -1,0 +1,110 @@
+"""Small models and independent SAM implementations used by the optimizer tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def odd_params(dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    """Parameters with odd sizes, a 0-dim one, a non-dense view and a channels_last tensor."""
+    ps = [torch.randn(s, dtype=dtype) for s in [(1,), (3,), (4097,), (), (33, 7)]]
+    ps.append(torch.randn(16, 10, dtype=dtype)[:, ::2])  # not dense: its grad will be contiguous
+    ps.append(torch.randn(2, 3, 5, 4, dtype=dtype).to(memory_format=torch.channels_last))
+    ps.append(torch.randn(5, 7, dtype=dtype).t())
+    return [nn.Parameter(p) for p in ps]
+
+
+def odd_loss(params: list[torch.Tensor], step: int) -> torch.Tensor:
+    """A smooth loss whose gradient depends on the weights (so pass 2 differs from pass 1)."""
+    total = torch.zeros((), dtype=params[0].dtype)
+    for i, p in enumerate(params):
+        c = 0.5 + 0.1 * ((i + step) % 5)
+        total = total + (c * p * p + torch.sin(p + 0.3 * step)).sum()
+    return total
+
+
+def backward(params: list[torch.Tensor], step: int, skip: set[int] | None = None) -> None:
+    """Fill ``.grad`` of every parameter except the indices in ``skip`` (their grad stays None)."""
+    used = [p for i, p in enumerate(params) if not skip or i not in skip]
+    odd_loss(used, step).backward()
+
+
+class LoopSAM:
+    """The community per-tensor SAM algorithm (davda54/sam), written out in a few lines.
+
+    e_w = rho * (w^2 if adaptive else 1) * g / (||(|w| if adaptive else 1) * g|| + 1e-12)
+    """
+
+    def __init__(self, params, base_cls, rho=0.05, adaptive=False, **kwargs):
+        self.params = list(params)
+        self.base = base_cls(self.params, **kwargs)
+        self.rho, self.adaptive, self.old = rho, adaptive, {}
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=True):
+        with_grad = [p for p in self.params if p.grad is not None]
+        norm = torch.norm(
+            torch.stack(
+                [((p.abs() if self.adaptive else 1.0) * p.grad).norm(p=2) for p in with_grad]
+            ),
+            p=2,
+        )
+        scale = self.rho / (norm + 1e-12)
+        for p in with_grad:
+            self.old[p] = p.clone()
+            p.add_((torch.pow(p, 2) if self.adaptive else 1.0) * p.grad * scale)
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=True):
+        for p, old in self.old.items():
+            p.copy_(old)
+        self.old = {}
+        self.base.step()
+        for p in self.params:
+            p.grad = None
+
+
+class OfficialASAM:
+    """Official ASAM (SamsungLabs): T_w = |w| + eta on parameters whose name contains 'weight'."""
+
+    def __init__(self, named_params, base_cls, rho=0.5, eta=0.01, **kwargs):
+        self.named = list(named_params)
+        self.base = base_cls([p for _, p in self.named], **kwargs)
+        self.rho, self.eta, self.old = rho, eta, {}
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=True):
+        norms, ts = [], {}
+        for n, p in self.named:
+            if p.grad is None:
+                continue
+            t = p.abs() + self.eta if "weight" in n else torch.ones_like(p)
+            ts[p] = t
+            norms.append((t * p.grad).norm(p=2))
+        norm = torch.norm(torch.stack(norms), p=2) + 1e-16
+        for p, t in ts.items():
+            self.old[p] = p.clone()
+            p.add_(self.rho * t * t * p.grad / norm)
+            p.grad = None
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=True):
+        for p, old in self.old.items():
+            p.copy_(old)
+        self.old = {}
+        self.base.step()
+        for _, p in self.named:
+            p.grad = None
+
+
+def small_net(bn_momentum: float | None = 0.1) -> nn.Module:
+    """A tiny MLP with BatchNorm, for end-to-end behaviour tests."""
+    return nn.Sequential(
+        nn.Linear(10, 32),
+        nn.BatchNorm1d(32, momentum=bn_momentum),
+        nn.ReLU(),
+        nn.Linear(32, 3),
+    )

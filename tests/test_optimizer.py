@@ -1,0 +1,662 @@
+"""FusedSAM against independent implementations, torch.optim conventions, faults and bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, assert_close, require_backend
+from helpers import LoopSAM, OfficialASAM, backward, odd_params, small_net
+from torch import nn
+
+from fused_sam import BackendUnavailableError, FusedSAM, frozen_bn_stats
+
+BACKENDS = ["reference", *CPU_BACKENDS]
+STEPS = 7
+
+
+def clone_params(ps: list[nn.Parameter]) -> list[nn.Parameter]:
+    out = []
+    for p in ps:
+        q = torch.empty_like(p)  # keeps channels_last/transposed strides of dense params
+        q.copy_(p)
+        if not p.is_contiguous() and p.stride() != q.stride():
+            q = p.detach().clone()  # non-dense view: any layout, the grad will be contiguous
+        out.append(nn.Parameter(q))
+    return out
+
+
+def sam_run(opt, params, steps=STEPS, none_at=3):
+    """first_step/second_step over ``steps`` steps; at ``none_at`` some grads are None."""
+    for step in range(steps):
+        skip = {0, 4} if step == none_at else None
+        backward(params, step, skip)
+        opt.first_step(zero_grad=True)
+        backward(params, step + 100, skip)
+        opt.second_step(zero_grad=True)
+
+
+def state_tensors(opt: torch.optim.Optimizer, params) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        for key in sorted(opt.state[p]):
+            v = opt.state[p][key]
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Against independent implementations of the published rules
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_matches_community_sam_over_steps(backend: str, adaptive: bool) -> None:
+    require_backend(backend)
+    ps = odd_params()
+    ref_ps = clone_params(ps)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    opt = FusedSAM(ps, torch.optim.SGD, 0.05, adaptive, backend=backend, **kw)
+    ref = LoopSAM(ref_ps, torch.optim.SGD, rho=0.05, adaptive=adaptive, **kw)
+    sam_run(opt, ps)
+    sam_run(ref, ref_ps)
+    for a, b in zip(ps, ref_ps):
+        assert_close(a.detach(), b.detach())
+    for a, b in zip(state_tensors(opt, ps), state_tensors(ref.base, ref_ps)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_official_asam(backend: str) -> None:
+    require_backend(backend)
+    torch.manual_seed(3)
+    model = small_net()
+    ref_model = copy.deepcopy(model)
+    named = list(model.named_parameters())
+    weights = [p for n, p in named if "weight" in n]
+    others = [p for n, p in named if "weight" not in n]
+    groups = [{"params": weights, "adaptive": True}, {"params": others, "adaptive": False}]
+    opt = FusedSAM(
+        groups,
+        torch.optim.SGD,
+        rho=0.5,
+        eta=0.01,
+        norm_eps=1e-16,
+        backend=backend,
+        lr=0.1,
+        momentum=0.9,
+    )
+    ref = OfficialASAM(
+        ref_model.named_parameters(), torch.optim.SGD, rho=0.5, eta=0.01, lr=0.1, momentum=0.9
+    )
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    for m, o in ((model, opt), (ref_model, ref)):
+        for _ in range(STEPS):
+            with frozen_bn_stats(m):
+                nn.functional.cross_entropy(m(x), y).backward()
+            o.first_step(zero_grad=True)
+            with frozen_bn_stats(m):
+                nn.functional.cross_entropy(m(x), y).backward()
+            o.second_step(zero_grad=True)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert_close(a.detach(), b.detach())
+
+
+def test_adaptive_weights_only_leaves_vectors_unscaled() -> None:
+    w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+    opt_w = FusedSAM([w, b], torch.optim.SGD, rho=0.5, adaptive="weights", eta=0.01, lr=0.1)
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(3)
+    g_w, g_b, w0, b0 = w.grad.clone(), b.grad.clone(), w.detach().clone(), b.detach().clone()
+    opt_w.first_step()
+    t = w0.abs() + 0.01
+    norm = torch.cat([(t * g_w).flatten(), g_b]).norm()
+    torch.testing.assert_close(w.detach(), w0 + 0.5 * t * t * g_w / norm)
+    torch.testing.assert_close(b.detach(), b0 + 0.5 * g_b / norm)
+    opt_w.restore()
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam", "adamw"])
+def test_loss_decreases(base: str) -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    x = torch.randn(256, 10)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    if base == "sgd":
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    elif base == "adam":
+        opt = FusedSAM(torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.05)
+    else:
+        opt = FusedSAM(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2), rho=0.05)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure).item()
+    for _ in range(60):
+        last = opt.step(closure).item()
+    assert last < 0.5 * first
+
+
+# ---------------------------------------------------------------------------------------------
+# Step protocol
+
+
+def test_step_closure_returns_first_pass_loss_and_evaluates_twice() -> None:
+    p = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.1, lr=0.1)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        seen.append(p.detach().clone())
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(5.0)
+    assert len(seen) == 2
+    e = 0.1 * torch.tensor([2.0, -4.0]) / torch.tensor([2.0, -4.0]).norm()
+    torch.testing.assert_close(seen[1], torch.tensor([1.0, -2.0]) + e)
+
+
+def test_bare_step_finishes_in_flight_step_and_otherwise_is_base_step() -> None:
+    torch.manual_seed(0)
+    ps = odd_params()
+    ps2 = clone_params(ps)
+    a = FusedSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    b = FusedSAM(ps2, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for step in range(3):
+        for params, opt in ((ps, a), (ps2, b)):
+            backward(params, step)
+            opt.first_step(zero_grad=True)
+            backward(params, step + 100)
+        a.second_step(zero_grad=True)
+        b.step()  # what a trainer does
+        b.zero_grad()
+        assert not a.in_flight and not b.in_flight
+    for x, y in zip(ps, ps2):
+        assert torch.equal(x, y)
+    # Nothing in flight: a bare step is the base optimizer's plain step.
+    p = nn.Parameter(torch.tensor([1.0]))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.5)
+    p.grad = torch.tensor([2.0])
+    opt.step()
+    assert p.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adam", "adamw"])
+def test_rho_zero_is_bit_identical_to_base(backend: str, base: str) -> None:
+    require_backend(backend)
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[base]
+    kw = dict(lr=0.05, weight_decay=1e-2)
+    if base == "sgd":
+        kw.update(momentum=0.9)
+    ps = odd_params()
+    ps2 = clone_params(ps)
+    opt = FusedSAM(ps, cls, rho=0.0, backend=backend, **kw)
+    plain = cls(ps2, **kw)
+    for step in range(STEPS):
+        backward(ps, step)
+        opt.first_step(zero_grad=True)
+        backward(ps, step)
+        opt.second_step(zero_grad=True)
+        backward(ps2, step)
+        plain.step()
+        plain.zero_grad()
+    if backend in ("reference", "foreach"):
+        for x, y in zip(ps, ps2):
+            assert torch.equal(x, y)
+        for x, y in zip(state_tensors(opt, ps), state_tensors(plain, ps2)):
+            assert torch.equal(x, y)
+    else:  # fused restore+step kernels: the base math re-implemented, to tolerance
+        for x, y in zip(ps, ps2):
+            assert_close(x.detach(), y.detach())
+
+
+def test_maximize_flips_ascent_direction() -> None:
+    p = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.1, lr=0.1, maximize=True)
+    p.grad = torch.tensor([3.0, 4.0])
+    opt.first_step()
+    torch.testing.assert_close(
+        p.detach(), torch.tensor([1.0, 2.0]) - 0.1 * torch.tensor([0.6, 0.8])
+    )
+    opt.restore()
+
+
+def test_rho_per_group_and_schedulable() -> None:
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = FusedSAM([{"params": [a], "rho": 0.2}, {"params": [b]}], torch.optim.SGD, rho=0.1, lr=1.0)
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])
+    opt.first_step()
+    assert a.item() == pytest.approx(0.2 * 3 / 5) and b.item() == pytest.approx(0.1 * 4 / 5)
+    opt.restore()
+    assert a.item() == 0.0 and b.item() == 0.0
+    for g in opt.param_groups:  # a "scheduler" for rho
+        g["rho"] = 0.0
+    opt.first_step()
+    assert a.item() == 0.0 and b.item() == 0.0
+    opt.restore()
+
+
+def test_norm_eps_is_used() -> None:
+    p = nn.Parameter(torch.zeros(1))
+    opt = FusedSAM([p], torch.optim.SGD, rho=1.0, norm_eps=1.0, lr=0.1)
+    p.grad = torch.tensor([1.0])
+    opt.first_step()
+    assert p.item() == pytest.approx(0.5)
+    opt.restore()
+
+
+def test_restore_is_an_exact_copy_and_backups_are_reused() -> None:
+    torch.manual_seed(1)
+    ps = odd_params()
+    before = [p.detach().clone() for p in ps]
+    opt = FusedSAM(ps, torch.optim.SGD, rho=0.5, lr=0.0)
+    ptrs = None
+    for step in range(3):
+        backward(ps, step)
+        opt.first_step(zero_grad=True)
+        assert any(not torch.equal(p, b) for p, b in zip(ps, before))
+        backward(ps, step)
+        opt.second_step(zero_grad=True)
+        for p, b in zip(ps, before):
+            assert torch.equal(p, b)  # lr = 0: exactly the original bits, never w - e
+        now = [opt._backups[p].data_ptr() for p in ps]
+        assert ptrs is None or now == ptrs
+        ptrs = now
+
+
+def test_params_without_grad_are_not_perturbed_and_restore_matches() -> None:
+    a, b = nn.Parameter(torch.tensor([1.0])), nn.Parameter(torch.tensor([2.0]))
+    opt = FusedSAM([a, b], torch.optim.SGD, rho=0.1, lr=0.1)
+    a.grad = torch.tensor([1.0])
+    opt.first_step(zero_grad=True)
+    assert b.item() == 2.0 and a.item() != 1.0
+    b.grad = torch.tensor([1.0])  # only b has a grad in pass 2: a is restored, b is stepped
+    opt.second_step()
+    assert a.item() == 1.0
+    assert b.item() == pytest.approx(2.0 - 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.optim contract
+
+
+def test_isinstance_and_shared_groups_and_state() -> None:
+    p = nn.Parameter(torch.randn(3))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.state is opt.base_optimizer.state
+    assert opt.param_groups[0]["rho"] == 0.05 and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_wrap_instance() -> None:
+    p = nn.Parameter(torch.randn(3))
+    base = torch.optim.AdamW([p], lr=1e-3)
+    opt = FusedSAM(base, rho=0.1)
+    assert opt.base_optimizer is base and opt.param_groups[0]["rho"] == 0.1
+
+
+def test_lr_scheduler_works_without_warnings() -> None:
+    p = nn.Parameter(torch.randn(3))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            (p**2).sum().backward()
+            opt.first_step(zero_grad=True)
+            (p**2).sum().backward()
+            opt.second_step(zero_grad=True)
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.125)
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.125)
+
+
+def test_step_hooks_fire_once_per_sam_step() -> None:
+    p = nn.Parameter(torch.randn(3))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    (p**2).sum().backward()
+    opt.first_step(zero_grad=True)
+    (p**2).sum().backward()
+    opt.second_step(zero_grad=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert calls == ["pre", "post", "pre", "post"]
+
+
+def _train(opt, ps, start, stop):
+    for step in range(start, stop):
+        backward(ps, step)
+        opt.first_step(zero_grad=True)
+        backward(ps, step + 100)
+        opt.second_step(zero_grad=True)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_checkpoint_round_trip_resumes_bit_identically(base: str) -> None:
+    def make(ps):
+        if base == "sgd":
+            return FusedSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        return FusedSAM(torch.optim.AdamW(ps, lr=1e-2), rho=0.05)
+
+    torch.manual_seed(0)
+    ps = odd_params()
+    ps_resume = clone_params(ps)
+    full = make(ps)
+    _train(full, ps, 0, 6)
+
+    first = make(ps_resume)
+    _train(first, ps_resume, 0, 3)
+    buf = io.BytesIO()
+    torch.save({"opt": first.state_dict(), "params": [p.detach() for p in ps_resume]}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    ps_new = [nn.Parameter(t.clone()) for t in ckpt["params"]]
+    for p, t in zip(ps_new, ckpt["params"]):
+        p.data = torch.empty_like(t).copy_(t)  # keep layouts as saved
+    resumed = make(ps_new)
+    resumed.load_state_dict(ckpt["opt"])
+    assert resumed.param_groups is resumed.base_optimizer.param_groups
+    assert resumed.state is resumed.base_optimizer.state
+    _train(resumed, ps_new, 3, 6)
+    for a, b in zip(ps, ps_new):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_is_in_base_format() -> None:
+    p = nn.Parameter(torch.randn(3))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    _train(opt, [p], 0, 1)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert set(sd["state"][0]) == {"momentum_buffer"}
+    plain = torch.optim.SGD([nn.Parameter(torch.randn(3))], lr=0.1, momentum=0.9)
+    plain.load_state_dict(sd)  # a FusedSAM(SGD) checkpoint loads into a bare SGD
+    assert torch.equal(
+        plain.state[plain.param_groups[0]["params"][0]]["momentum_buffer"],
+        opt.state[p]["momentum_buffer"],
+    )
+
+
+def test_load_bare_base_checkpoint_fills_sam_defaults() -> None:
+    p = nn.Parameter(torch.randn(3))
+    plain = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.07, lr=0.1, momentum=0.9)
+    opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["rho"] == 0.07
+
+
+def test_deepcopy_and_pickle_keep_base_optimizer() -> None:
+    p = nn.Parameter(torch.randn(3))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # patches opt.step
+    _train(opt, [p], 0, 2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert isinstance(clone.base_optimizer, torch.optim.SGD)
+        assert clone.param_groups is clone.base_optimizer.param_groups
+        assert clone.state is clone.base_optimizer.state
+        q = clone.param_groups[0]["params"][0]
+        assert torch.equal(clone.state[q]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+        q.grad = torch.ones(3)
+        clone.first_step()
+        q.grad = torch.ones(3)
+        clone.second_step()  # works on the copy, does not touch the original
+    assert p.grad is None
+
+
+def test_add_param_group_zero_grad_repr() -> None:
+    a, b = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+    opt = FusedSAM([a], torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": [b], "rho": 0.2})
+    assert len(opt.base_optimizer.param_groups) == 2
+    g = opt.param_groups[1]
+    assert g["rho"] == 0.2 and g["momentum"] == 0.9 and g["adaptive"] is False
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(1))], "rho": -1.0})
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.zero_grad()
+    assert a.grad is None and b.grad is None
+    text = repr(opt)
+    assert "FusedSAM" in text and "SGD" in text and "rho: 0.2" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults and bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rho=-0.1), "rho"),
+        (dict(rho=float("nan")), "rho"),
+        (dict(rho=float("inf")), "rho"),
+        (dict(eta=-1.0), "eta"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(adaptive="yes"), "adaptive"),
+        (dict(backend="gpu"), "backend"),
+        (dict(bogus=1), "unknown option"),
+    ],
+)
+def test_bad_hyperparameters_raise_value_error(kwargs: dict, match: str) -> None:
+    p = nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match=match):
+        FusedSAM([p], torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_bad_base_optimizer_arguments() -> None:
+    p = nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match="base_optimizer"):
+        FusedSAM([p], "sgd", lr=0.1)
+    with pytest.raises(ValueError, match="either"):
+        FusedSAM(torch.optim.SGD([p], lr=0.1), torch.optim.SGD)
+    with pytest.raises(ValueError, match="rho"):
+        opt = FusedSAM([p], torch.optim.SGD, lr=0.1)
+        opt.param_groups[0]["rho"] = -1.0  # scheduled into a bad value
+        p.grad = torch.ones(2)
+        opt.first_step()
+
+
+def test_forced_missing_backend_raises_with_reason() -> None:
+    p = nn.Parameter(torch.randn(2))
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        FusedSAM([p], torch.optim.SGD, lr=0.1, backend="cuda")
+
+
+def test_sparse_gradient_raises() -> None:
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = FusedSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.first_step()
+    assert not opt.in_flight
+
+
+def test_complex_params_use_real_view() -> None:
+    p = nn.Parameter(torch.tensor([1 + 2j, -1j], dtype=torch.complex64))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.5, lr=0.1)
+    p.grad = torch.tensor([3 + 4j, 0j], dtype=torch.complex64)
+    before = p.detach().clone()
+    opt.first_step()
+    torch.testing.assert_close(p.detach(), before + 0.5 * torch.tensor([0.6 + 0.8j, 0j]))
+    p.grad = torch.tensor([1 + 1j, 1 + 1j], dtype=torch.complex64)
+    opt.second_step()
+    torch.testing.assert_close(p.detach(), before - 0.1 * torch.tensor([1 + 1j, 1 + 1j]))
+
+
+def test_all_grads_none_is_a_noop() -> None:
+    ps = odd_params()
+    before = [p.detach().clone() for p in ps]
+    opt = FusedSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt.first_step()
+    opt.second_step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p, b)
+    assert not bool(opt.last_step_skipped)
+
+
+def test_zero_grads_leave_weights_unchanged() -> None:
+    ps = odd_params()
+    before = [p.detach().clone() for p in ps]
+    opt = FusedSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt.first_step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p, b)
+    opt.second_step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_nonfinite_pass1_skips_step_bit_identically(backend: str, bad: float, base: str) -> None:
+    require_backend(backend)
+    ps = odd_params()
+    opt = (
+        FusedSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
+        if base == "sgd"
+        else FusedSAM(torch.optim.AdamW(ps, lr=0.1), rho=0.05, backend=backend)
+    )
+    _train(opt, ps, 0, 2)
+    before = [p.detach().clone() for p in ps]
+    state_before = [t.clone() for t in state_tensors(opt, ps)]
+    backward(ps, 5)
+    ps[2].grad[17] = bad
+    opt.first_step(zero_grad=True)
+    for p, b in zip(ps, before):
+        assert torch.equal(p, b), "no perturbation on a non-finite gradient"
+    backward(ps, 6)
+    opt.second_step(zero_grad=True)
+    assert bool(opt.last_step_skipped)
+    for p, b in zip(ps, before):
+        assert torch.equal(p, b)
+    for a, b in zip(state_tensors(opt, ps), state_before):
+        assert torch.equal(a, b)
+    _train(opt, ps, 7, 8)
+    assert not bool(opt.last_step_skipped)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_nonfinite_pass2_restores_and_skips_base_update(backend: str, base: str) -> None:
+    require_backend(backend)
+    ps = odd_params()
+    opt = (
+        FusedSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
+        if base == "sgd"
+        else FusedSAM(torch.optim.AdamW(ps, lr=0.1), rho=0.05, backend=backend)
+    )
+    _train(opt, ps, 0, 2)
+    before = [p.detach().clone() for p in ps]
+    state_before = [t.clone() for t in state_tensors(opt, ps)]
+    backward(ps, 5)
+    opt.first_step(zero_grad=True)
+    backward(ps, 6)
+    ps[3].grad.fill_(float("nan"))
+    opt.second_step(zero_grad=True)
+    assert bool(opt.last_step_skipped)
+    for p, b in zip(ps, before):
+        assert torch.equal(p, b)
+    for a, b in zip(state_tensors(opt, ps), state_before):
+        assert torch.equal(a, b)
+
+
+def test_exception_in_closure_restores_weights() -> None:
+    ps = odd_params()
+    before = [p.detach().clone() for p in ps]
+    opt = FusedSAM(ps, torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # e.g. the user interrupts the second pass
+        opt.zero_grad()
+        loss = sum((p * p).sum() for p in ps)
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    for p, b in zip(ps, before):
+        assert torch.equal(p, b)
+    assert not opt.in_flight
+
+
+def test_first_step_twice_and_second_step_alone_raise() -> None:
+    p = nn.Parameter(torch.randn(3))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.1)
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step()
+    p.grad = torch.ones(3)
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="in flight"):
+        opt.first_step()
+
+
+def test_state_dict_while_perturbed_raises_and_restore_recovers() -> None:
+    p = nn.Parameter(torch.randn(3))
+    w0 = p.detach().clone()
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.1)
+    p.grad = torch.ones(3)
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="in flight"):
+        opt.state_dict()
+    with pytest.raises(RuntimeError, match="in flight"):
+        copy.deepcopy(opt)
+    opt.restore()
+    assert torch.equal(p, w0)
+    assert set(opt.state_dict()) == {"state", "param_groups"}
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm helper
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_frozen_bn_stats_keeps_first_pass_statistics(momentum: float | None) -> None:
+    torch.manual_seed(0)
+    model = small_net(bn_momentum=momentum)
+    ref = copy.deepcopy(model)
+    x1, x2 = torch.randn(16, 10), torch.randn(16, 10) * 3
+    model(x1)
+    with frozen_bn_stats(model):
+        model(x2)
+    ref(x1)  # only the first pass reaches the reference
+    for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), n
+    assert model[1].num_batches_tracked.item() == 1
+
+
+def test_frozen_bn_stats_restores_on_exception() -> None:
+    model = small_net()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    with pytest.raises(RuntimeError), frozen_bn_stats(model):
+        model(torch.randn(8, 10))
+        raise RuntimeError("boom")
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n])
