@@ -60,14 +60,21 @@ class BackendUnavailableError(RuntimeError):
     """A backend named explicitly cannot run here; the message says why and how to fix it."""
 
 
+_MODULES: dict[str, ModuleType] = {}
+
+
 def _module(name: str) -> ModuleType:
+    mod = _MODULES.get(name)
+    if mod is not None:
+        return mod
     try:
         path = BACKENDS[name]
     except KeyError:
         raise ValueError(
             f"unknown backend {name!r}; choose one of {sorted(BACKENDS)} or None for auto"
         ) from None
-    return importlib.import_module(path)
+    mod = _MODULES[name] = importlib.import_module(path)
+    return mod
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -125,10 +132,6 @@ def uses_fused_base_step(name: str | None, devices: Iterable[torch.device]) -> b
 # Bucketing
 
 
-def _as_real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
 def is_dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill ``numel`` consecutive storage slots.
 
@@ -149,6 +152,10 @@ def is_dense(t: Tensor) -> bool:
 
 def _flat_ok(tensors: Sequence[Tensor]) -> bool:
     """Whether a flat kernel may index all ``tensors`` alike as ``t[i]`` over their storage."""
+    # Fast path (the common case, checked in C): every tensor contiguous. Tensors of one shape
+    # that are all contiguous walk their elements in the same order.
+    if all(t.is_contiguous() for t in tensors):
+        return True
     first = tensors[0]
     if not is_dense(first):
         return False
@@ -165,24 +172,42 @@ def _buckets(
 
     ``columns`` are the per-index tensor lists of one call (``None`` for an absent list); the
     first column decides device and dtype. Indices a flat kernel cannot take go to ``foreach``.
+    This runs for every op of every step, so it does little more than read a few attributes
+    per tensor.
     """
     first = columns[0]
     assert first is not None
+    cols = [c for c in columns if c is not None]
+    # The common case, every tensor contiguous, is settled with one C-level pass per column.
+    all_contiguous = all(all(map(Tensor.is_contiguous, c)) for c in cols)
+    per_device: dict[torch.device, tuple[str, bool]] = {}
     groups: dict[Hashable, list[int]] = {}
     for i, t in enumerate(first):
-        row = [col[i] for col in columns if col is not None]
-        chosen = _resolve(backend, t.device)
-        if _module(chosen).FLAT and not _flat_ok(row):
+        device = t.device
+        resolved = per_device.get(device)
+        if resolved is None:
+            name = _resolve(backend, device)
+            resolved = per_device[device] = (name, _module(name).FLAT)
+        chosen, flat = resolved
+        if flat and not all_contiguous and not _flat_ok([c[i] for c in cols]):
             chosen = "foreach"
-        key = (chosen, t.device, t.dtype, extra(i) if extra is not None else None)
-        groups.setdefault(key, []).append(i)
+        key = (chosen, device, t.dtype, extra(i) if extra is not None else None)
+        bucket = groups.get(key)
+        if bucket is None:
+            groups[key] = [i]
+        else:
+            bucket.append(i)
     return [(key[0], idx) for key, idx in groups.items()]
 
 
 def _pick(seq: Sequence[Tensor] | None, idx: list[int]) -> list[Tensor] | None:
+    """The tensors of one bucket; complex ones as their real view (a bucket has one dtype)."""
     if seq is None:
         return None
-    return [_as_real(seq[i]) for i in idx]
+    out = [seq[i] for i in idx]
+    if out and out[0].is_complex():
+        return [torch.view_as_real(t) for t in out]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -660,3 +660,30 @@ def test_frozen_bn_stats_restores_on_exception() -> None:
         raise RuntimeError("boom")
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("base", ["sgd_plain", "adam_amsgrad", "adamw"])
+def test_backend_matches_reference_backend_params_and_state(backend: str, base: str) -> None:
+    require_backend(backend)
+
+    def make(ps, name):
+        if base == "sgd_plain":
+            return FusedSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, backend=name)
+        if base == "adam_amsgrad":
+            return FusedSAM(torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=1e-2),
+                            rho=0.05, adaptive=True, backend=name)
+        return FusedSAM(torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2), rho=0.05,
+                        adaptive="weights", eta=0.01, backend=name)
+
+    ps = odd_params()
+    ref_ps = clone_params(ps)
+    opt, ref = make(ps, backend), make(ref_ps, "reference")
+    sam_run(opt, ps)
+    sam_run(ref, ref_ps)
+    for a, b in zip(ps, ref_ps):
+        assert_close(a.detach(), b.detach())
+    got, want = state_tensors(opt, ps), state_tensors(ref, ref_ps)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert_close(a.to(b.device), b)
