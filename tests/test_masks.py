@@ -20,6 +20,16 @@ from fused_sam.masks import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The models here are tiny: intra-op threads cost far more than they save (100x on a
+    # loaded 2-core machine), so these tests run single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def oracle_topk(flat: list[float], k: int) -> set[int]:
     """Independent top-k: sort by (score descending, index ascending), NaN last."""
 

@@ -18,6 +18,16 @@ RHO = 0.05
 EPS = 1e-12
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The models here are tiny: intra-op threads cost far more than they save (100x on a
+    # loaded 2-core machine), so these tests run single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def flat_mask(opt: FusedSAM, params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([unpack_bits(opt.masks[p], p).reshape(-1) for p in params])
 
