@@ -285,6 +285,9 @@ class FisherMask(MaskPolicy):
     always takes the loop. ``.grad`` is never touched, so a refresh inside ``first_step`` keeps
     the first-pass gradients.
 
+    Give the plain module, not a ``DistributedDataParallel`` wrapper (``ddp.module``): scoring
+    runs its own forward and backward passes outside the wrapper's gradient synchronisation.
+
     The model is scored in eval mode (restored afterwards): BatchNorm uses its running
     statistics, which stay untouched, and dropout is off. The official code scores in train
     mode, which updates the running statistics with single-example batches as a side effect
@@ -675,6 +678,12 @@ class SparseMasks:
             "last_refresh": self.last_refresh,
             "policy": self.policy.state_dict(),
         }
+
+    def reset(self) -> None:
+        """Forget the masks and the step count: the next step makes a fresh initial mask."""
+        self.packed = {}
+        self.steps = 0
+        self.last_refresh = None
 
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
         self.packed = {}

@@ -304,7 +304,10 @@ class FusedSAM(Optimizer):
                 group.setdefault(key, self.defaults[key])
             _validate_group(group)
         if self._sparse is not None:
-            self._sparse.load_state_dict(sparse, self._all_params())
+            if sparse is None:
+                self._sparse.reset()
+            else:
+                self._sparse.load_state_dict(sparse, self._all_params())
 
     def __getstate__(self) -> dict[str, Any]:
         self._check_not_in_flight("pickling or copying")

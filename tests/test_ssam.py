@@ -418,6 +418,11 @@ def test_checkpoint_with_masks_needs_a_sparse_optimizer() -> None:
     dense = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="sparsity=0"):
         dense.load_state_dict(opt.state_dict())
+    # A checkpoint without masks (plain SAM or bare SGD) starts the masks afresh.
+    opt.load_state_dict(dense.state_dict())
+    assert opt.masks == {} and opt.state_dict()["sparse_sam"]["steps"] == 0
+    step_once(opt, model, torch.randn(4, 13), torch.randint(0, 3, (4,)))
+    assert len(opt.masks) == len(list(model.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------
