@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -190,6 +191,8 @@ def main() -> None:
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
         threads=torch.get_num_threads(),
+        # CPU numbers from a shared machine are only comparable within one run.
+        load_average=os.getloadavg(),
         torch=torch.__version__,
         git_sha=sha,
         refresh=refresh,
