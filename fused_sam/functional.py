@@ -23,10 +23,13 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from fused_sam.masks import unpack_bits
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
+    "masked_norm_sq",
     "nonfinite",
     "norm_sq",
     "perturb_",
@@ -244,6 +247,28 @@ def norm_sq(
         return parts[0]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
     return torch.cat([p.to(device, dtype, non_blocking=True) for p in parts])
+
+
+def masked_norm_sq(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    adaptive: Sequence[bool],
+    eta: Sequence[float],
+    masks: Sequence[Tensor],
+    backend: str | None,
+) -> Tensor:
+    r"""Like :func:`norm_sq`, over the masked gradient :math:`\lVert T(w)\, (g \odot m) \rVert^2`.
+
+    Builds ``g * m`` with foreach ops (a temporary copy of the gradients: one extra read and
+    write of them, plus the mask bytes) and hands it to :func:`norm_sq`; no kernel has a masked
+    norm of its own. Non-finite gradients still make the result non-finite (``nan * 0`` is nan).
+
+    Args:
+        masks: bit-packed masks, one per tensor (layout of :func:`fused_sam.masks.pack_bits`).
+    """
+    # Bits follow each parameter's memory order, so unpack against the parameter.
+    dense = [unpack_bits(m, p).to(g.dtype) for m, p, g in zip(masks, params, grads)]
+    return norm_sq(torch._foreach_mul(list(grads), dense), params, adaptive, eta, backend)
 
 
 def nonfinite(sumsq: Tensor) -> Tensor:

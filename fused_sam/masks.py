@@ -1,17 +1,61 @@
-"""Bit-packed parameter masks shared by every backend.
+r"""Sparse SAM masks: bit packing, deterministic global top-k, and the SSAM-F / SSAM-D policies.
 
-A mask selects the elements of a parameter that a SAM perturbation may touch. It is stored as
-``ceil(numel / 8)`` bytes per parameter: element ``k`` of the parameter *in memory order* is bit
-``k % 8`` (least significant first) of byte ``k // 8``. Memory order is what a flat kernel walks,
-so a ``channels_last`` parameter's mask follows its storage, not its logical index order.
+Sparse SAM (SSAM, Mi et al. 2022) perturbs only a fraction ``1 - sparsity`` of all parameter
+entries:
+
+.. math::
+    e = \frac{\rho\, g}{\lVert g \rVert_2 + \epsilon} \odot m, \qquad m \in \{0, 1\}^N,
+    \qquad \textstyle\sum_j m_j = K = \lfloor N (1 - s) \rfloor
+
+where :math:`N` counts the entries of every parameter of the optimizer and :math:`s` is the
+sparsity. The mask is chosen by ONE global top-k over all parameters of a score, and refreshed
+on a schedule:
+
+* SSAM-F (:class:`FisherMask`): the score is the empirical Fisher diagonal
+  :math:`F_j = \sum_{i=1}^{n} (\partial \ell_i / \partial w_j)^2` over ``n`` single examples.
+* SSAM-D (:class:`DynamicMask`): a random initial mask; each refresh drops the
+  :math:`d = \min(\lfloor K\,dr(t) \rfloor, N - K)` live entries with the lowest score (``|g|``
+  by default) and grows ``d`` entries that were dead (at random by default), with the death rate
+  :math:`dr(t) = dr_0 (1 + \cos(\pi t / T)) / 2`.
+
+Storage: a mask is kept as ``ceil(numel / 8)`` bytes per parameter: element ``k`` of the
+parameter *in memory order* is bit ``k % 8`` (least significant first) of byte ``k // 8``.
+Memory order is what a flat kernel walks, so a ``channels_last`` parameter's mask follows its
+storage, not its logical index order. Selection, on the other hand, speaks of the *flat global
+index*: parameters in param-group order, each flattened in logical (row-major) order; ties in a
+score are broken in favour of the lower flat global index, so masks never depend on the layout,
+the device or the sorting algorithm.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import abc
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
 
-__all__ = ["pack_bits", "packed_numel", "unpack_bits"]
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DynamicMask",
+    "FisherMask",
+    "MaskPolicy",
+    "MaskRequest",
+    "fisher_diagonal",
+    "global_topk",
+    "num_kept",
+    "pack_bits",
+    "pack_mask",
+    "packed_numel",
+    "topk_mask",
+    "unpack_bits",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Bit packing (the layout every kernel reads; do not change it)
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -74,3 +118,599 @@ def unpack_bits(packed: Tensor, like: Tensor) -> Tensor:
     perm = _memory_order_perm(out)
     out.permute(perm).copy_(flat.view([like.shape[d] for d in perm]))
     return out
+
+
+def pack_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """Pack a logical bool mask for parameter ``like`` (bits follow ``like``'s memory order).
+
+    Args:
+        mask: bool tensor with ``like``'s shape, any layout (values are read by logical index).
+        like: the parameter.
+
+    Returns:
+        ``ceil(like.numel() / 8)`` bytes on ``like``'s device.
+    """
+    laid_out = torch.empty_like(like, dtype=torch.bool)  # keeps a dense parameter's strides
+    laid_out.copy_(mask.reshape(like.shape))
+    return pack_bits(laid_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic selection
+
+
+def num_kept(numel: int, sparsity: float) -> int:
+    r"""Entries a mask keeps: :math:`K = \lfloor N (1 - s) \rfloor`.
+
+    Computed in exact decimal arithmetic on ``sparsity`` as written (``0.3`` is 3/10, not the
+    binary float just above it), so ``num_kept(10, 0.3) == 7`` on every platform. This is the
+    official ``int(N * (1 - sparsity))`` without its floating-point off-by-one cases.
+    """
+    keep = 1 - Fraction(repr(float(sparsity)))
+    return math.floor(numel * keep)
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest entries of a 1-D tensor, deterministic under ties.
+
+    Entries strictly above the ``k``-th largest value are kept; among the entries equal to it,
+    the ones with the lowest indices fill the remaining places. NaN ranks below every number.
+    One ``kthvalue`` and one ``cumsum``: O(n), no host synchronisation.
+    """
+    n = scores.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    s = torch.where(torch.isnan(scores), float("-inf"), scores)
+    threshold = torch.kthvalue(s, n - k + 1).values  # the (n-k+1)-th smallest = k-th largest
+    above = s > threshold
+    tie = s == threshold
+    room = k - above.sum()
+    return above | (tie & (torch.cumsum(tie, 0) <= room))
+
+
+def _flat(scores: Sequence[Tensor]) -> Tensor:
+    device = scores[0].device
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores) else torch.float32
+    return torch.cat([s.reshape(-1).to(device, dtype) for s in scores])
+
+
+def _split(flat: Tensor, likes: Sequence[Tensor]) -> list[Tensor]:
+    parts = flat.split([t.numel() for t in likes])
+    return [m.view(t.shape).to(t.device) for m, t in zip(parts, likes)]
+
+
+def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """ONE top-``k`` over the entries of all ``scores`` together.
+
+    Args:
+        scores: one tensor per parameter (any real dtype; compared in float32, or float64 when
+            any score is float64).
+        k: entries to keep in total.
+
+    Returns:
+        One bool tensor per score, with its shape and device, holding ``k`` ``True`` entries in
+        all. Ties go to the lower flat global index (see the module docstring).
+    """
+    return _split(topk_mask(_flat(scores), k), scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies
+
+
+@dataclass
+class MaskRequest:
+    """Everything a :class:`MaskPolicy` may use to choose a mask.
+
+    Attributes:
+        params: every parameter of the optimizer, in param-group order (the flat global index
+            walks them in this order).
+        grads: their current ``.grad`` (``None`` where a parameter has none). Inside
+            ``first_step`` these are the first-pass gradients at ``w``.
+        masks: the current masks as logical bool tensors, or ``None`` before the first one.
+        num_keep: entries the new mask must keep in total (:func:`num_kept`).
+        step: SAM steps taken so far (``first_step`` calls before this refresh).
+        inputs: keyword arguments given to ``FusedSAM.update_mask`` (``data``, ``model``,
+            ``loss``), empty for an automatic refresh.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor | None]
+    masks: list[Tensor] | None
+    num_keep: int
+    step: int
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+class MaskPolicy(abc.ABC):
+    """How a sparse-SAM mask is chosen and refreshed.
+
+    Subclasses implement :meth:`select`; they may override :meth:`initial` (the first mask),
+    :meth:`ready` (whether an automatic refresh has what it needs) and the state methods (what a
+    resume needs to continue bit-identically, e.g. a random generator's state).
+    """
+
+    def ready(self) -> bool:
+        """Whether :meth:`select` can run with no ``inputs`` (an automatic refresh)."""
+        return True
+
+    def initial(self, request: MaskRequest) -> list[Tensor]:
+        """The first mask (``request.masks`` is ``None``); by default the same as a refresh."""
+        return self.select(request)
+
+    @abc.abstractmethod
+    def select(self, request: MaskRequest) -> list[Tensor]:
+        """Choose a mask: one bool tensor per ``request.params`` entry (its shape and device),
+        with exactly ``request.num_keep`` ``True`` entries in total."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State a resume needs (plain Python values and tensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Restore what :meth:`state_dict` returned."""
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+_PER_SAMPLE = ("auto", "vmap", "loop")
+
+
+class FisherMask(MaskPolicy):
+    r"""SSAM-F: keep the entries with the largest empirical Fisher diagonal.
+
+    .. math:: F_j = \sum_{i=1}^{n} \Big(\frac{\partial \ell(x_i, y_i)}{\partial w_j}\Big)^2
+
+    over ``n = num_samples`` single examples, then one global top-k (:func:`global_topk`).
+
+    The examples come from either
+
+    * ``data`` (an iterable of ``(x, y)`` batches with a leading batch dimension, e.g. a
+      shuffled ``DataLoader``: each refresh starts a fresh iteration and takes the first
+      ``num_samples`` examples) with ``model`` and ``loss_fn(model(x_i[None]), y_i[None])``; or
+    * ``loss``, a callable returning a 1-D tensor of per-example losses (one per example) that
+      depend on the optimizer's parameters through autograd; every entry is one example.
+
+    Per-sample gradients: ``torch.func`` (``functional_call`` + ``vmap(grad)``) over chunks of
+    ``chunk_size`` examples, or one ``autograd.grad`` per example (``per_sample="loop"``, the
+    fallback that ``"auto"`` takes when ``vmap`` cannot handle the model). The ``loss`` callable
+    always takes the loop. ``.grad`` is never touched, so a refresh inside ``first_step`` keeps
+    the first-pass gradients.
+
+    Give the plain module, not a ``DistributedDataParallel`` wrapper (``ddp.module``): scoring
+    runs its own forward and backward passes outside the wrapper's gradient synchronisation.
+
+    The model is scored in eval mode (restored afterwards): BatchNorm uses its running
+    statistics, which stay untouched, and dropout is off. The official code scores in train
+    mode, which updates the running statistics with single-example batches as a side effect
+    (and cannot run a ``BatchNorm1d`` on one example at all).
+
+    Args:
+        data: ``(x, y)`` batches to score on.
+        model: the module whose parameters the optimizer holds (needed with ``data``).
+        loss_fn: per-example loss ``loss_fn(output, target)`` (default cross-entropy).
+        loss: alternative to ``data``/``model``: returns per-example losses.
+        num_samples: ``n`` (the official CIFAR runs use 16, ImageNet 128).
+        chunk_size: examples per ``vmap`` call (memory: ``chunk_size`` copies of the gradients).
+        per_sample: ``"auto"``, ``"vmap"`` or ``"loop"``.
+    """
+
+    def __init__(
+        self,
+        data: Iterable[tuple[Tensor, Tensor]] | None = None,
+        model: nn.Module | None = None,
+        loss_fn: LossFn = nn.functional.cross_entropy,
+        *,
+        loss: Callable[[], Tensor] | None = None,
+        num_samples: int = 16,
+        chunk_size: int = 16,
+        per_sample: str = "auto",
+    ) -> None:
+        self.data = data
+        self.model = model
+        self.loss_fn = loss_fn
+        self.loss = loss
+        self.num_samples = _check_int("num_samples", num_samples, 1)
+        self.chunk_size = _check_int("chunk_size", chunk_size, 1)
+        if per_sample not in _PER_SAMPLE:
+            raise ValueError(f"per_sample must be one of {_PER_SAMPLE}, got {per_sample!r}")
+        self.per_sample = per_sample
+
+    def ready(self) -> bool:
+        return self.loss is not None or (self.data is not None and self.model is not None)
+
+    def scores(self, params: Sequence[Tensor], **inputs: Any) -> list[Tensor]:
+        """The Fisher diagonal for ``params`` (float32, float64 for float64 parameters).
+
+        ``inputs`` (``data``, ``model``, ``loss``) override the ones given at construction.
+        """
+        unknown = set(inputs) - {"data", "model", "loss"}
+        if unknown:
+            raise TypeError(f"FisherMask takes data, model and loss; got {sorted(unknown)}")
+        loss = inputs.get("loss", None if "data" in inputs else self.loss)
+        if loss is not None:
+            return fisher_diagonal(params, loss=loss)
+        data = inputs.get("data", self.data)
+        model = inputs.get("model", self.model)
+        if data is None or model is None:
+            raise RuntimeError(
+                "SSAM-F needs examples to score: give FisherMask(data=..., model=...) or "
+                "FisherMask(loss=...), or call opt.update_mask(data, model=model)"
+            )
+        return fisher_diagonal(
+            params,
+            model=model,
+            data=data,
+            loss_fn=self.loss_fn,
+            num_samples=self.num_samples,
+            chunk_size=self.chunk_size,
+            per_sample=self.per_sample,
+        )
+
+    def select(self, request: MaskRequest) -> list[Tensor]:
+        return global_topk(self.scores(request.params, **request.inputs), request.num_keep)
+
+
+_STRATEGIES = ("gradient", "weight", "random")
+
+
+class DynamicMask(MaskPolicy):
+    r"""SSAM-D: random initial mask, then drop the weakest live entries and grow dead ones.
+
+    At a refresh at step :math:`t`, with :math:`K` kept of :math:`N` entries:
+
+    .. math::
+        dr(t) = dr_0\,\frac{1 + \cos(\pi \min(t, T) / T)}{2}, \qquad
+        d = \min(\lfloor K\, dr(t) \rfloor,\ N - K)
+
+    the :math:`K - d` live entries with the highest ``drop`` score stay (so the :math:`d` lowest
+    die), and the :math:`d` entries with the highest ``grow`` score among those dead *before*
+    the refresh come alive: the mask keeps exactly :math:`K` entries. Each selection is a
+    deterministic top-k (ties to the lower flat global index).
+
+    Scores: ``"gradient"`` is :math:`|g|` (the first-pass gradient; 0 where a parameter has no
+    gradient), ``"weight"`` is :math:`|w|`, ``"random"`` is uniform noise from this policy's own
+    generator: one ``torch.rand(N, dtype=float64)`` over the flat global index per random score,
+    drawn on the CPU in the order initial, drop, grow (so a run is reproducible whatever the
+    device, and a resume continues the same stream).
+
+    Args:
+        drop_rate: :math:`dr_0` (official default 0.5).
+        total_steps: :math:`T`, the run length in optimizer steps (the unit of ``t``); ``None``
+            keeps the death rate constant at ``drop_rate``.
+        drop: score whose lowest live entries die (official default ``"gradient"``).
+        grow: score whose highest dead entries come alive (official default ``"random"``).
+        seed: seed of the policy's generator; ``None`` draws one from torch's global generator
+            (so ``torch.manual_seed`` makes runs reproducible).
+    """
+
+    def __init__(
+        self,
+        drop_rate: float = 0.5,
+        total_steps: int | None = None,
+        *,
+        drop: str = "gradient",
+        grow: str = "random",
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
+            raise ValueError(f"drop_rate must be a number in [0, 1], got {drop_rate!r}")
+        if not 0.0 <= float(drop_rate) <= 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
+        if total_steps is not None:
+            _check_int("total_steps", total_steps, 1)
+        for name, value in (("drop", drop), ("grow", grow)):
+            if value not in _STRATEGIES:
+                raise ValueError(f"{name} must be one of {_STRATEGIES}, got {value!r}")
+        self.drop_rate = float(drop_rate)
+        self.total_steps = total_steps
+        self.drop = drop
+        self.grow = grow
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(int(seed))
+
+    def death_rate(self, step: int) -> float:
+        """:math:`dr(t)` at step ``t`` (constant ``drop_rate`` without ``total_steps``)."""
+        if self.total_steps is None:
+            return self.drop_rate
+        t = min(step, self.total_steps)
+        return self.drop_rate * (1 + math.cos(math.pi * t / self.total_steps)) / 2
+
+    def _random(self, n: int, device: torch.device) -> Tensor:
+        return torch.rand(n, dtype=torch.float64, generator=self.generator).to(device)
+
+    def _score(self, kind: str, request: MaskRequest, n: int, device: torch.device) -> Tensor:
+        if kind == "random":
+            return self._random(n, device)
+        if kind == "weight":
+            return _flat([p.detach().abs() for p in request.params]).to(device)
+        grads = [
+            torch.zeros_like(p) if g is None else g.detach().abs()
+            for p, g in zip(request.params, request.grads)
+        ]
+        return _flat(grads).to(device)
+
+    def initial(self, request: MaskRequest) -> list[Tensor]:
+        n = sum(p.numel() for p in request.params)
+        device = request.params[0].device
+        return _split(topk_mask(self._random(n, device), request.num_keep), request.params)
+
+    def select(self, request: MaskRequest) -> list[Tensor]:
+        if request.masks is None:
+            return self.initial(request)
+        live = _flat(request.masks).bool()
+        n = live.numel()
+        k = request.num_keep
+        d = min(math.floor(k * self.death_rate(request.step)), n - k)
+        drop_score = self._score(self.drop, request, n, live.device)
+        grow_score = self._score(self.grow, request, n, live.device)
+        # Positions come out of nonzero() in increasing order, so a top-k within a subset
+        # still breaks ties towards the lower flat global index.
+        live_idx = live.nonzero().squeeze(1)
+        dead_idx = (~live).nonzero().squeeze(1)
+        new = torch.zeros_like(live)
+        new[live_idx[topk_mask(drop_score[live_idx], live_idx.numel() - d)]] = True
+        new[dead_idx[topk_mask(grow_score[dead_idx], d)]] = True
+        return _split(new, request.params)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"].cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample gradients and the empirical Fisher diagonal
+
+
+def _take(data: Iterable[tuple[Tensor, Tensor]], n: int) -> tuple[Tensor, Tensor]:
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    have = 0
+    for x, y in data:
+        xs.append(x[: n - have])
+        ys.append(y[: n - have])
+        have += xs[-1].shape[0]
+        if have >= n:
+            break
+    if have == 0:
+        raise ValueError("the data to score the Fisher diagonal on yielded no examples")
+    return torch.cat(xs), torch.cat(ys)
+
+
+class _EvalMode:
+    """Put a module in eval mode and restore every submodule's own training flag on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flags = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def fisher_diagonal(
+    params: Sequence[Tensor],
+    *,
+    model: nn.Module | None = None,
+    data: Iterable[tuple[Tensor, Tensor]] | None = None,
+    loss_fn: LossFn = nn.functional.cross_entropy,
+    loss: Callable[[], Tensor] | None = None,
+    num_samples: int = 16,
+    chunk_size: int = 16,
+    per_sample: str = "auto",
+) -> list[Tensor]:
+    r"""Empirical Fisher diagonal :math:`\sum_i g_i^2` of single-example gradients.
+
+    See :class:`FisherMask` for the arguments. Parameters the loss does not reach (or that
+    ``model`` does not own) score 0. Accumulates in float32 (float64 for float64 parameters).
+    The sum over examples runs in example order within a chunk and chunk after chunk, so the
+    ``vmap`` and ``loop`` paths agree to rounding, not bit for bit.
+    """
+    acc = [
+        torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+        for p in params
+    ]
+    with torch.enable_grad():
+        if loss is not None:
+            _fisher_from_losses(params, loss, acc)
+            return acc
+        if model is None or data is None:
+            raise ValueError("fisher_diagonal needs model and data, or loss")
+        device = params[0].device if params else torch.device("cpu")
+        xs, ys = _take(data, num_samples)
+        xs, ys = xs.to(device), ys.to(device)
+        with _EvalMode(model):
+            if per_sample != "loop":
+                try:
+                    _fisher_vmap(params, model, xs, ys, loss_fn, chunk_size, acc)
+                    return acc
+                except (RuntimeError, NotImplementedError):
+                    if per_sample == "vmap":
+                        raise
+                    for a in acc:
+                        a.zero_()
+            _fisher_loop(params, model, xs, ys, loss_fn, acc)
+    return acc
+
+
+def _fisher_vmap(params, model, xs, ys, loss_fn, chunk_size, acc) -> None:
+    from torch.func import functional_call, grad, vmap
+
+    index = {id(p): i for i, p in enumerate(params)}
+    names = [(n, index[id(p)]) for n, p in model.named_parameters() if id(p) in index]
+    frozen = {n: p.detach() for n, p in model.named_parameters() if id(p) not in index}
+    frozen.update(dict(model.named_buffers()))
+
+    def one(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(model, {**frozen, **weights}, (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(one), in_dims=(None, 0, 0))
+    weights = {n: params[i].detach() for n, i in names}
+    for start in range(0, xs.shape[0], chunk_size):
+        g = per_sample_grad(weights, xs[start : start + chunk_size], ys[start : start + chunk_size])
+        for n, i in names:
+            acc[i].add_(g[n].to(acc[i].dtype).square().sum(0))
+
+
+def _fisher_loop(params, model, xs, ys, loss_fn, acc) -> None:
+    owned = {id(p) for p in model.parameters()}
+    live = [i for i, p in enumerate(params) if p.requires_grad and id(p) in owned]
+    for j in range(xs.shape[0]):
+        value = loss_fn(model(xs[j : j + 1]), ys[j : j + 1])
+        _accumulate(value, params, live, acc, retain=False)
+
+
+def _fisher_from_losses(params, loss: Callable[[], Tensor], acc) -> None:
+    losses = loss()
+    if losses.dim() != 1:
+        raise ValueError(f"loss() must return a 1-D tensor of per-example losses: {losses.shape}")
+    live = [i for i, p in enumerate(params) if p.requires_grad]
+    for j in range(losses.shape[0]):
+        _accumulate(losses[j], params, live, acc, retain=j + 1 < losses.shape[0])
+
+
+def _accumulate(value: Tensor, params, live: list[int], acc, retain: bool) -> None:
+    grads = torch.autograd.grad(
+        value, [params[i] for i in live], retain_graph=retain, allow_unused=True
+    )
+    for i, g in zip(live, grads):
+        if g is not None:
+            acc[i].add_(g.to(acc[i].dtype).square())
+
+
+# ---------------------------------------------------------------------------------------------
+# The mask state FusedSAM keeps
+
+
+class SparseMasks:
+    """Packed masks, schedule and policy of one sparse-SAM optimizer (used by ``FusedSAM``).
+
+    Masks live as packed ``uint8`` tensors on each parameter's device, keyed by parameter like
+    optimizer state. A refresh is due at ``first_step`` when no mask exists yet, or when
+    ``update_every`` is set and the number of SAM steps taken is a multiple of it (and no
+    refresh already happened at that step). Under ``torch.distributed`` every rank computes the
+    refresh (keeping policy state in step) and then takes rank 0's masks.
+    """
+
+    def __init__(self, policy: MaskPolicy, sparsity: float, update_every: int | None) -> None:
+        self.policy = policy
+        self.sparsity = sparsity
+        self.update_every = update_every
+        self.steps = 0
+        self.last_refresh: int | None = None
+        self.packed: dict[Tensor, Tensor] = {}
+
+    def due(self) -> bool:
+        if not self.packed:
+            return True
+        every = self.update_every
+        return every is not None and self.steps % every == 0 and self.last_refresh != self.steps
+
+    def refresh(self, params: list[Tensor], inputs: dict[str, Any] | None = None) -> None:
+        for p in params:
+            if p.is_complex():
+                raise ValueError("sparse SAM does not support complex parameters")
+        inputs = inputs or {}
+        if not inputs and not self.policy.ready():
+            raise RuntimeError(
+                f"{type(self.policy).__name__} cannot refresh the mask on its own: call "
+                "opt.update_mask(data, model=model) (or update_mask(loss=...)) before the first "
+                "step and whenever it is due, or give the policy its data"
+            )
+        current = [unpack_bits(self.packed[p], p) for p in params] if self._covers(params) else None
+        request = MaskRequest(
+            params=params,
+            grads=[p.grad for p in params],
+            masks=current,
+            num_keep=num_kept(sum(p.numel() for p in params), self.sparsity),
+            step=self.steps,
+            inputs=inputs,
+        )
+        chosen = self.policy.initial(request) if current is None else self.policy.select(request)
+        packed = [pack_mask(m, p) for m, p in zip(chosen, params)]
+        _broadcast_from_rank0(packed)
+        self.packed = dict(zip(params, packed))
+        self.last_refresh = self.steps
+
+    def step(self, all_params: list[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+        """One SAM step: refresh if due, count the step, return the packed masks of ``params``."""
+        if self.due():
+            self.refresh(all_params)
+        self.steps += 1
+        return self.for_params(params)
+
+    def _covers(self, params: list[Tensor]) -> bool:
+        return bool(self.packed) and all(p in self.packed for p in params)
+
+    def for_params(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """Packed masks of ``params``; a parameter added after the last refresh gets an
+        all-zero mask (not perturbed) until the next one."""
+        out = []
+        for p in params:
+            m = self.packed.get(p)
+            if m is None:
+                m = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
+            out.append(m)
+        return out
+
+    def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
+        return {
+            "masks": {i: self.packed[p] for i, p in enumerate(params) if p in self.packed},
+            "steps": self.steps,
+            "last_refresh": self.last_refresh,
+            "policy": self.policy.state_dict(),
+        }
+
+    def reset(self) -> None:
+        """Forget the masks and the step count: the next step makes a fresh initial mask."""
+        self.packed = {}
+        self.steps = 0
+        self.last_refresh = None
+
+    def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
+        self.packed = {}
+        for i, m in state["masks"].items():
+            p = params[int(i)]
+            if m.dtype != torch.uint8 or m.numel() != packed_numel(p.numel()):
+                raise ValueError(
+                    f"checkpoint mask {i} has {m.numel()} {m.dtype} entries; parameter {i} "
+                    f"needs {packed_numel(p.numel())} uint8 bytes"
+                )
+            self.packed[p] = m.to(p.device).clone()
+        self.steps = int(state["steps"])
+        self.last_refresh = state["last_refresh"]
+        self.policy.load_state_dict(state["policy"])
+
+
+def _broadcast_from_rank0(packed: list[Tensor]) -> None:
+    """Give every rank rank 0's masks (one broadcast per device holding masks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for m in packed:
+        by_device.setdefault(m.device, []).append(m)
+    for ms in by_device.values():
+        flat = torch.cat(ms)
+        dist.broadcast(flat, src=0)
+        for m, part in zip(ms, flat.split([m.numel() for m in ms])):
+            m.copy_(part)

@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from fused_sam import functional as F
+from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, SparseMasks
 
 __all__ = ["FusedSAM"]
 
@@ -27,6 +28,9 @@ _ADAPTIVE_CHOICES = (False, True, "weights")
 _SAM_KEYS = ("rho", "adaptive", "eta")
 # Attributes that describe one SAM step in flight or caches; never pickled or deep-copied.
 _TRANSIENT = ("step", "_backups", "_perturbed", "_found_inf", "_pending_zero_grad")
+_MASK_NORMS = ("full", "masked")
+#: Top-level ``state_dict()`` key holding the sparse-SAM masks and their policy's state.
+SPARSE_KEY = "sparse_sam"
 
 
 def _check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
@@ -51,8 +55,41 @@ def _validate_group(group: dict[str, Any]) -> None:
         )
 
 
+def _sparse_masks(
+    sparsity: float, mask: str | MaskPolicy, update_every: int | None, mask_norm: str
+) -> SparseMasks | None:
+    """Validate the sparse-SAM options; ``None`` (no mask at all) when ``sparsity`` is 0."""
+    sparsity = _check_nonneg("sparsity", sparsity)
+    if sparsity >= 1:
+        raise ValueError(f"sparsity must be in [0, 1) (the fraction NOT perturbed), got {sparsity}")
+    if mask_norm not in _MASK_NORMS:
+        raise ValueError(f"mask_norm must be one of {_MASK_NORMS}, got {mask_norm!r}")
+    if update_every is not None and (
+        isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1
+    ):
+        raise ValueError(f"mask_update_every must be None or an int >= 1, got {update_every!r}")
+    if mask == "fisher":
+        policy: MaskPolicy = FisherMask()
+    elif mask == "dynamic":
+        policy = DynamicMask()
+    elif isinstance(mask, MaskPolicy):
+        policy = mask
+    else:
+        raise ValueError(f"mask must be 'fisher', 'dynamic' or a MaskPolicy, got {mask!r}")
+    if update_every is not None and not policy.ready():
+        raise ValueError(
+            f"mask_update_every={update_every} refreshes the mask inside first_step(), but "
+            f"{type(policy).__name__} has nothing to score on: give it its examples "
+            "(FisherMask(data, model) or FisherMask(loss=...)), or leave mask_update_every=None "
+            "and call opt.update_mask(data, model=model) on your own schedule"
+        )
+    if sparsity == 0:
+        return None
+    return SparseMasks(policy, sparsity, update_every)
+
+
 class FusedSAM(Optimizer):
-    r"""Sharpness-Aware Minimization (SAM) and ASAM around any ``torch.optim`` optimizer.
+    r"""Sharpness-Aware Minimization (SAM, ASAM, Sparse SAM) around any ``torch.optim`` optimizer.
 
     One SAM step, with :math:`g_1` the gradient at :math:`w`:
 
@@ -63,6 +100,13 @@ class FusedSAM(Optimizer):
 
     with :math:`T(w) = 1` (SAM) or :math:`|w| + \eta` (ASAM). The norm is global over all
     parameters with a gradient; the restore of :math:`w` is an exact copy from a backup.
+
+    Sparse SAM (SSAM, ``sparsity > 0``) multiplies :math:`e` by a binary mask :math:`m` that
+    keeps :math:`\lfloor N(1 - s)\rfloor` of all :math:`N` parameter entries, chosen by one
+    global top-k (see :mod:`fused_sam.masks`): ``mask="fisher"`` (SSAM-F, empirical Fisher) or
+    ``"dynamic"`` (SSAM-D, drop/grow), or any :class:`fused_sam.MaskPolicy`. Masks are stored
+    bit-packed and read by the perturbation kernel; :meth:`update_mask` refreshes them by hand,
+    ``mask_update_every`` inside :meth:`first_step`.
 
     Two ways to build it::
 
@@ -108,6 +152,19 @@ class FusedSAM(Optimizer):
         skip_nonfinite: check the second-pass gradients too and skip the base update when any
             is inf/nan (costs one read of the gradients). Non-finite first-pass gradients always
             skip the perturbation and the base update.
+        sparsity: fraction of entries NOT perturbed, in ``[0, 1)``; 0 is plain SAM/ASAM (no
+            mask exists at all).
+        mask: ``"fisher"``, ``"dynamic"`` or a :class:`fused_sam.MaskPolicy` instance (e.g.
+            ``FisherMask(loader, model, num_samples=16)`` or ``DynamicMask(total_steps=...)``).
+        mask_update_every: refresh the mask at the start of every this-many-th ``first_step``
+            (steps 0, k, 2k, ...), scoring with the first-pass gradients (SSAM-D) or the
+            policy's own examples (SSAM-F). ``None``: the first mask is made at the first step
+            (the policy must be able to, or :meth:`update_mask` must run first) and refreshed
+            only by :meth:`update_mask`, e.g. every few epochs.
+        mask_norm: ``"full"`` normalises with the norm of the unmasked gradient, as the official
+            SSAM (so :math:`\lVert e \rVert \le \rho`); ``"masked"`` with the norm of
+            :math:`g \odot m` (so :math:`\lVert e \rVert = \rho`), at the cost of one extra
+            pass over the gradients.
         **base_kwargs: keyword arguments for ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Attributes:
@@ -127,6 +184,10 @@ class FusedSAM(Optimizer):
         norm_eps: float = 1e-12,
         backend: str | None = None,
         skip_nonfinite: bool = True,
+        sparsity: float = 0.0,
+        mask: str | MaskPolicy = "fisher",
+        mask_update_every: int | None = None,
+        mask_norm: str = "full",
         **base_kwargs: Any,
     ) -> None:
         if isinstance(params, Optimizer):
@@ -153,6 +214,9 @@ class FusedSAM(Optimizer):
             )
         self.backend = backend
         self.skip_nonfinite = bool(skip_nonfinite)
+        self._sparse = _sparse_masks(sparsity, mask, mask_update_every, mask_norm)
+        self.sparsity = float(sparsity)
+        self.mask_norm = mask_norm
         self.base_optimizer = base
 
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
@@ -201,17 +265,36 @@ class FusedSAM(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, in its own format (SAM keys ride in the groups).
 
+        With ``sparsity > 0`` one extra top-level key, ``"sparse_sam"``, holds the packed masks
+        (``{"masks": {param_index: uint8 tensor}}``, indexed like ``"state"``), the SAM step
+        counter, the step of the last refresh and the mask policy's state (e.g. its random
+        generator), so a resume continues bit-identically.
+
         Raises:
             RuntimeError: while a SAM step is in flight (between ``first_step`` and
                 ``second_step``): the model then holds perturbed weights, and a checkpoint
                 taken now would silently store them. Finish or ``restore()`` first.
         """
         self._check_not_in_flight("state_dict()")
-        return super().state_dict()
+        state = super().state_dict()
+        if self._sparse is not None:
+            state[SPARSE_KEY] = self._sparse.state_dict(self._all_params())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint of this optimizer or of a bare base optimizer of the same type."""
+        """Load a checkpoint of this optimizer or of a bare base optimizer of the same type.
+
+        A checkpoint without masks leaves a sparse optimizer to make a fresh mask at its next
+        step; a checkpoint with masks cannot go into one with ``sparsity=0``.
+        """
         self._check_not_in_flight("load_state_dict()")
+        state_dict = dict(state_dict)
+        sparse = state_dict.pop(SPARSE_KEY, None)
+        if sparse is not None and self._sparse is None:
+            raise ValueError(
+                "the checkpoint holds sparse-SAM masks but this optimizer has sparsity=0; "
+                "build it with the sparsity and mask it was saved with"
+            )
         self.base_optimizer.load_state_dict(state_dict)
         # Optimizer.load_state_dict replaces both objects: re-link the wrapper to them.
         self.param_groups = self.base_optimizer.param_groups
@@ -220,6 +303,11 @@ class FusedSAM(Optimizer):
             for key in _SAM_KEYS:
                 group.setdefault(key, self.defaults[key])
             _validate_group(group)
+        if self._sparse is not None:
+            if sparse is None:
+                self._sparse.reset()
+            else:
+                self._sparse.load_state_dict(sparse, self._all_params())
 
     def __getstate__(self) -> dict[str, Any]:
         self._check_not_in_flight("pickling or copying")
@@ -272,9 +360,15 @@ class FusedSAM(Optimizer):
                 rho.append(sign * float(group["rho"]))
                 adaptive.append(_adaptive_for(group["adaptive"], p))
                 eta.append(float(group["eta"]))
+        # A mask refresh that is due happens here, before the perturbation, so this step
+        # already uses it (an SSAM-D refresh scores with these first-pass gradients).
+        masks = None if self._sparse is None else self._sparse.step(self._all_params(), params)
         if params:
             backups = [self._backup_for(p) for p in params]
-            sumsq = F.norm_sq(grads, params, adaptive, eta, self.backend)
+            if masks is not None and self.mask_norm == "masked":
+                sumsq = F.masked_norm_sq(grads, params, adaptive, eta, masks, self.backend)
+            else:
+                sumsq = F.norm_sq(grads, params, adaptive, eta, self.backend)
             self._found_inf = F.nonfinite(sumsq)
             F.perturb_(
                 params,
@@ -285,7 +379,7 @@ class FusedSAM(Optimizer):
                 self.norm_eps,
                 adaptive,
                 eta,
-                None,
+                masks,
                 self.backend,
             )
         else:
@@ -310,6 +404,41 @@ class FusedSAM(Optimizer):
             raise RuntimeError("second_step() called without a preceding first_step()")
         self._pending_zero_grad = zero_grad
         self.step()
+
+    def update_mask(
+        self,
+        data: Iterable[tuple[Tensor, Tensor]] | None = None,
+        *,
+        model: nn.Module | None = None,
+        loss: Callable[[], Tensor] | None = None,
+    ) -> None:
+        """Refresh the sparse-SAM mask now (e.g. every few epochs, as the official SSAM).
+
+        Arguments given here override the policy's own for this refresh: for SSAM-F the
+        examples to score on (``data`` batches with ``model``, or a ``loss`` callable returning
+        per-example losses; see :class:`fused_sam.FisherMask`). SSAM-D takes none and scores
+        with the current ``.grad`` (``|g|`` by default). Under ``torch.distributed`` every rank
+        must call it; all of them end up with rank 0's mask.
+
+        Raises:
+            RuntimeError: ``sparsity`` is 0, or a SAM step is in flight.
+        """
+        self._check_not_in_flight("update_mask()")
+        if self._sparse is None:
+            raise RuntimeError("update_mask() needs a sparse optimizer (sparsity > 0)")
+        given = {"data": data, "model": model, "loss": loss}
+        self._sparse.refresh(self._all_params(), {k: v for k, v in given.items() if v is not None})
+
+    @property
+    def mask_policy(self) -> MaskPolicy | None:
+        """The sparse-SAM mask policy (``None`` when ``sparsity`` is 0)."""
+        return None if self._sparse is None else self._sparse.policy
+
+    @property
+    def masks(self) -> dict[Tensor, Tensor]:
+        """The current bit-packed masks by parameter (``ceil(numel / 8)`` uint8 bytes each,
+        layout of :func:`fused_sam.masks.pack_bits`); empty before the first mask."""
+        return {} if self._sparse is None else dict(self._sparse.packed)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -515,6 +644,9 @@ class FusedSAM(Optimizer):
             self._backups[p] = buf
         return buf
 
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
     def _devices(self) -> set[torch.device]:
         return {p.device for g in self.param_groups for p in g["params"]}
 
@@ -549,6 +681,6 @@ def _check_base_kwargs(cls: type[Optimizer], kwargs: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(
             f"unknown option(s) {unknown} for {cls.__name__}; FusedSAM takes rho, adaptive, "
-            f"eta, norm_eps, backend, skip_nonfinite and passes the rest to {cls.__name__}, "
-            f"which accepts {accepted}"
+            f"eta, norm_eps, backend, skip_nonfinite, sparsity, mask, mask_update_every, "
+            f"mask_norm and passes the rest to {cls.__name__}, which accepts {accepted}"
         )
