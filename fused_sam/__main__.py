@@ -289,7 +289,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         title = (
             f"end to end: {res['model']}, batch {res['batch_size']}, on {results['device_name']}"
         )
-        table = bench.e2e_markdown(res)
+        table = bench.e2e_table(res)
     else:
         preset = args.params or (
             None if args.sizes or args.model else ("tiny" if args.quick else "resnet18")
@@ -311,22 +311,34 @@ def _run_bench(args: argparse.Namespace) -> int:
             f"{args.base}, on {results['device_name']}; copy bandwidth "
             f"{res['copy_bandwidth_gbps']:.1f} GB/s"
         )
-        table = bench.optimizer_markdown(res)
-    results["command"] = "fused-sam " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+        table = bench.optimizer_table(res)
+    results["command"] = "fused-sam " + " ".join(args.argv)
     bench.write_results(results, args.out)
-    _print_markdown(f"**{title}**\n\n{table}")
+    _print_table(title, table)
     print(f"wrote {args.out}")
     return 0
 
 
-def _print_markdown(text: str) -> None:
+def _print_table(title: str, table: tuple[list[str], list[list[str]]]) -> None:
     try:
         from rich.console import Console
-        from rich.markdown import Markdown
+        from rich.markup import escape
+        from rich.table import Table
     except ImportError:  # rich is optional for bench: plain Markdown reads fine too
-        print(text)
+        from fused_sam.bench import markdown
+
+        print(f"{title}\n\n{markdown(table)}")
         return
-    Console().print(Markdown(text))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 120))  # keep rows unwrapped in logs and pipes
+    rich_table = Table(title=escape(title))
+    headers, rows = table
+    for i, header in enumerate(headers):
+        rich_table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows:
+        rich_table.add_row(*map(escape, row))  # "FusedSAM[foreach]" is not markup
+    console.print(rich_table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
     try:
         if args.command == "info":

@@ -23,16 +23,19 @@ The functions here are shared with the pytest-benchmark suites in ``benchmarks/`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import importlib
 import io
 import json
 import math
+import os
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,6 +344,24 @@ def copy_bandwidth(device: torch.device | str, numel: int, repeat: int = 10) -> 
     return 2 * 4 * numel / t / 1e9
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for the block.
+
+    The profiler's C++ side logs a start/stop line per session straight to fd 2, which would
+    interleave with the results table; Python-level redirection cannot catch it.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def count_ops(step: Callable[[], None], device: torch.device) -> int:
     """Work items one ``step`` dispatches: CUDA kernels on a GPU, top-level ATen ops on a CPU.
 
@@ -355,7 +376,7 @@ def count_ops(step: Callable[[], None], device: torch.device) -> int:
         activities.append(ProfilerActivity.CUDA)
     step()  # warm caches so the profile shows a steady-state step
     _sync(device)
-    with profile(activities=activities) as prof:
+    with _quiet_stderr(), profile(activities=activities) as prof:
         step()
         _sync(device)
     events = prof.events()
@@ -393,7 +414,9 @@ def bench_optimizer(
     """
     device = torch.device(device)
     numel = sum(math.prod(s) for s in shapes)
-    bandwidth = copy_bandwidth(device, max(numel, 1 << 23))
+    # Source and destination together span 4 * numel floats, the arrays an SGD-momentum SAM
+    # step touches (w, g, momentum, backup): the same cache level as the step itself.
+    bandwidth = copy_bandwidth(device, 2 * numel)
     rows = []
     for prov in providers_for(device, base, include_reference):
         if only and not any(o in prov.name for o in only):
@@ -531,7 +554,6 @@ def git_sha() -> str | None:
 
 def device_name(device: torch.device | str) -> str:
     """A human description of ``device`` (GPU name, or CPU model and core count)."""
-    import os
     import platform
 
     device = torch.device(device)
@@ -584,25 +606,41 @@ def write_results(results: dict[str, Any], path: Path) -> None:
         path.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def optimizer_markdown(res: dict[str, Any]) -> str:
-    """The optimizer-side rows as a Markdown table."""
-    lines = [
-        "| provider | median ms | GB/s (floor bytes) | % of floor | "
-        f"{res['ops_meaning']} / step | ratio to base |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+Table = tuple[list[str], list[list[str]]]
+
+
+def optimizer_table(res: dict[str, Any]) -> Table:
+    """The optimizer-side rows as ``(headers, rows)`` of strings."""
+    headers = ["provider", "median ms", "GB/s at floor bytes", "% of floor"]
+    headers += [f"{res['ops_meaning']} / step", "ratio to base"]
+    rows = []
     for r in res["rows"]:
         ratio = "-" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.2f}x"
-        lines.append(
-            f"| {r['provider']} | {r['median_ms']:.3f} | {r['gbps_at_floor_bytes']:.1f} | "
-            f"{r['pct_of_floor']:.1f} | {r['ops_per_step']} | {ratio} |"
+        rows.append(
+            [
+                r["provider"],
+                f"{r['median_ms']:.3f}",
+                f"{r['gbps_at_floor_bytes']:.1f}",
+                f"{r['pct_of_floor']:.1f}",
+                str(r["ops_per_step"]),
+                ratio,
+            ]
         )
-    return "\n".join(lines)
+    return headers, rows
 
 
-def e2e_markdown(res: dict[str, Any]) -> str:
-    """The end-to-end rows as a Markdown table."""
-    lines = ["| step | median ms | ratio to SGD |", "|---|---:|---:|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['provider']} | {r['median_ms']:.2f} | {r['ratio_to_sgd']:.2f}x |")
+def e2e_table(res: dict[str, Any]) -> Table:
+    """The end-to-end rows as ``(headers, rows)`` of strings."""
+    rows = [
+        [r["provider"], f"{r['median_ms']:.2f}", f"{r['ratio_to_sgd']:.2f}x"] for r in res["rows"]
+    ]
+    return ["training step", "median ms", "ratio to SGD"], rows
+
+
+def markdown(table: Table) -> str:
+    """A ``(headers, rows)`` table as Markdown, numbers right-aligned."""
+    headers, rows = table
+    align = ["---"] + ["---:"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
