@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ def _default_device() -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from fused_sam import demo as demo_mod
     from fused_sam.bench import PARAM_SETS
     from fused_sam.data import DATASETS
     from fused_sam.demo import DEFAULT_METHODS, METHODS, DemoConfig
@@ -62,7 +64,12 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--quick", action="store_true", help="20 epochs instead of 60 (< 2 min on 2 CPU cores)"
+        "--quick",
+        action="store_true",
+        help=(
+            f"{demo_mod.QUICK_OVERRIDES['epochs']} epochs and seed 0 only "
+            "(under 2 min on 2 CPU cores)"
+        ),
     )
     demo.add_argument(
         "--data", choices=DATASETS, default=defaults.data, help="data set (default: digits)"
@@ -79,11 +86,12 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seeds",
         type=_csv(int),
-        default=defaults.seeds,
-        help="comma-separated seeds (default: 0,1,2)",
+        help="comma-separated seeds (default: 0,1,2; --quick: 0)",
     )
     demo.add_argument(
-        "--epochs", type=int, help=f"epochs (default: {defaults.epochs}; --quick: 20)"
+        "--epochs",
+        type=int,
+        help=f"epochs (default: {defaults.epochs}; --quick: {demo_mod.QUICK_OVERRIDES['epochs']})",
     )
     demo.add_argument(
         "--methods",
@@ -98,13 +106,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=defaults.lr,
-        help="peak learning rate, cosine to 0 (default: 0.05)",
+        help=f"peak learning rate, cosine to 0 (default: {defaults.lr})",
     )
     demo.add_argument(
-        "--rho-sam", type=float, default=defaults.rho_sam, help="SAM's rho (default: 0.1)"
+        "--rho-sam",
+        type=float,
+        default=defaults.rho_sam,
+        help=f"SAM's rho (default: {defaults.rho_sam})",
     )
     demo.add_argument(
-        "--rho-asam", type=float, default=defaults.rho_asam, help="ASAM's rho (default: 1.0)"
+        "--rho-asam",
+        type=float,
+        default=defaults.rho_asam,
+        help=f"ASAM's rho (default: {defaults.rho_asam})",
     )
     demo.add_argument("--subset", type=int, help="train on the first N training examples only")
     demo.add_argument(
@@ -199,17 +213,18 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_demo(args: argparse.Namespace) -> int:
     from fused_sam import demo
 
-    rich_console = demo.require("rich.console")
+    demo.require("matplotlib")  # fail before training, not after, when an extra is missing
     progress_mod = demo.require("rich.progress")
-    epochs = (
-        args.epochs if args.epochs is not None else (20 if args.quick else demo.DemoConfig.epochs)
-    )
+    base = demo.QUICK_OVERRIDES if args.quick else {}
+    defaults = demo.DemoConfig(**base)
+    epochs = args.epochs if args.epochs is not None else defaults.epochs
+    seeds = args.seeds if args.seeds is not None else defaults.seeds
     cfg = demo.DemoConfig(
         data=args.data,
         data_dir=args.data_dir,
         noise=args.noise,
         methods=args.methods,
-        seeds=args.seeds,
+        seeds=seeds,
         epochs=epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -225,7 +240,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    console = rich_console.Console()
+    console = _console()
     total = len(cfg.methods) * len(cfg.seeds) * cfg.epochs
     start = time.perf_counter()
     with progress_mod.Progress(
@@ -319,9 +334,19 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console() -> Any:
+    """A rich console; at least 120 columns wide when writing to a file or pipe.
+
+    Rich falls back to 80 columns off a terminal, which would wrap the tables in logs.
+    """
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 120))
+
+
 def _print_table(title: str, table: tuple[list[str], list[list[str]]]) -> None:
     try:
-        from rich.console import Console
         from rich.markup import escape
         from rich.table import Table
     except ImportError:  # rich is optional for bench: plain Markdown reads fine too
@@ -329,9 +354,7 @@ def _print_table(title: str, table: tuple[list[str], list[list[str]]]) -> None:
 
         print(f"{title}\n\n{markdown(table)}")
         return
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 120))  # keep rows unwrapped in logs and pipes
+    console = _console()
     rich_table = Table(title=escape(title))
     headers, rows = table
     for i, header in enumerate(headers):
