@@ -97,6 +97,8 @@ def test_info_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert info["torch"] == torch.__version__
     assert info["backends"]["cpu"]["foreach"] is None  # available
     assert info["backends"]["cpu"]["cuda"]  # a reason why not
+    assert "native_extension" in info["build"] and "torch_cpu_capability" in info["build"]
+    assert info["optional"]["matplotlib"]  # a version string
 
 
 def test_entry_point_subprocess() -> None:
@@ -205,7 +207,7 @@ def test_cifar_malformed(cifar10_dir: Path) -> None:
 
 def test_bench_quick_optimizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--out", str(path)]) == 0
+    assert main(["bench", "--quick", "--threads", "1", "--out", str(path)]) == 0
     results = json.loads(path.read_text())
     for key in ("date", "device", "device_name", "git_sha", "environment"):
         assert key in results
@@ -222,7 +224,18 @@ def test_bench_quick_optimizer(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_bench_quick_csv_sizes_and_model(tmp_path: Path) -> None:
     path = tmp_path / "bench.csv"
-    argv = ["bench", "--quick", "--sizes", "4097,3,1", "--base", "adamw", "--out", str(path)]
+    argv = [
+        "bench",
+        "--quick",
+        "--threads",
+        "1",
+        "--sizes",
+        "4097,3,1",
+        "--base",
+        "adamw",
+        "--out",
+        str(path),
+    ]
     assert main(argv) == 0
     lines = path.read_text().splitlines()
     assert lines[0].startswith("mode,provider,") and len(lines) == 1 + 4
@@ -233,7 +246,7 @@ def test_bench_quick_csv_sizes_and_model(tmp_path: Path) -> None:
 
 def test_bench_quick_e2e(tmp_path: Path) -> None:
     path = tmp_path / "e2e.json"
-    assert main(["bench", "--quick", "--e2e", "--out", str(path)]) == 0
+    assert main(["bench", "--quick", "--e2e", "--threads", "1", "--out", str(path)]) == 0
     rows = json.loads(path.read_text())["e2e"]["rows"]
     assert [r["provider"] for r in rows][:2] == ["SGD (foreach)", "FusedSAM[foreach]"]
     assert rows[0]["ratio_to_sgd"] == pytest.approx(1.0)
