@@ -254,9 +254,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     ) as bar:
         task = bar.add_task("training", total=total)
 
+        latest: dict[str, float] = {}
+
         def progress(method: str, seed: int, epoch: int, acc: float) -> None:
-            label = demo.METHODS[method].label
-            desc = f"{label:<5} seed {seed} epoch {epoch + 1:>3}/{cfg.epochs}  acc {acc:5.1f}%"
+            latest[demo.METHODS[method].label] = acc
+            accs = "  ".join(f"{label} {a:5.1f}" for label, a in latest.items())
+            desc = f"seed {seed} epoch {epoch + 1:>3}/{cfg.epochs}  acc %: {accs}"
             bar.update(task, advance=1, description=desc)
 
         results = demo.run_demo(cfg, progress)

@@ -222,91 +222,94 @@ def _split(
     return x_train[train], y_noisy[train], corrupted[train], x_train[val], y_noisy[val]
 
 
-def train_one(
-    method: str,
-    seed: int,
-    data: Dataset,
-    cfg: DemoConfig,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> dict[str, Any]:
-    """Train one method with one seed; returns its per-epoch history.
+class Run:
+    """Training state of one ``(method, seed)`` pair, advanced one epoch at a time.
+
+    :func:`run_demo` interleaves the methods epoch by epoch, so that load from other programs
+    on the machine disturbs every method's step times alike instead of whichever ran then.
 
     Args:
         method: key of :data:`METHODS`.
         seed: seed of the label noise, the initialisation and the batch order.
         data: the data set.
         cfg: the run configuration.
-        on_epoch: called after every epoch with ``(epoch, eval_accuracy)``.
-
-    Returns:
-        A dict with ``eval_acc`` (per epoch, percent), ``train_loss`` (per epoch),
-        ``noisy_fit`` (percent of the corrupted training examples predicted with their *wrong*
-        label at the end: how much noise was memorised), ``step_times`` (seconds per training
-        step, one mean per epoch), ``elapsed`` (cumulative training seconds per epoch) and
-        ``final_acc``.
     """
-    device = torch.device(cfg.device)
-    x_train, y_train, corrupted, x_eval, y_eval = _split(data, cfg, seed)
-    x_train, y_train, x_eval, y_eval = (t.to(device) for t in (x_train, y_train, x_eval, y_eval))
-    torch.manual_seed(seed)
-    model = make_model(data.x_train.shape[1], data.num_classes, cfg.width).to(device)
-    opt = METHODS[method].build(model.parameters(), cfg)
-    two_pass = isinstance(opt, FusedSAM)
-    n = x_train.shape[0]
-    steps_per_epoch = max(1, n // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    order = torch.Generator().manual_seed(seed)
 
-    history: dict[str, list[float]] = {
-        "eval_acc": [],
-        "train_loss": [],
-        "step_times": [],
-        "elapsed": [],
-    }
-    elapsed = 0.0
-    model.train()
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=order).to(device)
-        loss_sum = torch.zeros((), device=device)
-        _sync(device)
+    def __init__(self, method: str, seed: int, data: Dataset, cfg: DemoConfig) -> None:
+        self.method, self.seed, self.cfg = method, seed, cfg
+        self.device = torch.device(cfg.device)
+        x_train, y_train, corrupted, x_eval, y_eval = _split(data, cfg, seed)
+        move = [t.to(self.device) for t in (x_train, y_train, corrupted, x_eval, y_eval)]
+        self.x_train, self.y_train, self.corrupted, self.x_eval, self.y_eval = move
+        torch.manual_seed(seed)
+        self.model = make_model(data.x_train.shape[1], data.num_classes, cfg.width).to(self.device)
+        self.opt = METHODS[method].build(self.model.parameters(), cfg)
+        self.two_pass = isinstance(self.opt, FusedSAM)
+        self.steps_per_epoch = max(1, x_train.shape[0] // cfg.batch_size)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt, T_max=cfg.epochs * self.steps_per_epoch
+        )
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.order = torch.Generator().manual_seed(seed)
+        self.history: dict[str, list[float]] = {
+            "eval_acc": [],
+            "train_loss": [],
+            "step_times": [],
+            "elapsed": [],
+        }
+
+    def _step(self, x: Tensor, y: Tensor) -> Tensor:
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        if self.two_pass:
+            self.opt.first_step(zero_grad=True)
+            with frozen_bn_stats(self.model):  # BN statistics from the first pass only
+                self.loss_fn(self.model(x), y).backward()
+            self.opt.second_step(zero_grad=True)
+        else:
+            self.opt.step()
+            self.opt.zero_grad()
+        self.sched.step()
+        return loss.detach()
+
+    def epoch(self) -> float:
+        """Train one epoch, evaluate, record; returns the evaluation accuracy (percent)."""
+        n, bs = self.x_train.shape[0], self.cfg.batch_size
+        perm = torch.randperm(n, generator=self.order).to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        self.model.train()
+        _sync(self.device)
         start = time.perf_counter()
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x, y = x_train[idx], y_train[idx]
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            if two_pass:
-                opt.first_step(zero_grad=True)
-                with frozen_bn_stats(model):
-                    loss_fn(model(x), y).backward()
-                opt.second_step(zero_grad=True)
-            else:
-                opt.step()
-                opt.zero_grad()
-            sched.step()
-            loss_sum += loss.detach()
-        _sync(device)
-        epoch_time = time.perf_counter() - start
-        elapsed += epoch_time
-        acc = accuracy(model, x_eval, y_eval)
-        history["eval_acc"].append(acc)
-        history["train_loss"].append(float(loss_sum) / steps_per_epoch)
-        history["step_times"].append(epoch_time / steps_per_epoch)
-        history["elapsed"].append(elapsed)
-        if on_epoch is not None:
-            on_epoch(epoch, acc)
-    with torch.no_grad():
-        model.eval()
-        xc, yc = x_train[corrupted.to(device)], y_train[corrupted.to(device)]
-        noisy_fit = accuracy(model, xc, yc) if xc.shape[0] else float("nan")
-    return {
-        "method": method,
-        "seed": seed,
-        **history,
-        "final_acc": history["eval_acc"][-1],
-        "noisy_fit": noisy_fit,
-    }
+        for i in range(self.steps_per_epoch):
+            idx = perm[i * bs : (i + 1) * bs]
+            loss_sum += self._step(self.x_train[idx], self.y_train[idx])
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        acc = accuracy(self.model, self.x_eval, self.y_eval)
+        h = self.history
+        h["eval_acc"].append(acc)
+        h["train_loss"].append(float(loss_sum) / self.steps_per_epoch)
+        h["step_times"].append(seconds / self.steps_per_epoch)
+        h["elapsed"].append((h["elapsed"][-1] if h["elapsed"] else 0.0) + seconds)
+        return acc
+
+    def result(self) -> dict[str, Any]:
+        """The run's history, plus ``final_acc`` and ``noisy_fit``.
+
+        ``noisy_fit`` is the percent of corrupted training examples the final model predicts
+        with their *wrong* training label: how much of the noise it memorised.
+        """
+        wrong = self.corrupted
+        fit = (
+            accuracy(self.model, self.x_train[wrong], self.y_train[wrong]) if wrong.any() else None
+        )
+        return {
+            "method": self.method,
+            "seed": self.seed,
+            **self.history,
+            "final_acc": self.history["eval_acc"][-1],
+            "noisy_fit": fit,
+        }
 
 
 def validate_config(cfg: DemoConfig) -> None:
@@ -342,7 +345,8 @@ def run_demo(
 
     Args:
         cfg: the run configuration (validated here).
-        progress: called after every epoch with ``(method, seed, epoch, eval_accuracy)``.
+        progress: called after every epoch of every run with
+            ``(method, seed, epoch, eval_accuracy)``.
 
     Returns:
         ``{"config": ..., "runs": [...], "summary": {...}, "environment": ...}``, JSON-ready.
@@ -350,14 +354,14 @@ def run_demo(
     validate_config(cfg)
     data = load_dataset(cfg.data, cfg.data_dir)
     runs = []
-    for method in cfg.methods:
-        for seed in cfg.seeds:
-
-            def on_epoch(epoch: int, acc: float, method: str = method, seed: int = seed) -> None:
+    for seed in cfg.seeds:
+        active = [Run(method, seed, data, cfg) for method in cfg.methods]
+        for epoch in range(cfg.epochs):
+            for run in active:
+                acc = run.epoch()
                 if progress is not None:
-                    progress(method, seed, epoch, acc)
-
-            runs.append(train_one(method, seed, data, cfg, on_epoch))
+                    progress(run.method, seed, epoch, acc)
+        runs += [run.result() for run in active]
     from fused_sam.info import collect_info
 
     return {
@@ -383,8 +387,10 @@ def summarise(runs: list[dict[str, Any]], cfg: DemoConfig) -> dict[str, dict[str
     for method in cfg.methods:
         mine = [r for r in runs if r["method"] == method]
         acc_mean, acc_std = _mean_std([r["final_acc"] for r in mine])
-        # Median over all epochs and seeds: robust to the first epoch's warm-up.
-        step = statistics.median(t for r in mine for t in r["step_times"])
+        # Median over all epochs and seeds: robust to the first epoch's warm-up and to bursts of
+        # load from other programs; the fastest epoch is kept too, as the least disturbed.
+        times = [t for r in mine for t in r["step_times"]]
+        step = statistics.median(times)
         m = METHODS[method]
         summary[method] = {
             "label": m.label,
@@ -392,8 +398,13 @@ def summarise(runs: list[dict[str, Any]], cfg: DemoConfig) -> dict[str, dict[str
             "acc_mean": acc_mean,
             "acc_std": acc_std,
             "accs": [r["final_acc"] for r in mine],
-            "noisy_fit_mean": statistics.fmean(r["noisy_fit"] for r in mine),
+            "noisy_fit_mean": statistics.fmean(
+                r["noisy_fit"] for r in mine if r["noisy_fit"] is not None
+            )
+            if any(r["noisy_fit"] is not None for r in mine)
+            else None,
             "step_ms": 1e3 * step,
+            "step_ms_min": 1e3 * min(times),
             "train_s_mean": statistics.fmean(r["elapsed"][-1] for r in mine),
         }
     sgd = summary.get("sgd")
@@ -404,6 +415,10 @@ def summarise(runs: list[dict[str, Any]], cfg: DemoConfig) -> dict[str, dict[str
 
 # ---------------------------------------------------------------------------------------------
 # Output: table, JSON, plot
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def format_table(results: dict[str, Any]) -> Any:
@@ -428,7 +443,7 @@ def format_table(results: dict[str, Any]) -> Any:
             entry["label"],
             "-" if entry["rho"] is None else f"{entry['rho']:g}",
             f"{entry['acc_mean']:.2f} ± {entry['acc_std']:.2f}",
-            f"{entry['noisy_fit_mean']:.1f}",
+            _fmt(entry["noisy_fit_mean"], ".1f"),
             f"{entry['step_ms']:.2f}",
             "-" if entry["time_ratio"] is None else f"{entry['time_ratio']:.2f}x",
         )
@@ -448,7 +463,7 @@ def table_markdown(results: dict[str, Any]) -> str:
         ratio = "-" if e["time_ratio"] is None else f"{e['time_ratio']:.2f}x"
         lines.append(
             f"| {e['label']} | {rho} | {e['acc_mean']:.2f} ± {e['acc_std']:.2f} | "
-            f"{e['noisy_fit_mean']:.1f} | {e['step_ms']:.2f} | {ratio} |"
+            f"{_fmt(e['noisy_fit_mean'], '.1f')} | {e['step_ms']:.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
