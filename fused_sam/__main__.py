@@ -286,7 +286,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    repeat = args.repeat or (3 if args.quick else 50 if device.type == "cuda" else 20)
+    repeat = args.repeat
+    if repeat is None:
+        repeat = 3 if args.quick else 50 if device.type == "cuda" else 20
     warmup = 1 if args.quick else args.warmup
     if repeat < 1 or warmup < 0:
         raise ValueError("--repeat must be >= 1 and --warmup >= 0")

@@ -108,7 +108,7 @@ PARAM_SETS: dict[str, tuple[str, Callable[[], list[Shape]]]] = {
     ),
     "vit_b": ("ViT-B/16 (86.6M params, 152 tensors)", _vit_shapes),
     "small1000": ("1000 tensors of 1000 params (1M params)", lambda: [(1000,)] * 1000),
-    "tiny": ("8 tensors, 20k params (tests)", lambda: [(64, 32, 3, 3), (64,), (64,), (10, 64)] * 2),
+    "tiny": ("8 tensors, 38k params (tests)", lambda: [(64, 32, 3, 3), (64,), (64,), (10, 64)] * 2),
 }
 
 
