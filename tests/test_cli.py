@@ -298,3 +298,15 @@ def test_cuda_requested_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixtu
             main([cmd, "--device", "cuda", "--out", str(tmp_path / cmd)])
         assert exc.value.code == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "tensors", "numel"),
+    [("resnet18", 62, 11_689_512), ("resnet50", 161, 25_557_032), ("vit_b", 152, 86_567_656)],
+)
+def test_param_sets_match_the_architectures(name: str, tensors: int, numel: int) -> None:
+    from fused_sam.bench import param_shapes
+
+    _, shapes = param_shapes(name)
+    assert len(shapes) == tensors
+    assert sum(math.prod(s) for s in shapes) == numel  # torchvision's parameter counts
