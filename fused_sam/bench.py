@@ -53,6 +53,7 @@ __all__ = [
     "bench_e2e",
     "bench_optimizer",
     "copy_bandwidth",
+    "e2e_model",
     "make_params",
     "param_shapes",
     "providers_for",
@@ -463,7 +464,8 @@ def bench_optimizer(
     }
 
 
-def _e2e_model(width: int = 64, classes: int = 10) -> nn.Module:
+def e2e_model(width: int = 64, classes: int = 10) -> nn.Module:
+    """The end-to-end benchmark's model: the demo's CNN on 3-channel images."""
     from fused_sam.demo import make_model
 
     return make_model(3, classes, width)
@@ -503,7 +505,7 @@ def bench_e2e(
         if progress is not None:
             progress(name)
         torch.manual_seed(0)
-        model = _e2e_model(width).to(device)
+        model = e2e_model(width).to(device)
         opt = build(model.parameters())
 
         def step(model: nn.Module = model, opt: Any = opt) -> None:
@@ -528,7 +530,7 @@ def bench_e2e(
     sgd = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_sgd"] = r["median_ms"] / sgd
-    params = sum(p.numel() for p in _e2e_model(width).parameters())
+    params = sum(p.numel() for p in e2e_model(width).parameters())
     return {
         "model": f"CNN, 4 conv+BN blocks, width {width}, {params} params",
         "batch_size": batch_size,

@@ -240,7 +240,7 @@ def test_bench_quick_csv_sizes_and_model(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert lines[0].startswith("mode,provider,") and len(lines) == 1 + 4
     assert (
-        main(["bench", "--quick", "--model", "fused_sam.bench:_e2e_model", "--out", str(path)]) == 0
+        main(["bench", "--quick", "--model", "fused_sam.bench:e2e_model", "--out", str(path)]) == 0
     )
 
 
