@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ import torch
 from fused_sam.info import collect_info, format_info
 
 
-def _csv(kind: type) -> argparse.Action | object:
-    def parse(text: str) -> list:
+def _csv(kind: type) -> Callable[[str], list[Any]]:
+    """An argparse ``type=`` that parses ``"a,b,c"`` into a list of ``kind``."""
+
+    def parse(text: str) -> list[Any]:
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected a comma-separated list of {kind.__name__}, got {text!r}"
