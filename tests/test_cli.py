@@ -1,0 +1,312 @@
+"""The ``fused-sam`` command line: every subcommand in a quick mode, the CIFAR loader, errors.
+
+Subcommands run in-process through ``main(argv)`` (one torch import for the whole file); one
+test runs ``python -m fused_sam`` as a subprocess to cover the entry point itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fused_sam.__main__ import main
+from fused_sam.data import DataError, add_symmetric_noise, load_cifar
+from fused_sam.demo import METHODS
+
+pytest.importorskip("sklearn", reason='the demo needs pip install "fused_sam[demo]"')
+pytest.importorskip("matplotlib", reason='the demo needs pip install "fused_sam[demo]"')
+pytest.importorskip("rich", reason='the demo needs pip install "fused_sam[demo]"')
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _numbers(obj: object) -> list[float]:
+    """Every int/float inside a JSON value (bools excluded)."""
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [float(obj)]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _numbers(v)]
+    return []
+
+
+def _assert_finite(obj: object) -> None:
+    values = _numbers(obj)
+    assert values, "no numbers found"
+    assert all(math.isfinite(v) for v in values)
+
+
+def _write_pickle(path: Path, obj: object) -> None:
+    with path.open("wb") as fh:
+        pickle.dump(obj, fh)
+
+
+def _batch(n: int, label_key: bytes, classes: int, seed: int) -> dict[bytes, object]:
+    rng = np.random.default_rng(seed)
+    return {
+        b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        label_key: [int(v) for v in rng.integers(0, classes, size=n)],
+    }
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path: Path) -> Path:
+    """A tiny CIFAR-10 in the python-pickle layout (5 train batches of 8, a test batch of 6)."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for i in range(1, 6):
+        _write_pickle(root / f"data_batch_{i}", _batch(8, b"labels", 10, i))
+    _write_pickle(root / "test_batch", _batch(6, b"labels", 10, 0))
+    _write_pickle(root / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)]})
+    return root
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path: Path) -> Path:
+    """A tiny CIFAR-100 in the python-pickle layout."""
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    _write_pickle(root / "train", _batch(12, b"fine_labels", 100, 1))
+    _write_pickle(root / "test", _batch(5, b"fine_labels", 100, 2))
+    _write_pickle(root / "meta", {b"fine_label_names": [b"c%d" % i for i in range(100)]})
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+def test_info_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "torch" in text and "backends on cpu:" in text and "foreach" in text
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__
+    assert info["backends"]["cpu"]["foreach"] is None  # available
+    assert info["backends"]["cpu"]["cuda"]  # a reason why not
+    assert "native_extension" in info["build"] and "torch_cpu_capability" in info["build"]
+    assert info["optional"]["matplotlib"]  # a version string
+
+
+def test_entry_point_subprocess() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fused_sam", "info"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "backends on cpu:" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def test_demo_quick_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--epochs", "2", "--seeds", "0,1", "--subset", "256", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["summary"]) == set(METHODS)
+    for name, entry in results["summary"].items():
+        assert entry["label"] in printed
+        assert 0.0 <= entry["acc_mean"] <= 100.0
+        assert entry["step_ms"] > 0
+        assert len(entry["accs"]) == 2, name
+    assert results["summary"]["sgd"]["time_ratio"] == pytest.approx(1.0)
+    assert len(results["runs"]) == 2 * len(METHODS)
+    for run in results["runs"]:
+        assert len(run["eval_acc"]) == 2
+    _assert_finite(results["summary"])
+    _assert_finite([r["eval_acc"] for r in results["runs"]])
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_on_cifar_folder(cifar10_dir: Path, tmp_path: Path) -> None:
+    argv = ["demo", "--data", "cifar10", "--data-dir", str(cifar10_dir.parent), "--epochs", "1"]
+    argv += ["--seeds", "0", "--methods", "sgd,sam", "--batch-size", "8", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 0
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert list(results["summary"]) == ["sgd", "sam"]
+    assert results["train_size"] == 40 and results["test_size"] == 6
+
+
+def test_symmetric_noise_flips_exactly_the_rate() -> None:
+    labels = torch.arange(1000) % 10
+    noisy, corrupted = add_symmetric_noise(labels, 0.4, 10, torch.Generator().manual_seed(0))
+    assert int(corrupted.sum()) == 400
+    assert bool((noisy[corrupted] != labels[corrupted]).all())
+    assert bool((noisy[~corrupted] == labels[~corrupted]).all())
+    assert int(noisy.min()) >= 0 and int(noisy.max()) <= 9
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR loader
+
+
+def test_cifar10_loader(cifar10_dir: Path) -> None:
+    for where in (cifar10_dir, cifar10_dir.parent):  # the folder itself or its parent
+        data = load_cifar("cifar10", where)
+        assert data.x_train.shape == (40, 3, 32, 32) and data.x_test.shape == (6, 3, 32, 32)
+        assert data.y_train.dtype == torch.int64 and data.num_classes == 10
+    raw = pickle.loads((cifar10_dir / "data_batch_1").read_bytes())
+    assert data.y_train[:8].tolist() == raw[b"labels"]
+    # standardised with the training statistics
+    assert data.x_train.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+
+
+def test_cifar100_loader(cifar100_dir: Path) -> None:
+    data = load_cifar("cifar100", cifar100_dir)
+    assert data.x_train.shape == (12, 3, 32, 32) and data.y_test.shape == (5,)
+    assert data.num_classes == 100
+
+
+def test_cifar_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_cifar("cifar10", tmp_path / "nope")
+    with pytest.raises(DataError, match="does not look like a cifar10"):
+        load_cifar("cifar10", tmp_path)
+
+
+def test_cifar_malformed(cifar10_dir: Path) -> None:
+    (cifar10_dir / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"missing file .*data_batch_3"):
+        load_cifar("cifar10", cifar10_dir)
+    (cifar10_dir / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="not a python-pickle CIFAR batch"):
+        load_cifar("cifar10", cifar10_dir)
+    _write_pickle(cifar10_dir / "data_batch_3", {b"data": np.zeros((2, 3072), np.uint8)})
+    with pytest.raises(DataError, match=r"malformed.*b'labels'"):
+        load_cifar("cifar10", cifar10_dir)
+    _write_pickle(
+        cifar10_dir / "data_batch_3", {b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}
+    )
+    with pytest.raises(DataError, match="uint8 of shape N x 3072"):
+        load_cifar("cifar10", cifar10_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def test_bench_quick_optimizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--threads", "1", "--out", str(path)]) == 0
+    results = json.loads(path.read_text())
+    for key in ("date", "device", "device_name", "git_sha", "environment"):
+        assert key in results
+    res = results["optimizer"]
+    names = [r["provider"] for r in res["rows"]]
+    assert {"sgd (foreach)", "adamw (foreach)", "loop SAM", "FusedSAM[foreach]"} <= set(names)
+    for row in res["rows"]:
+        assert row["median_ms"] > 0 and row["ops_per_step"] > 0
+        assert row["ratio_to_base"] is not None
+        _assert_finite(row)
+    assert res["copy_bandwidth_gbps"] > 0
+    assert "loop SAM" in capsys.readouterr().out
+
+
+def test_bench_quick_csv_sizes_and_model(tmp_path: Path) -> None:
+    path = tmp_path / "bench.csv"
+    argv = [
+        "bench",
+        "--quick",
+        "--threads",
+        "1",
+        "--sizes",
+        "4097,3,1",
+        "--base",
+        "adamw",
+        "--out",
+        str(path),
+    ]
+    assert main(argv) == 0
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("mode,provider,") and len(lines) == 1 + 4
+    assert (
+        main(["bench", "--quick", "--model", "fused_sam.bench:e2e_model", "--out", str(path)]) == 0
+    )
+
+
+def test_bench_quick_e2e(tmp_path: Path) -> None:
+    path = tmp_path / "e2e.json"
+    assert main(["bench", "--quick", "--e2e", "--threads", "1", "--out", str(path)]) == 0
+    rows = json.loads(path.read_text())["e2e"]["rows"]
+    assert [r["provider"] for r in rows][:2] == ["SGD (foreach)", "FusedSAM[foreach]"]
+    assert rows[0]["ratio_to_sgd"] == pytest.approx(1.0)
+    _assert_finite(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--methods", "sgd,nope"], "unknown method"),
+        (["demo", "--noise", "1.5"], "noise rate must be in"),
+        (["demo", "--epochs", "0"], "epochs must be >= 1"),
+        (["demo", "--seeds", "a,b"], "comma-separated list of int"),
+        (["demo", "--data", "cifar10"], "needs --data-dir"),
+        (["demo", "--data", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
+        (["demo", "--data", "mnist"], "invalid choice"),
+        (["demo", "--backend", "nope", "--epochs", "1", "--subset", "64"], "unknown backend"),
+        (["demo", "--lr", "x"], "invalid float"),
+        (["demo", "--backend", "cuda", "--device", "cpu"], "backend 'cuda' cannot run on cpu"),
+        (["bench", "--params", "resnet9"], "invalid choice"),
+        (["bench", "--repeat", "0", "--params", "tiny"], "--repeat must be >= 1"),
+        (["bench", "--sizes", "0,5"], "positive integers"),
+        (["bench", "--model", "no_such_module_xyz:f"], "cannot import"),
+        (["bench", "--model", "torch"], "module:factory"),
+        (["bench", "--params", "tiny", "--sizes", "3"], "not allowed with"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / ("out" if argv[0] == "demo" else "out.json")
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(out)] if argv[0] != "frobnicate" else argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not out.exists(), "an invalid run must not write results"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_cuda_requested_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in ("demo", "bench"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--device", "cuda", "--out", str(tmp_path / cmd)])
+        assert exc.value.code == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "tensors", "numel"),
+    [("resnet18", 62, 11_689_512), ("resnet50", 161, 25_557_032), ("vit_b", 152, 86_567_656)],
+)
+def test_param_sets_match_the_architectures(name: str, tensors: int, numel: int) -> None:
+    from fused_sam.bench import param_shapes
+
+    _, shapes = param_shapes(name)
+    assert len(shapes) == tensors
+    assert sum(math.prod(s) for s in shapes) == numel  # torchvision's parameter counts
