@@ -328,3 +328,28 @@ def test_restore_adam_step_skip(backend: str) -> None:
     for a, b in zip(got[:4], want[:4]):
         check_all(a, b, "adam")
     assert all(s.item() == STEPS - 1 for s in got[4])
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_foreach_device_path_on_cpu_tensors(adaptive: bool, masked: bool, bad) -> None:
+    """The sync-free accelerator path of the foreach perturbation, checked on CPU tensors."""
+    from fused_sam.backends import foreach
+
+    ps = [p.contiguous() for p in make_params(torch.float32)]
+    gs = like(ps)
+    if bad is not None:
+        gs[2][5] = bad
+    n = len(ps)
+    ad, eta = [adaptive] * n, [0.01] * n
+    masks = masks_for(ps) if masked else None
+    sumsq = F.norm_sq(gs, ps, ad, eta, backend="reference")
+    want = clone(ps)
+    F.perturb_(want, gs, clone(ps), sumsq, [0.05] * n, 1e-12, ad, eta, masks, backend="reference")
+    got = clone(ps)
+    norm = sumsq.sum().sqrt()
+    foreach._add_guarded(got, gs, norm, 0.05, 1e-12, adaptive, 0.01, masks)
+    check_all(got, want, "params")
+    if bad is not None:
+        assert all(torch.equal(a, b) for a, b in zip(got, ps))

@@ -671,10 +671,19 @@ def test_backend_matches_reference_backend_params_and_state(backend: str, base: 
         if base == "sgd_plain":
             return FusedSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, backend=name)
         if base == "adam_amsgrad":
-            return FusedSAM(torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=1e-2),
-                            rho=0.05, adaptive=True, backend=name)
-        return FusedSAM(torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2), rho=0.05,
-                        adaptive="weights", eta=0.01, backend=name)
+            return FusedSAM(
+                torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=1e-2),
+                rho=0.05,
+                adaptive=True,
+                backend=name,
+            )
+        return FusedSAM(
+            torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2),
+            rho=0.05,
+            adaptive="weights",
+            eta=0.01,
+            backend=name,
+        )
 
     ps = odd_params()
     ref_ps = clone_params(ps)

@@ -1,8 +1,9 @@
 """Portable backend built from ``torch._foreach_*`` ops (CPU and every torch device).
 
-A few launches per op whatever the number of tensors, no host synchronisation and no
-``.item()``: the norm, the scale and the non-finite decision stay on the device. Low-precision
-tensors are computed in float32 and rounded once when written back.
+A few launches per op whatever the number of tensors, and on accelerators no host
+synchronisation and no ``.item()``: the norm, the scale and the non-finite decision stay on the
+device. (On the CPU, where reading a scalar costs nothing, the perturbation uses it to avoid
+temporaries.) Low-precision tensors are computed in float32 and rounded once when written back.
 
 Unlike a flat kernel, torch ops index every tensor through its strides, so this backend also
 takes the tensors a flat kernel cannot (non-dense, or with unequal strides); ``functional``
@@ -11,6 +12,7 @@ routes them here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -76,12 +78,36 @@ def perturb_(
     masks: Sequence[Tensor] | None,
 ) -> None:
     """See :func:`fused_sam.reference.perturb_`."""
-    torch._foreach_copy_(list(backups), list(params))
+    params, grads = list(params), list(grads)
+    torch._foreach_copy_(list(backups), params)
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     norm = sumsq.to(acc).sum().sqrt()
+    if params[0].device.type == "cpu":
+        # On the CPU there is no device queue to drain, so reading the norm costs nothing, and
+        # a Python scale lets one in-place multi-tensor op apply e with no temporaries.
+        value = float(norm)
+        if math.isfinite(value):
+            _add_scaled(params, grads, rho / (value + eps), adaptive, eta, masks)
+    else:
+        _add_guarded(params, grads, norm, rho, eps, adaptive, eta, masks)
+
+
+def _add_guarded(
+    params: list[Tensor],
+    grads: list[Tensor],
+    norm: Tensor,
+    rho: float,
+    eps: float,
+    adaptive: bool,
+    eta: float,
+    masks: Sequence[Tensor] | None,
+) -> None:
+    """``w += e`` with the scale and the non-finite decision on the device (no host sync)."""
+    acc = norm.dtype
     finite = torch.isfinite(norm)
     scale = torch.where(finite, rho / (norm + eps), torch.zeros_like(norm))
-    # e lives in one flat float32 buffer so that the non-finite guard below is a single launch.
+    # On an accelerator the decision stays on the device: e lives in one flat buffer so that
+    # the non-finite guard below is a single launch.
     numels = [g.numel() for g in grads]
     flat = torch.cat([g.reshape(-1).to(acc) for g in grads])
     flat.mul_(scale)
@@ -94,7 +120,30 @@ def perturb_(
     # finite: zero those so a skipped perturbation leaves the weights bit-identical.
     flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     e = [v.view(g.shape) for v, g in zip(flat.split(numels), grads)]
-    torch._foreach_add_(list(params), e)
+    torch._foreach_add_(params, e)
+
+
+def _add_scaled(
+    params: list[Tensor],
+    grads: list[Tensor],
+    scale: float,
+    adaptive: bool,
+    eta: float,
+    masks: Sequence[Tensor] | None,
+) -> None:
+    """``w += scale * T(w)^2 * g * m`` with a host scale (the CPU path of :func:`perturb_`)."""
+    if not adaptive and masks is None:
+        torch._foreach_add_(params, grads, alpha=scale)
+        return
+    if adaptive:
+        e = _scaling(params, eta)
+        torch._foreach_mul_(e, e)
+        torch._foreach_mul_(e, _f32(grads))
+    else:
+        e = [g.float() if g.dtype in _LOW_PRECISION else g.clone() for g in grads]
+    if masks is not None:
+        torch._foreach_mul_(e, [unpack_bits(m, w) for m, w in zip(masks, params)])
+    torch._foreach_add_(params, e, alpha=scale)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
