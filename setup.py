@@ -34,6 +34,8 @@ def _want_cuda(torch_cuda: str | None) -> bool:
     if forced in ("0", "false", "no", "off"):
         return False
     if forced in ("1", "true", "yes", "on"):
+        if torch_cuda is None:
+            raise RuntimeError("FUSED_SAM_CUDA=1 needs a CUDA build of torch; this one has none")
         return True
     return torch_cuda is not None and shutil.which("nvcc") is not None
 
@@ -56,7 +58,8 @@ def _extensions() -> tuple[list, dict]:
             cpp + cuda_sources,
             include_dirs=[str(CSRC)],
             define_macros=[("FUSED_SAM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            # --fmad=false: no contracted multiply-adds, like -ffp-contract=off for the C++.
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
         )
     else:
         ext = CppExtension("fused_sam._C", cpp, include_dirs=[str(CSRC)], extra_compile_args=cxx)
