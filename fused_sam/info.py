@@ -7,6 +7,7 @@ import platform
 import torch
 
 import fused_sam
+from fused_sam.backends.native import build_info as native_build_info
 from fused_sam.functional import available_backends
 
 
@@ -29,6 +30,7 @@ def collect_info() -> dict[str, object]:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "native": native_build_info(),
         "backends": {dev: available_backends(dev) for dev in devices},
     }
 
@@ -42,6 +44,7 @@ def format_info() -> str:
         f"torch     {info['torch']} (CUDA {info['torch_cuda'] or 'none'})",
         f"triton    {info['triton'] or 'not installed'}",
         f"gpus      {', '.join(info['gpus']) or 'none'}",
+        f"native    {info['native']}",
     ]
     for device, backends in info["backends"].items():  # type: ignore[union-attr]
         lines.append(f"backends on {device}:")

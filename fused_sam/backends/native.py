@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "FLAT",
+    "build_info",
     "norm_sq_partials",
     "perturb_",
     "restore_",
@@ -61,6 +62,15 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the native kernels run on cpu and cuda tensors, not {device.type}"
     return None
+
+
+def build_info() -> str:
+    """One line on the extension for ``fused-sam info``: built or not, with or without CUDA."""
+    if _C is None:
+        return f"not built ({_IMPORT_ERROR}); build with `{_BUILD}`"
+    if _C.with_cuda:
+        return "built with CPU and CUDA kernels"
+    return f"built with CPU kernels only; for CUDA rebuild with `{_CUDA_BUILD}`"
 
 
 # ---------------------------------------------------------------------------------------------
