@@ -350,7 +350,9 @@ def _cuda_params(dtype, store=None):
     return [p.cuda() for p in ps]
 
 
-def _cuda_run(backend, dtype, kind, cfg, adaptive, masked, store=None, skip_at=None):
+def _cuda_run(
+    backend, dtype, kind, cfg, adaptive, masked, store=None, skip_at=None, steps_on="cuda"
+):
     torch.manual_seed(7)
     ps = _cuda_params(dtype, store)
     n = len(ps)
@@ -374,7 +376,7 @@ def _cuda_run(backend, dtype, kind, cfg, adaptive, masked, store=None, skip_at=N
             [torch.zeros_like(p) for p in ps],
             [torch.zeros_like(p) for p in ps],
             [torch.zeros_like(p) for p in ps] if cfg.get("amsgrad") else None,
-            [torch.zeros((), dtype=torch.float32, device="cuda") for _ in ps],
+            [torch.zeros((), dtype=torch.float32, device=steps_on) for _ in ps],
         ],
     }[kind]
     ad, eta = [adaptive] * n, [0.01] * n
@@ -432,21 +434,29 @@ def test_cuda_sgd_matches_reference(dtype, cfg, adaptive, masked) -> None:
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", ADAM_CONFIGS)
-def test_cuda_adam_matches_reference(dtype, cfg) -> None:
+@pytest.mark.parametrize("steps_on", ["cuda", "cpu"])
+def test_cuda_adam_matches_reference(dtype, cfg, steps_on) -> None:
+    """Step counters on the device (read and advanced in the kernel) or on the host."""
     _require_cuda()
-    want = _cuda_run("reference", dtype, "adam", cfg, False, False)
-    got = _cuda_run("cuda", dtype, "adam", cfg, False, False)
-    exact = _cuda_run("reference", dtype, "adam", cfg, False, False, store=torch.float64)
+    want = _cuda_run("reference", dtype, "adam", cfg, False, False, steps_on=steps_on)
+    got = _cuda_run("cuda", dtype, "adam", cfg, False, False, steps_on=steps_on)
+    exact = _cuda_run(
+        "reference", dtype, "adam", cfg, False, False, store=torch.float64, steps_on=steps_on
+    )
     for a, b, x in zip(got[:-1], want[:-1], exact[:-1]):
         check_all(a, b, "adam", x)
     assert [s.item() for s in got[-1]] == [float(STEPS)] * len(got[-1])
 
 
 @gpu
-def test_cuda_skips() -> None:
+@pytest.mark.parametrize("steps_on", ["cuda", "cpu"])
+def test_cuda_skips(steps_on) -> None:
     _require_cuda()
-    want = _cuda_run("reference", torch.float32, "adam", ADAM_CONFIGS[2], False, False, skip_at=2)
-    got = _cuda_run("cuda", torch.float32, "adam", ADAM_CONFIGS[2], False, False, skip_at=2)
+    cfg = ADAM_CONFIGS[2]
+    want = _cuda_run(
+        "reference", torch.float32, "adam", cfg, False, False, skip_at=2, steps_on=steps_on
+    )
+    got = _cuda_run("cuda", torch.float32, "adam", cfg, False, False, skip_at=2, steps_on=steps_on)
     for a, b in zip(got[:-1], want[:-1]):
         check_all(a, b, "adam")
     assert [s.item() for s in got[-1]] == [float(STEPS - 1)] * len(got[-1])
@@ -540,5 +550,5 @@ def test_cuda_tensor_over_2_pow_31_elements() -> None:
     assert_close(s.double().sum().float(), torch.tensor(30.25, device="cuda"))
     native.perturb_([w], [g], [b], s, 1.0, 0.0, False, 0.0, None)
     want = (g[-5:].float() / 30.25**0.5).bfloat16()
-    assert torch.equal(w[-5:], want)
+    assert_close(w[-5:], want)
     assert int(w[:-5].count_nonzero()) == 0

@@ -67,7 +67,8 @@ int max_grid(int device) {
 }
 
 int grid_for(const ck::Table& t, int device, int64_t cap = INT32_MAX) {
-  return static_cast<int>(std::max<int64_t>(1, std::min({t.chunks, int64_t{max_grid(device)}, cap})));
+  const int64_t grid = std::min({t.chunks, int64_t{max_grid(device)}, cap});
+  return static_cast<int>(std::max<int64_t>(1, grid));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -117,12 +118,16 @@ const float* device_scalar(const std::optional<at::Tensor>& t, const at::Tensor&
 class TableCache {
  public:
   // The device copy of `host` (layout `layout`), uploading it only when no cached table matches.
-  ck::Table get(std::vector<int64_t> host, const ck::TableLayout& layout, at::Device device) {
+  // `keep` receives the table's storage, so that an eviction by another thread cannot free it
+  // before the launch is enqueued.
+  ck::Table get(std::vector<int64_t> host, const ck::TableLayout& layout, at::Device device,
+                at::Tensor& keep) {
     const uint64_t key = hash(host, device);
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->key == key && it->device == device && it->host == host) {
         entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        keep = entries_.front().data;
         return table(entries_.front());
       }
     }
@@ -134,6 +139,7 @@ class TableCache {
     if (entries_.size() > kMaxEntries) {
       entries_.pop_back();
     }
+    keep = entries_.front().data;
     return table(entries_.front());
   }
 
@@ -177,7 +183,12 @@ struct ListSpec {
   bool vectorised;
 };
 
-ck::Table make_table(at::TensorList params, std::initializer_list<ListSpec> specs) {
+// A table ready to launch with, and the storage that keeps it alive meanwhile.
+struct LaunchTable : ck::Table {
+  at::Tensor keep;
+};
+
+LaunchTable make_table(at::TensorList params, std::initializer_list<ListSpec> specs) {
   const int64_t n = static_cast<int64_t>(params.size());
   const ck::TableLayout layout{n, static_cast<int>(specs.size())};
   std::vector<int64_t> host(layout.size(), 0);
@@ -200,13 +211,15 @@ ck::Table make_table(at::TensorList params, std::initializer_list<ListSpec> spec
     host[layout.aligned_at() + t] = aligned ? 1 : 0;
   }
   host[layout.chunk_begin_at() + n] = chunk;
-  return cache().get(std::move(host), layout, params[0].device());
+  LaunchTable out;
+  static_cast<ck::Table&>(out) = cache().get(std::move(host), layout, params[0].device(), out.keep);
+  return out;
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void launch_restore(at::TensorList params, at::TensorList backups) {
-  const ck::Table t = make_table(params, {{params, true}, {backups, true}});
+  const LaunchTable t = make_table(params, {{params, true}, {backups, true}});
   if (t.chunks > 0) {
     check(ck::launch_restore(kernel_dtype(params[0].scalar_type()), t,
                              grid_for(t, params[0].get_device()), stream()));
@@ -225,7 +238,7 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const bool wide = grads[0].scalar_type() == at::kDouble;
   const auto opts = grads[0].options().dtype(wide ? at::kDouble : at::kFloat);
-  const ck::Table t = make_table(grads, {{grads, true}, {params, adaptive}});
+  const LaunchTable t = make_table(grads, {{grads, true}, {params, adaptive}});
   if (t.chunks == 0) {
     return at::zeros({kCudaNormPartials}, opts);
   }
@@ -256,7 +269,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
               "fused_sam: sumsq must be a 1-D float32/float64 tensor on ", params[0].device());
   const c10::cuda::CUDAGuard guard(params[0].device());
   const at::Tensor s = sumsq.contiguous();
-  const ck::Table t = make_table(
+  const LaunchTable t = make_table(
       params, {{params, true}, {grads, true}, {backups, true}, {masks, false}});
   if (t.chunks == 0) {
     return;
@@ -297,7 +310,7 @@ void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
                    with_momentum,
                    device_scalar(grad_scale, params[0], keep, "grad_scale"),
                    device_scalar(found_inf, params[0], keep, "found_inf")};
-  const ck::Table t = make_table(
+  const LaunchTable t = make_table(
       params, {{params, true},
                {grads, true},
                {backups, true},
@@ -357,7 +370,7 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
   const ck::DType dtype = kernel_dtype(params[0].scalar_type());
   const auto launch = [&](at::TensorList p, at::TensorList g, at::TensorList b, at::TensorList m,
                           at::TensorList v, at::TensorList vmax, at::TensorList steps) {
-    const ck::Table t = make_table(p, {{p, true},
+    const LaunchTable t = make_table(p, {{p, true},
                                        {g, true},
                                        {b, true},
                                        {m, true},

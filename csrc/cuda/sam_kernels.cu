@@ -143,7 +143,9 @@ __device__ __forceinline__ void restore_chunks(const TableView& tab, int64_t chu
     if (w == b) {
       return;
     }
-    for_each_pack<T>(c, [&](int64_t i, int n) { store_pack(w, i, load_pack(b, i, n, c.vec), n, c.vec); });
+    for_each_pack<T>(c, [&](int64_t i, int n) {
+      store_pack(w, i, load_pack(b, i, n, c.vec), n, c.vec);
+    });
   });
 }
 
@@ -215,8 +217,8 @@ __device__ __forceinline__ void advance_steps_when_last(const TableView& tab) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    auto* counter =
-        reinterpret_cast<unsigned long long*>(const_cast<int64_t*>(tab.data) + tab.layout.counter_at());
+    int64_t* slot = const_cast<int64_t*>(tab.data) + tab.layout.counter_at();
+    auto* counter = reinterpret_cast<unsigned long long*>(slot);
     last = atomicAdd(counter, 1ull) == gridDim.x - 1;
     if (last) {
       *counter = 0;  // ready for the next launch on this table
