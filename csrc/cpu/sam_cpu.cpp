@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -152,6 +153,26 @@ Vectorized<Op> mask_lanes(const uint8_t* mask, int64_t k, int64_t n) {
     bits[j] = j < n ? static_cast<Op>((mask[e >> 3] >> (e & 7)) & 1) : Op(0);
   }
   return V::loadu(bits);
+}
+
+// The step bodies must be inlined for the constant n of full steps to fold the tail branches.
+#if defined(__GNUC__)
+#define FUSED_SAM_INLINE __attribute__((always_inline))
+#else
+#define FUSED_SAM_INLINE
+#endif
+
+// Calls step(i, n) for the vector steps of [begin, end): full steps first, where n is the
+// constant kStep once inlined (so the partial-load branches fold away), then one partial step.
+template <typename L, typename Step>
+FUSED_SAM_INLINE inline void for_each_step(int64_t begin, int64_t end, const Step& step) {
+  int64_t i = begin;
+  for (; i + L::kStep <= end; i += L::kStep) {
+    step(i, L::kStep);
+  }
+  if (i < end) {
+    step(i, end - i);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -321,35 +342,34 @@ double sumsq_chunk(const T* g, const T* w, int64_t begin, int64_t end,
   return total;
 }
 
-// backup = w; then, when scale is finite, w = w + scale * T(w)^2 * g (* mask).
-template <typename T>
+// backup = w; then w = w + scale * T(w)^2 * g (* mask). Only called when the norm is finite.
+template <typename T, bool kAdaptive, bool kMasked>
 void perturb_chunk(T* w, const T* g, T* b, const uint8_t* mask, int64_t begin, int64_t end,
-                   typename Lanes<T>::Op scale, bool adaptive, typename Lanes<T>::Op eta) {
+                   typename Lanes<T>::Op scale, typename Lanes<T>::Op eta) {
   using L = Lanes<T>;
   using V = typename L::V;
   using Op = typename L::Op;
   // The whole chunk first (one streaming copy), then the update, which reads w again from L2.
   stream_copy(b + begin, w + begin, (end - begin) * sizeof(T));
-  for (int64_t i = begin; i < end; i += L::kStep) {
-    const int64_t n = std::min(L::kStep, end - i);
+  for_each_step<L>(begin, end, [&](int64_t i, int64_t n) FUSED_SAM_INLINE {
     V wv[L::kN], gv[L::kN];
     L::load(w + i, n, wv);
     L::load(g + i, n, gv);
     for (int k = 0; k < L::kN; ++k) {
       V e = V(scale);
-      if (adaptive) {
+      if constexpr (kAdaptive) {
         const V t = wv[k].abs() + V(eta);
         e = e * t * t;
       }
       e = e * gv[k];
-      if (mask != nullptr) {
+      if constexpr (kMasked) {
         const int64_t first = i + k * V::size();
         e = e * mask_lanes<Op>(mask, first, std::min<int64_t>(V::size(), end - first));
       }
       wv[k] = wv[k] + e;
     }
     L::store(w + i, n, wv);
-  }
+  });
 }
 
 struct SgdArgs {
@@ -371,8 +391,7 @@ void sgd_chunk(T* w, const T* g, const T* b, T* buf, int64_t begin, int64_t end,
   const V mu(static_cast<Op>(a.momentum));
   const V damp(static_cast<Op>(1.0 - a.dampening));
   const V gs(static_cast<Op>(a.grad_scale.value_or(1.0)));
-  for (int64_t i = begin; i < end; i += L::kStep) {
-    const int64_t n = std::min(L::kStep, end - i);
+  for_each_step<L>(begin, end, [&](int64_t i, int64_t n) FUSED_SAM_INLINE {
     V wv[L::kN], d[L::kN], v[L::kN];
     L::load(b + i, n, wv);
     L::load(g + i, n, d);
@@ -399,7 +418,7 @@ void sgd_chunk(T* w, const T* g, const T* b, T* buf, int64_t begin, int64_t end,
       L::store(buf + i, n, v);
     }
     L::store_stream(w + i, n, wv);
-  }
+  });
 }
 
 struct AdamArgs {
@@ -423,8 +442,7 @@ void adam_chunk(T* w, const T* g, const T* b, T* m, T* v, T* vmax, int64_t begin
   const V eps(static_cast<Op>(a.eps));
   const V lr_t(static_cast<Op>(step_size));
   const V bc2(static_cast<Op>(bias_c2_sqrt));
-  for (int64_t i = begin; i < end; i += L::kStep) {
-    const int64_t n = std::min(L::kStep, end - i);
+  for_each_step<L>(begin, end, [&](int64_t i, int64_t n) FUSED_SAM_INLINE {
     V wv[L::kN], gv[L::kN], mv[L::kN], vv[L::kN], vm[L::kN];
     L::load(b + i, n, wv);
     L::load(g + i, n, gv);
@@ -463,7 +481,7 @@ void adam_chunk(T* w, const T* g, const T* b, T* m, T* v, T* vmax, int64_t begin
       L::store(vmax + i, n, vm);
     }
     L::store_stream(w + i, n, wv);
-  }
+  });
 }
 
 }  // namespace
@@ -549,11 +567,27 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
         const auto g = ptrs<const scalar_t>(grads);
         const auto b = ptrs<scalar_t>(backups);
         const auto m = ptrs<const uint8_t>(masks);
-        for_each_chunk(plan, [&](int64_t, const Chunk& c) {
-          perturb_chunk<scalar_t>(w[c.tensor], g[c.tensor], b[c.tensor],
-                                  m.empty() ? nullptr : m[c.tensor], c.begin, c.end,
-                                  static_cast<Op>(scale), adaptive, static_cast<Op>(eta));
-        });
+        const auto run = [&](auto adaptive_tag, auto masked_tag) {
+          constexpr bool kAdaptive = decltype(adaptive_tag)::value;
+          constexpr bool kMasked = decltype(masked_tag)::value;
+          for_each_chunk(plan, [&](int64_t, const Chunk& c) {
+            perturb_chunk<scalar_t, kAdaptive, kMasked>(
+                w[c.tensor], g[c.tensor], b[c.tensor], kMasked ? m[c.tensor] : nullptr, c.begin,
+                c.end, static_cast<Op>(scale), static_cast<Op>(eta));
+          });
+        };
+        const auto by_mask = [&](auto adaptive_tag) {
+          if (m.empty()) {
+            run(adaptive_tag, std::false_type{});
+          } else {
+            run(adaptive_tag, std::true_type{});
+          }
+        };
+        if (adaptive) {
+          by_mask(std::true_type{});
+        } else {
+          by_mask(std::false_type{});
+        }
       });
 }
 
