@@ -47,7 +47,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     sumsq = torch.tensor([3.0, 4.0], dtype=acc, device=device)
     bufs = [torch.randn_like(p) for p in ps]
-    steps = [torch.tensor(float(i)) for i in range(len(ps))]
+    steps = [torch.tensor(float(i), device=device) for i in range(len(ps))]
     scalar = lambda v: torch.tensor(v, device=device)  # noqa: E731
     sgd = dict(lr=0.1, weight_decay=1e-4, momentum=0.9, dampening=0.1, nesterov=True)
     adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
@@ -118,6 +118,18 @@ def _normalise(case):
 def test_opcheck_cpu(op: str, dtype: torch.dtype) -> None:
     require_backend("cpu")
     for case in _opcheck_cases("cpu", dtype)[op]:
+        args, kwargs = _normalise(case)
+        torch.library.opcheck(getattr(_ops(), op).default, args, kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "op", ["norm_sq_partials", "perturb_", "restore_", "restore_sgd_step_", "restore_adam_step_"]
+)
+def test_opcheck_cuda(op: str, dtype: torch.dtype) -> None:
+    _require_cuda()
+    for case in _opcheck_cases("cuda", dtype)[op]:
         args, kwargs = _normalise(case)
         torch.library.opcheck(getattr(_ops(), op).default, args, kwargs)
 
