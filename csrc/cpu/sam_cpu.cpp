@@ -554,12 +554,12 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   const bool finite = std::isfinite(norm);
   const double scale = finite ? rho / (norm + eps) : 0.0;
 
-  const Plan plan = make_plan(params);
   if (!finite) {
     // Skipped perturbation: the backup is still written, the weights are not touched.
     restore_all(backups, params);
     return;
   }
+  const Plan plan = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "fused_sam_perturb_", [&] {
         using Op = typename Lanes<scalar_t>::Op;
