@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import fused_sam
+from fused_sam.backends.native import build_info as native_build_info
 from fused_sam.functional import available_backends
 
 #: Optional distributions worth reporting: the demo extra and the benchmark plugin.
@@ -59,6 +60,7 @@ def collect_info() -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "native": native_build_info(),
         "backends": {dev: available_backends(dev) for dev in devices},
         "build": _build(),
         "optional": {name: _version(name) for name in _OPTIONAL},
@@ -78,7 +80,7 @@ def format_info() -> str:
         f"triton    {info['triton'] or 'not installed'}",
         f"cpus      {info['cpu_count']} logical, torch uses {info['torch_threads']} threads",
         f"gpus      {', '.join(info['gpus']) or 'none'}",
-        f"native    {build['native_extension'] or 'not built'}",
+        f"native    {info['native']} ({build['native_extension'] or 'no extension file'})",
     ]
     if build["torch_cuda_arch_list"]:
         lines.append(f"cuda arch {' '.join(build['torch_cuda_arch_list'])}")

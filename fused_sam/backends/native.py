@@ -1,21 +1,232 @@
 """C++ (CPU) and CUDA kernels from the compiled extension ``fused_sam._C``.
 
-The extension is built by ``setup.py`` from ``csrc/``. Until it is built, this module reports
-why it cannot run and how to build it.
+The extension is built by ``setup.py`` from ``csrc/`` and registers the ops
+``torch.ops.fused_sam.*`` (schemas in ``csrc/bindings.cpp``); this module gives them the
+signatures of :mod:`fused_sam.reference` and registers their fake implementations, so
+``torch.compile`` and :func:`torch.library.opcheck` can trace them without running a kernel.
+
+``functional`` hands every call tensors of one device and one dtype that are dense with equal
+strides per index, so the kernels treat memory as flat. When the extension is missing, or was
+built without CUDA and CUDA tensors arrive, :func:`unavailable_reason` says so and how to
+rebuild.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FLAT",
+    "build_info",
+    "norm_sq_partials",
+    "perturb_",
+    "restore_",
+    "restore_adam_step_",
+    "restore_sgd_step_",
+    "unavailable_reason",
+]
+
+#: The kernels index ``p[i]``, ``g[i]``, ``b[i]`` alike over each tensor's storage.
 FLAT = True
 
-_REASON = (
-    "the native extension fused_sam._C is not built yet; build it with "
-    "`pip install --no-build-isolation -e .` (a C++ compiler and ninja are needed)"
-)
+_BUILD = "pip install --no-build-isolation -e ."
+_CUDA_BUILD = f"FUSED_SAM_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 {_BUILD}"
+
+try:
+    from fused_sam import _C
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = None
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the native kernels cannot run on ``device`` (``None`` when they can)."""
-    return _REASON
+    if _C is None:
+        return (
+            f"the native extension fused_sam._C is not built or does not load ({_IMPORT_ERROR}); "
+            f"build it in the source tree with `{_BUILD}` (needs a C++ compiler and ninja; "
+            "FUSED_SAM_NO_NATIVE=1 was perhaps set at install time)"
+        )
+    if device.type == "cuda":
+        if not _C.with_cuda:
+            return (
+                "fused_sam._C was built without CUDA kernels; rebuild with "
+                f"`{_CUDA_BUILD}` (a CUDA build of torch and nvcc are needed)"
+            )
+        return None
+    if device.type != "cpu":
+        return f"the native kernels run on cpu and cuda tensors, not {device.type}"
+    return None
+
+
+def build_info() -> str:
+    """One line on the extension for ``fused-sam info``: built or not, with or without CUDA."""
+    if _C is None:
+        return f"not built ({_IMPORT_ERROR}); build with `{_BUILD}`"
+    if _C.with_cuda:
+        return "built with CPU and CUDA kernels"
+    return f"built with CPU kernels only; for CUDA rebuild with `{_CUDA_BUILD}`"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake implementations: shapes and dtypes only, for FakeTensor / torch.compile / opcheck.
+
+if _C is not None:
+
+    @torch.library.register_fake("fused_sam::norm_sq_partials")
+    def _norm_sq_partials_fake(
+        grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float
+    ) -> Tensor:
+        device = grads[0].device if grads else torch.device("cpu")
+        dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
+        n = _C.cuda_norm_partials if device.type == "cuda" else 1
+        return torch.empty(n, dtype=dtype, device=device)
+
+    @torch.library.register_fake("fused_sam::perturb_")
+    def _perturb_fake(
+        params: list[Tensor],
+        grads: list[Tensor],
+        backups: list[Tensor],
+        sumsq: Tensor,
+        rho: float,
+        eps: float,
+        adaptive: bool,
+        eta: float,
+        masks: list[Tensor],
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("fused_sam::restore_")
+    def _restore_fake(params: list[Tensor], backups: list[Tensor]) -> None:
+        return None
+
+    @torch.library.register_fake("fused_sam::restore_sgd_step_")
+    def _restore_sgd_step_fake(*args: object, **kwargs: object) -> None:
+        return None
+
+    @torch.library.register_fake("fused_sam::restore_adam_step_")
+    def _restore_adam_step_fake(*args: object, **kwargs: object) -> None:
+        return None
+
+    _ops = torch.ops.fused_sam
+    _norm_sq_partials = _ops.norm_sq_partials.default
+    _perturb = _ops.perturb_.default
+    _restore = _ops.restore_.default
+    _restore_sgd_step = _ops.restore_sgd_step_.default
+    _restore_adam_step = _ops.restore_adam_step_.default
+
+
+# ---------------------------------------------------------------------------------------------
+# The five ops, with the signatures of fused_sam.reference. Kept thin: they sit on the hot path.
+
+
+def norm_sq_partials(
+    grads: Sequence[Tensor], params: Sequence[Tensor], adaptive: bool, eta: float
+) -> Tensor:
+    """See :func:`fused_sam.reference.norm_sq_partials`.
+
+    One float32 (float64) partial on CPU, ``_C.cuda_norm_partials`` on CUDA, in both cases
+    reduced in a fixed order (deterministic).
+    """
+    return _norm_sq_partials(grads, params, adaptive, eta)
+
+
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    sumsq: Tensor,
+    rho: float,
+    eps: float,
+    adaptive: bool,
+    eta: float,
+    masks: Sequence[Tensor] | None,
+) -> None:
+    """See :func:`fused_sam.reference.perturb_`; the norm is finalised inside the kernel."""
+    _perturb(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
+
+
+def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    """See :func:`fused_sam.reference.restore_`."""
+    _restore(params, backups)
+
+
+def restore_sgd_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.restore_sgd_step_`."""
+    _restore_sgd_step(
+        params,
+        grads,
+        backups,
+        momentum_buffers,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        first_step=first_step,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def restore_adam_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.restore_adam_step_`; step counters advance in the op."""
+    _restore_adam_step(
+        params,
+        grads,
+        backups,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )

@@ -1,0 +1,440 @@
+// Torch-facing glue of the CUDA kernels: argument checks, pointer tables, launches.
+//
+// Compiled only into a CUDA build (FUSED_SAM_WITH_CUDA); the kernels themselves are in
+// sam_kernels.cu and know nothing of torch. A pointer table is built on the host for each call,
+// compared with the tables already on the device, and uploaded only when it is new (some
+// data_ptr changed, e.g. grads reallocated after zero_grad(set_to_none=True)); a steady training
+// loop therefore makes no host-to-device copy. Scalars that change every step (the norm, the
+// loss scale, found_inf, device step counters) are read by the kernels from device memory.
+#ifdef FUSED_SAM_WITH_CUDA
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <list>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "cuda/sam_kernels.h"
+#include "sam_ops.h"
+
+namespace fused_sam::cuda {
+namespace {
+
+namespace ck = cuda_kernels;
+using namespace ck::lists;
+
+ck::DType kernel_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat:
+      return ck::DType::kFloat;
+    case at::kDouble:
+      return ck::DType::kDouble;
+    case at::kHalf:
+      return ck::DType::kHalf;
+    case at::kBFloat16:
+      return ck::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fused_sam: unsupported dtype ", s,
+                  " (float32, float64, float16 and bfloat16 are)");
+  }
+}
+
+void check(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "fused_sam: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+// Blocks that fit on the device at once (4 blocks of 512 threads per SM): the grid cap.
+int max_grid(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    int sms = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = cache.emplace(device, sms * (2048 / ck::kThreads)).first;
+  }
+  return it->second;
+}
+
+int grid_for(const ck::Table& t, int device, int64_t cap = INT32_MAX) {
+  const int64_t grid = std::min({t.chunks, int64_t{max_grid(device)}, cap});
+  return static_cast<int>(std::max<int64_t>(1, grid));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks (functional.py sends dense tensors of one device and dtype with equal strides per
+// index; a direct torch.ops call gets a clear error instead of an out-of-bounds access).
+
+void check_params(at::TensorList params) {
+  TORCH_CHECK(!params.empty(), "fused_sam: empty tensor list");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == params[0].device(), "fused_sam: tensor ", i, " is on ", p.device(),
+                ", expected ", params[0].device());
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fused_sam: tensor ", i,
+                " has dtype ", p.scalar_type(), ", expected ", params[0].scalar_type());
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "fused_sam: tensor ", i,
+                " is not dense; route it to the foreach backend");
+  }
+}
+
+void check_list(at::TensorList ts, at::TensorList like, const char* what) {
+  TORCH_CHECK(ts.size() == like.size(), "fused_sam: ", what, " has ", ts.size(),
+              " tensors, expected ", like.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor& t = ts[i];
+    const at::Tensor& p = like[i];
+    TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type(), "fused_sam: ",
+                what, "[", i, "] must be ", p.scalar_type(), " on ", p.device());
+    TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "fused_sam: ", what, "[",
+                i, "] must have the shape and strides of the parameter");
+  }
+}
+
+const float* device_scalar(const std::optional<at::Tensor>& t, const at::Tensor& like,
+                           std::vector<at::Tensor>& keep, const char* what) {
+  if (!t.has_value()) {
+    return nullptr;
+  }
+  TORCH_CHECK(t->numel() == 1, "fused_sam: ", what, " must have one element");
+  at::Tensor v = t->to(like.device(), at::kFloat).contiguous();
+  keep.push_back(v);  // alive until the launch is enqueued (the allocator is stream-ordered)
+  return v.data_ptr<float>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pointer tables
+
+class TableCache {
+ public:
+  // The device copy of `host` (layout `layout`), uploading it only when no cached table matches.
+  // `keep` receives the table's storage, so that an eviction by another thread cannot free it
+  // before the launch is enqueued.
+  ck::Table get(std::vector<int64_t> host, const ck::TableLayout& layout, at::Device device,
+                at::Tensor& keep) {
+    const uint64_t key = hash(host, device);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->key == key && it->device == device && it->host == host) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        keep = entries_.front().data;
+        return table(entries_.front());
+      }
+    }
+    Entry e{key, device, std::move(host), {}, layout};
+    at::Tensor staged = at::from_blob(e.host.data(), {static_cast<int64_t>(e.host.size())},
+                                      at::TensorOptions().dtype(at::kLong));
+    e.data = staged.to(device, /*non_blocking=*/false, /*copy=*/true);
+    entries_.push_front(std::move(e));
+    if (entries_.size() > kMaxEntries) {
+      entries_.pop_back();
+    }
+    keep = entries_.front().data;
+    return table(entries_.front());
+  }
+
+ private:
+  struct Entry {
+    uint64_t key;
+    at::Device device;
+    std::vector<int64_t> host;
+    at::Tensor data;
+    ck::TableLayout layout;
+  };
+
+  static constexpr size_t kMaxEntries = 64;
+
+  static uint64_t hash(const std::vector<int64_t>& v, at::Device device) {
+    uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(device.index());
+    for (const int64_t x : v) {
+      h = (h ^ static_cast<uint64_t>(x)) * 1099511628211ull;
+    }
+    return h;
+  }
+
+  static ck::Table table(Entry& e) {
+    return ck::Table{e.data.data_ptr<int64_t>(), e.layout,
+                     e.host[e.layout.chunk_begin_at() + e.layout.n]};
+  }
+
+  std::mutex mu_;
+  std::list<Entry> entries_;
+};
+
+TableCache& cache() {
+  static TableCache c;
+  return c;
+}
+
+// One list of the table: its tensors (empty = null pointers) and whether it takes part in the
+// 16-byte alignment decision (the lists in the storage dtype do; masks and counters do not).
+struct ListSpec {
+  at::TensorList tensors;
+  bool vectorised;
+};
+
+// A table ready to launch with, and the storage that keeps it alive meanwhile.
+struct LaunchTable : ck::Table {
+  at::Tensor keep;
+};
+
+LaunchTable make_table(at::TensorList params, std::initializer_list<ListSpec> specs) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  const ck::TableLayout layout{n, static_cast<int>(specs.size())};
+  std::vector<int64_t> host(layout.size(), 0);
+  int64_t chunk = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t numel = params[t].numel();
+    host[layout.numel_at() + t] = numel;
+    host[layout.chunk_begin_at() + t] = chunk;
+    chunk += (numel + ck::kChunk - 1) / ck::kChunk;
+    bool aligned = true;
+    int l = 0;
+    for (const ListSpec& s : specs) {
+      if (!s.tensors.empty()) {
+        const auto addr = reinterpret_cast<int64_t>(s.tensors[t].data_ptr());
+        host[layout.ptr_at(l) + t] = addr;
+        aligned = aligned && (!s.vectorised || addr % 16 == 0);
+      }
+      ++l;
+    }
+    host[layout.aligned_at() + t] = aligned ? 1 : 0;
+  }
+  host[layout.chunk_begin_at() + n] = chunk;
+  LaunchTable out;
+  static_cast<ck::Table&>(out) = cache().get(std::move(host), layout, params[0].device(), out.keep);
+  return out;
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void launch_restore(at::TensorList params, at::TensorList backups) {
+  const LaunchTable t = make_table(params, {{params, true}, {backups, true}});
+  if (t.chunks > 0) {
+    check(ck::launch_restore(kernel_dtype(params[0].scalar_type()), t,
+                             grid_for(t, params[0].get_device()), stream()));
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+
+at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool adaptive,
+                            double eta) {
+  check_params(grads);
+  check_list(params, grads, "params");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const bool wide = grads[0].scalar_type() == at::kDouble;
+  const auto opts = grads[0].options().dtype(wide ? at::kDouble : at::kFloat);
+  const LaunchTable t = make_table(grads, {{grads, true}, {params, adaptive}});
+  if (t.chunks == 0) {
+    return at::zeros({kCudaNormPartials}, opts);
+  }
+  at::Tensor out = at::empty({kCudaNormPartials}, opts);
+  const int grid = grid_for(t, grads[0].get_device(), kCudaNormPartials);
+  check(ck::launch_norm_sq(kernel_dtype(grads[0].scalar_type()), t, adaptive, eta,
+                           out.data_ptr(), static_cast<int>(kCudaNormPartials), grid, stream()));
+  return out;
+}
+
+void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+              const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
+              at::TensorList masks) {
+  check_params(params);
+  check_list(grads, params, "grads");
+  check_list(backups, params, "backups");
+  TORCH_CHECK(masks.empty() || masks.size() == params.size(),
+              "fused_sam: masks must be empty or one per parameter");
+  for (size_t i = 0; i < masks.size(); ++i) {
+    TORCH_CHECK(masks[i].scalar_type() == at::kByte && masks[i].is_contiguous() &&
+                    masks[i].device() == params[i].device() &&
+                    masks[i].numel() >= (params[i].numel() + 7) / 8,
+                "fused_sam: masks[", i, "] must be a contiguous uint8 tensor on ",
+                params[i].device(), " of at least ", (params[i].numel() + 7) / 8, " bytes");
+  }
+  TORCH_CHECK(sumsq.device() == params[0].device() && sumsq.dim() == 1 &&
+                  (sumsq.scalar_type() == at::kFloat || sumsq.scalar_type() == at::kDouble),
+              "fused_sam: sumsq must be a 1-D float32/float64 tensor on ", params[0].device());
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Tensor s = sumsq.contiguous();
+  const LaunchTable t = make_table(
+      params, {{params, true}, {grads, true}, {backups, true}, {masks, false}});
+  if (t.chunks == 0) {
+    return;
+  }
+  check(ck::launch_perturb(kernel_dtype(params[0].scalar_type()), t, !masks.empty(),
+                           s.data_ptr(), s.scalar_type() == at::kDouble, s.numel(), rho, eps,
+                           adaptive, eta, grid_for(t, params[0].get_device()), stream()));
+}
+
+void restore_(at::TensorList params, at::TensorList backups) {
+  check_params(params);
+  check_list(backups, params, "backups");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  launch_restore(params, backups);
+}
+
+void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                       at::TensorList momentum_buffers, double lr, double weight_decay,
+                       double momentum, double dampening, bool nesterov, bool maximize,
+                       bool first_step, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf) {
+  check_params(params);
+  check_list(grads, params, "grads");
+  check_list(backups, params, "backups");
+  const bool with_momentum = momentum != 0.0;
+  if (with_momentum) {
+    check_list(momentum_buffers, params, "momentum_buffers");
+  }
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<at::Tensor> keep;
+  ck::SgdArgs args{lr,
+                   weight_decay,
+                   momentum,
+                   dampening,
+                   nesterov,
+                   maximize,
+                   first_step,
+                   with_momentum,
+                   device_scalar(grad_scale, params[0], keep, "grad_scale"),
+                   device_scalar(found_inf, params[0], keep, "found_inf")};
+  const LaunchTable t = make_table(
+      params, {{params, true},
+               {grads, true},
+               {backups, true},
+               {with_momentum ? momentum_buffers : at::TensorList(), true}});
+  if (t.chunks == 0) {
+    return;
+  }
+  check(ck::launch_restore_sgd_step(kernel_dtype(params[0].scalar_type()), t, args,
+                                    grid_for(t, params[0].get_device()), stream()));
+}
+
+void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                        at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+                        double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                        bool maximize, bool decoupled_weight_decay,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  check_params(params);
+  check_list(grads, params, "grads");
+  check_list(backups, params, "backups");
+  check_list(exp_avgs, params, "exp_avgs");
+  check_list(exp_avg_sqs, params, "exp_avg_sqs");
+  if (amsgrad) {
+    check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  }
+  TORCH_CHECK(state_steps.size() == params.size(), "fused_sam: one step counter per parameter");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const bool device_steps = state_steps[0].is_cuda();
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const at::Tensor& s = state_steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.is_contiguous(),
+                "fused_sam: state_steps[", i, "] must be a one-element tensor");
+    if (device_steps) {
+      TORCH_CHECK(s.device() == params[0].device() && s.scalar_type() == at::kFloat,
+                  "fused_sam: state_steps[", i, "] must be float32 on ", params[0].device(),
+                  " like the others (or all of them on the cpu)");
+    } else {
+      TORCH_CHECK(s.device().is_cpu(), "fused_sam: state_steps[", i,
+                  "] must be on the cpu like state_steps[0] (or all on ", params[0].device(), ")");
+    }
+  }
+  std::vector<at::Tensor> keep;
+  ck::AdamArgs args{lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    amsgrad,
+                    maximize,
+                    decoupled_weight_decay,
+                    device_steps,
+                    0.0,
+                    0.0,
+                    device_scalar(grad_scale, params[0], keep, "grad_scale"),
+                    device_scalar(found_inf, params[0], keep, "found_inf")};
+  const ck::DType dtype = kernel_dtype(params[0].scalar_type());
+  const auto launch = [&](at::TensorList p, at::TensorList g, at::TensorList b, at::TensorList m,
+                          at::TensorList v, at::TensorList vmax, at::TensorList steps) {
+    const LaunchTable t = make_table(p, {{p, true},
+                                       {g, true},
+                                       {b, true},
+                                       {m, true},
+                                       {v, true},
+                                       {amsgrad ? vmax : at::TensorList(), true},
+                                       {steps, false}});
+    if (t.chunks > 0) {
+      check(ck::launch_restore_adam_step(dtype, t, args, grid_for(t, p[0].get_device()),
+                                         stream()));
+    }
+  };
+  if (device_steps) {
+    // Counters are read and advanced on the device: no host synchronisation.
+    launch(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps);
+    return;
+  }
+  // Counters on the host (torch.optim.Adam's default): whether to advance them depends on
+  // found_inf, which costs one synchronisation when given. Keep them on the device
+  // (capturable=True) to avoid it.
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) {
+    launch_restore(params, backups);
+    return;
+  }
+  args.found_inf = nullptr;
+  // Tensors that share a step count share the bias corrections: one launch per distinct count
+  // (a single one unless some parameters missed steps).
+  std::map<double, std::vector<size_t>> by_step;
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const at::Tensor& s = state_steps[i];
+    double step;
+    if (s.scalar_type() == at::kFloat) {
+      float* p = s.data_ptr<float>();
+      *p += 1.0f;
+      step = *p;
+    } else {
+      TORCH_CHECK(s.scalar_type() == at::kDouble, "fused_sam: state_steps must be floating");
+      double* p = s.data_ptr<double>();
+      *p += 1.0;
+      step = *p;
+    }
+    by_step[step].push_back(i);
+  }
+  for (const auto& [step, idx] : by_step) {
+    args.step_size = lr / (1.0 - std::pow(beta1, step));
+    args.bias_c2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
+    if (idx.size() == params.size()) {
+      launch(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, {});
+      continue;
+    }
+    const auto pick = [&](at::TensorList ts) {
+      std::vector<at::Tensor> out;
+      if (!ts.empty()) {
+        for (const size_t i : idx) {
+          out.push_back(ts[i]);
+        }
+      }
+      return out;
+    };
+    const auto p = pick(params), g = pick(grads), b = pick(backups), m = pick(exp_avgs),
+               v = pick(exp_avg_sqs), x = pick(max_exp_avg_sqs);
+    launch(p, g, b, m, v, x, {});
+  }
+}
+
+}  // namespace fused_sam::cuda
+
+#endif  // FUSED_SAM_WITH_CUDA

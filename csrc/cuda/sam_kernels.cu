@@ -1,0 +1,415 @@
+// CUDA kernels of the fused_sam ops (no torch headers: raw pointers and a stream).
+//
+// One SAM step is three launches per (device, dtype) group, whatever the number of tensors:
+//
+//   norm_sq     s_b = sum over the chunks of block b of (T(w) g)^2           (reads g [, w])
+//   perturb     n = sqrt(sum_b s_b) in a fixed order, in every block;
+//               b = w; w = w + rho T(w)^2 g / (n + eps) (* mask) if n finite (reads w, g;
+//               writes b, w)
+//   restore+step  w = b, then the SGD or Adam/AdamW update with the second-pass gradient
+//
+// Math is float32 for half/bfloat16/float32 storage and float64 for float64, rounded once on
+// store; norms accumulate per thread in float32 within a chunk and in float64 across chunks, and
+// blocks reduce with a fixed shuffle tree, so results are bitwise reproducible on one GPU model.
+// Build with --fmad=false (setup.py does) so that no multiply-add is contracted behind our back.
+
+#include <cmath>
+#include <type_traits>
+
+#include "cuda/multi_tensor.cuh"
+#include "cuda/sam_kernels.h"
+
+namespace fused_sam::cuda_kernels {
+namespace {
+
+using namespace lists;
+
+__device__ __forceinline__ float op_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double op_abs(double x) { return fabs(x); }
+__device__ __forceinline__ float op_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double op_sqrt(double x) { return sqrt(x); }
+
+__device__ __forceinline__ bool mask_bit(const uint8_t* mask, int64_t k) {
+  return (mask[k >> 3] >> (k & 7)) & 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// norm_sq
+
+template <typename T, bool kAdaptive, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    norm_sq_kernel(TableView tab, int64_t chunks, typename Num<T>::Op eta, Acc* partials,
+                   int num_partials) {
+  using Op = typename Num<T>::Op;
+  double total = 0.0;
+  for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
+    const T* g = tab.ptr<const T>(kNormGrad, c.tensor);
+    const T* w = tab.ptr<const T>(kNormParam, c.tensor);
+    Op acc = 0;
+    for_each_pack<T>(c, [&](int64_t i, int n) {
+      const Pack<T> gp = load_pack(g, i, n, c.vec);
+      Pack<T> wp;
+      if (kAdaptive) {
+        wp = load_pack(w, i, n, c.vec);
+      }
+#pragma unroll
+      for (int j = 0; j < Pack<T>::kSize; ++j) {
+        Op x = Num<T>::to_op(gp.v[j]);
+        if (kAdaptive) {
+          x = (op_abs(Num<T>::to_op(wp.v[j])) + eta) * x;
+        }
+        acc = acc + x * x;
+      }
+    });
+    total += static_cast<double>(acc);
+  });
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = static_cast<Acc>(total);
+  }
+  if (blockIdx.x == 0) {
+    for (int k = gridDim.x + threadIdx.x; k < num_partials; k += blockDim.x) {
+      partials[k] = Acc(0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// perturb
+
+template <typename S>
+__device__ double reduce_sumsq(const S* sumsq, int64_t len) {
+  __shared__ double total;
+  double x = 0.0;
+  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
+    x += static_cast<double>(sumsq[k]);
+  }
+  x = block_sum(x);
+  if (threadIdx.x == 0) {
+    total = x;
+  }
+  __syncthreads();
+  return total;
+}
+
+template <typename T, bool kAdaptive, bool kMasked, typename S>
+__global__ void __launch_bounds__(kThreads)
+    perturb_kernel(TableView tab, int64_t chunks, const S* sumsq, int64_t sumsq_len, double rho,
+                   double eps, typename Num<T>::Op eta) {
+  using Op = typename Num<T>::Op;
+  const double norm = sqrt(reduce_sumsq(sumsq, sumsq_len));
+  const bool finite = isfinite(norm);
+  const Op scale = static_cast<Op>(finite ? rho / (norm + eps) : 0.0);
+  for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
+    T* w = tab.ptr<T>(kPW, c.tensor);
+    const T* g = tab.ptr<const T>(kPG, c.tensor);
+    T* b = tab.ptr<T>(kPB, c.tensor);
+    const uint8_t* mask = kMasked ? tab.ptr<const uint8_t>(kPMask, c.tensor) : nullptr;
+    for_each_pack<T>(c, [&](int64_t i, int n) {
+      Pack<T> wp = load_pack(w, i, n, c.vec);
+      store_pack(b, i, wp, n, c.vec);  // exact backup: the stored bits, not a conversion
+      if (!finite) {
+        return;  // skipped: the weights stay bit-identical
+      }
+      const Pack<T> gp = load_pack(g, i, n, c.vec);
+#pragma unroll
+      for (int j = 0; j < Pack<T>::kSize; ++j) {
+        const Op wj = Num<T>::to_op(wp.v[j]);
+        Op e = scale;
+        if (kAdaptive) {
+          const Op t = op_abs(wj) + eta;
+          e = e * t * t;
+        }
+        e = e * Num<T>::to_op(gp.v[j]);
+        if (kMasked) {
+          e = e * static_cast<Op>(j < n && mask_bit(mask, i + j));
+        }
+        wp.v[j] = Num<T>::from_op(wj + e);
+      }
+      store_pack(w, i, wp, n, c.vec);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// restore (also the skipped-step path of the restore+step kernels)
+
+template <typename T>
+__device__ __forceinline__ void restore_chunks(const TableView& tab, int64_t chunks, int w_list,
+                                               int b_list) {
+  for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
+    T* w = tab.ptr<T>(w_list, c.tensor);
+    const T* b = tab.ptr<const T>(b_list, c.tensor);
+    if (w == b) {
+      return;
+    }
+    for_each_pack<T>(c, [&](int64_t i, int n) {
+      store_pack(w, i, load_pack(b, i, n, c.vec), n, c.vec);
+    });
+  });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) restore_kernel(TableView tab, int64_t chunks) {
+  restore_chunks<T>(tab, chunks, kRW, kRB);
+}
+
+// ---------------------------------------------------------------------------------------------
+// restore + SGD
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    sgd_kernel(TableView tab, int64_t chunks, SgdArgs a) {
+  using Op = typename Num<T>::Op;
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
+    restore_chunks<T>(tab, chunks, kSW, kSB);
+    return;
+  }
+  const Op gs = a.grad_scale != nullptr ? static_cast<Op>(*a.grad_scale) : Op(1);
+  const Op lr = static_cast<Op>(a.lr), wd = static_cast<Op>(a.weight_decay);
+  const Op mu = static_cast<Op>(a.momentum), damp = static_cast<Op>(1.0 - a.dampening);
+  for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
+    T* w = tab.ptr<T>(kSW, c.tensor);
+    const T* g = tab.ptr<const T>(kSG, c.tensor);
+    const T* b = tab.ptr<const T>(kSB, c.tensor);
+    T* buf = a.with_momentum ? tab.ptr<T>(kSBuf, c.tensor) : nullptr;
+    for_each_pack<T>(c, [&](int64_t i, int n) {
+      Pack<T> wp = load_pack(b, i, n, c.vec);
+      const Pack<T> gp = load_pack(g, i, n, c.vec);
+      Pack<T> vp;
+      if (a.with_momentum && !a.first_step) {
+        vp = load_pack(buf, i, n, c.vec);
+      }
+#pragma unroll
+      for (int j = 0; j < Pack<T>::kSize; ++j) {
+        const Op wj = Num<T>::to_op(wp.v[j]);
+        Op d = Num<T>::to_op(gp.v[j]);
+        if (a.grad_scale != nullptr) {
+          d = d / gs;
+        }
+        if (a.maximize) {
+          d = -d;
+        }
+        if (a.weight_decay != 0.0) {
+          d = d + wd * wj;
+        }
+        if (a.with_momentum) {
+          const Op v = a.first_step ? d : mu * Num<T>::to_op(vp.v[j]) + damp * d;
+          vp.v[j] = Num<T>::from_op(v);
+          d = a.nesterov ? d + mu * v : v;
+        }
+        wp.v[j] = Num<T>::from_op(wj - lr * d);
+      }
+      if (a.with_momentum) {
+        store_pack(buf, i, vp, n, c.vec);
+      }
+      store_pack(w, i, wp, n, c.vec);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// restore + Adam / AdamW
+
+// Lets the last block to finish advance the step counters: every block has read them by then.
+__device__ __forceinline__ void advance_steps_when_last(const TableView& tab) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    int64_t* slot = const_cast<int64_t*>(tab.data) + tab.layout.counter_at();
+    auto* counter = reinterpret_cast<unsigned long long*>(slot);
+    last = atomicAdd(counter, 1ull) == gridDim.x - 1;
+    if (last) {
+      *counter = 0;  // ready for the next launch on this table
+    }
+  }
+  __syncthreads();
+  if (last) {
+    for (int64_t t = threadIdx.x; t < tab.layout.n; t += blockDim.x) {
+      float* step = tab.ptr<float>(kAStep, t);
+      *step = *step + 1.0f;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    adam_kernel(TableView tab, int64_t chunks, AdamArgs a) {
+  using Op = typename Num<T>::Op;
+  const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
+  if (skip) {
+    restore_chunks<T>(tab, chunks, kAW, kAB);
+  } else {
+    const Op gs = a.grad_scale != nullptr ? static_cast<Op>(*a.grad_scale) : Op(1);
+    const Op beta1 = static_cast<Op>(a.beta1), one_minus_beta1 = static_cast<Op>(1.0 - a.beta1);
+    const Op beta2 = static_cast<Op>(a.beta2), one_minus_beta2 = static_cast<Op>(1.0 - a.beta2);
+    const Op wd = static_cast<Op>(a.weight_decay);
+    const Op decay = static_cast<Op>(1.0 - a.lr * a.weight_decay);
+    const Op eps = static_cast<Op>(a.eps);
+    for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
+      Op step_size = static_cast<Op>(a.step_size), bc2 = static_cast<Op>(a.bias_c2_sqrt);
+      if (a.device_steps) {
+        // Bias corrections of this tensor from its counter as it will be after this step.
+        const double step = static_cast<double>(*tab.ptr<const float>(kAStep, c.tensor)) + 1.0;
+        step_size = static_cast<Op>(a.lr / (1.0 - pow(a.beta1, step)));
+        bc2 = static_cast<Op>(sqrt(1.0 - pow(a.beta2, step)));
+      }
+      T* w = tab.ptr<T>(kAW, c.tensor);
+      const T* g = tab.ptr<const T>(kAG, c.tensor);
+      const T* b = tab.ptr<const T>(kAB, c.tensor);
+      T* m = tab.ptr<T>(kAM, c.tensor);
+      T* v = tab.ptr<T>(kAV, c.tensor);
+      T* vmax = a.amsgrad ? tab.ptr<T>(kAVmax, c.tensor) : nullptr;
+      for_each_pack<T>(c, [&](int64_t i, int n) {
+        Pack<T> wp = load_pack(b, i, n, c.vec);
+        const Pack<T> gp = load_pack(g, i, n, c.vec);
+        Pack<T> mp = load_pack(m, i, n, c.vec);
+        Pack<T> vp = load_pack(v, i, n, c.vec);
+        Pack<T> xp;
+        if (a.amsgrad) {
+          xp = load_pack(vmax, i, n, c.vec);
+        }
+#pragma unroll
+        for (int j = 0; j < Pack<T>::kSize; ++j) {
+          Op wj = Num<T>::to_op(wp.v[j]);
+          Op gj = Num<T>::to_op(gp.v[j]);
+          if (a.grad_scale != nullptr) {
+            gj = gj / gs;
+          }
+          if (a.maximize) {
+            gj = -gj;
+          }
+          if (a.weight_decay != 0.0) {
+            if (a.decoupled_weight_decay) {
+              wj = wj * decay;
+            } else {
+              gj = gj + wd * wj;
+            }
+          }
+          const Op mj = beta1 * Num<T>::to_op(mp.v[j]) + one_minus_beta1 * gj;
+          const Op vj = beta2 * Num<T>::to_op(vp.v[j]) + one_minus_beta2 * gj * gj;
+          mp.v[j] = Num<T>::from_op(mj);
+          vp.v[j] = Num<T>::from_op(vj);
+          Op second = vj;
+          if (a.amsgrad) {
+            const Op old = Num<T>::to_op(xp.v[j]);
+            second = old > vj || old != old ? old : vj;  // torch.maximum: NaN wins
+            xp.v[j] = Num<T>::from_op(second);
+          }
+          const Op denom = op_sqrt(second) / bc2 + eps;
+          wp.v[j] = Num<T>::from_op(wj - step_size * mj / denom);
+        }
+        store_pack(m, i, mp, n, c.vec);
+        store_pack(v, i, vp, n, c.vec);
+        if (a.amsgrad) {
+          store_pack(vmax, i, xp, n, c.vec);
+        }
+        store_pack(w, i, wp, n, c.vec);
+      });
+    });
+  }
+  if (a.device_steps && !skip) {  // skip is the same in every block: all or none take part
+    advance_steps_when_last(tab);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype dispatch
+
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat:
+      return f(float{});
+    case DType::kDouble:
+      return f(double{});
+    case DType::kHalf:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+TableView view(const Table& t) { return TableView{t.data, t.layout}; }
+
+}  // namespace
+
+cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, double eta,
+                           void* partials, int num_partials, int grid, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using Op = typename Num<T>::Op;
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    auto* out = static_cast<Acc*>(partials);
+    if (adaptive) {
+      norm_sq_kernel<T, true, Acc><<<grid, kThreads, 0, stream>>>(
+          view(table), table.chunks, static_cast<Op>(eta), out, num_partials);
+    } else {
+      norm_sq_kernel<T, false, Acc><<<grid, kThreads, 0, stream>>>(
+          view(table), table.chunks, static_cast<Op>(eta), out, num_partials);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_perturb(DType dtype, const Table& table, bool masked, const void* sumsq,
+                           bool sumsq_double, int64_t sumsq_len, double rho, double eps,
+                           bool adaptive, double eta, int grid, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using Op = typename Num<T>::Op;
+    const auto launch = [&](auto s_tag, auto adaptive_tag, auto masked_tag) {
+      using S = decltype(s_tag);
+      perturb_kernel<T, decltype(adaptive_tag)::value, decltype(masked_tag)::value, S>
+          <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, static_cast<const S*>(sumsq),
+                                          sumsq_len, rho, eps, static_cast<Op>(eta));
+    };
+    const auto by_mask = [&](auto s_tag, auto adaptive_tag) {
+      if (masked) {
+        launch(s_tag, adaptive_tag, std::true_type{});
+      } else {
+        launch(s_tag, adaptive_tag, std::false_type{});
+      }
+    };
+    const auto by_adaptive = [&](auto s_tag) {
+      if (adaptive) {
+        by_mask(s_tag, std::true_type{});
+      } else {
+        by_mask(s_tag, std::false_type{});
+      }
+    };
+    if (sumsq_double) {
+      by_adaptive(double{});
+    } else {
+      by_adaptive(float{});
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_restore(DType dtype, const Table& table, int grid, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    restore_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_restore_sgd_step(DType dtype, const Table& table, const SgdArgs& args,
+                                    int grid, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    sgd_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, args);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const AdamArgs& args,
+                                     int grid, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    adam_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, args);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace fused_sam::cuda_kernels

@@ -1,0 +1,102 @@
+// Host interface of the CUDA kernels: plain C++ and the CUDA runtime, no torch.
+//
+// sam_kernels.cu implements these launchers; csrc/cuda/sam_cuda.cpp (the torch-facing glue)
+// builds the pointer tables and calls them. Keeping torch out of the .cu files lets them compile
+// with nvcc alone, which is how CI checks them on machines without a CUDA build of torch.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FUSED_SAM_HD __host__ __device__
+#else
+#define FUSED_SAM_HD
+#endif
+
+namespace fused_sam::cuda_kernels {
+
+// Storage dtype of the tensors of one launch (all lists but masks and step counters share it).
+enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
+
+// Elements per chunk: the unit of work of one block iteration. A multiple of every vector width.
+constexpr int64_t kChunk = int64_t{1} << 16;
+constexpr int kThreads = 512;
+
+// The pointer table: one int64 array in device memory, built on the host and cached by the glue
+// while no data_ptr changes. For n tensors and `lists` pointer lists it holds
+//
+//   [0, n)                  numel of tensor t
+//   [n, 2n + 1)             first chunk of tensor t (prefix sum; entry n is the chunk total)
+//   [2n + 1, 3n + 1)        1 when every pointer of tensor t is 16-byte aligned (vector path)
+//   [3n + 1 + l n, ...)     address of tensor t in list l, for l in [0, lists)
+//
+// plus one trailing int64 used as a grid-completion counter (see the Adam kernel).
+struct TableLayout {
+  int64_t n;
+  int lists;
+
+  FUSED_SAM_HD int64_t numel_at() const { return 0; }
+  FUSED_SAM_HD int64_t chunk_begin_at() const { return n; }
+  FUSED_SAM_HD int64_t aligned_at() const { return 2 * n + 1; }
+  FUSED_SAM_HD int64_t ptr_at(int list) const { return 3 * n + 1 + list * n; }
+  FUSED_SAM_HD int64_t counter_at() const { return 3 * n + 1 + lists * n; }
+  FUSED_SAM_HD int64_t size() const { return counter_at() + 1; }
+};
+
+struct Table {
+  int64_t* data;  // device memory, TableLayout::size() entries
+  TableLayout layout;
+  int64_t chunks;  // total chunks (the table's chunk_begin[n])
+};
+
+// Pointer lists of each op, in table order.
+namespace lists {
+enum Norm : int { kNormGrad = 0, kNormParam = 1, kNormLists = 2 };
+enum Perturb : int { kPW = 0, kPG = 1, kPB = 2, kPMask = 3, kPerturbLists = 4 };
+enum Restore : int { kRW = 0, kRB = 1, kRestoreLists = 2 };
+enum Sgd : int { kSW = 0, kSG = 1, kSB = 2, kSBuf = 3, kSgdLists = 4 };
+enum Adam : int {
+  kAW = 0, kAG = 1, kAB = 2, kAM = 3, kAV = 4, kAVmax = 5, kAStep = 6, kAdamLists = 7
+};
+}  // namespace lists
+
+struct SgdArgs {
+  double lr, weight_decay, momentum, dampening;
+  bool nesterov, maximize, first_step, with_momentum;
+  const float* grad_scale;  // nullable, device
+  const float* found_inf;   // nullable, device
+};
+
+struct AdamArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize, decoupled_weight_decay;
+  // Step counters: on the device (float32 pointers in list kAStep, read and advanced in the
+  // kernel) or on the host, in which case the bias corrections come as these two scalars.
+  bool device_steps;
+  double step_size, bias_c2_sqrt;
+  const float* grad_scale;  // nullable, device
+  const float* found_inf;   // nullable, device
+};
+
+// Writes `num_partials` partial sums (float, or double for kDouble) of (T(w) g)^2; blocks past
+// the grid write zeros, so every entry is defined. grid <= num_partials.
+cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, double eta,
+                           void* partials, int num_partials, int grid, cudaStream_t stream);
+
+// Reduces sumsq (float, or double when sumsq_double) in a fixed order inside every block,
+// then backup = w and w += e where the norm is finite.
+cudaError_t launch_perturb(DType dtype, const Table& table, bool masked, const void* sumsq,
+                           bool sumsq_double, int64_t sumsq_len, double rho, double eps,
+                           bool adaptive, double eta, int grid, cudaStream_t stream);
+
+cudaError_t launch_restore(DType dtype, const Table& table, int grid, cudaStream_t stream);
+
+cudaError_t launch_restore_sgd_step(DType dtype, const Table& table, const SgdArgs& args,
+                                    int grid, cudaStream_t stream);
+
+cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const AdamArgs& args,
+                                     int grid, cudaStream_t stream);
+
+}  // namespace fused_sam::cuda_kernels

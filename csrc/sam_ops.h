@@ -1,0 +1,73 @@
+// Declarations of the per-device implementations of the fused_sam ops.
+//
+// bindings.cpp defines the op schemas (TORCH_LIBRARY(fused_sam, ...)) and registers these
+// functions as their CPU and CUDA kernels; nothing else registers ops. The math and the exact
+// semantics of every op are those of fused_sam/reference.py, which is the test oracle.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+
+namespace fused_sam {
+
+// Number of partial sums the CUDA norm kernel writes (its grid never exceeds this). A constant,
+// so the output shape is known without running the kernel (fake tensors, torch.compile).
+constexpr int64_t kCudaNormPartials = 1024;
+
+namespace cpu {
+
+at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool adaptive, double eta);
+
+void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+              const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
+              at::TensorList masks);
+
+void restore_(at::TensorList params, at::TensorList backups);
+
+void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                       at::TensorList momentum_buffers, double lr, double weight_decay,
+                       double momentum, double dampening, bool nesterov, bool maximize,
+                       bool first_step, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf);
+
+void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                        at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+                        double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                        bool maximize, bool decoupled_weight_decay,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf);
+
+}  // namespace cpu
+
+#ifdef FUSED_SAM_WITH_CUDA
+namespace cuda {
+
+at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool adaptive, double eta);
+
+void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+              const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
+              at::TensorList masks);
+
+void restore_(at::TensorList params, at::TensorList backups);
+
+void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                       at::TensorList momentum_buffers, double lr, double weight_decay,
+                       double momentum, double dampening, bool nesterov, bool maximize,
+                       bool first_step, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf);
+
+void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                        at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+                        double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                        bool maximize, bool decoupled_weight_decay,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf);
+
+}  // namespace cuda
+#endif  // FUSED_SAM_WITH_CUDA
+
+}  // namespace fused_sam

@@ -1,0 +1,566 @@
+"""The native extension ``fused_sam._C``: op registration, CPU kernels, CUDA kernels.
+
+The op-by-op oracle matrix over dtypes and configurations is in ``test_ops.py`` (the ``cpu``
+backend is one of its parametrisations). This file adds what is specific to the extension:
+``torch.library.opcheck`` on every op, many odd-sized tensors spanning several chunks, thread
+count independence, aliasing, routing of layouts a flat kernel cannot take, whole
+:class:`fused_sam.FusedSAM` runs, the reasons reported when the extension is missing, and the
+same oracle on CUDA tensors (``-m gpu``; they need a GPU and a CUDA build of the extension).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, require_backend
+from test_ops import ADAM_CONFIGS, SGD_CONFIGS, check_all
+
+from fused_sam import FusedSAM
+from fused_sam import functional as F
+from fused_sam.backends import native
+from fused_sam.masks import pack_bits
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+STEPS = 7
+# Sizes around the CPU chunk (16384) and vector steps (4, 8, 16 elements), and primes.
+ODD_SIZES = [1, 2, 3, 7, 15, 17, 31, 33, 127, 1000, 4097, 16383, 16384, 16385, 40961, 65537]
+
+
+def _ops():
+    return torch.ops.fused_sam
+
+
+def _tensors(sizes, dtype, device="cpu", scale=1.0):
+    return [(torch.randn(n, dtype=torch.float64) * scale).to(device, dtype) for n in sizes]
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck: schemas (mutation annotations), fake implementations, dispatch under aot_autograd
+
+
+def _opcheck_cases(device: str, dtype: torch.dtype):
+    sizes = [5, 17, 40000]
+    ps = _tensors(sizes, dtype, device)
+    gs = _tensors(sizes, dtype, device)
+    bs = [torch.empty_like(p) for p in ps]
+    masks = [pack_bits(torch.rand(n, device=device) < 0.5) for n in sizes]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sumsq = torch.tensor([3.0, 4.0], dtype=acc, device=device)
+    bufs = [torch.randn_like(p) for p in ps]
+    steps = [torch.tensor(float(i), device=device) for i in range(len(ps))]
+    scalar = lambda v: torch.tensor(v, device=device)  # noqa: E731
+    sgd = dict(lr=0.1, weight_decay=1e-4, momentum=0.9, dampening=0.1, nesterov=True)
+    adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
+    return {
+        "norm_sq_partials": [(gs, ps, False, 0.0), (gs, ps, True, 0.01)],
+        "perturb_": [
+            (ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, []),
+            (ps, gs, bs, sumsq, 0.5, 1e-12, True, 0.01, masks),
+        ],
+        "restore_": [(ps, bs)],
+        "restore_sgd_step_": [
+            (
+                (ps, gs, bs, bufs),
+                dict(sgd, maximize=False, first_step=True, grad_scale=None, found_inf=None),
+            ),
+            (
+                (ps, gs, bs, bufs),
+                dict(
+                    sgd,
+                    maximize=True,
+                    first_step=False,
+                    grad_scale=scalar(8.0),
+                    found_inf=scalar(0.0),
+                ),
+            ),
+        ],
+        "restore_adam_step_": [
+            (
+                (ps, gs, bs, [b.abs() for b in bufs], [b.abs() for b in bufs], [], steps),
+                dict(
+                    adam,
+                    amsgrad=False,
+                    decoupled_weight_decay=True,
+                    grad_scale=None,
+                    found_inf=None,
+                ),
+            ),
+            (
+                (
+                    ps,
+                    gs,
+                    bs,
+                    [b.abs() for b in bufs],
+                    [b.abs() for b in bufs],
+                    [b.abs() for b in bufs],
+                    steps,
+                ),
+                dict(
+                    adam,
+                    amsgrad=True,
+                    decoupled_weight_decay=False,
+                    grad_scale=scalar(2.0),
+                    found_inf=scalar(1.0),
+                ),
+            ),
+        ],
+    }
+
+
+def _normalise(case):
+    return case if isinstance(case[-1], dict) and len(case) == 2 else (case, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "op", ["norm_sq_partials", "perturb_", "restore_", "restore_sgd_step_", "restore_adam_step_"]
+)
+def test_opcheck_cpu(op: str, dtype: torch.dtype) -> None:
+    require_backend("cpu")
+    for case in _opcheck_cases("cpu", dtype)[op]:
+        args, kwargs = _normalise(case)
+        torch.library.opcheck(getattr(_ops(), op).default, args, kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "op", ["norm_sq_partials", "perturb_", "restore_", "restore_sgd_step_", "restore_adam_step_"]
+)
+def test_opcheck_cuda(op: str, dtype: torch.dtype) -> None:
+    _require_cuda()
+    for case in _opcheck_cases("cuda", dtype)[op]:
+        args, kwargs = _normalise(case)
+        torch.library.opcheck(getattr(_ops(), op).default, args, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernels beyond the shared matrix
+
+
+def _rounded_like(ps, dtype):
+    """Random values rounded to ``dtype``, stored like each parameter (float64 for exact runs)."""
+    return [torch.randn(p.shape, dtype=torch.float64).to(dtype).to(p.dtype) for p in ps]
+
+
+def _sgd_cycle(backend, ps, bufs, cfg, steps, dtype, masks=None, adaptive=False):
+    n = len(ps)
+    backups = [torch.empty_like(p) for p in ps]
+    ad, eta = [adaptive] * n, [0.01] * n
+    for step in range(steps):
+        g1 = _rounded_like(ps, dtype)
+        sumsq = F.norm_sq(g1, ps, ad, eta, backend=backend)
+        F.perturb_(ps, g1, backups, sumsq, [0.05] * n, 1e-12, ad, eta, masks, backend=backend)
+        g2 = _rounded_like(ps, dtype)
+        F.restore_sgd_step_(
+            ps,
+            g2,
+            backups,
+            bufs,
+            lr=0.1,
+            first_step=[step == 0] * n,
+            grad_scale=None,
+            found_inf=None,
+            backend=backend,
+            **cfg,
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_many_odd_tensors_sgd(dtype: torch.dtype, adaptive: bool) -> None:
+    """Sixteen sizes across chunk and vector boundaries in one call, masks on, 7 SAM steps."""
+    require_backend("cpu")
+    cfg = SGD_CONFIGS[2]
+    results = {}
+    for backend, store in (("reference", None), ("cpu", None), ("exact", torch.float64)):
+        torch.manual_seed(3)
+        ps = [p.to(store or dtype) for p in _tensors(ODD_SIZES, dtype)]
+        bufs = [torch.zeros_like(p) for p in ps]
+        masks = [pack_bits(torch.rand(p.shape) < 0.7) for p in ps]
+        run_backend = "reference" if backend == "exact" else backend
+        _sgd_cycle(run_backend, ps, bufs, cfg, STEPS, dtype, masks=masks, adaptive=adaptive)
+        results[backend] = (ps, bufs)
+    check_all(results["cpu"][0], results["reference"][0], "params", results["exact"][0])
+    check_all(results["cpu"][1], results["reference"][1], "momentum_buffer", results["exact"][1])
+
+
+def test_norm_is_independent_of_thread_count() -> None:
+    require_backend("cpu")
+    gs = _tensors([1_000_003, 7, 300_001], torch.float32)
+    ps = _tensors([1_000_003, 7, 300_001], torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.norm_sq_partials(gs, ps, True, 0.01)
+        torch.set_num_threads(max(2, before))
+        many = native.norm_sq_partials(gs, ps, True, 0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+    want = sum(((p.double().abs() + 0.01) * g.double()).square().sum() for g, p in zip(gs, ps))
+    torch.testing.assert_close(one.double().sum(), want, atol=0, rtol=1e-6)
+
+
+def test_norm_overflow_is_nonfinite() -> None:
+    """Finite float32 gradients whose squares overflow give an inf norm, as in the reference."""
+    require_backend("cpu")
+    gs = [torch.full((9,), 3e19)]
+    s = native.norm_sq_partials(gs, gs, False, 0.0)
+    assert F.nonfinite(s).item() == 1.0
+
+
+def test_param_as_its_own_backup_is_a_plain_sgd_step() -> None:
+    """``backups[i] is params[i]`` steps without a restore, like torch.optim.SGD."""
+    require_backend("cpu")
+    ps = _tensors(ODD_SIZES, torch.float32)
+    want = [p.clone().requires_grad_() for p in ps]
+    gs = _tensors(ODD_SIZES, torch.float32)
+    for w, g in zip(want, gs):
+        w.grad = g.clone()
+    torch.optim.SGD(want, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False).step()
+    bufs = [torch.empty_like(p) for p in ps]
+    native.restore_sgd_step_(
+        ps,
+        gs,
+        ps,
+        bufs,
+        lr=0.1,
+        weight_decay=1e-4,
+        momentum=0.9,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        first_step=True,
+        grad_scale=None,
+        found_inf=None,
+    )
+    for a, b in zip(ps, want):
+        assert_close(a, b.detach())
+
+
+def test_stride_mismatch_takes_the_safe_path() -> None:
+    """A gradient whose strides differ from its parameter's goes to foreach and stays right."""
+    require_backend("cpu")
+    p = torch.randn(33, 17)
+    g_t = torch.randn(17, 33).t()  # same shape, transposed strides
+    ps = [p, torch.randn(100)]
+    gs = [g_t, torch.randn(100)]
+    assert F._buckets("cpu", [ps, gs])[0][0] != F._buckets("cpu", [ps, gs])[-1][0]
+    out = {}
+    for backend in ("reference", "cpu"):
+        w = [t.clone() for t in ps]
+        b = [torch.empty_like(t) for t in ps]
+        s = F.norm_sq(gs, w, [False] * 2, [0.0] * 2, backend=backend)
+        F.perturb_(w, gs, b, s, [0.05] * 2, 1e-12, [False] * 2, [0.0] * 2, None, backend)
+        out[backend] = w
+    check_all(out["cpu"], out["reference"], "params")
+
+
+def test_type_errors_are_clear() -> None:
+    require_backend("cpu")
+    p = torch.randn(10)
+    with pytest.raises(RuntimeError, match="dtype"):
+        native.restore_([p], [p.double()])
+    with pytest.raises(RuntimeError, match="not dense"):
+        native.restore_([torch.randn(10, 4)[:, ::2]], [torch.randn(10, 2)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole optimizer runs: None grads, non-finite grads, SGD and AdamW, SAM and ASAM
+
+
+def _model_params(dtype: torch.dtype):
+    torch.manual_seed(5)
+    shapes = [(31, 17), (31,), (5, 3, 3, 3), (1,), (4099,)]
+    return [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+
+
+def _run_fused_sam(backend: str, base: type, adaptive: bool, dtype: torch.dtype, **kw):
+    params = _model_params(dtype)
+    opt = FusedSAM(params, base, rho=0.05, adaptive=adaptive, eta=0.01, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(STEPS):
+        for pass_ in range(2):
+            for i, p in enumerate(params):
+                # Parameter 3 has no gradient on odd steps; step 4 brings a NaN in pass 1.
+                if i == 3 and step % 2:
+                    p.grad = None
+                    continue
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+                if step == 4 and pass_ == 0 and i == 0:
+                    p.grad[3, 5] = float("nan")
+            if pass_ == 0:
+                opt.first_step()
+            else:
+                opt.second_step()
+    state = [
+        {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+        for p in params
+    ]
+    return [p.detach().clone() for p in params], state
+
+
+@pytest.mark.parametrize(
+    "base, kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2, amsgrad=True)),
+        (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-2)),
+    ],
+)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_fused_sam_matches_reference(base: type, kw: dict, adaptive: bool) -> None:
+    require_backend("cpu")
+    want_p, want_s = _run_fused_sam("reference", base, adaptive, torch.float32, **kw)
+    got_p, got_s = _run_fused_sam("cpu", base, adaptive, torch.float32, **kw)
+    check_all(got_p, want_p, "params")
+    for i, (a, b) in enumerate(zip(got_s, want_s)):
+        assert a.keys() == b.keys(), f"state[{i}] keys"
+        for key in a:
+            assert_close(a[key].to(b[key].dtype), b[key], f"state[{i}][{key}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reasons given when the extension cannot run
+
+
+def test_reason_when_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_C", None)
+    reason = native.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "not built" in reason and "pip install" in reason
+
+
+def test_reason_when_built_without_cuda() -> None:
+    require_backend("cpu")
+    reason = native.unavailable_reason(torch.device("cuda"))
+    if native._C.with_cuda:
+        assert reason is None
+    else:
+        assert reason is not None and "FUSED_SAM_CUDA=1" in reason
+        assert "TORCH_CUDA_ARCH_LIST" in reason
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the same checks on a GPU (pytest -m gpu on a machine with one and a CUDA build)
+
+gpu = pytest.mark.gpu
+
+
+def _require_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.fail("-m gpu selected but torch sees no CUDA device")
+    require_backend("cuda", "cuda")
+
+
+def _cuda_params(dtype, store=None):
+    shapes = [(1,), (3,), (4097,), (65537,), (), (33, 7), (1_000_003,)]
+    ps = [torch.randn(s, dtype=torch.float64).to(dtype).to(store or dtype) for s in shapes]
+    ps.append(torch.randn(2, 3, 5, 4, dtype=torch.float64).to(dtype).to(store or dtype))
+    ps[-1] = ps[-1].to(memory_format=torch.channels_last)
+    ps.append(torch.randn(16, 10, dtype=torch.float64).to(dtype).to(store or dtype)[:, ::2])
+    return [p.cuda() for p in ps]
+
+
+def _cuda_run(
+    backend, dtype, kind, cfg, adaptive, masked, store=None, skip_at=None, steps_on="cuda"
+):
+    torch.manual_seed(7)
+    ps = _cuda_params(dtype, store)
+    n = len(ps)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+
+    def grads():
+        # Random values in each parameter's layout, as AccumulateGrad makes them.
+        return [
+            torch.empty_like(p).copy_(
+                torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.float64).to(dtype)
+            )
+            for p in ps
+        ]
+
+    masks = [pack_bits(torch.rand(p.shape, device="cuda") < 0.5) for p in ps] if masked else None
+    backups = [torch.empty_like(p) for p in ps]
+    zeros = [torch.zeros_like(p) for p in ps]
+    state = {
+        "sgd": [zeros] if cfg.get("momentum") else [],
+        "adam": [
+            [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps] if cfg.get("amsgrad") else None,
+            [torch.zeros((), dtype=torch.float32, device=steps_on) for _ in ps],
+        ],
+    }[kind]
+    ad, eta = [adaptive] * n, [0.01] * n
+    for step in range(STEPS):
+        g1 = grads()
+        sumsq = F.norm_sq(g1, ps, ad, eta, backend=backend)
+        F.perturb_(ps, g1, backups, sumsq, [0.05] * n, 1e-12, ad, eta, masks, backend=backend)
+        g2 = grads()
+        found = torch.tensor(float(step == skip_at), device="cuda") if skip_at is not None else None
+        if kind == "sgd":
+            F.restore_sgd_step_(
+                ps,
+                g2,
+                backups,
+                state[0] if state else None,
+                lr=0.1,
+                first_step=[step == 0] * n,
+                grad_scale=None,
+                found_inf=found,
+                backend=backend,
+                **cfg,
+            )
+        else:
+            F.restore_adam_step_(
+                ps,
+                g2,
+                backups,
+                *state,
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                grad_scale=torch.tensor(1.0, device="cuda"),
+                found_inf=found,
+                backend=backend,
+                **cfg,
+            )
+    flat_state = [s for s in state if s is not None]
+    return [ps, *flat_state]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", SGD_CONFIGS)
+@pytest.mark.parametrize("adaptive, masked", [(False, False), (True, True)])
+def test_cuda_sgd_matches_reference(dtype, cfg, adaptive, masked) -> None:
+    _require_cuda()
+    want = _cuda_run("reference", dtype, "sgd", cfg, adaptive, masked)
+    got = _cuda_run("cuda", dtype, "sgd", cfg, adaptive, masked)
+    exact = _cuda_run("reference", dtype, "sgd", cfg, adaptive, masked, store=torch.float64)
+    for a, b, x in zip(got, want, exact):
+        check_all(a, b, "sgd", x)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", ADAM_CONFIGS)
+@pytest.mark.parametrize("steps_on", ["cuda", "cpu"])
+def test_cuda_adam_matches_reference(dtype, cfg, steps_on) -> None:
+    """Step counters on the device (read and advanced in the kernel) or on the host."""
+    _require_cuda()
+    want = _cuda_run("reference", dtype, "adam", cfg, False, False, steps_on=steps_on)
+    got = _cuda_run("cuda", dtype, "adam", cfg, False, False, steps_on=steps_on)
+    exact = _cuda_run(
+        "reference", dtype, "adam", cfg, False, False, store=torch.float64, steps_on=steps_on
+    )
+    for a, b, x in zip(got[:-1], want[:-1], exact[:-1]):
+        check_all(a, b, "adam", x)
+    assert [s.item() for s in got[-1]] == [float(STEPS)] * len(got[-1])
+
+
+@gpu
+@pytest.mark.parametrize("steps_on", ["cuda", "cpu"])
+def test_cuda_skips(steps_on) -> None:
+    _require_cuda()
+    cfg = ADAM_CONFIGS[2]
+    want = _cuda_run(
+        "reference", torch.float32, "adam", cfg, False, False, skip_at=2, steps_on=steps_on
+    )
+    got = _cuda_run("cuda", torch.float32, "adam", cfg, False, False, skip_at=2, steps_on=steps_on)
+    for a, b in zip(got[:-1], want[:-1]):
+        check_all(a, b, "adam")
+    assert [s.item() for s in got[-1]] == [float(STEPS - 1)] * len(got[-1])
+    ps = _tensors(ODD_SIZES, torch.float32, "cuda")
+    gs = _tensors(ODD_SIZES, torch.float32, "cuda")
+    gs[5][3] = float("nan")
+    orig = [p.clone() for p in ps]
+    n = len(ps)
+    s = F.norm_sq(gs, ps, [False] * n, [0.0] * n, backend="cuda")
+    assert F.nonfinite(s).item() == 1.0
+    b = [torch.empty_like(p) for p in ps]
+    F.perturb_(ps, gs, b, s, [0.05] * n, 1e-12, [False] * n, [0.0] * n, None, "cuda")
+    for p, o, bb in zip(ps, orig, b):
+        assert torch.equal(p, o) and torch.equal(bb, o)
+    zero = [torch.zeros_like(p) for p in ps]
+    s = F.norm_sq(zero, ps, [False] * n, [0.0] * n, backend="cuda")
+    F.perturb_(ps, zero, b, s, [0.05] * n, 1e-12, [False] * n, [0.0] * n, None, "cuda")
+    for p, o in zip(ps, orig):
+        assert torch.equal(p, o)
+
+
+@gpu
+def test_cuda_pointer_table_follows_new_allocations() -> None:
+    """Grads freed and reallocated between steps (zero_grad(set_to_none=True)) are picked up."""
+    _require_cuda()
+    ps = _tensors(ODD_SIZES, torch.float32, "cuda")
+    n = len(ps)
+    for _ in range(3):
+        gs = _tensors(ODD_SIZES, torch.float32, "cuda")
+        got = native.norm_sq_partials(gs, ps, False, 0.0).double().sum()
+        want = sum(g.double().square().sum() for g in gs)
+        torch.testing.assert_close(got, want, atol=0, rtol=1e-5)
+        b = [torch.empty_like(p) for p in ps]
+        native.perturb_(ps, gs, b, got.float().reshape(1), 0.05, 1e-12, False, 0.0, None)
+        native.restore_(ps, b)
+    assert n == len(ps)
+
+
+@gpu
+def test_cuda_norm_is_deterministic_and_three_launches() -> None:
+    _require_cuda()
+    sizes = [int(s) for s in torch.randint(1, 5000, (1000,))]
+    ps = _tensors(sizes, torch.float32, "cuda")
+    gs = _tensors(sizes, torch.float32, "cuda")
+    bufs = [torch.zeros_like(p) for p in ps]
+    b = [torch.empty_like(p) for p in ps]
+    first = native.norm_sq_partials(gs, ps, False, 0.0)
+    for _ in range(5):
+        assert torch.equal(native.norm_sq_partials(gs, ps, False, 0.0), first)
+
+    def step():
+        s = native.norm_sq_partials(gs, ps, False, 0.0)
+        native.perturb_(ps, gs, b, s, 0.05, 1e-12, False, 0.0, None)
+        native.restore_sgd_step_(
+            ps,
+            gs,
+            b,
+            bufs,
+            lr=0.1,
+            weight_decay=0.0,
+            momentum=0.9,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            first_step=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+    step()  # builds and caches the pointer tables
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = sorted({e.name for e in kernels})
+    assert len(kernels) == 3, names
+
+
+@gpu
+@pytest.mark.slow
+def test_cuda_tensor_over_2_pow_31_elements() -> None:
+    """int64 indexing: the last elements of a 2^31 + 37 element tensor are perturbed right."""
+    _require_cuda()
+    n = 2**31 + 37
+    w = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    g = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    g[-5:] = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0], dtype=torch.bfloat16)
+    b = torch.empty_like(w)
+    s = native.norm_sq_partials([g], [w], False, 0.0)
+    assert_close(s.double().sum().float(), torch.tensor(30.25, device="cuda"))
+    native.perturb_([w], [g], [b], s, 1.0, 0.0, False, 0.0, None)
+    want = (g[-5:].float() / 30.25**0.5).bfloat16()
+    assert_close(w[-5:], want)
+    assert int(w[:-5].count_nonzero()) == 0
