@@ -19,15 +19,14 @@ BACKENDS = ["reference", *CPU_BACKENDS]
 STEPS = 7
 
 
+def same_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with exactly its strides (also a non-dense view's), so that both copies
+    take the same path through the backends and runs can be compared bit for bit."""
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype).copy_(t)
+
+
 def clone_params(ps: list[nn.Parameter]) -> list[nn.Parameter]:
-    out = []
-    for p in ps:
-        q = torch.empty_like(p)  # keeps channels_last/transposed strides of dense params
-        q.copy_(p)
-        if not p.is_contiguous() and p.stride() != q.stride():
-            q = p.detach().clone()  # non-dense view: any layout, the grad will be contiguous
-        out.append(nn.Parameter(q))
-    return out
+    return [nn.Parameter(same_layout(p.detach())) for p in ps]
 
 
 def sam_run(opt, params, steps=STEPS, none_at=3):
@@ -218,9 +217,12 @@ def test_rho_zero_is_bit_identical_to_base(backend: str, base: str) -> None:
             assert torch.equal(x, y)
         for x, y in zip(state_tensors(opt, ps), state_tensors(plain, ps2)):
             assert torch.equal(x, y)
-    else:  # fused restore+step kernels: the base math re-implemented, to tolerance
+    else:
+        # Fused restore+step kernels re-implement the base math in their own (fp32+) order.
+        # test_ops pins them to the float64 oracle at 1e-6/1e-5; torch's fp32 Adam itself is
+        # ~1e-6 off that oracle after 7 steps near small second moments, hence the margin.
         for x, y in zip(ps, ps2):
-            assert_close(x.detach(), y.detach())
+            torch.testing.assert_close(x.detach(), y.detach(), atol=1e-5, rtol=1e-4)
 
 
 def test_maximize_flips_ascent_direction() -> None:
@@ -373,9 +375,7 @@ def test_checkpoint_round_trip_resumes_bit_identically(base: str) -> None:
     torch.save({"opt": first.state_dict(), "params": [p.detach() for p in ps_resume]}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    ps_new = [nn.Parameter(t.clone()) for t in ckpt["params"]]
-    for p, t in zip(ps_new, ckpt["params"]):
-        p.data = torch.empty_like(t).copy_(t)  # keep layouts as saved
+    ps_new = [nn.Parameter(same_layout(t)) for t in ckpt["params"]]  # layouts as saved
     resumed = make(ps_new)
     resumed.load_state_dict(ckpt["opt"])
     assert resumed.param_groups is resumed.base_optimizer.param_groups
