@@ -33,6 +33,7 @@ __all__ = [
     "Geometry",
     "Table",
     "acc_dtype",
+    "block_flag",
     "clear_cache",
     "f64",
     "geometry",
@@ -93,9 +94,11 @@ class Geometry:
     chunk: int
 
 
-# The interpreter pays per operation, not per element: wide blocks and short chunks keep the
-# CI suite fast while still giving tensors several programs and programs several blocks.
-_INTERPRETED_BLOCK = 1024
+# The interpreter pays per operation and per call of a jit function (it re-patches
+# triton.language on every nested call), not per element: wide blocks and few programs keep
+# the CI suite fast, while 4 blocks per chunk still give the shared test sizes (4097, 65537)
+# several programs per tensor, several full blocks per program and a masked tail.
+_INTERPRETED_BLOCK = 4096
 _INTERPRETED_CHUNK = 4 * _INTERPRETED_BLOCK
 
 # On a GPU: 1024 elements per step for Triton's default 4 warps is 8 per thread (two 16-byte
@@ -190,20 +193,29 @@ def pointer_table(
 
 
 @triton.jit
-def locate(table, n_tensors, n_chunks):
-    """``(tensor index, first element, elements)`` of this program's chunk."""
+def locate(table, n_chunks):
+    """``(tensor index, first element, elements left)`` of this program's chunk."""
     pid = tl.program_id(0)
     t = tl.load(table + pid)
     start = tl.load(table + n_chunks + pid)
-    numel = tl.load(table + 2 * n_chunks + t)
-    return t, start, numel - start
+    return t, start, tl.load(table + 2 * n_chunks + t) - start
 
 
 @triton.jit
-def address(table, n_tensors, n_chunks, t, row: tl.constexpr, DTYPE: tl.constexpr):
-    """Typed pointer to element 0 of tensor ``t`` of pointer list ``row``."""
+def address(
+    table, n_tensors, n_chunks, t, start, row: tl.constexpr, DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """Typed pointer to element ``start`` of tensor ``t`` of pointer list ``row``.
+
+    With ``ALIGNED`` the compiler is told the address is 16-byte aligned (``start`` is a
+    multiple of the block size), which lets loads and stores vectorise.
+    """
     addr = tl.load(table + 2 * n_chunks + (1 + row) * n_tensors + t)
-    return addr.to(tl.pointer_type(DTYPE))
+    ptr = addr.to(tl.pointer_type(DTYPE)) + start
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -217,11 +229,13 @@ def f64(x):
 
 
 @triton.jit
-def hint(ptr, ALIGNED: tl.constexpr):
-    """Tell the compiler that ``ptr`` is 16-byte aligned (lets loads vectorise)."""
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
+def block_flag(flag, BLOCK: tl.constexpr):
+    """A 0-d bool ``flag`` as a ``[BLOCK]`` mask.
+
+    Written as a select of a constant block: the interpreter cannot broadcast a bool scalar
+    into a block (as a store mask or an AND operand); compiled, it folds to a splat.
+    """
+    return tl.where(flag, tl.full([BLOCK], 0, tl.int32) == 0, False)
 
 
 @triton.jit
@@ -244,21 +258,3 @@ def to_storage(x, DTYPE: tl.constexpr):
         return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
-
-
-@triton.jit
-def div(a, b, ACC: tl.constexpr):
-    """IEEE round-to-nearest division (Triton's default float32 ``/`` is approximate)."""
-    if ACC == tl.float32:
-        return tl.div_rn(a, b)
-    else:
-        return a / b
-
-
-@triton.jit
-def sqrt(x, ACC: tl.constexpr):
-    """IEEE round-to-nearest square root (Triton's default float32 sqrt is approximate)."""
-    if ACC == tl.float32:
-        return tl.sqrt_rn(x)
-    else:
-        return tl.sqrt(x)

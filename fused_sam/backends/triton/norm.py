@@ -10,24 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import address, f64, hint, locate
-
-
-@triton.jit
-def _sq(
-    g_ptr, w_ptr, offs, inb, eta, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr
-):
-    if MASKED:
-        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(ACC)
-    else:
-        g = tl.load(g_ptr + offs).to(ACC)
-    if ADAPTIVE:
-        if MASKED:
-            w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(ACC)
-        else:
-            w = tl.load(w_ptr + offs).to(ACC)
-        g = (tl.abs(w) + eta) * g
-    return g * g
+from fused_sam.backends.triton._table import address, f64, locate
 
 
 @triton.jit
@@ -73,22 +56,27 @@ def norm_kernel(
     if DIRECT:
         start = pid.to(tl.int64) * chunk
         count = numel_arg - start
-        g_ptr = g_arg
-        w_ptr = w_arg
+        g_ptr = g_arg + start
+        w_ptr = w_arg + start
     else:
-        t, start, count = locate(table, n_tensors, n_chunks)
-        g_ptr = address(table, n_tensors, n_chunks, t, 0, DTYPE)
-        w_ptr = address(table, n_tensors, n_chunks, t, 1, DTYPE)
+        t, start, count = locate(table, n_chunks)
+        g_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
+        w_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
     count = tl.minimum(count, chunk).to(tl.int32)
-    g_ptr = hint(g_ptr + start, ALIGNED)
-    w_ptr = hint(w_ptr + start, ALIGNED)
     eta_c = f64(eta).to(ACC)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=ACC)
     full = count - count % BLOCK
     for i in range(0, full, BLOCK):
-        acc += _sq(g_ptr, w_ptr, i + lanes, None, eta_c, ADAPTIVE, False, ACC)
+        g = tl.load(g_ptr + i + lanes).to(ACC)
+        if ADAPTIVE:
+            g = (tl.abs(tl.load(w_ptr + i + lanes).to(ACC)) + eta_c) * g
+        acc += g * g
     if full < count:
         offs = full + lanes
-        acc += _sq(g_ptr, w_ptr, offs, offs < count, eta_c, ADAPTIVE, True, ACC)
+        inb = offs < count
+        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(ACC)
+        if ADAPTIVE:
+            g = (tl.abs(tl.load(w_ptr + offs, mask=inb, other=0.0).to(ACC)) + eta_c) * g
+        acc += g * g
     tl.store(out + pid, tl.sum(acc, axis=0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import address, f64, hint, locate, to_storage
+from fused_sam.backends.triton._table import address, f64, locate, to_storage
 
 
 @triton.jit
@@ -42,16 +42,12 @@ def _perturb(
     finite,
     ADAPTIVE: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    MASKED: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    if MASKED:
-        w_raw = tl.load(w_ptr + offs, mask=inb)
-        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(scale.dtype)
-    else:
-        w_raw = tl.load(w_ptr + offs)
-        g = tl.load(g_ptr + offs).to(scale.dtype)
+    # ``inb`` is None for a full block: unmasked, vectorisable accesses.
+    w_raw = tl.load(w_ptr + offs, mask=inb)
     tl.store(b_ptr + offs, w_raw, mask=inb)
+    g = tl.load(g_ptr + offs, mask=inb).to(scale.dtype)
     w = w_raw.to(scale.dtype)
     if ADAPTIVE:
         t = tl.abs(w) + eta
@@ -60,10 +56,7 @@ def _perturb(
         e = scale * g
     new = to_storage(w + e, DTYPE)
     if HAS_MASK:
-        if MASKED:
-            byte = tl.load(m_ptr + (offs >> 3), mask=inb, other=0)
-        else:
-            byte = tl.load(m_ptr + (offs >> 3))
+        byte = tl.load(m_ptr + (offs >> 3), mask=inb)
         new = tl.where(((byte.to(tl.int32) >> (offs & 7)) & 1) != 0, new, w_raw)
     # Where nothing moves, the loaded bits go back untouched (w + 0 would turn -0.0 into +0.0).
     # (Two selects: the interpreter cannot AND a scalar flag into a block of flags.)
@@ -123,34 +116,31 @@ def perturb_kernel(
     if DIRECT:
         start = pid.to(tl.int64) * chunk
         count = numel_arg - start
-        w_ptr = w_arg
-        g_ptr = g_arg
-        b_ptr = b_arg
-        m_ptr = m_arg
+        w_ptr = w_arg + start
+        g_ptr = g_arg + start
+        b_ptr = b_arg + start
+        m_ptr = m_arg + start // 8
     else:
-        t, start, count = locate(table, n_tensors, n_chunks)
-        w_ptr = address(table, n_tensors, n_chunks, t, 0, DTYPE)
-        g_ptr = address(table, n_tensors, n_chunks, t, 1, DTYPE)
-        b_ptr = address(table, n_tensors, n_chunks, t, 2, DTYPE)
+        t, start, count = locate(table, n_chunks)
+        w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
+        g_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
+        b_ptr = address(table, n_tensors, n_chunks, t, start, 2, DTYPE, ALIGNED)
         if HAS_MASK:
-            m_ptr = address(table, n_tensors, n_chunks, t, 3, tl.uint8)
+            # Chunks start on a multiple of BLOCK (>= 8) elements: a whole mask byte.
+            m_ptr = address(table, n_tensors, n_chunks, t, start // 8, 3, tl.uint8, False)
         else:
-            m_ptr = address(table, n_tensors, n_chunks, t, 0, tl.uint8)
+            m_ptr = w_ptr  # never read
     count = tl.minimum(count, chunk).to(tl.int32)
-    w_ptr = hint(w_ptr + start, ALIGNED)
-    g_ptr = hint(g_ptr + start, ALIGNED)
-    b_ptr = hint(b_ptr + start, ALIGNED)
-    m_ptr = m_ptr + start // 8  # chunks start on a multiple of BLOCK (>= 8) elements
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
     for i in range(0, full, BLOCK):
         _perturb(
             w_ptr, g_ptr, b_ptr, m_ptr, i + lanes, None, scale, eta_c, finite,
-            ADAPTIVE, HAS_MASK, False, DTYPE,
+            ADAPTIVE, HAS_MASK, DTYPE,
         )  # fmt: skip
     if full < count:
         offs = full + lanes
         _perturb(
             w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < count, scale, eta_c, finite,
-            ADAPTIVE, HAS_MASK, True, DTYPE,
+            ADAPTIVE, HAS_MASK, DTYPE,
         )  # fmt: skip

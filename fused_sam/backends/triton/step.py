@@ -3,6 +3,10 @@
 Every kernel first puts the backup back (``w = b``, bit for bit) and then, unless the AMP
 ``found_inf`` flag is set, applies the base update to the restored weights with the
 second-pass gradients. The flag is read on the device: no host synchronisation.
+
+Full blocks pass ``inb = None`` (unmasked, vectorisable accesses); the tail block passes its
+bounds mask. ``smask`` is the store mask of optimizer state: the bounds, and the step not
+being skipped (a select rather than an AND, see :func:`._table.block_flag`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import address, div, f64, hint, locate, sqrt, to_storage
+from fused_sam.backends.triton._table import address, block_flag, f64, locate, to_storage
 
 
 @triton.jit
@@ -23,27 +27,6 @@ def _live_and_unscale(found_inf, grad_scale, HAS_INF: tl.constexpr, HAS_SCALE: t
     if HAS_SCALE:
         inv = 1.0 / tl.load(grad_scale).to(tl.float64)
     return live, inv
-
-
-@triton.jit
-def _load(ptr, offs, inb, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(ptr + offs, mask=inb, other=0.0)
-    else:
-        return tl.load(ptr + offs)
-
-
-@triton.jit
-def _state_mask(inb, live, MASKED: tl.constexpr, HAS_INF: tl.constexpr):
-    """Store mask for optimizer state: in bounds, and only when the step is not skipped."""
-    if HAS_INF:
-        if MASKED:
-            # A select, not ``inb & live``: the interpreter cannot AND a scalar into a block.
-            return tl.where(live, inb, False)
-        else:
-            return live
-    else:
-        return inb
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,15 +60,13 @@ def restore_kernel(
     if DIRECT:
         start = pid.to(tl.int64) * chunk
         count = numel_arg - start
-        w_ptr = w_arg
-        b_ptr = b_arg
+        w_ptr = w_arg + start
+        b_ptr = b_arg + start
     else:
-        t, start, count = locate(table, n_tensors, n_chunks)
-        w_ptr = address(table, n_tensors, n_chunks, t, 0, DTYPE)
-        b_ptr = address(table, n_tensors, n_chunks, t, 1, DTYPE)
+        t, start, count = locate(table, n_chunks)
+        w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
+        b_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
     count = tl.minimum(count, chunk).to(tl.int32)
-    w_ptr = hint(w_ptr + start, ALIGNED)
-    b_ptr = hint(b_ptr + start, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
     for i in range(0, full, BLOCK):
@@ -108,14 +89,13 @@ def _sgd(
     v_ptr,
     offs,
     inb,
+    smask,
     live,
     inv_scale,
     lr,
     weight_decay,
     momentum,
     damp1,
-    MASKED: tl.constexpr,
-    HAS_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     USE_WD: tl.constexpr,
@@ -124,9 +104,9 @@ def _sgd(
     NESTEROV: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    b_raw = _load(b_ptr, offs, inb, MASKED)
+    b_raw = tl.load(b_ptr + offs, mask=inb)
     w = b_raw.to(lr.dtype)
-    d = _load(g_ptr, offs, inb, MASKED).to(lr.dtype)
+    d = tl.load(g_ptr + offs, mask=inb).to(lr.dtype)
     if HAS_SCALE:
         d = d * inv_scale
     if MAXIMIZE:
@@ -137,8 +117,8 @@ def _sgd(
         if FIRST:
             v = d
         else:
-            v = momentum * _load(v_ptr, offs, inb, MASKED).to(lr.dtype) + damp1 * d
-        tl.store(v_ptr + offs, to_storage(v, DTYPE), mask=_state_mask(inb, live, MASKED, HAS_INF))
+            v = momentum * tl.load(v_ptr + offs, mask=inb).to(lr.dtype) + damp1 * d
+        tl.store(v_ptr + offs, to_storage(v, DTYPE), mask=smask)
         if NESTEROV:
             d = d + momentum * v
         else:
@@ -200,51 +180,48 @@ def sgd_kernel(
         ALIGNED, DIRECT, BLOCK: as in the other kernels of this package.
     """
     live, inv = _live_and_unscale(found_inf, grad_scale, HAS_INF, HAS_SCALE)
-    lr = f64(lr)
-    weight_decay = f64(weight_decay)
-    momentum = f64(momentum)
-    dampening = f64(dampening)
     inv_scale = inv.to(ACC)
-    lr_c = lr.to(ACC)
-    wd_c = weight_decay.to(ACC)
-    mom_c = momentum.to(ACC)
-    damp1 = (1.0 - dampening).to(ACC)
+    lr_c = f64(lr).to(ACC)
+    wd_c = f64(weight_decay).to(ACC)
+    mom_c = f64(momentum).to(ACC)
+    damp1 = (1.0 - f64(dampening)).to(ACC)
     pid = tl.program_id(0)
     if DIRECT:
         start = pid.to(tl.int64) * chunk
         count = numel_arg - start
-        w_ptr = w_arg
-        g_ptr = g_arg
-        b_ptr = b_arg
-        v_ptr = v_arg
+        w_ptr = w_arg + start
+        g_ptr = g_arg + start
+        b_ptr = b_arg + start
+        v_ptr = v_arg + start
     else:
-        t, start, count = locate(table, n_tensors, n_chunks)
-        w_ptr = address(table, n_tensors, n_chunks, t, 0, DTYPE)
-        g_ptr = address(table, n_tensors, n_chunks, t, 1, DTYPE)
-        b_ptr = address(table, n_tensors, n_chunks, t, 2, DTYPE)
+        t, start, count = locate(table, n_chunks)
+        w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
+        g_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
+        b_ptr = address(table, n_tensors, n_chunks, t, start, 2, DTYPE, ALIGNED)
         if MOMENTUM:
-            v_ptr = address(table, n_tensors, n_chunks, t, 3, DTYPE)
+            v_ptr = address(table, n_tensors, n_chunks, t, start, 3, DTYPE, ALIGNED)
         else:
-            v_ptr = w_ptr
+            v_ptr = w_ptr  # never read
     count = tl.minimum(count, chunk).to(tl.int32)
-    w_ptr = hint(w_ptr + start, ALIGNED)
-    g_ptr = hint(g_ptr + start, ALIGNED)
-    b_ptr = hint(b_ptr + start, ALIGNED)
-    v_ptr = hint(v_ptr + start, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
+    smask = None
+    if HAS_INF:
+        smask = block_flag(live, BLOCK)
     for i in range(0, full, BLOCK):
         _sgd(
-            w_ptr, g_ptr, b_ptr, v_ptr, i + lanes, None, live, inv_scale,
+            w_ptr, g_ptr, b_ptr, v_ptr, i + lanes, None, smask, live, inv_scale,
             lr_c, wd_c, mom_c, damp1,
-            False, HAS_INF, HAS_SCALE, MAXIMIZE, USE_WD, MOMENTUM, FIRST, NESTEROV, DTYPE,
+            HAS_SCALE, MAXIMIZE, USE_WD, MOMENTUM, FIRST, NESTEROV, DTYPE,
         )  # fmt: skip
     if full < count:
         offs = full + lanes
+        inb = offs < count
+        tail_smask = tl.where(live, inb, False)
         _sgd(
-            w_ptr, g_ptr, b_ptr, v_ptr, offs, offs < count, live, inv_scale,
+            w_ptr, g_ptr, b_ptr, v_ptr, offs, inb, tail_smask, live, inv_scale,
             lr_c, wd_c, mom_c, damp1,
-            True, HAS_INF, HAS_SCALE, MAXIMIZE, USE_WD, MOMENTUM, FIRST, NESTEROV, DTYPE,
+            HAS_SCALE, MAXIMIZE, USE_WD, MOMENTUM, FIRST, NESTEROV, DTYPE,
         )  # fmt: skip
 
 
@@ -287,6 +264,7 @@ def _adam(
     vmax_ptr,
     offs,
     inb,
+    smask,
     live,
     inv_scale,
     beta1,
@@ -298,8 +276,6 @@ def _adam(
     step_size,
     sqrt_bc2,
     eps,
-    MASKED: tl.constexpr,
-    HAS_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     USE_WD: tl.constexpr,
@@ -308,9 +284,9 @@ def _adam(
     DTYPE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    b_raw = _load(b_ptr, offs, inb, MASKED)
+    b_raw = tl.load(b_ptr + offs, mask=inb)
     w = b_raw.to(ACC)
-    g = _load(g_ptr, offs, inb, MASKED).to(ACC)
+    g = tl.load(g_ptr + offs, mask=inb).to(ACC)
     if HAS_SCALE:
         g = g * inv_scale
     if MAXIMIZE:
@@ -320,16 +296,20 @@ def _adam(
             w = w * decay
         else:
             g = g + weight_decay * w
-    m = beta1 * _load(m_ptr, offs, inb, MASKED).to(ACC) + beta1c * g
-    v = beta2 * _load(v_ptr, offs, inb, MASKED).to(ACC) + beta2c * g * g
-    smask = _state_mask(inb, live, MASKED, HAS_INF)
+    m = beta1 * tl.load(m_ptr + offs, mask=inb).to(ACC) + beta1c * g
+    v = beta2 * tl.load(v_ptr + offs, mask=inb).to(ACC) + beta2c * g * g
     tl.store(m_ptr + offs, to_storage(m, DTYPE), mask=smask)
     tl.store(v_ptr + offs, to_storage(v, DTYPE), mask=smask)
     if AMSGRAD:
-        v = tl.maximum(_load(vmax_ptr, offs, inb, MASKED).to(ACC), v)
+        v = tl.maximum(tl.load(vmax_ptr + offs, mask=inb).to(ACC), v)
         tl.store(vmax_ptr + offs, to_storage(v, DTYPE), mask=smask)
-    denom = div(sqrt(v, ACC), sqrt_bc2, ACC) + eps
-    new = w - div(step_size * m, denom, ACC)
+    # IEEE-rounded sqrt and division: Triton's default float32 ones are approximate.
+    if ACC == tl.float32:
+        denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+        new = w - tl.div_rn(step_size * m, denom)
+    else:
+        denom = tl.sqrt(v) / sqrt_bc2 + eps
+        new = w - step_size * m / denom
     tl.store(w_ptr + offs, tl.where(live, to_storage(new, DTYPE), b_raw), mask=inb)
 
 
@@ -397,63 +377,61 @@ def adam_kernel(
     lr = f64(lr)
     beta1 = f64(beta1)
     beta2 = f64(beta2)
-    eps = f64(eps)
     weight_decay = f64(weight_decay)
     pid = tl.program_id(0)
     if DIRECT:
         start = pid.to(tl.int64) * chunk
         count = numel_arg - start
-        w_ptr = w_arg
-        g_ptr = g_arg
-        b_ptr = b_arg
-        m_ptr = m_arg
-        v_ptr = v_arg
+        w_ptr = w_arg + start
+        g_ptr = g_arg + start
+        b_ptr = b_arg + start
+        m_ptr = m_arg + start
+        v_ptr = v_arg + start
         s_ptr = s_arg
-        vmax_ptr = vmax_arg
+        vmax_ptr = vmax_arg + start
     else:
-        t, start, count = locate(table, n_tensors, n_chunks)
-        w_ptr = address(table, n_tensors, n_chunks, t, 0, DTYPE)
-        g_ptr = address(table, n_tensors, n_chunks, t, 1, DTYPE)
-        b_ptr = address(table, n_tensors, n_chunks, t, 2, DTYPE)
-        m_ptr = address(table, n_tensors, n_chunks, t, 3, DTYPE)
-        v_ptr = address(table, n_tensors, n_chunks, t, 4, DTYPE)
-        s_ptr = address(table, n_tensors, n_chunks, t, 5, tl.float32)
+        t, start, count = locate(table, n_chunks)
+        w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
+        g_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
+        b_ptr = address(table, n_tensors, n_chunks, t, start, 2, DTYPE, ALIGNED)
+        m_ptr = address(table, n_tensors, n_chunks, t, start, 3, DTYPE, ALIGNED)
+        v_ptr = address(table, n_tensors, n_chunks, t, start, 4, DTYPE, ALIGNED)
+        s_ptr = address(table, n_tensors, n_chunks, t, 0, 5, tl.float32, False)
         if AMSGRAD:
-            vmax_ptr = address(table, n_tensors, n_chunks, t, 6, DTYPE)
+            vmax_ptr = address(table, n_tensors, n_chunks, t, start, 6, DTYPE, ALIGNED)
         else:
-            vmax_ptr = v_ptr
+            vmax_ptr = v_ptr  # never read
     step = tl.load(s_ptr).to(tl.float64)
     bc1 = 1.0 - tl.exp(step * tl.log(beta1))
     bc2 = 1.0 - tl.exp(step * tl.log(beta2))
     step_size = (lr / bc1).to(ACC)
     sqrt_bc2 = tl.sqrt(bc2).to(ACC)
-    count = tl.minimum(count, chunk).to(tl.int32)
-    w_ptr = hint(w_ptr + start, ALIGNED)
-    g_ptr = hint(g_ptr + start, ALIGNED)
-    b_ptr = hint(b_ptr + start, ALIGNED)
-    m_ptr = hint(m_ptr + start, ALIGNED)
-    v_ptr = hint(v_ptr + start, ALIGNED)
-    vmax_ptr = hint(vmax_ptr + start, ALIGNED)
     b1 = beta1.to(ACC)
     b2 = beta2.to(ACC)
     b1c = (1.0 - beta1).to(ACC)
     b2c = (1.0 - beta2).to(ACC)
     wd = weight_decay.to(ACC)
     decay = (1.0 - lr * weight_decay).to(ACC)
-    eps_c = eps.to(ACC)
+    eps_c = f64(eps).to(ACC)
     inv_scale = inv.to(ACC)
+    count = tl.minimum(count, chunk).to(tl.int32)
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
+    smask = None
+    if HAS_INF:
+        smask = block_flag(live, BLOCK)
     for i in range(0, full, BLOCK):
         _adam(
-            w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, i + lanes, None, live, inv_scale,
-            b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
-            False, HAS_INF, HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD, DTYPE, ACC,
+            w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, i + lanes, None, smask, live,
+            inv_scale, b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
+            HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD, DTYPE, ACC,
         )  # fmt: skip
     if full < count:
         offs = full + lanes
+        inb = offs < count
+        tail_smask = tl.where(live, inb, False)
         _adam(
-            w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < count, live, inv_scale,
-            b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
-            True, HAS_INF, HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD, DTYPE, ACC,
+            w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, inb, tail_smask, live,
+            inv_scale, b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
+            HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD, DTYPE, ACC,
         )  # fmt: skip
