@@ -39,7 +39,7 @@ __all__ = [
 FLAT = True
 
 try:
-    import triton  # noqa: F401
+    import triton
 
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -164,7 +164,8 @@ def _norm_impl(grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: f
             parts.append(out)
         return torch.cat(parts)
     # Params are read only by ASAM; without it the table does not depend on them.
-    table = _table.pointer_table([grads, params if adaptive else grads], numels, geo.chunk, g0.device)
+    lists = [grads, params if adaptive else grads]
+    table = _table.pointer_table(lists, numels, geo.chunk, g0.device)
     if table.n_chunks == 0:
         return torch.zeros(1, dtype=acc, device=g0.device)
     out = torch.empty(table.n_chunks, dtype=acc, device=g0.device)

@@ -73,7 +73,9 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     try:
         return _TL_DTYPES[dtype]
     except KeyError:
-        raise TypeError(f"the Triton kernels take float16/bfloat16/float32/float64, not {dtype}")
+        raise TypeError(
+            f"the Triton kernels take float16/bfloat16/float32/float64, not {dtype}"
+        ) from None
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
