@@ -137,6 +137,16 @@ def test_norm_partials_deterministic(tb) -> None:
         assert torch.equal(tb.norm_sq_partials(g, g, True, 0.1), first)
 
 
+def test_short_mask_is_refused(tb) -> None:
+    """A mask with too few bytes is never read out of bounds: it is refused with the reason."""
+    ps = _tensors([100], torch.float32)
+    with pytest.raises(ValueError, match="mask"):
+        tb.perturb_(
+            ps, ps, [torch.empty_like(ps[0])], torch.ones(1), 0.05, 1e-12, False, 0.0,
+            [torch.zeros(3, dtype=torch.uint8)],
+        )  # fmt: skip
+
+
 def test_table_cache_hits_and_rebuilds(tb) -> None:
     """Same tensors: the cached table (no copy); a moved ``data_ptr``: a new, correct table."""
     from fused_sam.backends.triton import _table

@@ -121,6 +121,16 @@ def _uniform(dtype: torch.dtype, *lists: Sequence[Tensor]) -> bool:
     return dtype in _SUPPORTED and all(t.dtype == dtype for lst in lists for t in lst)
 
 
+def _mask_ok(mask: Tensor, param: Tensor) -> bool:
+    """A mask the kernel can read as flat bytes (else ``foreach`` takes it, or says why not)."""
+    return (
+        mask.dtype == torch.uint8
+        and mask.is_contiguous()
+        and mask.device == param.device
+        and mask.numel() >= (param.numel() + 7) // 8
+    )
+
+
 def _foreach() -> Any:
     from fused_sam.backends import foreach
 
@@ -256,10 +266,19 @@ def _restore_impl(params: list[Tensor], backups: list[Tensor]) -> None:
 def _amp_args(
     like: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None
 ) -> tuple[Tensor, Tensor, dict[str, bool]]:
-    """``(found_inf, grad_scale, flags)`` with a placeholder for an absent tensor."""
+    """``(found_inf, grad_scale, flags)`` with a placeholder for an absent tensor.
+
+    The kernels never read an absent one (its flag is off). Eagerly the placeholder is a
+    tensor already at hand (no allocation per step); under tracing a separate empty tensor,
+    so that no argument of a traced launch aliases another.
+    """
     flags = {"HAS_INF": found_inf is not None, "HAS_SCALE": grad_scale is not None}
-    found = found_inf if found_inf is not None else _dummy(like)
-    scale = grad_scale if grad_scale is not None else _dummy(like)
+    if _traced(like):
+        placeholder = _dummy(like)
+    else:
+        placeholder = like
+    found = found_inf if found_inf is not None else placeholder
+    scale = grad_scale if grad_scale is not None else placeholder
     return found, scale, flags
 
 
@@ -451,7 +470,7 @@ def perturb_(
     if not params:
         return
     if not _uniform(params[0].dtype, params, grads, backups) or (
-        masks is not None and any(m.dtype != torch.uint8 for m in masks)
+        masks is not None and not all(_mask_ok(m, p) for m, p in zip(masks, params))
     ):
         _foreach().perturb_(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks)
         return
