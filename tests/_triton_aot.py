@@ -39,6 +39,10 @@ _BASE = {"table": _T, "n_tensors": "i32", "n_chunks": "i32", "chunk": "i32"}
 def _compile(fn, sig: dict[str, str], consts: dict, label: str) -> dict:
     names = fn.arg_names
     signature = {n: ("constexpr" if n in consts else sig[n]) for n in names}
+    # Scalars the kernel annotates (float64 hyperparameters) must keep that type at run time.
+    for p in fn.params:
+        if p.annotation and not p.is_constexpr:
+            assert p.annotation == signature[p.name], (label, p.name, p.annotation)
     # What the launcher specialises at run time: 16-byte aligned tensor arguments.
     attrs = {
         (i,): [["tt.divisibility", 16]]

@@ -5,7 +5,8 @@ partials (and their total, which every consumer re-reduces) are non-finite exact
 ``T(w) * g`` is.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Triton reads the kernels' annotations
+# (``tl.float64`` scalars, ``tl.constexpr``) as objects, which every supported version parses.
 
 import triton
 import triton.language as tl

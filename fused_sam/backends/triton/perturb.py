@@ -1,6 +1,7 @@
 """Perturb: on-device norm finalize, backup, ``w <- w + e`` with optional bit mask and ASAM."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Triton reads the kernels' annotations
+# (``tl.float64`` scalars, ``tl.constexpr``) as objects, which every supported version parses.
 
 import triton
 import triton.language as tl

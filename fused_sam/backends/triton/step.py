@@ -9,7 +9,8 @@ bounds mask. ``smask`` is the store mask of optimizer state: the bounds, and the
 being skipped (a select rather than an AND, see :func:`._table.block_flag`).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Triton reads the kernels' annotations
+# (``tl.float64`` scalars, ``tl.constexpr``) as objects, which every supported version parses.
 
 import triton
 import triton.language as tl
