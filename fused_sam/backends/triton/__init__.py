@@ -7,7 +7,8 @@ never recompiles; only block sizes and feature flags (ASAM, mask, momentum, ...)
 compile-time constants. Kernel families live in :mod:`.norm`, :mod:`.perturb` and :mod:`.step`.
 
 The ops are registered with ``torch.library.triton_op`` in the ``fused_sam_triton`` namespace,
-so ``torch.compile`` traces into them. Under tracing (fake or functional tensors) there are no
+so ``torch.compile`` traces into them (eager calls go straight to the op bodies, see
+:func:`_call`). Under tracing (fake or functional tensors) there are no
 addresses to put in a table, so each tensor gets a launch of its own with tensor arguments
 (``DIRECT``), through ``torch.library.wrap_triton``: the same kernels and the same math, with
 the mutations visible to the compiler.
@@ -438,6 +439,26 @@ def _register() -> dict[str, Callable[..., Any]]:
 
 
 _OPS = _register()
+_IMPLS: dict[str, Callable[..., Any]] = {
+    "norm_sq_partials": _norm_impl,
+    "perturb": _perturb_impl,
+    "restore": _restore_impl,
+    "restore_sgd_step": _sgd_impl,
+    "restore_adam_step": _adam_impl,
+}
+
+
+def _call(name: str, *args: Any) -> Any:
+    """Run op ``name``: through the dispatcher when traced, straight to its body eagerly.
+
+    torch.compile and fake/functional tensors need the registered op. Eagerly the dispatcher
+    only adds cost: for lists of hundreds of tensors its per-call overhead (milliseconds on a
+    slow host) would exceed the GPU time of a fused step.
+    """
+    first = args[0][0]
+    if torch.compiler.is_compiling() or _traced(first):
+        return _OPS[name](*args)
+    return _IMPLS[name](*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +473,7 @@ def norm_sq_partials(
         return torch.zeros(1)
     if not _uniform(grads[0].dtype, grads, params):
         return _foreach().norm_sq_partials(grads, params, adaptive, eta)
-    return _OPS["norm_sq_partials"](list(grads), list(params), adaptive, float(eta))
+    return _call("norm_sq_partials", list(grads), list(params), adaptive, float(eta))
 
 
 def perturb_(
@@ -474,7 +495,8 @@ def perturb_(
     ):
         _foreach().perturb_(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks)
         return
-    _OPS["perturb"](
+    _call(
+        "perturb",
         list(params),
         list(grads),
         list(backups),
@@ -494,7 +516,7 @@ def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     if not _uniform(params[0].dtype, params, backups):
         _foreach().restore_(params, backups)
         return
-    _OPS["restore"](list(params), list(backups))
+    _call("restore", list(params), list(backups))
 
 
 def restore_sgd_step_(
@@ -531,7 +553,8 @@ def restore_sgd_step_(
     if not _uniform(params[0].dtype, params, grads, backups, bufs):
         _foreach().restore_sgd_step_(params, grads, backups, momentum_buffers, **kw)
         return
-    _OPS["restore_sgd_step"](
+    _call(
+        "restore_sgd_step",
         list(params),
         list(grads),
         list(backups),
@@ -599,7 +622,8 @@ def restore_adam_step_(
             found_inf=found_inf,
         )
         return
-    _OPS["restore_adam_step"](
+    _call(
+        "restore_adam_step",
         list(params),
         list(grads),
         list(backups),
