@@ -162,18 +162,20 @@ def _norm_impl(grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: f
         "BLOCK": geo.block,
     }
     if _traced(g0):
+        # The same partials as the table launch below: one per chunk, (1,) when all are empty.
+        launch = _direct_launcher(norm_kernel, g0)
         parts = []
         for g, w, n in zip(grads, params, numels):
             chunks = triton.cdiv(n, geo.chunk)
-            out = torch.zeros(max(chunks, 1), dtype=acc, device=g0.device)
-            launch = _direct_launcher(norm_kernel, g0)
-            if launch is not None and chunks:
-                launch[(chunks,)](
-                    _dummy(g0), 1, chunks, geo.chunk, out, eta, g, w, n,
-                    ALIGNED=False, DIRECT=True, **const,
-                )  # fmt: skip
-            parts.append(out)
-        return torch.cat(parts)
+            if chunks:
+                out = torch.zeros(chunks, dtype=acc, device=g0.device)
+                if launch is not None:
+                    launch[(chunks,)](
+                        _dummy(g0), 1, chunks, geo.chunk, out, eta, g, w, n,
+                        ALIGNED=False, DIRECT=True, **const,
+                    )  # fmt: skip
+                parts.append(out)
+        return torch.cat(parts) if parts else torch.zeros(1, dtype=acc, device=g0.device)
     # Params are read only by ASAM; without it the table does not depend on them.
     lists = [grads, params if adaptive else grads]
     table = _table.pointer_table(lists, numels, geo.chunk, g0.device)
