@@ -16,7 +16,8 @@ of that key), so a steady-state step does no host-to-device copy; a ``data_ptr()
 (a gradient freed by ``zero_grad(set_to_none=True)`` and reallocated elsewhere) builds a new one.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the jit helpers below keep object annotations, as
+# the kernel modules do.
 
 import os
 from collections import OrderedDict
@@ -34,6 +35,7 @@ __all__ = [
     "Table",
     "acc_dtype",
     "block_flag",
+    "cache_info",
     "clear_cache",
     "f64",
     "geometry",
