@@ -1,12 +1,646 @@
-"""Triton multi-tensor kernels for the SAM ops."""
+"""Triton multi-tensor kernels for the SAM ops (CUDA, or CPU under the Triton interpreter).
+
+Each op is one launch over every tensor of its ``(device, dtype)`` bucket (Adam: two, the
+first a tiny step-counter update), driven by a cached int64 pointer table
+(:mod:`._table`). Hyperparameters are runtime float64 arguments, so changing ``lr`` or ``rho``
+never recompiles; only block sizes and feature flags (ASAM, mask, momentum, ...) are
+compile-time constants. Kernel families live in :mod:`.norm`, :mod:`.perturb` and :mod:`.step`.
+
+The ops are registered with ``torch.library.triton_op`` in the ``fused_sam_triton`` namespace,
+so ``torch.compile`` traces into them (eager calls go straight to the op bodies, see
+:func:`_call`). Under tracing (fake or functional tensors) there are no
+addresses to put in a table, so each tensor gets a launch of its own with tensor arguments
+(``DIRECT``), through ``torch.library.wrap_triton``: the same kernels and the same math, with
+the mutations visible to the compiler.
+
+On CPU tensors the kernels run in the Triton interpreter, which needs ``TRITON_INTERPRET=1``
+in the environment before this package is imported; that is how CI checks them.
+"""
 
 from __future__ import annotations
 
-import torch
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FLAT",
+    "norm_sq_partials",
+    "perturb_",
+    "restore_",
+    "restore_adam_step_",
+    "restore_sgd_step_",
+    "unavailable_reason",
+]
+
+#: The kernels index ``p[i]``, ``g[i]``, ``b[i]`` alike over flat memory.
 FLAT = True
+
+try:
+    import triton
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _IMPORT_ERROR = f"triton is not installed ({exc})"
+
+if _IMPORT_ERROR is None:
+    from fused_sam.backends.triton import _table
+    from fused_sam.backends.triton.norm import norm_kernel
+    from fused_sam.backends.triton.perturb import perturb_kernel
+    from fused_sam.backends.triton.step import (
+        adam_kernel,
+        restore_kernel,
+        sgd_kernel,
+        steps_kernel,
+    )
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on ``device`` (``None`` when they can)."""
-    return "the Triton kernels are not implemented yet"
+    """Why the Triton kernels cannot run on ``device`` (``None`` when they can).
+
+    CUDA tensors need triton and a visible GPU; CPU tensors need the Triton interpreter,
+    i.e. ``TRITON_INTERPRET=1`` set before this package was imported.
+    """
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _table.INTERPRETED:
+            return (
+                "TRITON_INTERPRET=1 is set: the interpreter runs kernels on CPU tensors and "
+                "cannot follow device addresses in the pointer table; unset it for CUDA"
+            )
+        if not torch.cuda.is_available():
+            return "CUDA is not available to torch"
+        return None
+    if device.type == "cpu":
+        if _table.INTERPRETED:
+            return None
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return (
+                "TRITON_INTERPRET=1 was set after fused_sam.backends.triton was imported; "
+                "set it before importing fused_sam"
+            )
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return f"the Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plumbing
+
+_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_STEPS_BLOCK = 128  # step counters per program of the Adam counter update
+_RBLOCK = 1024  # norm partials per finalize step
+
+
+def _traced(t: Tensor) -> bool:
+    """Fake or functional tensors (torch.compile, opcheck): no addresses to tabulate."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, FunctionalTensor) or is_fake(t)
+
+
+def _direct_launcher(kernel: Any, t: Tensor) -> Any | None:
+    """The traceable per-tensor launcher, or ``None`` where nothing may run (fake mode)."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if _table.INTERPRETED:
+        if isinstance(t, FunctionalTensor):
+            raise RuntimeError(
+                "torch.compile cannot trace interpreted Triton kernels (TRITON_INTERPRET=1); "
+                "compile on CUDA, or use another backend on CPU"
+            )
+        return None  # fake mode: the op only has to produce outputs of the right shape
+    return torch.library.wrap_triton(kernel)
+
+
+def _uniform(dtype: torch.dtype, *lists: Sequence[Tensor]) -> bool:
+    return dtype in _SUPPORTED and all(t.dtype == dtype for lst in lists for t in lst)
+
+
+def _mask_ok(mask: Tensor, param: Tensor) -> bool:
+    """A mask the kernel can read as flat bytes (else ``foreach`` takes it, or says why not)."""
+    return (
+        mask.dtype == torch.uint8
+        and mask.is_contiguous()
+        and mask.device == param.device
+        and mask.numel() >= (param.numel() + 7) // 8
+    )
+
+
+def _foreach() -> Any:
+    from fused_sam.backends import foreach
+
+    return foreach
+
+
+def _dummy(like: Tensor) -> Tensor:
+    return torch.empty(1, dtype=torch.int64, device=like.device)
+
+
+def _common(dtype: torch.dtype) -> dict[str, Any]:
+    return {"DTYPE": _table.tl_dtype(dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations (the bodies of the registered ops)
+
+
+def _norm_impl(grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float) -> Tensor:
+    g0 = grads[0]
+    acc = torch.float64 if g0.dtype == torch.float64 else torch.float32
+    numels = [g.numel() for g in grads]
+    geo = _table.geometry(sum(numels))
+    const = {
+        **_common(g0.dtype),
+        "ACC": _table.acc_dtype(g0.dtype),
+        "ADAPTIVE": adaptive,
+        "BLOCK": geo.block,
+    }
+    if _traced(g0):
+        # The same partials as the table launch below: one per chunk, (1,) when all are empty.
+        launch = _direct_launcher(norm_kernel, g0)
+        parts = []
+        for g, w, n in zip(grads, params, numels):
+            chunks = triton.cdiv(n, geo.chunk)
+            if chunks:
+                out = torch.zeros(chunks, dtype=acc, device=g0.device)
+                if launch is not None:
+                    launch[(chunks,)](
+                        _dummy(g0), 1, chunks, geo.chunk, out, eta, g, w, n,
+                        ALIGNED=False, DIRECT=True, **const,
+                    )  # fmt: skip
+                parts.append(out)
+        return torch.cat(parts) if parts else torch.zeros(1, dtype=acc, device=g0.device)
+    # Params are read only by ASAM; without it the table does not depend on them.
+    lists = [grads, params if adaptive else grads]
+    table = _table.pointer_table(lists, numels, geo.chunk, g0.device)
+    if table.n_chunks == 0:
+        return torch.zeros(1, dtype=acc, device=g0.device)
+    out = torch.empty(table.n_chunks, dtype=acc, device=g0.device)
+    norm_kernel[(table.n_chunks,)](
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, out, eta,
+        table.data, table.data, 0,
+        ALIGNED=table.aligned, DIRECT=False, **const,
+    )  # fmt: skip
+    return out
+
+
+def _perturb_impl(
+    params: list[Tensor],
+    grads: list[Tensor],
+    backups: list[Tensor],
+    sumsq: Tensor,
+    rho: float,
+    eps: float,
+    adaptive: bool,
+    eta: float,
+    masks: list[Tensor],
+) -> None:
+    # ``masks`` is empty for an unmasked step (the op schema has no optional tensor lists).
+    w0 = params[0]
+    numels = [w.numel() for w in params]
+    geo = _table.geometry(sum(numels))
+    const = {
+        **_common(w0.dtype),
+        "ACC": _table.acc_dtype(w0.dtype),
+        "ADAPTIVE": adaptive,
+        "HAS_MASK": bool(masks),
+        "BLOCK": geo.block,
+        "RBLOCK": _RBLOCK,
+    }
+    sumsq = sumsq.reshape(-1)
+    n_partials = sumsq.numel()
+    if _traced(w0):
+        launch = _direct_launcher(perturb_kernel, w0)
+        if launch is None:
+            return
+        for i, (w, g, b, n) in enumerate(zip(params, grads, backups, numels)):
+            chunks = triton.cdiv(n, geo.chunk)
+            if chunks:
+                m = masks[i] if masks else _dummy(w0)
+                launch[(chunks,)](
+                    _dummy(w0), 1, chunks, geo.chunk, sumsq, n_partials, rho, eps, eta,
+                    w, g, b, m, n,
+                    ALIGNED=False, DIRECT=True, **const,
+                )  # fmt: skip
+        return
+    lists = [params, grads, backups] + ([masks] if masks else [])
+    table = _table.pointer_table(lists, numels, geo.chunk, w0.device)
+    if table.n_chunks == 0:
+        return
+    perturb_kernel[(table.n_chunks,)](
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, sumsq, n_partials, rho, eps, eta,
+        table.data, table.data, table.data, table.data, 0,
+        ALIGNED=table.aligned, DIRECT=False, **const,
+    )  # fmt: skip
+
+
+def _restore_impl(params: list[Tensor], backups: list[Tensor]) -> None:
+    w0 = params[0]
+    numels = [w.numel() for w in params]
+    geo = _table.geometry(sum(numels))
+    const = {**_common(w0.dtype), "BLOCK": geo.block}
+    if _traced(w0):
+        launch = _direct_launcher(restore_kernel, w0)
+        if launch is None:
+            return
+        for w, b, n in zip(params, backups, numels):
+            chunks = triton.cdiv(n, geo.chunk)
+            if chunks:
+                launch[(chunks,)](
+                    _dummy(w0), 1, chunks, geo.chunk, w, b, n,
+                    ALIGNED=False, DIRECT=True, **const,
+                )  # fmt: skip
+        return
+    table = _table.pointer_table([params, backups], numels, geo.chunk, w0.device)
+    if table.n_chunks == 0:
+        return
+    restore_kernel[(table.n_chunks,)](
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, table.data, table.data, 0,
+        ALIGNED=table.aligned, DIRECT=False, **const,
+    )  # fmt: skip
+
+
+def _amp_args(
+    like: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None
+) -> tuple[Tensor, Tensor, dict[str, bool]]:
+    """``(found_inf, grad_scale, flags)`` with a placeholder for an absent tensor.
+
+    The kernels never read an absent one (its flag is off). Eagerly the placeholder is a
+    tensor already at hand (no allocation per step); under tracing a separate empty tensor,
+    so that no argument of a traced launch aliases another.
+    """
+    flags = {"HAS_INF": found_inf is not None, "HAS_SCALE": grad_scale is not None}
+    if _traced(like):
+        placeholder = _dummy(like)
+    else:
+        placeholder = like
+    found = found_inf if found_inf is not None else placeholder
+    scale = grad_scale if grad_scale is not None else placeholder
+    return found, scale, flags
+
+
+def _sgd_impl(
+    params: list[Tensor],
+    grads: list[Tensor],
+    backups: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    w0 = params[0]
+    numels = [w.numel() for w in params]
+    geo = _table.geometry(sum(numels))
+    found, scale, flags = _amp_args(w0, grad_scale, found_inf)
+    has_momentum = momentum != 0
+    const = {
+        **_common(w0.dtype),
+        **flags,
+        "ACC": _table.acc_dtype(w0.dtype),
+        "MAXIMIZE": maximize,
+        "USE_WD": weight_decay != 0,
+        "MOMENTUM": has_momentum,
+        "FIRST": first_step,
+        "NESTEROV": nesterov,
+        "BLOCK": geo.block,
+    }
+    hyper = (lr, weight_decay, momentum, dampening)
+    if _traced(w0):
+        launch = _direct_launcher(sgd_kernel, w0)
+        if launch is None:
+            return
+        for i, (w, g, b, n) in enumerate(zip(params, grads, backups, numels)):
+            chunks = triton.cdiv(n, geo.chunk)
+            if chunks:
+                v = momentum_buffers[i] if has_momentum else _dummy(w0)
+                launch[(chunks,)](
+                    _dummy(w0), 1, chunks, geo.chunk, found, scale, *hyper, w, g, b, v, n,
+                    ALIGNED=False, DIRECT=True, **const,
+                )  # fmt: skip
+        return
+    lists = [params, grads, backups] + ([momentum_buffers] if has_momentum else [])
+    table = _table.pointer_table(lists, numels, geo.chunk, w0.device)
+    if table.n_chunks == 0:
+        return
+    sgd_kernel[(table.n_chunks,)](
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, found, scale, *hyper,
+        table.data, table.data, table.data, table.data, 0,
+        ALIGNED=table.aligned, DIRECT=False, **const,
+    )  # fmt: skip
+
+
+def _adam_impl(
+    params: list[Tensor],
+    grads: list[Tensor],
+    backups: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    w0 = params[0]
+    numels = [w.numel() for w in params]
+    geo = _table.geometry(sum(numels))
+    found, scale, flags = _amp_args(w0, grad_scale, found_inf)
+    const = {
+        **_common(w0.dtype),
+        **flags,
+        "ACC": _table.acc_dtype(w0.dtype),
+        "MAXIMIZE": maximize,
+        "USE_WD": weight_decay != 0,
+        "DECOUPLED": decoupled_weight_decay,
+        "AMSGRAD": amsgrad,
+        "BLOCK": geo.block,
+    }
+    hyper = (lr, beta1, beta2, eps, weight_decay)
+    if _traced(w0):
+        launch = _direct_launcher(adam_kernel, w0)
+        if launch is None:
+            return
+        live = None if found_inf is None else (found_inf == 0).to(torch.float32)
+        for i, (w, g, b, n) in enumerate(zip(params, grads, backups, numels)):
+            s = state_steps[i]
+            s.add_(1 if live is None else live)
+            chunks = triton.cdiv(n, geo.chunk)
+            if chunks:
+                vmax = max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]
+                launch[(chunks,)](
+                    _dummy(w0), 1, chunks, geo.chunk, found, scale, *hyper,
+                    w, g, b, exp_avgs[i], exp_avg_sqs[i], s, vmax, n,
+                    ALIGNED=False, DIRECT=True, **const,
+                )  # fmt: skip
+        return
+    lists = [params, grads, backups, exp_avgs, exp_avg_sqs, state_steps]
+    if amsgrad:
+        lists.append(max_exp_avg_sqs)
+    table = _table.pointer_table(lists, numels, geo.chunk, w0.device)
+    steps_kernel[(triton.cdiv(table.n_tensors, _STEPS_BLOCK),)](
+        table.data, table.n_tensors, table.n_chunks, found,
+        HAS_INF=flags["HAS_INF"], ROW=5, BLOCK=_STEPS_BLOCK,
+    )  # fmt: skip
+    if table.n_chunks == 0:
+        return
+    adam_kernel[(table.n_chunks,)](
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, found, scale, *hyper,
+        *([table.data] * 7), 0,
+        ALIGNED=table.aligned, DIRECT=False, **const,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration with torch.library
+
+
+def _register() -> dict[str, Callable[..., Any]]:
+    """The ops as ``torch.library.triton_op`` custom ops (plain functions if unavailable)."""
+    impls: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+        "norm_sq_partials": (_norm_impl, ()),
+        "perturb": (_perturb_impl, ("params", "backups")),
+        "restore": (_restore_impl, ("params",)),
+        "restore_sgd_step": (_sgd_impl, ("params", "momentum_buffers")),
+        "restore_adam_step": (
+            _adam_impl,
+            ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+        ),
+    }
+    triton_op = getattr(torch.library, "triton_op", None)
+    if triton_op is None or _IMPORT_ERROR is not None:  # pragma: no cover - old torch
+        return {name: fn for name, (fn, _) in impls.items()}
+    ops: dict[str, Callable[..., Any]] = {}
+    for name, (fn, mutates) in impls.items():
+        qualname = f"fused_sam_triton::{name}"
+        try:
+            ops[name] = triton_op(qualname, fn, mutates_args=mutates)
+        except RuntimeError:
+            # Already defined (a re-import of this module): use the existing registration.
+            ns, op = qualname.split("::")
+            ops[name] = getattr(getattr(torch.ops, ns), op)
+    return ops
+
+
+_OPS = _register()
+_IMPLS: dict[str, Callable[..., Any]] = {
+    "norm_sq_partials": _norm_impl,
+    "perturb": _perturb_impl,
+    "restore": _restore_impl,
+    "restore_sgd_step": _sgd_impl,
+    "restore_adam_step": _adam_impl,
+}
+
+
+def _call(name: str, *args: Any) -> Any:
+    """Run op ``name``: through the dispatcher when traced, straight to its body eagerly.
+
+    torch.compile and fake/functional tensors need the registered op. Eagerly the dispatcher
+    only adds cost: for lists of hundreds of tensors its per-call overhead (milliseconds on a
+    slow host) would exceed the GPU time of a fused step.
+    """
+    first = args[0][0]
+    if torch.compiler.is_compiling() or _traced(first):
+        return _OPS[name](*args)
+    return _IMPLS[name](*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend interface (signatures of fused_sam.reference)
+
+
+def norm_sq_partials(
+    grads: Sequence[Tensor], params: Sequence[Tensor], adaptive: bool, eta: float
+) -> Tensor:
+    """See :func:`fused_sam.reference.norm_sq_partials`; one partial per program."""
+    if not grads:
+        return torch.zeros(1)
+    if not _uniform(grads[0].dtype, grads, params):
+        return _foreach().norm_sq_partials(grads, params, adaptive, eta)
+    return _call("norm_sq_partials", list(grads), list(params), adaptive, float(eta))
+
+
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    sumsq: Tensor,
+    rho: float,
+    eps: float,
+    adaptive: bool,
+    eta: float,
+    masks: Sequence[Tensor] | None,
+) -> None:
+    """See :func:`fused_sam.reference.perturb_`. The scale is computed on the device."""
+    if not params:
+        return
+    if not _uniform(params[0].dtype, params, grads, backups) or (
+        masks is not None and not all(_mask_ok(m, p) for m, p in zip(masks, params))
+    ):
+        _foreach().perturb_(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks)
+        return
+    _call(
+        "perturb",
+        list(params),
+        list(grads),
+        list(backups),
+        sumsq,
+        float(rho),
+        float(eps),
+        adaptive,
+        float(eta),
+        [] if masks is None else list(masks),
+    )
+
+
+def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    """See :func:`fused_sam.reference.restore_`: a bit-exact copy in one launch."""
+    if not params:
+        return
+    if not _uniform(params[0].dtype, params, backups):
+        _foreach().restore_(params, backups)
+        return
+    _call("restore", list(params), list(backups))
+
+
+def restore_sgd_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.restore_sgd_step_`. The skip is decided on the device."""
+    if not params:
+        return
+    bufs = list(momentum_buffers) if momentum != 0 else []
+    kw = dict(
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        first_step=first_step,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+    if not _uniform(params[0].dtype, params, grads, backups, bufs):
+        _foreach().restore_sgd_step_(params, grads, backups, momentum_buffers, **kw)
+        return
+    _call(
+        "restore_sgd_step",
+        list(params),
+        list(grads),
+        list(backups),
+        bufs,
+        float(lr),
+        float(weight_decay),
+        float(momentum),
+        float(dampening),
+        bool(nesterov),
+        bool(maximize),
+        bool(first_step),
+        grad_scale,
+        found_inf,
+    )
+
+
+def restore_adam_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.restore_adam_step_`. The skip is decided on the device."""
+    if not params:
+        return
+    vmax = list(max_exp_avg_sqs) if amsgrad else []
+    steps_ok = all(
+        s.dtype == torch.float32 and s.numel() == 1 and s.device == params[0].device
+        for s in state_steps
+    )
+    if not steps_ok or not _uniform(
+        params[0].dtype, params, grads, backups, exp_avgs, exp_avg_sqs, vmax
+    ):
+        _foreach().restore_adam_step_(
+            params,
+            grads,
+            backups,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            state_steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+        return
+    _call(
+        "restore_adam_step",
+        list(params),
+        list(grads),
+        list(backups),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        vmax,
+        list(state_steps),
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(amsgrad),
+        bool(maximize),
+        bool(decoupled_weight_decay),
+        grad_scale,
+        found_inf,
+    )

@@ -1,0 +1,264 @@
+"""Pointer tables, launch geometry and the device helpers shared by every Triton kernel family.
+
+One launch covers every tensor of a ``(device, dtype)`` bucket. The host describes the bucket
+in a single ``int64`` tensor, the *table*, laid out as::
+
+    [ chunk -> tensor (n_chunks) | chunk -> start (n_chunks) | numel (n) | list 0 addr (n) | ... ]
+
+Program ``pid`` of a launch handles elements ``[start, start + chunk)`` of tensor
+``table[pid]``, looping over that range in ``BLOCK``-sized steps: full blocks without a mask,
+then at most one masked tail block. Addresses are stored as integers and turned back into typed
+pointers on the device (``int64 -> tl.pointer_type``), which the compiler and the interpreter
+both support, so the same kernels run compiled on CUDA and interpreted on CPU.
+
+Tables are cached by the tuple of addresses and sizes they encode (the table is a pure function
+of that key), so a steady-state step does no host-to-device copy; a ``data_ptr()`` that moved
+(a gradient freed by ``zero_grad(set_to_none=True)`` and reallocated elsewhere) builds a new one.
+"""
+
+# No ``from __future__ import annotations``: the jit helpers below keep object annotations, as
+# the kernel modules do.
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "INTERPRETED",
+    "Geometry",
+    "Table",
+    "acc_dtype",
+    "block_flag",
+    "cache_info",
+    "clear_cache",
+    "f64",
+    "geometry",
+    "pointer_table",
+    "tl_dtype",
+]
+
+
+def _interpreted() -> bool:
+    # Kernels are bound to the interpreter when @triton.jit runs, i.e. at import of this
+    # package; later changes of TRITON_INTERPRET do not affect them.
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - every supported triton has the interpreter
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+    @triton.jit
+    def _probe() -> None:
+        pass
+
+    return isinstance(_probe, InterpretedFunction)
+
+
+#: Whether the kernels of this package were created for the Triton interpreter.
+INTERPRETED: bool = _interpreted()
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton element type of a supported floating-point ``dtype``."""
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(
+            f"the Triton kernels take float16/bfloat16/float32/float64, not {dtype}"
+        ) from None
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Compute type: float64 for float64 tensors, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Launch shape of one call.
+
+    Attributes:
+        block: elements per vector step (``BLOCK``, a power of two; a compile-time constant).
+        chunk: elements per program, a multiple of ``block`` (a runtime argument).
+    """
+
+    block: int
+    chunk: int
+
+
+# The interpreter pays per operation and per call of a jit function (it re-patches
+# triton.language on every nested call), not per element: wide blocks and few programs keep
+# the CI suite fast, while 4 blocks per chunk still give the shared test sizes (4097, 65537)
+# several programs per tensor, several full blocks per program and a masked tail.
+_INTERPRETED_BLOCK = 4096
+_INTERPRETED_CHUNK = 4 * _INTERPRETED_BLOCK
+
+# On a GPU: 1024 elements per step for Triton's default 4 warps is 8 per thread (two 16-byte
+# vectors in fp32).
+# Chunks of 16 blocks amortise the per-program prologue (table reads, norm finalize); they grow
+# with the bucket so that the partials every perturb program re-reduces stay at most ~4096.
+_GPU_BLOCK = 1024
+_GPU_MIN_CHUNK = 16 * _GPU_BLOCK
+_MAX_CHUNKS = 4096
+
+
+def geometry(total_numel: int) -> Geometry:
+    """Block and chunk for a bucket of ``total_numel`` elements."""
+    if INTERPRETED:
+        return Geometry(_INTERPRETED_BLOCK, _INTERPRETED_CHUNK)
+    chunk = _GPU_MIN_CHUNK
+    while total_numel > chunk * _MAX_CHUNKS:
+        chunk *= 2
+    return Geometry(_GPU_BLOCK, chunk)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A device-resident pointer table for one call.
+
+    Attributes:
+        data: the ``int64`` table described in the module docstring.
+        n_tensors: tensors per list (``n``).
+        n_chunks: programs of a launch over the table (``n_chunks``).
+        aligned: every address is 16-byte aligned, so kernels may assume vectorisable loads.
+    """
+
+    data: Tensor
+    n_tensors: int
+    n_chunks: int
+    aligned: bool
+
+
+_CACHE: OrderedDict[tuple, Table] = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def clear_cache() -> None:
+    """Drop every cached table (they are rebuilt on demand)."""
+    _CACHE.clear()
+
+
+def cache_info() -> tuple[int, int]:
+    """``(entries, capacity)`` of the table cache."""
+    return len(_CACHE), _CACHE_SIZE
+
+
+def pointer_table(
+    lists: Sequence[Sequence[Tensor]], numels: Sequence[int], chunk: int, device: torch.device
+) -> Table:
+    """The (cached) table of ``lists`` split into programs of ``chunk`` elements.
+
+    Args:
+        lists: tensor lists of one call; ``lists[j][i]`` is the ``i``-th tensor of list ``j``
+            (an element count of ``numels[i]``, except mask lists, which hold bytes).
+        numels: elements per index; the schedule covers ``ceil(numels[i] / chunk)`` programs
+            for index ``i`` (none for an empty tensor).
+        chunk: elements per program.
+        device: where the table lives (the tensors' device).
+    """
+    addrs = tuple(tuple(t.data_ptr() for t in lst) for lst in lists)
+    key = (device, chunk, tuple(numels), addrs)
+    table = _CACHE.get(key)
+    if table is not None:
+        _CACHE.move_to_end(key)
+        return table
+    owner: list[int] = []
+    starts: list[int] = []
+    for i, n in enumerate(numels):
+        for start in range(0, n, chunk):
+            owner.append(i)
+            starts.append(start)
+    flat = [*owner, *starts, *numels]
+    for row in addrs:
+        flat.extend(row)
+    data = torch.tensor(flat, dtype=torch.int64).to(device)
+    aligned = all(a % 16 == 0 for row in addrs for a in row)
+    table = Table(data, len(numels), len(owner), aligned)
+    _CACHE[key] = table
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@triton.jit
+def locate(table, n_chunks):
+    """``(tensor index, first element, elements left)`` of this program's chunk."""
+    pid = tl.program_id(0)
+    t = tl.load(table + pid)
+    start = tl.load(table + n_chunks + pid)
+    return t, start, tl.load(table + 2 * n_chunks + t) - start
+
+
+@triton.jit
+def address(
+    table, n_tensors, n_chunks, t, start, row: tl.constexpr, DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """Typed pointer to element ``start`` of tensor ``t`` of pointer list ``row``.
+
+    With ``ALIGNED`` the compiler is told the address is 16-byte aligned (``start`` is a
+    multiple of the block size), which lets loads and stores vectorise.
+    """
+    addr = tl.load(table + 2 * n_chunks + (1 + row) * n_tensors + t)
+    ptr = addr.to(tl.pointer_type(DTYPE)) + start
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def f64(x):
+    """A runtime float argument as a float64 scalar.
+
+    Compiled, the argument already is one (kernels annotate it ``tl.float64``); the
+    interpreter passes the Python float through, and this keeps all of its 53 bits.
+    """
+    return tl.full([], x, tl.float64)
+
+
+@triton.jit
+def block_flag(flag, BLOCK: tl.constexpr):
+    """A 0-d bool ``flag`` as a ``[BLOCK]`` mask.
+
+    Written as a select of a constant block: the interpreter cannot broadcast a bool scalar
+    into a block (as a store mask or an AND operand); compiled, it folds to a splat.
+    """
+    return tl.where(flag, tl.full([BLOCK], 0, tl.int32) == 0, False)
+
+
+@triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    r"""Round ``x`` (float32, or float64 for float64 storage) once to the storage type.
+
+    bfloat16 is rounded to nearest-even by hand on the bit pattern,
+
+    .. math:: \mathrm{bits}(y) = \big(u + \mathtt{0x7FFF} + ((u \gg 16) \,\&\, 1)\big) \gg 16,
+        \qquad u = \mathrm{bits}(x),
+
+    which is exact for every finite value and for infinities (NaN is written as a quiet NaN):
+    the Triton interpreter truncates a plain float32 -> bfloat16 cast, and one code path for
+    both keeps what CI checks identical to what runs on a GPU.
+    """
+    if DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        hi = tl.where(x != x, 0x7FC0, u >> 16)
+        return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)

@@ -1,0 +1,83 @@
+"""Norm partials: one float32 (float64) partial sum of squares per program.
+
+Non-finite gradients need no separate flag: a square of inf or nan is inf or nan, so the
+partials (and their total, which every consumer re-reduces) are non-finite exactly when some
+``T(w) * g`` is.
+"""
+
+# No ``from __future__ import annotations`` here: Triton reads the kernels' annotations
+# (``tl.float64`` scalars, ``tl.constexpr``) as objects, which every supported version parses.
+
+import triton
+import triton.language as tl
+
+from fused_sam.backends.triton._table import address, f64, locate
+
+
+@triton.jit
+def norm_kernel(
+    table,
+    n_tensors,
+    n_chunks,
+    chunk,
+    out,
+    eta: tl.float64,
+    g_arg,
+    w_arg,
+    numel_arg,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DIRECT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    r"""Partial sums of squares of the (ASAM-scaled) gradient, one per program.
+
+    .. math:: s_p = \sum_{k \in \text{chunk } p} \big(T(w_k)\, g_k\big)^2,
+        \qquad T(w) = |w| + \eta \ \text{(ASAM) or } 1
+
+    Accumulated in ``ACC`` per lane over the chunk, then reduced across lanes: a fixed order
+    for a given ``BLOCK``, so repeated runs give bit-identical partials.
+
+    Args:
+        table: pointer table (lists: grads, params); unused when ``DIRECT``.
+        n_tensors, n_chunks: table dimensions.
+        chunk: elements per program.
+        out: ``ACC`` partials, written at index ``program_id``.
+        eta: ASAM offset (runtime, float64).
+        g_arg, w_arg, numel_arg: the one tensor pair of a ``DIRECT`` (per-tensor) launch.
+        DTYPE, ACC: storage and compute types.
+        ADAPTIVE: apply ``T(w)`` (params are read only then).
+        ALIGNED: every address is 16-byte aligned.
+        DIRECT: take the tensors from ``*_arg`` instead of the table (traceable launches).
+        BLOCK: elements per vector step.
+    """
+    pid = tl.program_id(0)
+    if DIRECT:
+        start = pid.to(tl.int64) * chunk
+        count = numel_arg - start
+        g_ptr = g_arg + start
+        w_ptr = w_arg + start
+    else:
+        t, start, count = locate(table, n_chunks)
+        g_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
+        w_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
+    count = tl.minimum(count, chunk).to(tl.int32)
+    eta_c = f64(eta).to(ACC)
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    full = count - count % BLOCK
+    for i in range(0, full, BLOCK):
+        g = tl.load(g_ptr + i + lanes).to(ACC)
+        if ADAPTIVE:
+            g = (tl.abs(tl.load(w_ptr + i + lanes).to(ACC)) + eta_c) * g
+        acc += g * g
+    if full < count:
+        offs = full + lanes
+        inb = offs < count
+        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(ACC)
+        if ADAPTIVE:
+            g = (tl.abs(tl.load(w_ptr + offs, mask=inb, other=0.0).to(ACC)) + eta_c) * g
+        acc += g * g
+    tl.store(out + pid, tl.sum(acc, axis=0))

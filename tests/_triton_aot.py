@@ -1,0 +1,110 @@
+"""Compile the Triton kernels ahead of time for an NVIDIA target, no GPU needed.
+
+Run as a script (``python tests/_triton_aot.py``) in an environment *without*
+``TRITON_INTERPRET``: it compiles a representative set of kernel variants for sm_90 with the
+compiler bundled in the triton wheel (ptxas included) and prints one JSON line per variant with
+the number of 16-byte vector loads and stores found in the PTX. ``tests/test_triton.py`` runs it
+in a subprocess: a kernel that does not compile, or whose aligned variant stops vectorising,
+fails CI on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+warnings.filterwarnings("ignore")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from fused_sam.backends.triton.norm import norm_kernel  # noqa: E402
+from fused_sam.backends.triton.perturb import perturb_kernel  # noqa: E402
+from fused_sam.backends.triton.step import (  # noqa: E402
+    adam_kernel,
+    restore_kernel,
+    sgd_kernel,
+    steps_kernel,
+)
+
+_T = "*i64"
+_BASE = {"table": _T, "n_tensors": "i32", "n_chunks": "i32", "chunk": "i32"}
+
+
+def _compile(fn, sig: dict[str, str], consts: dict, label: str) -> dict:
+    names = fn.arg_names
+    signature = {n: ("constexpr" if n in consts else sig[n]) for n in names}
+    # Scalars the kernel annotates (float64 hyperparameters) must keep that type at run time.
+    for p in fn.params:
+        if p.annotation and not p.is_constexpr:
+            assert p.annotation == signature[p.name], (label, p.name, p.annotation)
+    # What the launcher specialises at run time: 16-byte aligned tensor arguments.
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(names)
+        if n not in consts and signature[n].startswith("*")
+    }
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    return {
+        "kernel": label,
+        "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
+        "vector_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v[24]\.", ptx)),
+    }
+
+
+def main() -> None:
+    for name, dt, acc in (
+        ("fp32", tl.float32, tl.float32),
+        ("bf16", tl.bfloat16, tl.float32),
+        ("fp16", tl.float16, tl.float32),
+        ("fp64", tl.float64, tl.float64),
+    ):
+        part = "*fp64" if acc == tl.float64 else "*fp32"
+        common = {"DTYPE": dt, "ACC": acc, "ALIGNED": True, "DIRECT": False, "BLOCK": 1024}
+        sig = dict(_BASE, out=part, eta="fp64", g_arg=_T, w_arg=_T, numel_arg="i32")
+        print(json.dumps(_compile(norm_kernel, sig, dict(common, ADAPTIVE=True), f"norm/{name}")))
+        sig = dict(_BASE, sumsq=part, n_partials="i32", rho="fp64", eps="fp64", eta="fp64")
+        sig.update(w_arg=_T, g_arg=_T, b_arg=_T, m_arg=_T, numel_arg="i32")
+        consts = dict(common, ADAPTIVE=True, HAS_MASK=True, RBLOCK=1024)
+        print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}")))
+        sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", weight_decay="fp64")
+        sig.update(momentum="fp64", dampening="fp64", w_arg=_T, g_arg=_T, b_arg=_T, v_arg=_T)
+        sig.update(numel_arg="i32")
+        consts = dict(common, HAS_INF=True, HAS_SCALE=True, MAXIMIZE=True, USE_WD=True)
+        consts.update(MOMENTUM=True, FIRST=False, NESTEROV=True)
+        print(json.dumps(_compile(sgd_kernel, sig, consts, f"sgd/{name}")))
+        sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", beta1="fp64")
+        sig.update(beta2="fp64", eps="fp64", weight_decay="fp64", w_arg=_T, g_arg=_T, b_arg=_T)
+        sig.update(m_arg=_T, v_arg=_T, s_arg=_T, vmax_arg=_T, numel_arg="i32")
+        consts = dict(common, HAS_INF=True, HAS_SCALE=True, MAXIMIZE=True, USE_WD=True)
+        consts.update(DECOUPLED=True, AMSGRAD=True)
+        print(json.dumps(_compile(adam_kernel, sig, consts, f"adam/{name}")))
+    sig = dict(_BASE, w_arg=_T, b_arg=_T, numel_arg="i32")
+    consts = {"DTYPE": tl.float32, "ALIGNED": True, "DIRECT": False, "BLOCK": 1024}
+    print(json.dumps(_compile(restore_kernel, sig, consts, "restore/fp32")))
+    sig = {"table": _T, "n_tensors": "i32", "n_chunks": "i32", "found_inf": "*fp32"}
+    consts = {"HAS_INF": True, "ROW": 5, "BLOCK": 128}
+    print(json.dumps(_compile(steps_kernel, sig, consts, "steps")))
+    # The per-tensor (torch.compile) variants take typed tensor arguments.
+    sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", weight_decay="fp64")
+    sig.update(momentum="fp64", dampening="fp64", w_arg="*bf16", g_arg="*bf16", b_arg="*bf16")
+    sig.update(v_arg="*bf16", numel_arg="i32")
+    consts = {"DTYPE": tl.bfloat16, "ACC": tl.float32, "HAS_INF": False, "HAS_SCALE": False}
+    consts.update(MAXIMIZE=False, USE_WD=False, MOMENTUM=True, FIRST=True, NESTEROV=False)
+    consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024)
+    print(json.dumps(_compile(sgd_kernel, sig, consts, "sgd/bf16/direct")))
+    sig = dict(_BASE, sumsq="*fp32", n_partials="i32", rho="fp64", eps="fp64", eta="fp64")
+    sig.update(w_arg="*fp32", g_arg="*fp32", b_arg="*fp32", m_arg="*u8", numel_arg="i32")
+    consts = {"DTYPE": tl.float32, "ACC": tl.float32, "ADAPTIVE": False, "HAS_MASK": True}
+    consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024, RBLOCK=1024)
+    print(json.dumps(_compile(perturb_kernel, sig, consts, "perturb/fp32/direct")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+"""Triton-specific checks beyond the shared oracle matrix of ``test_ops.py``.
+
+On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest);
+the ``gpu`` tests run the same comparisons on CUDA tensors with compiled kernels. An
+ahead-of-time compile for sm_90 (no GPU needed) checks that every kernel family compiles and
+that the aligned variants issue 16-byte vector accesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOL, assert_close, require_backend
+
+from fused_sam import functional as F
+from fused_sam.masks import pack_bits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import triton
+    import triton.language as tl
+
+    from fused_sam.backends.triton._table import to_storage
+
+    @triton.jit
+    def _cast_kernel(x_ptr, y_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(y_ptr + offs, to_storage(x, DTYPE), mask=offs < n)
+
+except ImportError:  # the tests below fail through require_backend with the reason
+    _cast_kernel = None
+
+
+@pytest.fixture
+def tb():
+    """The Triton backend module (failing, or skipping where allowed, when it cannot run)."""
+    require_backend("triton")
+    from fused_sam.backends import triton as tb
+
+    return tb
+
+
+def _sizes_many() -> list[int]:
+    # 32 tensors in one launch: empty, exactly one block or chunk, one past either, several
+    # chunks, and many tiny ones (mask bytes shared by no two tensors, odd tails).
+    g = _geometry()
+    block, chunk = g.block, g.chunk
+    edges = [0, block - 1, block, block + 1, chunk, chunk + 3, 2 * chunk + 5]
+    return edges + list(range(1, 26))
+
+
+def _geometry():
+    from fused_sam.backends.triton import _table
+
+    return _table.geometry(0)
+
+
+def _tensors(sizes, dtype, device="cpu", offset=0):
+    """Tensors of ``sizes``, views at ``offset`` elements into one flat buffer when nonzero."""
+    if not offset:
+        return [torch.randn(n, dtype=torch.float64).to(dtype).to(device) for n in sizes]
+    out = []
+    for n in sizes:
+        buf = torch.randn(n + offset, dtype=torch.float64).to(dtype).to(device)
+        out.append(buf[offset:])
+    return out
+
+
+def _run_cycle(backend, ps, g1, g2, masks, adaptive, steps=2):
+    """norm -> perturb -> restore+SGD (momentum, nesterov, wd) for ``steps`` steps."""
+    n = len(ps)
+    ad, eta, rho = [adaptive] * n, [0.01] * n, [0.05] * n
+    backups = [torch.empty_like(p) for p in ps]
+    bufs = [torch.zeros_like(p) for p in ps]
+    sums = []
+    for step in range(steps):
+        sumsq = F.norm_sq(g1, ps, ad, eta, backend=backend)
+        sums.append(sumsq.double().sum())
+        F.perturb_(ps, g1, backups, sumsq, rho, 1e-12, ad, eta, masks, backend=backend)
+        F.restore_sgd_step_(
+            ps,
+            g2,
+            backups,
+            bufs,
+            lr=0.1,
+            weight_decay=1e-4,
+            momentum=0.9,
+            dampening=0.0,
+            nesterov=True,
+            maximize=False,
+            first_step=[step == 0] * n,
+            grad_scale=None,
+            found_inf=None,
+            backend=backend,
+        )
+    return ps, bufs, sums
+
+
+@pytest.mark.parametrize(
+    ("offset", "masked"), [(0, False), (1, True)], ids=["aligned", "misaligned-masked"]
+)
+def test_many_tensors_one_launch(tb, offset: int, masked: bool) -> None:
+    """40 tensors of edge sizes in one launch, aligned and 4-byte-misaligned addresses."""
+    from fused_sam.backends.triton import _table
+
+    sizes = _sizes_many()
+    ps = _tensors(sizes, torch.float32, offset=offset)
+    g1 = _tensors(sizes, torch.float32, offset=offset)
+    g2 = _tensors(sizes, torch.float32, offset=offset)
+    masks = [pack_bits(torch.rand(n) < 0.5) for n in sizes] if masked else None
+    want = _run_cycle("reference", [p.clone() for p in ps], g1, g2, masks, adaptive=True)
+    got = _run_cycle("triton", [p.clone() for p in ps], g1, g2, masks, adaptive=True)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert_close(a, b, "params/momentum")
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    # One program per chunk of every tensor: the partials say how many ran in the launch.
+    chunk = _table.geometry(sum(sizes)).chunk
+    partials = tb.norm_sq_partials(g1, ps, False, 0.0)
+    assert partials.numel() == sum(-(-n // chunk) for n in sizes)
+    table = _table.pointer_table([g1, g1], sizes, chunk, torch.device("cpu"))
+    assert table.aligned == (offset == 0)
+
+
+def test_norm_partials_deterministic(tb) -> None:
+    sizes = [5, 70000, 4096, 1]
+    g = _tensors(sizes, torch.float32)
+    first = tb.norm_sq_partials(g, g, True, 0.1)
+    for _ in range(2):
+        assert torch.equal(tb.norm_sq_partials(g, g, True, 0.1), first)
+
+
+def test_short_mask_is_refused(tb) -> None:
+    """A mask with too few bytes is never read out of bounds: it is refused with the reason."""
+    ps = _tensors([100], torch.float32)
+    with pytest.raises(ValueError, match="mask"):
+        tb.perturb_(
+            ps, ps, [torch.empty_like(ps[0])], torch.ones(1), 0.05, 1e-12, False, 0.0,
+            [torch.zeros(3, dtype=torch.uint8)],
+        )  # fmt: skip
+
+
+def test_table_cache_hits_and_rebuilds(tb) -> None:
+    """Same tensors: the cached table (no copy); a moved ``data_ptr``: a new, correct table."""
+    from fused_sam.backends.triton import _table
+
+    _table.clear_cache()
+    ps = _tensors([300, 5000], torch.float32)
+    bs = [torch.empty_like(p) for p in ps]
+    chunk = _table.geometry(5300).chunk
+    t1 = _table.pointer_table([ps, bs], [300, 5000], chunk, torch.device("cpu"))
+    t2 = _table.pointer_table([ps, bs], [300, 5000], chunk, torch.device("cpu"))
+    assert t1 is t2
+    # A backup that comes back elsewhere (as a grad after zero_grad(set_to_none=True) may).
+    bs[1] = torch.full_like(ps[1], 3.0)
+    t3 = _table.pointer_table([ps, bs], [300, 5000], chunk, torch.device("cpu"))
+    assert t3 is not t1
+    assert t3.data[-1].item() == bs[1].data_ptr()
+    tb.restore_(ps, bs)
+    assert torch.equal(ps[1], torch.full_like(ps[1], 3.0))
+    # The cache is bounded.
+    for i in range(_table.cache_info()[1] + 5):
+        _table.pointer_table([[torch.zeros(i + 1)]], [i + 1], chunk, torch.device("cpu"))
+    assert _table.cache_info()[0] == _table.cache_info()[1]
+
+
+def test_hyperparameters_do_not_recompile(tb) -> None:
+    """lr, rho, eta, ... are runtime arguments: new values reuse the compiled kernel."""
+    from fused_sam.backends.triton.norm import norm_kernel
+    from fused_sam.backends.triton.perturb import perturb_kernel
+    from fused_sam.backends.triton.step import sgd_kernel
+
+    for kernel, hyper in (
+        (norm_kernel, {"eta"}),
+        (perturb_kernel, {"rho", "eps", "eta"}),
+        (sgd_kernel, {"lr", "weight_decay", "momentum", "dampening"}),
+    ):
+        annotations = kernel.fn.__annotations__
+        for name in hyper:
+            assert annotations[name] == tl.float64, (kernel, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_once_to_storage(tb, dtype: torch.dtype) -> None:
+    """The store rounding is round-to-nearest-even, matching torch's ``.to(dtype)``."""
+    from fused_sam.backends.triton._table import tl_dtype
+
+    # Random values, exact ties between neighbours, huge values, infinities and subnormals.
+    x = torch.randn(3000, dtype=torch.float64).float()
+    lo = torch.randn(500).to(dtype).float()
+    hi = torch.nextafter(lo.to(dtype), torch.full_like(lo, float("inf")).to(dtype)).float()
+    special = torch.tensor([float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-40, -1e-45, 0.0, -0.0])
+    x = torch.cat([x, (lo + hi) / 2, special])
+    y = torch.empty_like(x, dtype=dtype)
+    _cast_kernel[(1,)](x, y, x.numel(), DTYPE=tl_dtype(dtype), BLOCK=4096)
+    assert torch.equal(y.view(torch.int16), x.to(dtype).view(torch.int16))
+    nan = torch.full((1,), float("nan"))
+    _cast_kernel[(1,)](nan, y[:1], 1, DTYPE=tl_dtype(dtype), BLOCK=16)
+    assert torch.isnan(y[0])
+
+
+def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
+    """The per-tensor (traced, torch.compile) path computes what the table path computes.
+
+    Under tracing the tensors are fake; here the same ``DIRECT`` launches run eagerly in the
+    interpreter on real tensors, so their indexing and math are checked on CPU too.
+    """
+    sizes = [1, 4097, 20000, 3]
+    results = {}
+    launched = set()
+
+    def launcher(kernel, t):
+        launched.add(kernel)
+        return kernel
+
+    for mode in ("table", "direct"):
+        if mode == "direct":
+            monkeypatch.setattr(tb, "_traced", lambda t: True)
+            monkeypatch.setattr(tb, "_direct_launcher", launcher)
+        torch.manual_seed(3)
+        ps = _tensors(sizes, torch.bfloat16)
+        g1 = _tensors(sizes, torch.bfloat16)
+        g2 = _tensors(sizes, torch.bfloat16)
+        masks = [pack_bits(torch.rand(n) < 0.5) for n in sizes]
+        n = len(ps)
+        backups = [torch.empty_like(p) for p in ps]
+        sumsq = tb.norm_sq_partials(g1, ps, True, 0.01)
+        tb.perturb_(ps, g1, backups, sumsq, 0.05, 1e-12, True, 0.01, masks)
+        m, v, vmax = (_tensors(sizes, torch.bfloat16) for _ in range(3))
+        v = [x.abs() for x in v]
+        vmax = [x.abs() for x in vmax]
+        steps = [torch.full((), 3.0) for _ in range(n)]
+        tb.restore_adam_step_(
+            ps,
+            g2,
+            backups,
+            m,
+            v,
+            vmax,
+            steps,
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            amsgrad=True,
+            maximize=False,
+            decoupled_weight_decay=True,
+            grad_scale=torch.tensor(2.0),
+            found_inf=torch.tensor(0.0),
+        )
+        bufs = [torch.zeros_like(p) for p in ps]
+        tb.restore_sgd_step_(
+            ps,
+            g2,
+            [p.clone() for p in ps],
+            bufs,
+            lr=0.1,
+            weight_decay=0.0,
+            momentum=0.9,
+            dampening=0.1,
+            nesterov=False,
+            maximize=True,
+            first_step=True,
+            grad_scale=None,
+            found_inf=None,
+        )
+        tb.restore_(backups, ps)
+        results[mode] = (sumsq.double().sum(), ps, m, v, vmax, steps, bufs, backups)
+    assert len(launched) == 5  # norm, perturb, adam, sgd, restore
+    a, b = results["table"], results["direct"]
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=0)
+    for xs, ys in zip(a[1:], b[1:]):
+        for x, y in zip(xs, ys):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("base", "kwargs"),
+    [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.AdamW, {"lr": 1e-3})],
+    ids=["sgd", "adamw"],
+)
+def test_fused_sam_end_to_end(tb, base, kwargs) -> None:
+    """FusedSAM with the Triton backend (fused restore+step) tracks the reference backend."""
+    from torch import nn
+
+    from fused_sam import FusedSAM
+
+    def train(backend: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))
+        opt = FusedSAM(model.parameters(), base, rho=0.05, backend=backend, **kwargs)
+        x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(train("triton"), train("reference")):
+        assert_close(a, b, "params")
+
+
+def test_opcheck(tb) -> None:
+    """Schema, declared mutations and fake (meta) behaviour of the registered ops.
+
+    ``test_aot_dispatch_dynamic`` is left out on CPU: it traces the op body with functional
+    tensors, which needs compiled (CUDA) kernels; the ``gpu`` test below runs it.
+    """
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for args in _op_args("cpu"):
+        torch.library.opcheck(*args, test_utils=utils)
+
+
+def _op_args(device: str):
+    ops = torch.ops.fused_sam_triton
+    sizes = [3, 5000]
+    ps = _tensors(sizes, torch.float32, device)
+    gs = _tensors(sizes, torch.float32, device)
+    bs = [torch.empty_like(p) for p in ps]
+    st = [torch.zeros((), device=device) for _ in ps]
+    masks = [pack_bits(torch.rand(n) < 0.5).to(device) for n in sizes]
+    sumsq = ops.norm_sq_partials(gs, ps, True, 0.01)
+    fi = torch.zeros((), device=device)
+    scale = torch.ones((), device=device)
+    like = [torch.zeros_like(p) for p in ps]
+    moments = [x.clone() for x in like], [x.clone() for x in like]
+    adam_hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, True)
+    return [
+        (ops.norm_sq_partials.default, (gs, ps, True, 0.01)),
+        (ops.perturb.default, (ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, masks)),
+        (ops.restore.default, (ps, bs)),
+        (
+            ops.restore_sgd_step.default,
+            (ps, gs, bs, like, 0.1, 0.0, 0.9, 0.0, False, False, True, scale, fi),
+        ),
+        (
+            ops.restore_adam_step.default,
+            (ps, gs, bs, like, *moments, st, *adam_hyper, scale, fi),
+        ),
+    ]
+
+
+def test_unavailable_reasons(tb) -> None:
+    assert tb.unavailable_reason(torch.device("cpu")) is None
+    assert "TRITON_INTERPRET" in tb.unavailable_reason(torch.device("cuda"))
+    assert tb.unavailable_reason(torch.device("meta")) is not None
+    with pytest.raises(F.BackendUnavailableError, match="TRITON_INTERPRET"):
+        F.resolve_backend("triton", torch.device("cuda"))
+
+
+def test_reason_without_interpreter() -> None:
+    """A fresh process without ``TRITON_INTERPRET`` reports exactly why CPU tensors cannot run."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch; from fused_sam import functional as F; "
+        "print(F.unavailable_reason('triton', torch.device('cpu')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_compiles_for_sm90_and_vectorises() -> None:
+    """Every kernel family compiles for an NVIDIA target; aligned variants use 16-byte vectors."""
+    pytest.importorskip("triton")  # the backend's own tests fail loudly if triton is missing
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_triton_aot.py")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 20
+    for row in rows:
+        if "/direct" in row["kernel"] or row["kernel"] == "steps":
+            continue
+        assert row["vector_loads"] > 0, row
+        if not row["kernel"].startswith("norm"):
+            assert row["vector_stores"] > 0, row
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the same comparisons with compiled kernels on CUDA tensors
+
+
+def _cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device")
+    require_backend("triton", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_gpu_cycle_matches_reference(dtype: torch.dtype, adaptive: bool) -> None:
+    _cuda()
+    sizes = [0, 1, 3, 1023, 1024, 1025, 16384, 16385, 100003, 1 << 20]
+    torch.manual_seed(0)
+    ps = _tensors(sizes, dtype, "cuda")
+    g1 = _tensors(sizes, dtype, "cuda")
+    g2 = _tensors(sizes, dtype, "cuda")
+    masks = [pack_bits(torch.rand(n, device="cuda") < 0.5) for n in sizes]
+    for m in (None, masks):
+        want = _run_cycle("reference", [p.clone() for p in ps], g1, g2, m, adaptive, steps=3)
+        got = _run_cycle("triton", [p.clone() for p in ps], g1, g2, m, adaptive, steps=3)
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            atol, rtol = TOL[dtype]
+            torch.testing.assert_close(a, b, atol=4 * atol, rtol=4 * rtol)
+
+
+@pytest.mark.gpu
+def test_gpu_oracle_matrix() -> None:
+    """The shared oracle matrix's SGD/Adam runs on CUDA tensors (7 steps, every config)."""
+    _cuda()
+    import test_ops as T
+
+    def on_cuda(run):
+        def wrapped(*args, **kwargs):
+            torch.set_default_device("cuda")
+            try:
+                return run(*args, **kwargs)
+            finally:
+                torch.set_default_device(None)
+
+        return wrapped
+
+    for dtype in T.DTYPES:
+        for cfg in T.SGD_CONFIGS:
+            want = on_cuda(T._sgd_run)("reference", dtype, cfg)
+            got = on_cuda(T._sgd_run)("triton", dtype, cfg)
+            exact = on_cuda(T._sgd_run)("reference", dtype, cfg, store=torch.float64)
+            for a, b, x in zip(got, want, exact):
+                if b is not None:
+                    T.check_all(a, b, "sgd", x)
+        for cfg in T.ADAM_CONFIGS:
+            want = on_cuda(T._adam_run)("reference", dtype, cfg)
+            got = on_cuda(T._adam_run)("triton", dtype, cfg)
+            exact = on_cuda(T._adam_run)("reference", dtype, cfg, store=torch.float64)
+            for a, b, x in zip(got[:4], want[:4], exact[:4]):
+                if b is not None:
+                    T.check_all(a, b, "adam", x)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile() -> None:
+    """opcheck including aot dispatch, and torch.compile of a whole SAM step (no graph break)."""
+    _cuda()
+    for args in _op_args("cuda"):
+        torch.library.opcheck(*args)
+    sizes = [7, 5000, 70000]
+    ps = _tensors(sizes, torch.float32, "cuda")
+    gs = _tensors(sizes, torch.float32, "cuda")
+
+    from fused_sam.backends import triton as tb
+
+    def sam_half_step(ps, gs, bs):
+        sumsq = tb.norm_sq_partials(gs, ps, False, 0.0)
+        tb.perturb_(ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, None)
+        return sumsq
+
+    want_p = [p.clone() for p in ps]
+    want_b = [torch.empty_like(p) for p in ps]
+    sam_half_step(want_p, gs, want_b)
+    got_p = [p.clone() for p in ps]
+    got_b = [torch.empty_like(p) for p in ps]
+    torch.compile(sam_half_step, fullgraph=True)(got_p, gs, got_b)
+    for a, b in zip(got_p + got_b, want_p + want_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_steady_state_no_copy_no_recompile() -> None:
+    """After a warm-up step: tables from the cache (no H2D copy) and no recompiles per lr/rho."""
+    _cuda()
+    from fused_sam.backends.triton import _table
+    from fused_sam.backends.triton.step import sgd_kernel
+
+    sizes = [1000, 200000]
+    ps = _tensors(sizes, torch.float32, "cuda")
+    gs = _tensors(sizes, torch.float32, "cuda")
+    bs = [torch.empty_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    n = len(ps)
+
+    def step(i: int) -> None:
+        sumsq = F.norm_sq(gs, ps, [False] * n, [0.0] * n, backend="triton")
+        rho = [0.05 + 0.01 * i] * n
+        F.perturb_(ps, gs, bs, sumsq, rho, 1e-12, [False] * n, [0.0] * n, None, "triton")
+        F.restore_sgd_step_(
+            ps, gs, bs, vs, lr=0.1 / (i + 1), weight_decay=0.0, momentum=0.9, dampening=0.0,
+            nesterov=False, maximize=False, first_step=[False] * n, grad_scale=None,
+            found_inf=None, backend="triton",
+        )  # fmt: skip
+
+    step(0)
+    torch.cuda.synchronize()
+    entries = _table.cache_info()[0]
+    compiled = sum(len(c[0]) for c in sgd_kernel.device_caches.values())
+    with torch.profiler.profile() as prof:
+        for i in range(1, 4):
+            step(i)
+        torch.cuda.synchronize()
+    assert _table.cache_info()[0] == entries
+    assert sum(len(c[0]) for c in sgd_kernel.device_caches.values()) == compiled
+    assert not any("HtoD" in e.name for e in prof.events()), "host-to-device copy in steady state"
