@@ -235,9 +235,9 @@ def test_bench_quick_csv_sizes_and_model(tmp_path: Path) -> None:
     ]
     assert main(argv) == 0
     lines = path.read_text().splitlines()
-    # adamw baseline, loop SAM, then one FusedSAM row per backend usable on the CPU
+    # sgd and adamw baselines, loop SAM, then one FusedSAM row per backend usable on the CPU
     extra = [n for n, why in available_backends("cpu").items() if why is None and n != "reference"]
-    assert lines[0].startswith("mode,provider,") and len(lines) == 1 + 2 + len(extra)
+    assert lines[0].startswith("mode,provider,") and len(lines) == 1 + 3 + len(extra)
     assert (
         main(["bench", "--quick", "--model", "fused_sam.bench:e2e_model", "--out", str(path)]) == 0
     )
