@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from types import ModuleType
 
 import torch
@@ -169,23 +169,49 @@ def _flat_ok(tensors: Sequence[Tensor]) -> bool:
 def _buckets(
     backend: str | None,
     columns: Sequence[Sequence[Tensor] | None],
-    extra: Callable[[int], Hashable] | None = None,
+    extras: Sequence[Hashable] | None = None,
 ) -> list[tuple[str, list[int]]]:
     """Split indices into ``(backend, indices)`` buckets.
 
     ``columns`` are the per-index tensor lists of one call (``None`` for an absent list); the
-    first column decides device and dtype. Indices a flat kernel cannot take go to ``foreach``.
-    This runs for every op of every step, so it does little more than read a few attributes
-    per tensor.
+    first column decides device and dtype, ``extras`` holds per-index hyperparameters that
+    must be equal within a bucket. Indices a flat kernel cannot take go to ``foreach``.
+
+    This runs for every op of every step over every parameter, so the common case (uniform
+    hyperparameters, contiguous tensors) costs a few C-level passes: torch's own C++ grouping
+    by device and dtype, and one contiguity scan per column.
     """
     first = columns[0]
     assert first is not None
+    if not first:
+        return []
     cols = [c for c in columns if c is not None]
-    # The common case, every tensor contiguous, is settled with one C-level pass per column.
     all_contiguous = all(all(map(Tensor.is_contiguous, c)) for c in cols)
+    if extras is not None and len(set(extras)) > 1:
+        return _buckets_by_extras(backend, cols, extras, all_contiguous)
+    out: list[tuple[str, list[int]]] = []
+    groups = torch._C._group_tensors_by_device_and_dtype([list(first)], True)
+    for (device, _dtype), (_, idx) in groups.items():
+        name = _resolve(backend, device)
+        if not _module(name).FLAT or all_contiguous:
+            out.append((name, list(idx)))
+            continue
+        flat = {i: _flat_ok([c[i] for c in cols]) for i in idx}
+        ok, rest = [i for i in idx if flat[i]], [i for i in idx if not flat[i]]
+        out += [(chosen, part) for chosen, part in ((name, ok), ("foreach", rest)) if part]
+    return out
+
+
+def _buckets_by_extras(
+    backend: str | None,
+    cols: list[Sequence[Tensor]],
+    extras: Sequence[Hashable],
+    all_contiguous: bool,
+) -> list[tuple[str, list[int]]]:
+    """:func:`_buckets` for per-index hyperparameters that differ: a plain per-index pass."""
     per_device: dict[torch.device, tuple[str, bool]] = {}
     groups: dict[Hashable, list[int]] = {}
-    for i, t in enumerate(first):
+    for i, t in enumerate(cols[0]):
         device = t.device
         resolved = per_device.get(device)
         if resolved is None:
@@ -194,12 +220,7 @@ def _buckets(
         chosen, flat = resolved
         if flat and not all_contiguous and not _flat_ok([c[i] for c in cols]):
             chosen = "foreach"
-        key = (chosen, device, t.dtype, extra(i) if extra is not None else None)
-        bucket = groups.get(key)
-        if bucket is None:
-            groups[key] = [i]
-        else:
-            bucket.append(i)
+        groups.setdefault((chosen, device, t.dtype, extras[i]), []).append(i)
     return [(key[0], idx) for key, idx in groups.items()]
 
 
@@ -236,7 +257,7 @@ def norm_sq(
         sum is the squared global norm.
     """
     parts: list[Tensor] = []
-    for chosen, idx in _buckets(backend, [grads, params], lambda i: (adaptive[i], eta[i])):
+    for chosen, idx in _buckets(backend, [grads, params], list(zip(adaptive, eta))):
         i0 = idx[0]
         mod = _module(chosen)
         parts.append(
@@ -292,8 +313,8 @@ def perturb_(
 
     ``rho``, ``adaptive`` and ``eta`` are per tensor; ``sumsq`` comes from :func:`norm_sq`.
     """
-    key = lambda i: (rho[i], adaptive[i], eta[i])  # noqa: E731
-    for chosen, idx in _buckets(backend, [params, grads, backups], key):
+    extras = list(zip(rho, adaptive, eta))
+    for chosen, idx in _buckets(backend, [params, grads, backups], extras):
         i0 = idx[0]
         dev_sumsq = sumsq.to(params[i0].device, non_blocking=True)
         bucket_masks = None if masks is None else [masks[i] for i in idx]
@@ -338,7 +359,7 @@ def restore_sgd_step_(
     ``momentum_buffers`` is ``None`` when ``momentum == 0``; ``first_step`` is per tensor.
     """
     cols = [params, grads, backups, momentum_buffers]
-    for chosen, idx in _buckets(backend, cols, lambda i: first_step[i]):
+    for chosen, idx in _buckets(backend, cols, first_step):
         dev = params[idx[0]].device
         _module(chosen).restore_sgd_step_(
             _pick(params, idx),

@@ -347,19 +347,29 @@ class FusedSAM(Optimizer):
             RuntimeError: a SAM step is already in flight, or a gradient is sparse.
         """
         self._check_not_in_flight("first_step()")
-        params, grads, rho, adaptive, eta = [], [], [], [], []
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        rho: list[float] = []
+        adaptive: list[bool] = []
+        eta: list[float] = []
+        # Whole-group list operations: this runs every step over every parameter.
         for group in self.param_groups:
             _validate_group(group)  # rho may have been scheduled since the last step
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            gs = [p.grad for p in ps]
+            _check_grads(gs)
+            n = len(ps)
             sign = -1.0 if group.get("maximize", False) else 1.0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_grad(p)
-                params.append(p)
-                grads.append(p.grad)
-                rho.append(sign * float(group["rho"]))
-                adaptive.append(_adaptive_for(group["adaptive"], p))
-                eta.append(float(group["eta"]))
+            params += ps
+            grads += gs
+            rho += [sign * float(group["rho"])] * n
+            if group["adaptive"] == "weights":
+                adaptive += [p.dim() >= 2 for p in ps]
+            else:
+                adaptive += [bool(group["adaptive"])] * n
+            eta += [float(group["eta"])] * n
         # A mask refresh that is due happens here, before the perturbation, so this step
         # already uses it (an SSAM-D refresh scores with these first-pass gradients).
         masks = None if self._sparse is None else self._sparse.step(self._all_params(), params)
@@ -498,9 +508,8 @@ class FusedSAM(Optimizer):
         if self.skip_nonfinite:
             with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             if with_grad:
-                for p in with_grad:
-                    _check_grad(p)
                 grads = [p.grad for p in with_grad]
+                _check_grads(grads)
                 n = len(with_grad)
                 inf2 = F.nonfinite(
                     F.norm_sq(grads, with_grad, [False] * n, [0.0] * n, self.backend)
@@ -658,14 +667,8 @@ class FusedSAM(Optimizer):
             )
 
 
-def _adaptive_for(setting: bool | str, p: Tensor) -> bool:
-    if setting == "weights":
-        return p.dim() >= 2
-    return bool(setting)
-
-
-def _check_grad(p: Tensor) -> None:
-    if p.grad.is_sparse:
+def _check_grads(grads: list[Tensor]) -> None:
+    if any(g.is_sparse for g in grads):
         raise RuntimeError(
             "FusedSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
             "use dense gradients"
