@@ -186,6 +186,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--reference", action="store_true", help="also time the slow float64 reference backend"
     )
     bench.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.0,
+        help="also time each backend with a Sparse SAM mask of this sparsity (e.g. 0.5)",
+    )
+    bench.add_argument(
         "--e2e", action="store_true", help="time whole training steps (forward+backward) instead"
     )
     bench.add_argument(
@@ -295,6 +301,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     warmup = 1 if args.quick else args.warmup
     if repeat < 1 or warmup < 0:
         raise ValueError("--repeat must be >= 1 and --warmup >= 0")
+    if not 0 <= args.sparsity < 1:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     results = bench.metadata(device)
     say = (
         (lambda name: print(f"  timing {name} ...", file=sys.stderr))
@@ -326,6 +334,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             warmup,
             include_reference=args.reference,
             progress=say,
+            sparsity=args.sparsity,
         )
         res["param_set"] = desc
         results["optimizer"] = res

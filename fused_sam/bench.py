@@ -230,7 +230,8 @@ class Provider:
         name: row name in the results.
         kind: ``"sam"`` or ``"base"`` (a plain optimizer step).
         base: ``"sgd"`` or ``"adamw"``.
-        floor_bytes: minimum bytes per parameter the step must move (fp32).
+        floor_bytes: minimum bytes per parameter the step must move (fp32; a bit-packed mask
+            adds 1/8 byte per parameter to the perturbation's read).
         make: ``make(params) -> step``, where ``step()`` runs one whole step.
         note: what the row is.
     """
@@ -238,7 +239,7 @@ class Provider:
     name: str
     kind: str
     base: str
-    floor_bytes: int
+    floor_bytes: float
     make: Callable[[list[Tensor]], Callable[[], None]]
     note: str = ""
 
@@ -259,9 +260,16 @@ def _sam_step(opt: Any) -> Callable[[], None]:
 
 
 def providers_for(
-    device: torch.device | str, base: str = "sgd", include_reference: bool = False
+    device: torch.device | str,
+    base: str = "sgd",
+    include_reference: bool = False,
+    sparsity: float = 0.0,
 ) -> list[Provider]:
-    """Every provider that can run on ``device``: baselines, loop SAM, and each usable backend."""
+    """Every provider that can run on ``device``: baselines, loop SAM, and each usable backend.
+
+    With ``sparsity > 0`` every backend also gets a Sparse SAM row (a bit-packed mask made once
+    at the first step by ``DynamicMask``, then read by every perturbation).
+    """
     device = torch.device(device)
     if base not in _BASES:
         raise ValueError(f"unknown base optimizer {base!r}; choose sgd or adamw")
@@ -305,6 +313,28 @@ def providers_for(
                 f"fused_sam, backend={backend!r}",
             )
         )
+        if sparsity > 0:
+            out.append(
+                Provider(
+                    f"FusedSAM[{backend}] mask {sparsity:g}",
+                    "sam",
+                    base,
+                    sam_floor + 1 / 8,
+                    lambda ps, b=backend: _sam_step(
+                        FusedSAM(
+                            ps,
+                            cls,
+                            rho=0.05,
+                            backend=b,
+                            sparsity=sparsity,
+                            mask="dynamic",
+                            foreach=True,
+                            **kw,
+                        )
+                    ),
+                    f"fused_sam, backend={backend!r}, bit-packed mask, sparsity {sparsity:g}",
+                )
+            )
     return out
 
 
@@ -405,6 +435,7 @@ def bench_optimizer(
     include_reference: bool = False,
     only: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    sparsity: float = 0.0,
 ) -> dict[str, Any]:
     """Time every provider on the same parameter set; returns rows plus the copy bandwidth.
 
@@ -417,6 +448,7 @@ def bench_optimizer(
         include_reference: also time the float64 reference backend (slow; off by default).
         only: restrict to providers whose name contains one of these strings.
         progress: called with each provider's name before it runs.
+        sparsity: also time each backend with a Sparse SAM mask of this sparsity.
     """
     device = torch.device(device)
     numel = sum(math.prod(s) for s in shapes)
@@ -424,7 +456,7 @@ def bench_optimizer(
     # step touches (w, g, momentum, backup): the same cache level as the step itself.
     bandwidth = copy_bandwidth(device, 2 * numel)
     rows = []
-    for prov in providers_for(device, base, include_reference):
+    for prov in providers_for(device, base, include_reference, sparsity):
         if only and not any(o in prov.name for o in only):
             continue
         if progress is not None:

@@ -23,7 +23,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from fused_sam.bn import frozen_bn_stats
 from fused_sam.data import Dataset, add_symmetric_noise, load_dataset
 from fused_sam.functional import resolve_backend
+from fused_sam.masks import FisherMask
 from fused_sam.optimizer import FusedSAM
 
 __all__ = ["METHODS", "DemoConfig", "Method", "run_demo", "summarise", "write_outputs"]
@@ -96,6 +97,9 @@ class DemoConfig:
     rho_sam: float = 0.5
     rho_asam: float = 2.0
     eta_asam: float = 0.01
+    ssam_sparsity: float = 0.5
+    ssam_samples: int = 16
+    ssam_update_epochs: int = 5
     subset: int | None = None
     validation: bool = False
     device: str = "cpu"
@@ -123,28 +127,77 @@ class Method:
     """
 
     label: str
-    build: Callable[[Any, DemoConfig], torch.optim.Optimizer]
+    build: Callable[[nn.Module, DemoConfig, TrainSet], torch.optim.Optimizer]
     rho: Callable[[DemoConfig], float] | None = None
+
+
+@dataclass(frozen=True)
+class TrainSet:
+    """The (noisy) training tensors of one run, for methods that score on examples (SSAM-F)."""
+
+    x: Tensor
+    y: Tensor
+    seed: int
+
+    def shuffled_batches(self, size: int) -> Iterable[tuple[Tensor, Tensor]]:
+        """An iterable of ``(x, y)`` batches in a fresh random order at every iteration."""
+        return _Shuffled(self, size)
+
+
+class _Shuffled:
+    def __init__(self, data: TrainSet, size: int) -> None:
+        self.data, self.size = data, size
+        self.gen = torch.Generator().manual_seed(20_000 + data.seed)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        perm = torch.randperm(self.data.x.shape[0], generator=self.gen).to(self.data.x.device)
+        for i in range(0, perm.numel(), self.size):
+            idx = perm[i : i + self.size]
+            yield self.data.x[idx], self.data.y[idx]
 
 
 def _sgd_kwargs(cfg: DemoConfig) -> dict[str, Any]:
     return {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
 
 
+def _ssamf(model: nn.Module, cfg: DemoConfig, train: TrainSet) -> FusedSAM:
+    # Official SSAM-F recipe: Fisher from 16 single examples, mask refreshed every 5 epochs.
+    steps_per_epoch = max(1, train.x.shape[0] // cfg.batch_size)
+    policy = FisherMask(
+        train.shuffled_batches(cfg.ssam_samples), model, num_samples=cfg.ssam_samples
+    )
+    return FusedSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=cfg.rho_sam,
+        sparsity=cfg.ssam_sparsity,
+        mask=policy,
+        mask_update_every=cfg.ssam_update_epochs * steps_per_epoch,
+        backend=cfg.backend,
+        **_sgd_kwargs(cfg),
+    )
+
+
 #: Every method the demo knows, by the name used on the command line.
 METHODS: dict[str, Method] = {
-    "sgd": Method("SGD", lambda params, cfg: torch.optim.SGD(params, **_sgd_kwargs(cfg))),
+    "sgd": Method(
+        "SGD", lambda model, cfg, _: torch.optim.SGD(model.parameters(), **_sgd_kwargs(cfg))
+    ),
     "sam": Method(
         "SAM",
-        lambda params, cfg: FusedSAM(
-            params, torch.optim.SGD, rho=cfg.rho_sam, backend=cfg.backend, **_sgd_kwargs(cfg)
+        lambda model, cfg, _: FusedSAM(
+            model.parameters(),
+            torch.optim.SGD,
+            rho=cfg.rho_sam,
+            backend=cfg.backend,
+            **_sgd_kwargs(cfg),
         ),
         rho=lambda cfg: cfg.rho_sam,
     ),
     "asam": Method(
         "ASAM",
-        lambda params, cfg: FusedSAM(
-            params,
+        lambda model, cfg, _: FusedSAM(
+            model.parameters(),
             torch.optim.SGD,
             rho=cfg.rho_asam,
             adaptive="weights",
@@ -154,7 +207,7 @@ METHODS: dict[str, Method] = {
         ),
         rho=lambda cfg: cfg.rho_asam,
     ),
-    # "ssamf": SSAM-F at 50% sparsity plugs in here once FusedSAM takes sparsity/mask arguments.
+    "ssamf": Method("SSAM-F", _ssamf, rho=lambda cfg: cfg.rho_sam),
 }
 
 #: Methods run when ``--methods`` is not given: all of them.
@@ -247,7 +300,8 @@ class Run:
         self.x_train, self.y_train, self.corrupted, self.x_eval, self.y_eval = move
         torch.manual_seed(seed)
         self.model = make_model(data.x_train.shape[1], data.num_classes, cfg.width).to(self.device)
-        self.opt = METHODS[method].build(self.model.parameters(), cfg)
+        train = TrainSet(self.x_train, self.y_train, seed)
+        self.opt = METHODS[method].build(self.model, cfg, train)
         self.two_pass = isinstance(self.opt, FusedSAM)
         self.steps_per_epoch = max(1, x_train.shape[0] // cfg.batch_size)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(

@@ -309,3 +309,18 @@ def test_param_sets_match_the_architectures(name: str, tensors: int, numel: int)
     _, shapes = param_shapes(name)
     assert len(shapes) == tensors
     assert sum(math.prod(s) for s in shapes) == numel  # torchvision's parameter counts
+
+
+def test_bench_sparsity_rows(tmp_path: Path) -> None:
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--threads", "1", "--sparsity", "0.5", "--out", str(path)]
+    assert main(argv) == 0
+    rows = json.loads(path.read_text())["optimizer"]["rows"]
+    masked = [r for r in rows if r["provider"].endswith("mask 0.5")]
+    usable = [n for n, why in available_backends("cpu").items() if why is None and n != "reference"]
+    assert len(masked) == len(usable)
+    for r in masked:
+        assert r["floor_bytes_per_param"] == 40.125 and math.isfinite(r["median_ms"])
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--quick", "--sparsity", "1.0", "--out", str(path)])
+    assert exc.value.code == 2
