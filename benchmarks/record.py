@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per provider")
     parser.add_argument("--batch-size", type=int, default=128, help="end-to-end batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--sparsity", type=float, default=0.5, help="Sparse SAM rows at this sparsity (0: none)"
+    )
     parser.add_argument("--note", default="", help="free text stored with the run (the machine)")
     parser.add_argument("--out", type=Path, default=None, help="results file (default: results/)")
     args = parser.parse_args(argv)
@@ -57,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         desc, shapes = bench.param_shapes(name)
         for base in args.bases.split(","):
             print(f"optimizer side: {desc}, base {base}", file=sys.stderr)
-            res = bench.bench_optimizer(shapes, device, base, repeat=repeat, warmup=5)
+            res = bench.bench_optimizer(
+                shapes, device, base, repeat=repeat, warmup=5, sparsity=args.sparsity
+            )
             res.update(param_set=name, description=desc)
             record["optimizer"].append(res)
             print(bench.markdown(bench.optimizer_table(res)) + "\n")
