@@ -25,3 +25,10 @@ def test_quickstart_runs(capsys) -> None:
 def test_commands_present() -> None:
     assert "pip install" in _block("main-command")
     assert "pytest" in _block("test-command")
+
+
+def test_sparse_sam_example_runs() -> None:
+    scope: dict = {}
+    exec(compile(_block("sparse-sam"), str(README), "exec"), scope)
+    opt = scope["opt"]
+    assert opt.masks and not opt.in_flight
