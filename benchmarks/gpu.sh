@@ -5,7 +5,7 @@
 #   benchmarks/gpu.sh --repeat 200    # extra arguments go to benchmarks/record.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')"
-python -m fused_sam info
+"${PYTHON:-python3}" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')"
+"${PYTHON:-python3}" -m fused_sam info
 note="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || true)"
-exec python benchmarks/record.py --device cuda --note "${note}" "$@"
+exec "${PYTHON:-python3}" benchmarks/record.py --device cuda --note "${note}" "$@"

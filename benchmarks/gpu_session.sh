@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   git rev-parse HEAD 2>/dev/null || echo "no git sha"
   FUSED_SAM_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
-    python -m pip install -q --no-build-isolation --no-deps -e . && python -m fused_sam info
-  python -m pytest -m gpu -q -p no:cacheprovider
+    "${PYTHON:-python3}" -m pip install -q --no-build-isolation --no-deps -e . && "${PYTHON:-python3}" -m fused_sam info
+  "${PYTHON:-python3}" -m pytest -m gpu -q -p no:cacheprovider
   benchmarks/gpu.sh --out "$out/bench-gpu.json"
 } 2>&1 | tee "$out/gpu-session.log"
