@@ -45,6 +45,11 @@ def _f32(ts: Sequence[Tensor]) -> list[Tensor]:
     return [t.float() if t.dtype in _LOW_PRECISION else t for t in ts]
 
 
+def _f32_copy(ts: Sequence[Tensor]) -> list[Tensor]:
+    """Like :func:`_f32`, but always new tensors, safe to update in place."""
+    return [t.float() if t.dtype in _LOW_PRECISION else t.clone() for t in ts]
+
+
 def _scaling(params: Sequence[Tensor], eta: float) -> list[Tensor]:
     t = torch._foreach_abs(_f32(params))
     if eta != 0:
@@ -140,7 +145,7 @@ def _add_scaled(
         torch._foreach_mul_(e, e)
         torch._foreach_mul_(e, _f32(grads))
     else:
-        e = [g.float() if g.dtype in _LOW_PRECISION else g.clone() for g in grads]
+        e = _f32_copy(grads)
     if masks is not None:
         torch._foreach_mul_(e, [unpack_bits(m, w) for m, w in zip(masks, params)])
     torch._foreach_add_(params, e, alpha=scale)
@@ -158,7 +163,7 @@ def _select(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
 def _prepare(
     grads: Sequence[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None, maximize: bool
 ) -> tuple[list[Tensor], Tensor | None]:
-    g = [t.float() if t.dtype in _LOW_PRECISION else t.clone() for t in grads]
+    g = _f32_copy(grads)
     if grad_scale is not None:
         torch._foreach_div_(g, grad_scale)
     if maximize:
@@ -229,8 +234,7 @@ def restore_adam_step_(
     """See :func:`fused_sam.reference.restore_adam_step_`. The skip is decided on device."""
     restore_(params, backups)
     g, skip = _prepare(grads, grad_scale, found_inf, maximize)
-    w = _f32(params)
-    w = [x.clone() if x is p else x for x, p in zip(w, params)]
+    w = _f32_copy(params)
     if weight_decay != 0:
         if decoupled_weight_decay:
             torch._foreach_mul_(w, 1 - lr * weight_decay)
