@@ -7,8 +7,14 @@
 //
 // Semantics of every op: fused_sam/reference.py (same names, same arguments).
 
+#include <ATen/FunctionalTensorWrapper.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <vector>
 
 #include "sam_ops.h"
 
@@ -51,6 +57,118 @@ TORCH_LIBRARY_IMPL(fused_sam, CUDA, m) {
 #endif
 
 // Build facts for `fused-sam info` and for the backend's availability checks.
+// ---------------------------------------------------------------------------------------------
+// Direct entry points for eager CPU calls.
+//
+// A call through torch.ops boxes every tensor of every list into the dispatcher's argument
+// stack; for a thousand-tensor list that is a few tenths of a millisecond per op, more than the
+// kernels themselves take on small tensors. fused_sam/backends/native.py therefore calls these
+// functions when nothing needs the dispatcher: no grad mode, no torch.compile, no dispatch mode
+// (fake tensors, profilers' modes) and, checked here, only plain CPU tensors. They return
+// false (norm: None) without doing anything otherwise, and the caller takes the registered op.
+// Like the dispatcher's ADInplaceOrView step, they bump the version counter of every tensor
+// an op writes, so autograd still detects a use of stale saved tensors.
+
+namespace {
+
+using Tensors = std::vector<at::Tensor>;
+
+bool plain_cpu(const at::Tensor& t) {
+  return t.defined() && t.is_cpu() && !t.unsafeGetTensorImpl()->is_python_dispatch() &&
+         !at::functionalization::impl::isFunctionalTensor(t);
+}
+
+bool plain_cpu(std::initializer_list<const Tensors*> lists,
+               std::initializer_list<const std::optional<at::Tensor>*> optionals = {}) {
+  for (const Tensors* list : lists) {
+    for (const at::Tensor& t : *list) {
+      if (!plain_cpu(t)) {
+        return false;
+      }
+    }
+  }
+  for (const std::optional<at::Tensor>* t : optionals) {
+    if (t->has_value() && !plain_cpu(**t)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void bump_versions(std::initializer_list<const Tensors*> lists) {
+  for (const Tensors* list : lists) {
+    for (const at::Tensor& t : *list) {
+      t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+}
+
+std::optional<at::Tensor> direct_norm_sq_partials(const Tensors& grads, const Tensors& params,
+                                                  bool adaptive, double eta) {
+  if (!plain_cpu({&grads, &params})) {
+    return std::nullopt;
+  }
+  return fused_sam::cpu::norm_sq_partials(grads, params, adaptive, eta);
+}
+
+bool direct_perturb(const Tensors& params, const Tensors& grads, const Tensors& backups,
+                    const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
+                    const Tensors& masks) {
+  if (!plain_cpu(sumsq) || !plain_cpu({&params, &grads, &backups, &masks})) {
+    return false;
+  }
+  fused_sam::cpu::perturb_(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks);
+  bump_versions({&params, &backups});
+  return true;
+}
+
+bool direct_restore(const Tensors& params, const Tensors& backups) {
+  if (!plain_cpu({&params, &backups})) {
+    return false;
+  }
+  fused_sam::cpu::restore_(params, backups);
+  bump_versions({&params});
+  return true;
+}
+
+bool direct_restore_sgd_step(const Tensors& params, const Tensors& grads, const Tensors& backups,
+                             const Tensors& momentum_buffers, double lr, double weight_decay,
+                             double momentum, double dampening, bool nesterov, bool maximize,
+                             bool first_step, const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf) {
+  if (!plain_cpu({&params, &grads, &backups, &momentum_buffers}, {&grad_scale, &found_inf})) {
+    return false;
+  }
+  fused_sam::cpu::restore_sgd_step_(params, grads, backups, momentum_buffers, lr, weight_decay,
+                                    momentum, dampening, nesterov, maximize, first_step,
+                                    grad_scale, found_inf);
+  bump_versions({&params, &momentum_buffers});
+  return true;
+}
+
+bool direct_restore_adam_step(const Tensors& params, const Tensors& grads, const Tensors& backups,
+                              const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
+                              const Tensors& max_exp_avg_sqs, const Tensors& state_steps,
+                              double lr, double beta1, double beta2, double eps,
+                              double weight_decay, bool amsgrad, bool maximize,
+                              bool decoupled_weight_decay,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
+  if (!plain_cpu({&params, &grads, &backups, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs,
+                  &state_steps},
+                 {&grad_scale, &found_inf})) {
+    return false;
+  }
+  fused_sam::cpu::restore_adam_step_(params, grads, backups, exp_avgs, exp_avg_sqs,
+                                     max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                                     weight_decay, amsgrad, maximize, decoupled_weight_decay,
+                                     grad_scale, found_inf);
+  bump_versions({&params, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &state_steps});
+  return true;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_sam native kernels; the ops are torch.ops.fused_sam.*";
 #ifdef FUSED_SAM_WITH_CUDA
@@ -59,4 +177,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("cuda_norm_partials") = fused_sam::kCudaNormPartials;
+  namespace py = pybind11;
+  m.def("direct_norm_sq_partials", &direct_norm_sq_partials);
+  m.def("direct_perturb_", &direct_perturb);
+  m.def("direct_restore_", &direct_restore);
+  m.def("direct_restore_sgd_step_", &direct_restore_sgd_step, py::arg("params"),
+        py::arg("grads"), py::arg("backups"), py::arg("momentum_buffers"), py::kw_only(),
+        py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"), py::arg("grad_scale"),
+        py::arg("found_inf"));
+  m.def("direct_restore_adam_step_", &direct_restore_adam_step, py::arg("params"),
+        py::arg("grads"), py::arg("backups"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("max_exp_avg_sqs"), py::arg("state_steps"), py::kw_only(), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"),
+        py::arg("grad_scale"), py::arg("found_inf"));
+  m.def("cpu_kernel_builds", &fused_sam::cpu::kernel_builds,
+        "Builds of the CPU kernels this machine can run, portable first.");
+  m.def("cpu_kernels", &fused_sam::cpu::kernels_in_use, "The CPU kernel build in use.");
+  m.def("use_cpu_kernels", &fused_sam::cpu::use_kernels, pybind11::arg("name"),
+        "Switch the CPU ops to a kernel build by name, or 'auto'.");
 }

@@ -9,6 +9,8 @@
 #include <c10/util/ArrayRef.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace fused_sam {
 
@@ -17,6 +19,14 @@ namespace fused_sam {
 constexpr int64_t kCudaNormPartials = 1024;
 
 namespace cpu {
+
+// Builds of the CPU kernels this machine can run, portable first ("DEFAULT", then "AVX2" where
+// it was compiled in and the CPU has AVX2, FMA and F16C).
+std::vector<std::string> kernel_builds();
+// The build the CPU ops use: the fastest one, or "DEFAULT" when ATEN_CPU_CAPABILITY=default.
+std::string kernels_in_use();
+// Switches every later CPU op to the named build ("auto" restores the default choice).
+void use_kernels(const std::string& name);
 
 at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool adaptive, double eta);
 

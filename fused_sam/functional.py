@@ -28,11 +28,13 @@ from fused_sam.masks import unpack_bits
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "Buckets",
     "available_backends",
     "masked_norm_sq",
     "nonfinite",
     "norm_sq",
     "perturb_",
+    "plan",
     "resolve_backend",
     "restore_",
     "restore_adam_step_",
@@ -166,11 +168,41 @@ def _flat_ok(tensors: Sequence[Tensor]) -> bool:
     return all(t.stride() == stride for t in tensors[1:])
 
 
+#: ``(backend, indices)`` pairs: which backend runs which tensors of a call (see :func:`plan`).
+Buckets = list[tuple[str, list[int]]]
+
+
+def plan(
+    backend: str | None,
+    columns: Sequence[Sequence[Tensor] | None],
+    extras: Sequence[Hashable] | None = None,
+) -> Buckets:
+    """Split the tensors of a call between backends, once, for reuse by several ops.
+
+    Every op below buckets its tensors itself, which for lists of a thousand tensors costs a
+    good part of a millisecond per call. A caller that issues several ops over the same tensors
+    (as :class:`~fused_sam.FusedSAM` does in one step) may compute the buckets once and pass
+    them as ``buckets=``. They stay valid for another call when its tensors are, index for
+    index, of the same device and dtype, all contiguous whenever those of the planned call
+    were, and when its per-index hyperparameters are uniform within each bucket.
+
+    Args:
+        backend: the backend request (a name, or ``None`` for auto), resolved per device.
+        columns: the per-index tensor lists of the call (``None`` for an absent list); the first
+            decides device and dtype.
+        extras: per-index hyperparameters that must be equal within a bucket.
+
+    Returns:
+        ``(backend name, ascending indices)`` pairs covering every index once.
+    """
+    return _buckets(backend, columns, extras)
+
+
 def _buckets(
     backend: str | None,
     columns: Sequence[Sequence[Tensor] | None],
     extras: Sequence[Hashable] | None = None,
-) -> list[tuple[str, list[int]]]:
+) -> Buckets:
     """Split indices into ``(backend, indices)`` buckets.
 
     ``columns`` are the per-index tensor lists of one call (``None`` for an absent list); the
@@ -187,7 +219,7 @@ def _buckets(
         return []
     cols = [c for c in columns if c is not None]
     all_contiguous = all(all(map(Tensor.is_contiguous, c)) for c in cols)
-    if extras is not None and len(set(extras)) > 1:
+    if extras is not None and extras.count(extras[0]) != len(extras):
         return _buckets_by_extras(backend, cols, extras, all_contiguous)
     out: list[tuple[str, list[int]]] = []
     groups = torch._C._group_tensors_by_device_and_dtype([list(first)], True)
@@ -207,7 +239,7 @@ def _buckets_by_extras(
     cols: list[Sequence[Tensor]],
     extras: Sequence[Hashable],
     all_contiguous: bool,
-) -> list[tuple[str, list[int]]]:
+) -> Buckets:
     """:func:`_buckets` for per-index hyperparameters that differ: a plain per-index pass."""
     per_device: dict[torch.device, tuple[str, bool]] = {}
     groups: dict[Hashable, list[int]] = {}
@@ -228,7 +260,8 @@ def _pick(seq: Sequence[Tensor] | None, idx: list[int]) -> list[Tensor] | None:
     """The tensors of one bucket; complex ones as their real view (a bucket has one dtype)."""
     if seq is None:
         return None
-    out = [seq[i] for i in idx]
+    # Indices are ascending and distinct, so as many as the list holds means all of them.
+    out = list(seq) if len(idx) == len(seq) else [seq[i] for i in idx]
     if out and out[0].is_complex():
         return [torch.view_as_real(t) for t in out]
     return out
@@ -244,6 +277,8 @@ def norm_sq(
     adaptive: Sequence[bool],
     eta: Sequence[float],
     backend: str | None,
+    *,
+    buckets: Buckets | None = None,
 ) -> Tensor:
     """Partial sums of squares of the (ASAM-scaled) gradient over every tensor given.
 
@@ -251,13 +286,16 @@ def norm_sq(
         grads, params: one entry per tensor (params read only where ``adaptive``).
         adaptive, eta: per-tensor ASAM switch and offset.
         backend: the backend request (a name, or ``None`` for auto), resolved per device.
+        buckets: from :func:`plan`, to skip bucketing (this and every op below).
 
     Returns:
         A 1-D float32 (float64 if any tensor is float64) tensor on ``grads[0]``'s device whose
         sum is the squared global norm.
     """
     parts: list[Tensor] = []
-    for chosen, idx in _buckets(backend, [grads, params], list(zip(adaptive, eta))):
+    if buckets is None:
+        buckets = _buckets(backend, [grads, params], list(zip(adaptive, eta)))
+    for chosen, idx in buckets:
         i0 = idx[0]
         mod = _module(chosen)
         parts.append(
@@ -308,13 +346,16 @@ def perturb_(
     eta: Sequence[float],
     masks: Sequence[Tensor] | None,
     backend: str | None,
+    *,
+    buckets: Buckets | None = None,
 ) -> None:
     """Backup the weights and move them to ``w + e`` (see :func:`fused_sam.reference.perturb_`).
 
     ``rho``, ``adaptive`` and ``eta`` are per tensor; ``sumsq`` comes from :func:`norm_sq`.
     """
-    extras = list(zip(rho, adaptive, eta))
-    for chosen, idx in _buckets(backend, [params, grads, backups], extras):
+    if buckets is None:
+        buckets = _buckets(backend, [params, grads, backups], list(zip(rho, adaptive, eta)))
+    for chosen, idx in buckets:
         i0 = idx[0]
         dev_sumsq = sumsq.to(params[i0].device, non_blocking=True)
         bucket_masks = None if masks is None else [masks[i] for i in idx]
@@ -331,9 +372,17 @@ def perturb_(
         )
 
 
-def restore_(params: Sequence[Tensor], backups: Sequence[Tensor], backend: str | None) -> None:
+def restore_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    backend: str | None,
+    *,
+    buckets: Buckets | None = None,
+) -> None:
     """Exact restore ``w = backup`` for every tensor given."""
-    for chosen, idx in _buckets(backend, [params, backups]):
+    if buckets is None:
+        buckets = _buckets(backend, [params, backups])
+    for chosen, idx in buckets:
         _module(chosen).restore_(_pick(params, idx), _pick(backups, idx))
 
 
@@ -353,13 +402,15 @@ def restore_sgd_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     backend: str | None,
+    buckets: Buckets | None = None,
 ) -> None:
     """Restore and take one SGD step (see :func:`fused_sam.reference.restore_sgd_step_`).
 
     ``momentum_buffers`` is ``None`` when ``momentum == 0``; ``first_step`` is per tensor.
     """
-    cols = [params, grads, backups, momentum_buffers]
-    for chosen, idx in _buckets(backend, cols, first_step):
+    if buckets is None:
+        buckets = _buckets(backend, [params, grads, backups, momentum_buffers], first_step)
+    for chosen, idx in buckets:
         dev = params[idx[0]].device
         _module(chosen).restore_sgd_step_(
             _pick(params, idx),
@@ -398,13 +449,16 @@ def restore_adam_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     backend: str | None,
+    buckets: Buckets | None = None,
 ) -> None:
     """Restore and take one Adam/AdamW step (see :func:`fused_sam.reference.restore_adam_step_`).
 
     ``max_exp_avg_sqs`` is ``None`` unless ``amsgrad``.
     """
-    cols = [params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
-    for chosen, idx in _buckets(backend, cols):
+    if buckets is None:
+        cols = [params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+        buckets = _buckets(backend, cols)
+    for chosen, idx in buckets:
         dev = params[idx[0]].device
         _module(chosen).restore_adam_step_(
             _pick(params, idx),

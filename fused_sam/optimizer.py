@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,13 +23,34 @@ from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, SparseMasks
 
 __all__ = ["FusedSAM"]
 
+
+@dataclass
+class _StepPlan:
+    """What the tensors of one SAM step share with those of the previous steps.
+
+    Built when the parameters with a gradient change (or their storage does, e.g. after
+    ``model.half()``) and reused otherwise: the backup list and the backend buckets of the
+    step, so a step over a thousand small tensors does not redo per-tensor Python work in
+    every op.
+    """
+
+    #: ``id`` and ``data_ptr`` of every parameter of the step, and the SAM keys of every group.
+    key: tuple[Any, ...]
+    ids: tuple[int, ...]
+    devices: set[torch.device]
+    backups: list[Tensor]
+    #: buckets of the step's (params, grads, backups) from :func:`functional.plan`; ``None``
+    #: when a parameter is not contiguous (every op then buckets for itself).
+    buckets: F.Buckets | None
+
+
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 _ADAPTIVE_CHOICES = (False, True, "weights")
 # Keys FusedSAM keeps in every param group (next to the base optimizer's own keys).
 _SAM_KEYS = ("rho", "adaptive", "eta")
 # Attributes that describe one SAM step in flight or caches; never pickled or deep-copied.
-_TRANSIENT = ("step", "_backups", "_perturbed", "_found_inf", "_pending_zero_grad")
+_TRANSIENT = ("step", "_backups", "_plan", "_perturbed", "_found_inf", "_pending_zero_grad")
 _MASK_NORMS = ("full", "masked")
 #: Top-level ``state_dict()`` key holding the sparse-SAM masks and their policy's state.
 SPARSE_KEY = "sparse_sam"
@@ -243,6 +266,7 @@ class FusedSAM(Optimizer):
 
     def _reset_transient(self) -> None:
         self._backups: dict[Tensor, Tensor] = {}
+        self._plan: _StepPlan | None = None
         self._perturbed: list[Tensor] | None = None  # not None <=> a SAM step is in flight
         self._found_inf: Tensor | None = None
         self._pending_zero_grad = False
@@ -374,11 +398,13 @@ class FusedSAM(Optimizer):
         # already uses it (an SSAM-D refresh scores with these first-pass gradients).
         masks = None if self._sparse is None else self._sparse.step(self._all_params(), params)
         if params:
-            backups = [self._backup_for(p) for p in params]
+            plan = self._plan_for(params, rho, adaptive, eta)
+            backups = plan.backups
+            buckets = plan.buckets if _contiguous(grads) else None
             if masks is not None and self.mask_norm == "masked":
                 sumsq = F.masked_norm_sq(grads, params, adaptive, eta, masks, self.backend)
             else:
-                sumsq = F.norm_sq(grads, params, adaptive, eta, self.backend)
+                sumsq = F.norm_sq(grads, params, adaptive, eta, self.backend, buckets=buckets)
             self._found_inf = F.nonfinite(sumsq)
             F.perturb_(
                 params,
@@ -391,6 +417,7 @@ class FusedSAM(Optimizer):
                 eta,
                 masks,
                 self.backend,
+                buckets=buckets,
             )
         else:
             self._found_inf = None
@@ -505,24 +532,35 @@ class FusedSAM(Optimizer):
         found_inf = self._found_inf
         zero_grad = self._pending_zero_grad
         # Decide the skip on device: first-pass flag OR a non-finite second-pass gradient.
-        if self.skip_nonfinite:
-            with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if with_grad:
-                grads = [p.grad for p in with_grad]
-                _check_grads(grads)
-                n = len(with_grad)
-                inf2 = F.nonfinite(
-                    F.norm_sq(grads, with_grad, [False] * n, [0.0] * n, self.backend)
-                )
-                found_inf = (
-                    inf2
-                    if found_inf is None
-                    else torch.maximum(found_inf, inf2.to(found_inf.device))
-                )
+        # The step's plan holds for this pass too when the same parameters have gradients and
+        # those are contiguous (norm buckets need only device and dtype to agree).
+        plan = self._plan
+        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        buckets = None
+        if (
+            perturbed
+            and plan is not None
+            and plan.buckets is not None
+            and plan.ids == tuple(map(id, with_grad))
+            and _contiguous(grads)
+        ):
+            buckets = plan.buckets
+        if self.skip_nonfinite and with_grad:
+            _check_grads(grads)
+            n = len(with_grad)
+            inf2 = F.nonfinite(
+                F.norm_sq(grads, with_grad, [False] * n, [0.0] * n, self.backend, buckets=buckets)
+            )
+            found_inf = (
+                inf2 if found_inf is None else torch.maximum(found_inf, inf2.to(found_inf.device))
+            )
 
         fused = self._fused_kind()
         if fused is not None:
-            self._fused_restore_step(fused, perturbed, found_inf)
+            # One group holding every parameter of the plan: its buckets and backups apply.
+            whole = buckets is not None and len(self.param_groups) == 1
+            self._fused_restore_step(fused, perturbed, found_inf, buckets if whole else None)
         else:
             if perturbed:
                 F.restore_(perturbed, [self._backups[p] for p in perturbed], self.backend)
@@ -541,7 +579,8 @@ class FusedSAM(Optimizer):
         """``"sgd"``/``"adam"`` when the backend's fused restore+step can replace base.step()."""
         base = self.base_optimizer
         kind = {SGD: "sgd", Adam: "adam", AdamW: "adam"}.get(type(base))
-        if kind is None or not F.uses_fused_base_step(self.backend, self._devices()):
+        devices = self._plan.devices if self._plan is not None else self._devices()
+        if kind is None or not F.uses_fused_base_step(self.backend, devices):
             return None
         for group in self.param_groups:
             if group.get("differentiable") or isinstance(group["lr"], Tensor):
@@ -551,8 +590,20 @@ class FusedSAM(Optimizer):
         return kind
 
     def _fused_restore_step(
-        self, kind: str, perturbed: list[Tensor], found_inf: Tensor | None
+        self,
+        kind: str,
+        perturbed: list[Tensor],
+        found_inf: Tensor | None,
+        buckets: F.Buckets | None,
     ) -> None:
+        """Restore + base step per group; ``buckets``: the step plan's, for a single group."""
+        if buckets is not None and self._plan is not None:
+            # Every parameter with a gradient was perturbed: the plan's backups line up.
+            params = perturbed
+            grads = [p.grad for p in params]
+            step = self._sgd if kind == "sgd" else self._adam
+            step(self.param_groups[0], params, grads, self._plan.backups, found_inf, buckets)
+            return
         in_perturbed = set(map(id, perturbed))
         stepped: set[int] = set()
         for group in self.param_groups:
@@ -564,26 +615,29 @@ class FusedSAM(Optimizer):
             # A parameter that was not perturbed is its own backup: stepped without a restore.
             backups = [self._backups[p] if id(p) in in_perturbed else p for p in params]
             if kind == "sgd":
-                self._sgd(group, params, grads, backups, found_inf)
+                self._sgd(group, params, grads, backups, found_inf, None)
             else:
-                self._adam(group, params, grads, backups, found_inf)
+                self._adam(group, params, grads, backups, found_inf, None)
         rest = [p for p in perturbed if id(p) not in stepped]
         if rest:
             F.restore_(rest, [self._backups[p] for p in rest], self.backend)
 
-    def _sgd(self, group: dict[str, Any], params, grads, backups, found_inf) -> None:
+    def _sgd(self, group: dict[str, Any], params, grads, backups, found_inf, buckets) -> None:
         momentum = group["momentum"]
         bufs = None
         first = [False] * len(params)
         if momentum != 0:
-            bufs = []
-            for i, p in enumerate(params):
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    self.state[p]["momentum_buffer"] = buf
+            state = self.state
+            bufs = [state[p].get("momentum_buffer") for p in params]
+            for i, buf in enumerate(bufs):
+                if buf is None:  # the first step of this parameter: a fresh buffer
+                    p = params[i]
+                    bufs[i] = state[p]["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
                     first[i] = True
-                bufs.append(buf)
+        if buckets is not None and (any(first) or (bufs is not None and not _contiguous(bufs))):
+            buckets = None  # first_step differs per tensor, or a loaded buffer has other strides
         F.restore_sgd_step_(
             params,
             grads,
@@ -599,9 +653,10 @@ class FusedSAM(Optimizer):
             grad_scale=None,
             found_inf=found_inf,
             backend=self.backend,
+            buckets=buckets,
         )
 
-    def _adam(self, group: dict[str, Any], params, grads, backups, found_inf) -> None:
+    def _adam(self, group: dict[str, Any], params, grads, backups, found_inf, buckets) -> None:
         amsgrad = group["amsgrad"]
         exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
         for p in params:
@@ -621,6 +676,8 @@ class FusedSAM(Optimizer):
             if amsgrad:
                 max_sqs.append(st["max_exp_avg_sq"])
             steps.append(st["step"])
+        if buckets is not None and not all(map(_contiguous, (exp_avgs, exp_avg_sqs, max_sqs))):
+            buckets = None  # state loaded from a checkpoint with other strides
         beta1, beta2 = group["betas"]
         decoupled = group.get("decoupled_weight_decay", isinstance(self.base_optimizer, AdamW))
         F.restore_adam_step_(
@@ -642,7 +699,28 @@ class FusedSAM(Optimizer):
             grad_scale=None,
             found_inf=found_inf,
             backend=self.backend,
+            buckets=buckets,
         )
+
+    def _plan_for(
+        self, params: list[Tensor], rho: list[float], adaptive: list[bool], eta: list[float]
+    ) -> _StepPlan:
+        """The step plan for ``params`` (with their per-tensor SAM values): cached or new."""
+        ids = tuple(map(id, params))
+        sam_keys = tuple(
+            (g["rho"], g["adaptive"], g["eta"], g.get("maximize")) for g in self.param_groups
+        )
+        # data_ptr changes whenever a parameter's storage is replaced (.to(), .half(), .data =).
+        key = (ids, tuple(map(Tensor.data_ptr, params)), sam_keys)
+        plan = self._plan
+        if plan is not None and plan.key == key:
+            return plan
+        backups = [self._backup_for(p) for p in params]
+        buckets = None
+        if _contiguous(params):
+            buckets = F.plan(self.backend, [params, backups], list(zip(rho, adaptive, eta)))
+        self._plan = _StepPlan(key, ids, {p.device for p in params}, backups, buckets)
+        return self._plan
 
     def _backup_for(self, p: Tensor) -> Tensor:
         # Allocated once per parameter and reused every step; preserve_format keeps a dense
@@ -667,8 +745,16 @@ class FusedSAM(Optimizer):
             )
 
 
+_IS_SPARSE = operator.attrgetter("is_sparse")
+
+
+def _contiguous(tensors: list[Tensor] | None) -> bool:
+    """Every tensor contiguous (one C-level pass); ``None`` counts as contiguous."""
+    return tensors is None or all(map(Tensor.is_contiguous, tensors))
+
+
 def _check_grads(grads: list[Tensor]) -> None:
-    if any(g.is_sparse for g in grads):
+    if any(map(_IS_SPARSE, grads)):
         raise RuntimeError(
             "FusedSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
             "use dense gradients"

@@ -1,179 +1,132 @@
-// CPU kernels of the fused_sam ops: one pass over memory per op, vectorised with at::vec and
-// parallelised with at::parallel_for over every element of every tensor of a call.
+// CPU ops of fused_sam: argument checks, the chunk plan and the threads. The vector math lives in
+// kernels.inc, built once per instruction set (see kernels.h); active_kernels() picks the build.
 //
 // The tensors of a call are cut into fixed-size chunks (a tensor smaller than a chunk is one
-// chunk), and the flat chunk list is split between threads. A thousand small tensors therefore
-// cost one parallel region, not a thousand, and one huge tensor is shared by all threads.
+// chunk), and the flat chunk list is split between threads with at::parallel_for. A thousand
+// small tensors therefore cost one parallel region, not a thousand, and one huge tensor is shared
+// by all threads.
 //
-// Numerics follow fused_sam/reference.py: float16/bfloat16/float32 tensors are computed in
-// float32 and rounded once when stored, float64 tensors in float64. Norm partial sums are
-// accumulated in short float32 vector blocks that are then added in float64, in a fixed order,
-// so the result does not depend on the number of threads. Copies (backup, restore) are byte
-// copies and therefore exact for every value, NaN payloads included.
+// Norm partial sums are accumulated per chunk and then added in float64 in chunk order, so the
+// result does not depend on the number of threads. Copies (backup, restore) are byte copies and
+// therefore exact for every value, NaN payloads included.
 
 #include "sam_ops.h"
 
+#include "cpu/kernels.h"
+
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#include <tuple>
-#include <type_traits>
+#include <string>
 #include <vector>
 
 #if defined(__SSE2__)
-#include <immintrin.h>
+#include <emmintrin.h>
 #define FUSED_SAM_STREAM_STORES 1
 #endif
 
 namespace fused_sam::cpu {
-namespace {
-
-using at::vec::Vectorized;
-
-// Elements per chunk: 64 KiB of float32 per stream, so the few streams an op touches stay in L2
-// while a chunk is processed. A multiple of every vector step below.
-constexpr int64_t kChunk = 1 << 14;
-// Minimum elements per parallel task: below this, waking another thread costs more than it saves.
-constexpr int64_t kTaskElems = 1 << 15;
-// Elements summed in float32 before the block is added to the float64 total. Short blocks keep
-// the float32 rounding error of a norm at the level of a pairwise sum.
-constexpr int64_t kSumBlock = 256;
 
 // ---------------------------------------------------------------------------------------------
 // Streaming stores
 //
-// Outputs that a kernel writes without reading them (the backup in perturb, the weights in the
-// restore+step kernels, the weights in restore) are stored around the cache where the target is
-// 16-byte aligned: a normal store first reads the line it overwrites, which would add 4 B/param
-// of traffic to each of these streams. The copies stay byte-exact. stream_fence() orders them
-// before the end of a parallel task.
+// Outputs that are written without being read (the backup in perturb, the weights in restore)
+// are stored around the cache where the target is 16-byte aligned: a normal store first reads the
+// line it overwrites, which would add 4 B/param of traffic to each of these streams. The copies
+// stay byte-exact. stream_fence() orders them before the end of a parallel task.
 
-inline void stream_copy(void* dst, const void* src, size_t bytes) {
+void stream_copy(void* dst, const void* src, int64_t bytes) {
+  const auto size = static_cast<size_t>(bytes);
 #ifdef FUSED_SAM_STREAM_STORES
   if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
-    const size_t body = bytes & ~size_t{15};
+    const size_t body = size & ~size_t{15};
     auto* d = static_cast<char*>(dst);
     const auto* s = static_cast<const char*>(src);
     for (size_t k = 0; k < body; k += 16) {
       _mm_stream_si128(reinterpret_cast<__m128i*>(d + k),
                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k)));
     }
-    if (body != bytes) {
-      std::memcpy(d + body, s + body, bytes - body);
+    if (body != size) {
+      std::memcpy(d + body, s + body, size - body);
     }
     return;
   }
 #endif
-  std::memcpy(dst, src, bytes);
+  std::memcpy(dst, src, size);
 }
 
-inline void stream_fence() {
+void stream_fence() {
 #ifdef FUSED_SAM_STREAM_STORES
   _mm_sfence();
 #endif
 }
 
 // ---------------------------------------------------------------------------------------------
-// Vector loads and stores in the math type.
-//
-// Lanes<T> moves kStep elements of storage type T to and from kN vectors of the math type
-// (float for float16/bfloat16/float32, double for float64). A step shorter than kStep (the tail
-// of a chunk) uses the partial loads and stores of at::vec, which zero the missing lanes, so the
-// tail runs the very same math as the body.
+// Choice of the kernel build
 
-template <typename T, bool kReduced = at::vec::is_reduced_floating_point_v<T>>
-struct Lanes {
-  using Op = T;
-  using V = Vectorized<T>;
-  static constexpr int kN = 1;
-  static constexpr int64_t kStep = V::size();
+namespace {
 
-  static void load(const T* p, int64_t n, V* out) {
-    out[0] = n == kStep ? V::loadu(p) : V::loadu(p, n);
+bool cpu_has_avx2() {
+#if defined(FUSED_SAM_CPU_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  // Also checks that the OS saves the AVX registers.
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+const KernelTable* default_kernels() {
+  // ATEN_CPU_CAPABILITY=default turns off torch's own vector kernels; honour it for ours too.
+  const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+  const bool portable = env != nullptr && std::string(env) == "default";
+#ifdef FUSED_SAM_CPU_AVX2
+  if (!portable && cpu_has_avx2()) {
+    return &AVX2::kernel_table();
   }
-  static void store(T* p, int64_t n, const V* v) {
-    if (n == kStep) {
-      v[0].store(p);
-    } else {
-      v[0].store(p, static_cast<int>(n));
-    }
+#endif
+  (void)portable;
+  return &DEFAULT::kernel_table();
+}
+
+std::atomic<const KernelTable*> g_kernels{nullptr};
+
+const KernelTable& active_kernels() {
+  const KernelTable* k = g_kernels.load(std::memory_order_acquire);
+  if (k == nullptr) {
+    k = default_kernels();
+    g_kernels.store(k, std::memory_order_release);
   }
-  // store() for an output the kernel never reads (see stream_copy).
-  static void store_stream(T* p, int64_t n, const V* v) {
-    alignas(64) T tmp[kStep];
-    v[0].store(tmp);
-    stream_copy(p, tmp, n * sizeof(T));
-  }
-};
+  return *k;
+}
 
 template <typename T>
-struct Lanes<T, true> {
-  using Op = float;
-  using V = Vectorized<float>;
-  using Raw = Vectorized<T>;
-  static constexpr int kN = 2;
-  static constexpr int64_t kStep = Raw::size();
-  static_assert(Raw::size() == 2 * V::size(), "a reduced-precision vector holds two float vectors");
-
-  static void load(const T* p, int64_t n, V* out) {
-    const Raw raw = n == kStep ? Raw::loadu(p) : Raw::loadu(p, n);
-    std::tie(out[0], out[1]) = at::vec::convert_to_float<T>(raw);
-  }
-  static void store(T* p, int64_t n, const V* v) {
-    const Raw raw = at::vec::convert_from_float<T>(v[0], v[1]);
-    if (n == kStep) {
-      raw.store(p);
-    } else {
-      raw.store(p, static_cast<int>(n));
-    }
-  }
-  static void store_stream(T* p, int64_t n, const V* v) {
-    alignas(64) T tmp[kStep];
-    at::vec::convert_from_float<T>(v[0], v[1]).store(tmp);
-    stream_copy(p, tmp, n * sizeof(T));
-  }
-};
-
-// Mask bits of elements [k, k + n) of a tensor as a 0/1 vector; lanes past n are 0.
-template <typename Op>
-Vectorized<Op> mask_lanes(const uint8_t* mask, int64_t k, int64_t n) {
-  using V = Vectorized<Op>;
-  alignas(64) Op bits[V::size()];
-  for (int64_t j = 0; j < V::size(); ++j) {
-    const int64_t e = k + j;
-    bits[j] = j < n ? static_cast<Op>((mask[e >> 3] >> (e & 7)) & 1) : Op(0);
-  }
-  return V::loadu(bits);
-}
-
-// The step bodies must be inlined for the constant n of full steps to fold the tail branches.
-#if defined(__GNUC__)
-#define FUSED_SAM_INLINE __attribute__((always_inline))
-#else
-#define FUSED_SAM_INLINE
-#endif
-
-// Calls step(i, n) for the vector steps of [begin, end): full steps first, where n is the
-// constant kStep once inlined (so the partial-load branches fold away), then one partial step.
-template <typename L, typename Step>
-FUSED_SAM_INLINE inline void for_each_step(int64_t begin, int64_t end, const Step& step) {
-  int64_t i = begin;
-  for (; i + L::kStep <= end; i += L::kStep) {
-    step(i, L::kStep);
-  }
-  if (i < end) {
-    step(i, end - i);
+const Kernels<T>& kernels_for(const KernelTable& table) {
+  if constexpr (std::is_same_v<T, float>) {
+    return table.f32;
+  } else if constexpr (std::is_same_v<T, double>) {
+    return table.f64;
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return table.f16;
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16>, "no CPU kernels for this dtype");
+    return table.bf16;
   }
 }
+
+// Elements per chunk: 64 KiB of float32 per stream, so the few streams an op touches stay in L2
+// while a chunk is processed.
+constexpr int64_t kChunk = 1 << 14;
+// Minimum elements per parallel task: below this, waking another thread costs more than it saves.
+constexpr int64_t kTaskElems = 1 << 15;
 
 // ---------------------------------------------------------------------------------------------
 // Chunks and the parallel loop
@@ -262,7 +215,7 @@ bool flag_set(const std::optional<at::Tensor>& flag) {
   return flag.has_value() && flag->item<double>() != 0.0;
 }
 
-void copy_chunk(void* dst, const void* src, const Chunk& c, size_t elem_size) {
+void copy_chunk(void* dst, const void* src, const Chunk& c, int64_t elem_size) {
   if (dst != src) {
     stream_copy(static_cast<char*>(dst) + c.begin * elem_size,
                 static_cast<const char*>(src) + c.begin * elem_size,
@@ -279,212 +232,42 @@ void restore_all(at::TensorList params, at::TensorList backups) {
     w[i] = params[i].data_ptr();
     b[i] = backups[i].data_ptr();
   }
-  const size_t elem = params.empty() ? 0 : params[0].element_size();
+  const int64_t elem = params.empty() ? 0 : params[0].element_size();
   for_each_chunk(plan, [&](int64_t, const Chunk& c) {
     copy_chunk(w[c.tensor], b[c.tensor], c, elem);
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// Kernels on one chunk
-
-// Sum over the chunk of (T(w) g)^2, T(w) = |w| + eta when adaptive, 1 otherwise.
-//
-// The loop reads 4 B/element at most, so unlike the other kernels it is bound by arithmetic:
-// kAcc independent accumulators hide the latency of the adds, and each block's float32 lanes
-// are added to the float64 total only once per kSumBlock elements.
-template <typename T, bool kAdaptive>
-double sumsq_chunk(const T* g, const T* w, int64_t begin, int64_t end,
-                   typename Lanes<T>::Op eta) {
-  using L = Lanes<T>;
-  using V = typename L::V;
-  using Op = typename L::Op;
-  constexpr int kAcc = 4 / L::kN;  // packs in flight per iteration
-  double total = 0.0;
-  for (int64_t blk = begin; blk < end; blk += kSumBlock) {
-    const int64_t blk_end = std::min(end, blk + kSumBlock);
-    V acc[kAcc * L::kN];
-    for (auto& a : acc) {
-      a = V(Op(0));
-    }
-    for (int64_t i = blk; i < blk_end; i += kAcc * L::kStep) {
-      for (int u = 0; u < kAcc; ++u) {
-        const int64_t at = i + u * L::kStep;
-        const int64_t n = std::min(L::kStep, blk_end - at);
-        if (n <= 0) {
-          break;
-        }
-        V gv[L::kN];
-        L::load(g + at, n, gv);
-        if constexpr (kAdaptive) {
-          V wv[L::kN];
-          L::load(w + at, n, wv);
-          for (int k = 0; k < L::kN; ++k) {
-            gv[k] = (wv[k].abs() + V(eta)) * gv[k];
-          }
-        }
-        for (int k = 0; k < L::kN; ++k) {
-          acc[u * L::kN + k] = acc[u * L::kN + k] + gv[k] * gv[k];
-        }
-      }
-    }
-    alignas(64) Op lanes[V::size()];
-    for (int a = 1; a < kAcc * L::kN; ++a) {
-      acc[0] = acc[0] + acc[a];
-    }
-    acc[0].store(lanes);
-    Op block = 0;
-    for (int64_t j = 0; j < V::size(); ++j) {
-      block += lanes[j];
-    }
-    total += static_cast<double>(block);
-  }
-  return total;
-}
-
-// backup = w; then w = w + scale * T(w)^2 * g (* mask). Only called when the norm is finite.
-template <typename T, bool kAdaptive, bool kMasked>
-void perturb_chunk(T* w, const T* g, T* b, const uint8_t* mask, int64_t begin, int64_t end,
-                   typename Lanes<T>::Op scale, typename Lanes<T>::Op eta) {
-  using L = Lanes<T>;
-  using V = typename L::V;
-  using Op = typename L::Op;
-  // The whole chunk first (one streaming copy), then the update, which reads w again from L2.
-  stream_copy(b + begin, w + begin, (end - begin) * sizeof(T));
-  for_each_step<L>(begin, end, [&](int64_t i, int64_t n) FUSED_SAM_INLINE {
-    V wv[L::kN], gv[L::kN];
-    L::load(w + i, n, wv);
-    L::load(g + i, n, gv);
-    for (int k = 0; k < L::kN; ++k) {
-      V e = V(scale);
-      if constexpr (kAdaptive) {
-        const V t = wv[k].abs() + V(eta);
-        e = e * t * t;
-      }
-      e = e * gv[k];
-      if constexpr (kMasked) {
-        const int64_t first = i + k * V::size();
-        e = e * mask_lanes<Op>(mask, first, std::min<int64_t>(V::size(), end - first));
-      }
-      wv[k] = wv[k] + e;
-    }
-    L::store(w + i, n, wv);
-  });
-}
-
-struct SgdArgs {
-  double lr, weight_decay, momentum, dampening;
-  bool nesterov, maximize, first_step;
-  std::optional<double> grad_scale;
-};
-
-// w = b; d = (+-g / s) + wd * w; v = first ? d : mu v + (1 - tau) d; d = nesterov ? d + mu v : v;
-// w = w - lr d.
-template <typename T>
-void sgd_chunk(T* w, const T* g, const T* b, T* buf, int64_t begin, int64_t end,
-               const SgdArgs& a) {
-  using L = Lanes<T>;
-  using V = typename L::V;
-  using Op = typename L::Op;
-  const V lr(static_cast<Op>(a.lr));
-  const V wd(static_cast<Op>(a.weight_decay));
-  const V mu(static_cast<Op>(a.momentum));
-  const V damp(static_cast<Op>(1.0 - a.dampening));
-  const V gs(static_cast<Op>(a.grad_scale.value_or(1.0)));
-  for_each_step<L>(begin, end, [&](int64_t i, int64_t n) FUSED_SAM_INLINE {
-    V wv[L::kN], d[L::kN], v[L::kN];
-    L::load(b + i, n, wv);
-    L::load(g + i, n, d);
-    if (buf != nullptr && !a.first_step) {
-      L::load(buf + i, n, v);
-    }
-    for (int k = 0; k < L::kN; ++k) {
-      if (a.grad_scale.has_value()) {
-        d[k] = d[k] / gs;
-      }
-      if (a.maximize) {
-        d[k] = d[k].neg();
-      }
-      if (a.weight_decay != 0.0) {
-        d[k] = d[k] + wd * wv[k];
-      }
-      if (buf != nullptr) {
-        v[k] = a.first_step ? d[k] : mu * v[k] + damp * d[k];
-        d[k] = a.nesterov ? d[k] + mu * v[k] : v[k];
-      }
-      wv[k] = wv[k] - lr * d[k];
-    }
-    if (buf != nullptr) {
-      L::store(buf + i, n, v);
-    }
-    L::store_stream(w + i, n, wv);
-  });
-}
-
-struct AdamArgs {
-  double lr, beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize, decoupled_weight_decay;
-  std::optional<double> grad_scale;
-};
-
-// w = b, then one torch.optim.Adam / AdamW step with the bias corrections of this tensor.
-template <typename T>
-void adam_chunk(T* w, const T* g, const T* b, T* m, T* v, T* vmax, int64_t begin, int64_t end,
-                const AdamArgs& a, double step_size, double bias_c2_sqrt) {
-  using L = Lanes<T>;
-  using V = typename L::V;
-  using Op = typename L::Op;
-  const V beta1(static_cast<Op>(a.beta1)), one_minus_beta1(static_cast<Op>(1.0 - a.beta1));
-  const V beta2(static_cast<Op>(a.beta2)), one_minus_beta2(static_cast<Op>(1.0 - a.beta2));
-  const V wd(static_cast<Op>(a.weight_decay));
-  const V decay(static_cast<Op>(1.0 - a.lr * a.weight_decay));
-  const V gs(static_cast<Op>(a.grad_scale.value_or(1.0)));
-  const V eps(static_cast<Op>(a.eps));
-  const V lr_t(static_cast<Op>(step_size));
-  const V bc2(static_cast<Op>(bias_c2_sqrt));
-  for_each_step<L>(begin, end, [&](int64_t i, int64_t n) FUSED_SAM_INLINE {
-    V wv[L::kN], gv[L::kN], mv[L::kN], vv[L::kN], vm[L::kN];
-    L::load(b + i, n, wv);
-    L::load(g + i, n, gv);
-    L::load(m + i, n, mv);
-    L::load(v + i, n, vv);
-    if (a.amsgrad) {
-      L::load(vmax + i, n, vm);
-    }
-    for (int k = 0; k < L::kN; ++k) {
-      if (a.grad_scale.has_value()) {
-        gv[k] = gv[k] / gs;
-      }
-      if (a.maximize) {
-        gv[k] = gv[k].neg();
-      }
-      if (a.weight_decay != 0.0) {
-        if (a.decoupled_weight_decay) {
-          wv[k] = wv[k] * decay;
-        } else {
-          gv[k] = gv[k] + wd * wv[k];
-        }
-      }
-      mv[k] = beta1 * mv[k] + one_minus_beta1 * gv[k];
-      vv[k] = beta2 * vv[k] + one_minus_beta2 * gv[k] * gv[k];
-      V second = vv[k];
-      if (a.amsgrad) {
-        vm[k] = at::vec::maximum(vm[k], vv[k]);
-        second = vm[k];
-      }
-      const V denom = second.sqrt() / bc2 + eps;
-      wv[k] = wv[k] - lr_t * mv[k] / denom;
-    }
-    L::store(m + i, n, mv);
-    L::store(v + i, n, vv);
-    if (a.amsgrad) {
-      L::store(vmax + i, n, vm);
-    }
-    L::store_stream(w + i, n, wv);
-  });
-}
-
 }  // namespace
+
+std::vector<std::string> kernel_builds() {
+  std::vector<std::string> out{DEFAULT::kernel_table().name};
+#ifdef FUSED_SAM_CPU_AVX2
+  if (cpu_has_avx2()) {
+    out.emplace_back(AVX2::kernel_table().name);
+  }
+#endif
+  return out;
+}
+
+std::string kernels_in_use() { return active_kernels().name; }
+
+void use_kernels(const std::string& name) {
+  const KernelTable* chosen = nullptr;
+  if (name == "auto") {
+    chosen = default_kernels();
+  } else if (name == DEFAULT::kernel_table().name) {
+    chosen = &DEFAULT::kernel_table();
+  }
+#ifdef FUSED_SAM_CPU_AVX2
+  if (name == AVX2::kernel_table().name && cpu_has_avx2()) {
+    chosen = &AVX2::kernel_table();
+  }
+#endif
+  TORCH_CHECK(chosen != nullptr, "fused_sam: no CPU kernel build named '", name,
+              "' runs here; available: auto, ", c10::Join(", ", kernel_builds()));
+  g_kernels.store(chosen, std::memory_order_release);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Ops
@@ -504,15 +287,11 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
   std::vector<double> partial(plan.chunks.size(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fused_sam_norm_sq_partials", [&] {
-        using Op = typename Lanes<scalar_t>::Op;
+        const auto sumsq = kernels_for<scalar_t>(active_kernels()).sumsq;
         const auto g = ptrs<const scalar_t>(grads);
         const auto w = ptrs<const scalar_t>(params);
         for_each_chunk(plan, [&](int64_t idx, const Chunk& c) {
-          partial[idx] =
-              adaptive ? sumsq_chunk<scalar_t, true>(g[c.tensor], w[c.tensor], c.begin, c.end,
-                                                     static_cast<Op>(eta))
-                       : sumsq_chunk<scalar_t, false>(g[c.tensor], w[c.tensor], c.begin, c.end,
-                                                      static_cast<Op>(eta));
+          partial[idx] = sumsq(g[c.tensor], w[c.tensor], c.begin, c.end, adaptive, eta);
         });
       });
   double total = 0.0;
@@ -562,32 +341,15 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   const Plan plan = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "fused_sam_perturb_", [&] {
-        using Op = typename Lanes<scalar_t>::Op;
+        const auto perturb = kernels_for<scalar_t>(active_kernels()).perturb;
         const auto w = ptrs<scalar_t>(params);
         const auto g = ptrs<const scalar_t>(grads);
         const auto b = ptrs<scalar_t>(backups);
         const auto m = ptrs<const uint8_t>(masks);
-        const auto run = [&](auto adaptive_tag, auto masked_tag) {
-          constexpr bool kAdaptive = decltype(adaptive_tag)::value;
-          constexpr bool kMasked = decltype(masked_tag)::value;
-          for_each_chunk(plan, [&](int64_t, const Chunk& c) {
-            perturb_chunk<scalar_t, kAdaptive, kMasked>(
-                w[c.tensor], g[c.tensor], b[c.tensor], kMasked ? m[c.tensor] : nullptr, c.begin,
-                c.end, static_cast<Op>(scale), static_cast<Op>(eta));
-          });
-        };
-        const auto by_mask = [&](auto adaptive_tag) {
-          if (m.empty()) {
-            run(adaptive_tag, std::false_type{});
-          } else {
-            run(adaptive_tag, std::true_type{});
-          }
-        };
-        if (adaptive) {
-          by_mask(std::true_type{});
-        } else {
-          by_mask(std::false_type{});
-        }
+        for_each_chunk(plan, [&](int64_t, const Chunk& c) {
+          perturb(w[c.tensor], g[c.tensor], b[c.tensor], m.empty() ? nullptr : m[c.tensor],
+                  c.begin, c.end, scale, adaptive, eta);
+        });
       });
 }
 
@@ -613,21 +375,20 @@ void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
     restore_all(params, backups);
     return;
   }
-  SgdArgs args{lr, weight_decay, momentum, dampening, nesterov, maximize, first_step,
-               std::nullopt};
-  if (grad_scale.has_value()) {
-    args.grad_scale = grad_scale->item<double>();
-  }
+  const SgdArgs args{lr,         weight_decay,           momentum, dampening, nesterov, maximize,
+                     first_step, grad_scale.has_value(),
+                     grad_scale.has_value() ? grad_scale->item<double>() : 1.0};
   const Plan plan = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "fused_sam_restore_sgd_step_", [&] {
+        const auto sgd = kernels_for<scalar_t>(active_kernels()).sgd;
         const auto w = ptrs<scalar_t>(params);
         const auto g = ptrs<const scalar_t>(grads);
         const auto b = ptrs<const scalar_t>(backups);
         const auto buf = ptrs<scalar_t>(with_momentum ? momentum_buffers : at::TensorList());
         for_each_chunk(plan, [&](int64_t, const Chunk& c) {
-          sgd_chunk<scalar_t>(w[c.tensor], g[c.tensor], b[c.tensor],
-                              with_momentum ? buf[c.tensor] : nullptr, c.begin, c.end, args);
+          sgd(w[c.tensor], g[c.tensor], b[c.tensor], with_momentum ? buf[c.tensor] : nullptr,
+              c.begin, c.end, args);
         });
       });
 }
@@ -675,14 +436,13 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
     step_size[i] = lr / (1.0 - std::pow(beta1, step));
     bias_c2_sqrt[i] = std::sqrt(1.0 - std::pow(beta2, step));
   }
-  AdamArgs args{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                std::nullopt};
-  if (grad_scale.has_value()) {
-    args.grad_scale = grad_scale->item<double>();
-  }
+  const AdamArgs args{lr,       beta1,    beta2,   eps, weight_decay, amsgrad,
+                      maximize, decoupled_weight_decay, grad_scale.has_value(),
+                      grad_scale.has_value() ? grad_scale->item<double>() : 1.0};
   const Plan plan = make_plan(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "fused_sam_restore_adam_step_", [&] {
+        const auto adam = kernels_for<scalar_t>(active_kernels()).adam;
         const auto w = ptrs<scalar_t>(params);
         const auto g = ptrs<const scalar_t>(grads);
         const auto b = ptrs<const scalar_t>(backups);
@@ -691,8 +451,8 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
         const auto vmax = ptrs<scalar_t>(amsgrad ? max_exp_avg_sqs : at::TensorList());
         for_each_chunk(plan, [&](int64_t, const Chunk& c) {
           const int64_t t = c.tensor;
-          adam_chunk<scalar_t>(w[t], g[t], b[t], m[t], v[t], amsgrad ? vmax[t] : nullptr,
-                               c.begin, c.end, args, step_size[t], bias_c2_sqrt[t]);
+          adam(w[t], g[t], b[t], m[t], v[t], amsgrad ? vmax[t] : nullptr, c.begin, c.end, args,
+               step_size[t], bias_c2_sqrt[t]);
         });
       });
 }

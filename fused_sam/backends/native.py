@@ -121,6 +121,20 @@ if _C is not None:
     _restore_adam_step = _ops.restore_adam_step_.default
 
 
+def _direct() -> bool:
+    """Whether an eager call may skip the dispatcher (see ``direct_*`` in csrc/bindings.cpp).
+
+    Not under grad mode (autograd must see the op), torch.compile or any dispatch mode (fake
+    tensors, tracing, profiling modes); the C++ side also declines anything but plain CPU
+    tensors, and the registered op then runs.
+    """
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The five ops, with the signatures of fused_sam.reference. Kept thin: they sit on the hot path.
 
@@ -133,6 +147,10 @@ def norm_sq_partials(
     One float32 (float64) partial on CPU, ``_C.cuda_norm_partials`` on CUDA, in both cases
     reduced in a fixed order (deterministic).
     """
+    if _direct():
+        out = _C.direct_norm_sq_partials(grads, params, adaptive, eta)
+        if out is not None:
+            return out
     return _norm_sq_partials(grads, params, adaptive, eta)
 
 
@@ -148,12 +166,15 @@ def perturb_(
     masks: Sequence[Tensor] | None,
 ) -> None:
     """See :func:`fused_sam.reference.perturb_`; the norm is finalised inside the kernel."""
-    _perturb(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
+    args = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
+    if not (_direct() and _C.direct_perturb_(*args)):
+        _perturb(*args)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     """See :func:`fused_sam.reference.restore_`."""
-    _restore(params, backups)
+    if not (_direct() and _C.direct_restore_(params, backups)):
+        _restore(params, backups)
 
 
 def restore_sgd_step_(
@@ -173,6 +194,23 @@ def restore_sgd_step_(
     found_inf: Tensor | None,
 ) -> None:
     """See :func:`fused_sam.reference.restore_sgd_step_`."""
+    step = _C.direct_restore_sgd_step_ if _direct() else None
+    if step is not None and step(
+        params,
+        grads,
+        backups,
+        momentum_buffers,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        first_step=first_step,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    ):
+        return
     _restore_sgd_step(
         params,
         grads,
@@ -211,6 +249,27 @@ def restore_adam_step_(
     found_inf: Tensor | None,
 ) -> None:
     """See :func:`fused_sam.reference.restore_adam_step_`; step counters advance in the op."""
+    step = _C.direct_restore_adam_step_ if _direct() else None
+    if step is not None and step(
+        params,
+        grads,
+        backups,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    ):
+        return
     _restore_adam_step(
         params,
         grads,
