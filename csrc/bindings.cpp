@@ -197,4 +197,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernels", &fused_sam::cpu::kernels_in_use, "The CPU kernel build in use.");
   m.def("use_cpu_kernels", &fused_sam::cpu::use_kernels, pybind11::arg("name"),
         "Switch the CPU ops to a kernel build by name, or 'auto'.");
+  m.def("cpu_parallel_threads", &fused_sam::cpu::parallel_threads,
+        "Threads one parallel loop of the CPU ops runs on at torch's current thread count.");
 }

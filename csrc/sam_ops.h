@@ -27,6 +27,9 @@ std::vector<std::string> kernel_builds();
 std::string kernels_in_use();
 // Switches every later CPU op to the named build ("auto" restores the default choice).
 void use_kernels(const std::string& name);
+// Threads that one parallel loop of the CPU ops runs on (1 when the build cannot run them in
+// parallel, e.g. compiled without OpenMP while torch uses it).
+int64_t parallel_threads();
 
 at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool adaptive, double eta);
 

@@ -10,6 +10,8 @@ same oracle on CUDA tensors (``-m gpu``; they need a GPU and a CUDA build of the
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from conftest import assert_close, require_backend
@@ -264,6 +266,199 @@ def test_type_errors_are_clear() -> None:
         native.restore_([p], [p.double()])
     with pytest.raises(RuntimeError, match="not dense"):
         native.restore_([torch.randn(10, 4)[:, ::2]], [torch.randn(10, 2)])
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernel builds (portable and AVX2), threads, and the dispatcher-free eager calls
+
+BUILDS = ["DEFAULT", "AVX2"]
+
+
+def _use_build(name: str):
+    """Switch the CPU ops to build ``name`` (skip only where this CPU cannot run it)."""
+    require_backend("cpu")
+    if name not in native._C.cpu_kernel_builds():
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        if x86 and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+            pytest.fail(f"this x86-64 CPU has AVX2 but the extension has no {name} build")
+        pytest.skip(f"the {name} kernels need an x86-64 CPU with AVX2, FMA and F16C")
+    native._C.use_cpu_kernels(name)
+
+
+@pytest.fixture
+def restore_kernels():
+    yield
+    if native._C is not None:
+        native._C.use_cpu_kernels("auto")
+
+
+def _adam_cycle(ps, state, steps, dtype, amsgrad, masks, adaptive):
+    """SAM steps with an AdamW base through the native ops (state: m, v, vmax, step tensors)."""
+    backups = [torch.empty_like(p) for p in ps]
+    m, v, vmax, counters = state
+    for _ in range(steps):
+        g1 = _rounded_like(ps, dtype)
+        sumsq = native.norm_sq_partials(g1, ps, adaptive, 0.01)
+        native.perturb_(ps, g1, backups, sumsq, 0.05, 1e-12, adaptive, 0.01, masks)
+        native.restore_adam_step_(
+            ps,
+            _rounded_like(ps, dtype),
+            backups,
+            m,
+            v,
+            vmax if amsgrad else [],
+            counters,
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            amsgrad=amsgrad,
+            maximize=False,
+            decoupled_weight_decay=True,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_build_matches_reference(build: str, dtype: torch.dtype, restore_kernels) -> None:
+    """The oracle run of ``test_many_odd_tensors_sgd`` on each kernel build, ASAM and masks on."""
+    _use_build(build)
+    results = {}
+    for backend, store in (("reference", None), ("cpu", None), ("exact", torch.float64)):
+        torch.manual_seed(3)
+        ps = [p.to(store or dtype) for p in _tensors(ODD_SIZES, dtype)]
+        bufs = [torch.zeros_like(p) for p in ps]
+        masks = [pack_bits(torch.rand(p.shape) < 0.7) for p in ps]
+        run_backend = "reference" if backend == "exact" else backend
+        _sgd_cycle(run_backend, ps, bufs, SGD_CONFIGS[2], STEPS, dtype, masks=masks, adaptive=True)
+        results[backend] = (ps, bufs)
+    check_all(results["cpu"][0], results["reference"][0], "params", results["exact"][0])
+    check_all(results["cpu"][1], results["reference"][1], "momentum_buffer", results["exact"][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_builds_are_bitwise_identical(dtype: torch.dtype, amsgrad: bool, restore_kernels) -> None:
+    """Every build computes the same expressions in the same order: equal bits, SGD and Adam."""
+    require_backend("cpu")
+    builds = native._C.cpu_kernel_builds()
+    if len(builds) < 2:
+        _use_build("AVX2")  # fails on an AVX2 CPU without the build, skips elsewhere
+    runs = {}
+    for build in builds:
+        native._C.use_cpu_kernels(build)
+        torch.manual_seed(8)
+        ps = _tensors(ODD_SIZES, dtype)
+        masks = [pack_bits(torch.rand(p.shape) < 0.6) for p in ps]
+        bufs = [torch.zeros_like(p) for p in ps]
+        _sgd_cycle("cpu", ps, bufs, SGD_CONFIGS[2], 3, dtype, masks=masks, adaptive=True)
+        state = (
+            [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps],
+            [torch.zeros(()) for _ in ps],
+        )
+        _adam_cycle(ps, state, 3, dtype, amsgrad, masks, adaptive=False)
+        norm = native.norm_sq_partials(ps, ps, True, 0.01)
+        runs[build] = [*ps, *bufs, *state[0], *state[1], *state[2], norm]
+    first, *others = runs.values()
+    for other in others:
+        for i, (a, b) in enumerate(zip(first, other)):
+            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), i
+
+
+def test_kernel_choice_errors_and_auto(restore_kernels) -> None:
+    require_backend("cpu")
+    builds = native._C.cpu_kernel_builds()
+    assert builds[0] == "DEFAULT"
+    with pytest.raises(RuntimeError, match=r"no CPU kernel build named 'SSE9'.*available: auto"):
+        native._C.use_cpu_kernels("SSE9")
+    native._C.use_cpu_kernels("DEFAULT")
+    assert native._C.cpu_kernels() == "DEFAULT"
+    native._C.use_cpu_kernels("auto")
+    assert native._C.cpu_kernels() == builds[-1]
+
+
+def test_cpu_ops_run_on_every_thread() -> None:
+    """at::parallel_for runs in parallel (the build needs -fopenmp when torch uses OpenMP)."""
+    require_backend("cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert native._C.cpu_parallel_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sgd_args():
+    return dict(
+        lr=0.1,
+        weight_decay=1e-4,
+        momentum=0.9,
+        dampening=0.0,
+        nesterov=True,
+        maximize=False,
+        first_step=False,
+        grad_scale=None,
+        found_inf=None,
+    )
+
+
+def test_direct_calls_match_the_registered_ops() -> None:
+    """Eager no-grad calls skip the dispatcher: same bits as torch.ops, and they bump the version
+    counter of every tensor they write (perturb and the step both write the weights)."""
+    require_backend("cpu")
+    results = []
+    for direct in (True, False):
+        torch.manual_seed(4)
+        ps, gs = _tensors(ODD_SIZES, torch.float32), _tensors(ODD_SIZES, torch.float32)
+        bs, bufs = [torch.empty_like(p) for p in ps], [torch.randn_like(p) for p in ps]
+        versions = [p._version for p in ps]
+        with torch.no_grad():
+            if direct:
+                s = native.norm_sq_partials(gs, ps, False, 0.0)
+                native.perturb_(ps, gs, bs, s, 0.05, 1e-12, False, 0.0, None)
+                native.restore_sgd_step_(ps, gs, bs, bufs, **_sgd_args())
+            else:
+                s = _ops().norm_sq_partials(gs, ps, False, 0.0)
+                _ops().perturb_(ps, gs, bs, s, 0.05, 1e-12, False, 0.0, [])
+                _ops().restore_sgd_step_(ps, gs, bs, bufs, **_sgd_args())
+        if direct:  # (the registered ops leave version counters to the dispatcher)
+            assert all(p._version >= v + 2 for p, v in zip(ps, versions))
+            assert all(b._version >= 1 for b in bufs + bs)
+        results.append([*ps, *bufs, s])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_direct_calls_only_when_nothing_needs_the_dispatcher(monkeypatch) -> None:
+    require_backend("cpu")
+    calls = []
+    real = native._C.direct_restore_
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(native._C, "direct_restore_", spy)
+    p, b = torch.randn(5), torch.randn(5)
+    native.restore_([p], [b])  # grad mode on: autograd must see the op
+    assert not calls
+    with torch.no_grad():
+        native.restore_([p], [b])
+    assert len(calls) == 1 and torch.equal(p, b)
+    # The C++ side declines what is not a plain CPU tensor (the registered op runs instead).
+    meta = torch.empty(5, device="meta")
+    assert real([meta], [meta]) is False
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode() as mode:
+        fp, fb = mode.from_tensor(p), mode.from_tensor(b)
+        native.restore_([fp], [fb])  # a dispatch mode is active: through torch.ops, fake impl
+    assert len(calls) == 1
 
 
 # ---------------------------------------------------------------------------------------------

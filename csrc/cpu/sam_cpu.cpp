@@ -252,6 +252,19 @@ std::vector<std::string> kernel_builds() {
 
 std::string kernels_in_use() { return active_kernels().name; }
 
+int64_t parallel_threads() {
+  // The same parallel loop as the ops, over more tasks than threads.
+  const int64_t tasks = 8 * static_cast<int64_t>(at::get_num_threads());
+  std::vector<std::atomic<bool>> seen(static_cast<size_t>(at::get_num_threads()));
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    if (tid >= 0 && static_cast<size_t>(tid) < seen.size()) {
+      seen[static_cast<size_t>(tid)].store(true);
+    }
+  });
+  return std::count_if(seen.begin(), seen.end(), [](const auto& s) { return s.load(); });
+}
+
 void use_kernels(const std::string& name) {
   const KernelTable* chosen = nullptr;
   if (name == "auto") {

@@ -65,12 +65,16 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def build_info() -> str:
-    """One line on the extension for ``fused-sam info``: built or not, with or without CUDA."""
+    """One line on the extension for ``fused-sam info``: what was built and what runs here."""
     if _C is None:
         return f"not built ({_IMPORT_ERROR}); build with `{_BUILD}`"
+    cpu = (
+        f"CPU kernels {_C.cpu_kernels()} (builds here: {', '.join(_C.cpu_kernel_builds())}; "
+        f"{_C.cpu_parallel_threads()} of {torch.get_num_threads()} threads)"
+    )
     if _C.with_cuda:
-        return "built with CPU and CUDA kernels"
-    return f"built with CPU kernels only; for CUDA rebuild with `{_CUDA_BUILD}`"
+        return f"built with {cpu} and CUDA kernels"
+    return f"built with {cpu} only; for CUDA rebuild with `{_CUDA_BUILD}`"
 
 
 # ---------------------------------------------------------------------------------------------
