@@ -34,7 +34,7 @@ class _StepPlan:
     every op.
     """
 
-    #: ``id`` and ``data_ptr`` of every parameter of the step, and the SAM keys of every group.
+    #: per parameter of the step: ``id``, ``data_ptr``, size, stride, dtype and SAM values.
     key: tuple[Any, ...]
     ids: tuple[int, ...]
     devices: set[torch.device]
@@ -707,11 +707,19 @@ class FusedSAM(Optimizer):
     ) -> _StepPlan:
         """The step plan for ``params`` (with their per-tensor SAM values): cached or new."""
         ids = tuple(map(id, params))
-        sam_keys = tuple(
-            (g["rho"], g["adaptive"], g["eta"], g.get("maximize")) for g in self.param_groups
+        # Everything the backups and buckets depend on, per parameter: identity, storage address,
+        # layout and dtype (a `.data =` may keep the address and change the rest), and the SAM
+        # values (a parameter may move between groups). About 0.5 us per parameter.
+        key = (
+            ids,
+            tuple(map(Tensor.data_ptr, params)),
+            tuple(map(Tensor.size, params)),
+            tuple(map(Tensor.stride, params)),
+            tuple(map(_DTYPE, params)),
+            tuple(rho),
+            tuple(adaptive),
+            tuple(eta),
         )
-        # data_ptr changes whenever a parameter's storage is replaced (.to(), .half(), .data =).
-        key = (ids, tuple(map(Tensor.data_ptr, params)), sam_keys)
         plan = self._plan
         if plan is not None and plan.key == key:
             return plan
@@ -746,6 +754,7 @@ class FusedSAM(Optimizer):
 
 
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _contiguous(tensors: list[Tensor] | None) -> bool:
