@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
@@ -167,6 +168,70 @@ bool direct_restore_adam_step(const Tensors& params, const Tensors& grads, const
   return true;
 }
 
+// Everything the step plan of FusedSAM depends on, for every tensor: storage address, dtype,
+// device, sizes and strides, as raw bytes (compared for equality, never interpreted), plus
+// whether all tensors are contiguous. One pass in C++ instead of one Python pass per attribute.
+pybind11::tuple layout_key(const Tensors& tensors) {
+  std::vector<int64_t> key;
+  key.reserve(tensors.size() * 8);
+  bool contiguous = true;
+  for (const at::Tensor& t : tensors) {
+    if (t.layout() != at::kStrided) {  // sparse: no strides; no plan either (see optimizer.py)
+      return pybind11::make_tuple(pybind11::none(), false);
+    }
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    key.push_back(impl->has_storage() && impl->storage().data() != nullptr
+                      ? reinterpret_cast<int64_t>(t.data_ptr())
+                      : 0);
+    key.push_back(static_cast<int64_t>(t.scalar_type()));
+    key.push_back(static_cast<int64_t>(t.device().type()));
+    key.push_back(t.device().index());
+    key.push_back(t.dim());
+    for (const int64_t v : t.sizes()) {
+      key.push_back(v);
+    }
+    for (const int64_t v : t.strides()) {
+      key.push_back(v);
+    }
+    contiguous = contiguous && t.is_contiguous();
+  }
+  return pybind11::make_tuple(
+      pybind11::bytes(reinterpret_cast<const char*>(key.data()), key.size() * sizeof(int64_t)),
+      contiguous);
+}
+
+// The parameters of a list that have a gradient, and those gradients, in one pass: reading
+// `p.grad` from Python costs a property call per tensor. Also reports whether every gradient is
+// contiguous and whether one is sparse. Returns None for a tensor subclass with its own dispatch
+// (its `grad` may not be the C++ one); the caller then reads `p.grad` in Python.
+pybind11::object collect_grads(const pybind11::list& params) {
+  pybind11::list with_grad;
+  pybind11::list grads;
+  bool contiguous = true;
+  bool sparse = false;
+  for (const pybind11::handle obj : params) {
+    if (!THPVariable_Check(obj.ptr())) {
+      throw pybind11::type_error("fused_sam: params must be tensors");
+    }
+    const at::Tensor& p = THPVariable_Unpack(obj.ptr());
+    if (p.unsafeGetTensorImpl()->is_python_dispatch()) {
+      return pybind11::none();
+    }
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) {
+      continue;
+    }
+    with_grad.append(obj);
+    grads.append(pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(g)));
+    if (g.layout() != at::kStrided) {
+      sparse = true;
+    } else {
+      contiguous = contiguous && g.is_contiguous();
+    }
+  }
+  return pybind11::make_tuple(with_grad, grads, contiguous, sparse);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -192,6 +257,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"),
         py::arg("grad_scale"), py::arg("found_inf"));
+  m.def("collect_grads", &collect_grads, py::arg("params"),
+        "(params with a grad, their grads, all grads contiguous, any grad sparse) or None");
+  m.def("layout_key", &layout_key, py::arg("tensors"),
+        "(bytes of every tensor's address, dtype, device, sizes and strides; all contiguous)");
   m.def("cpu_kernel_builds", &fused_sam::cpu::kernel_builds,
         "Builds of the CPU kernels this machine can run, portable first.");
   m.def("cpu_kernels", &fused_sam::cpu::kernels_in_use, "The CPU kernel build in use.");

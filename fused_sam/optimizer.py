@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from fused_sam import functional as F
+from fused_sam.backends import native
 from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, SparseMasks
 
 __all__ = ["FusedSAM"]
@@ -376,14 +377,16 @@ class FusedSAM(Optimizer):
         rho: list[float] = []
         adaptive: list[bool] = []
         eta: list[float] = []
+        contiguous = True
         # Whole-group list operations: this runs every step over every parameter.
         for group in self.param_groups:
             _validate_group(group)  # rho may have been scheduled since the last step
-            ps = [p for p in group["params"] if p.grad is not None]
+            ps, gs, group_contiguous, sparse = _with_grads(group["params"])
+            if sparse:
+                _raise_sparse()
             if not ps:
                 continue
-            gs = [p.grad for p in ps]
-            _check_grads(gs)
+            contiguous = contiguous and group_contiguous
             n = len(ps)
             sign = -1.0 if group.get("maximize", False) else 1.0
             params += ps
@@ -400,7 +403,7 @@ class FusedSAM(Optimizer):
         if params:
             plan = self._plan_for(params, rho, adaptive, eta)
             backups = plan.backups
-            buckets = plan.buckets if _contiguous(grads) else None
+            buckets = plan.buckets if contiguous else None
             if masks is not None and self.mask_norm == "masked":
                 sumsq = F.masked_norm_sq(grads, params, adaptive, eta, masks, self.backend)
             else:
@@ -535,19 +538,22 @@ class FusedSAM(Optimizer):
         # The step's plan holds for this pass too when the same parameters have gradients and
         # those are contiguous (norm buckets need only device and dtype to agree).
         plan = self._plan
-        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in with_grad]
+        groups = self.param_groups
+        with_grad, grads, contiguous, sparse = _with_grads(
+            groups[0]["params"] if len(groups) == 1 else self._all_params()
+        )
         buckets = None
         if (
             perturbed
             and plan is not None
             and plan.buckets is not None
+            and contiguous
             and plan.ids == tuple(map(id, with_grad))
-            and _contiguous(grads)
         ):
             buckets = plan.buckets
         if self.skip_nonfinite and with_grad:
-            _check_grads(grads)
+            if sparse:
+                _raise_sparse()
             n = len(with_grad)
             inf2 = F.nonfinite(
                 F.norm_sq(grads, with_grad, [False] * n, [0.0] * n, self.backend, buckets=buckets)
@@ -559,8 +565,13 @@ class FusedSAM(Optimizer):
         fused = self._fused_kind()
         if fused is not None:
             # One group holding every parameter of the plan: its buckets and backups apply.
-            whole = buckets is not None and len(self.param_groups) == 1
-            self._fused_restore_step(fused, perturbed, found_inf, buckets if whole else None)
+            if buckets is not None and len(groups) == 1:
+                # One group holding every parameter of the plan: its buckets and backups apply,
+                # and every parameter with a gradient was perturbed.
+                step = self._sgd if fused == "sgd" else self._adam
+                step(groups[0], with_grad, grads, plan.backups, found_inf, buckets)
+            else:
+                self._fused_restore_step(fused, perturbed, found_inf)
         else:
             if perturbed:
                 F.restore_(perturbed, [self._backups[p] for p in perturbed], self.backend)
@@ -590,20 +601,9 @@ class FusedSAM(Optimizer):
         return kind
 
     def _fused_restore_step(
-        self,
-        kind: str,
-        perturbed: list[Tensor],
-        found_inf: Tensor | None,
-        buckets: F.Buckets | None,
+        self, kind: str, perturbed: list[Tensor], found_inf: Tensor | None
     ) -> None:
-        """Restore + base step per group; ``buckets``: the step plan's, for a single group."""
-        if buckets is not None and self._plan is not None:
-            # Every parameter with a gradient was perturbed: the plan's backups line up.
-            params = perturbed
-            grads = [p.grad for p in params]
-            step = self._sgd if kind == "sgd" else self._adam
-            step(self.param_groups[0], params, grads, self._plan.backups, found_inf, buckets)
-            return
+        """Restore + base step group by group (the general case of ``_finish``)."""
         in_perturbed = set(map(id, perturbed))
         stepped: set[int] = set()
         for group in self.param_groups:
@@ -709,23 +709,25 @@ class FusedSAM(Optimizer):
         ids = tuple(map(id, params))
         # Everything the backups and buckets depend on, per parameter: identity, storage address,
         # layout and dtype (a `.data =` may keep the address and change the rest), and the SAM
-        # values (a parameter may move between groups). About 0.5 us per parameter.
-        key = (
-            ids,
-            tuple(map(Tensor.data_ptr, params)),
-            tuple(map(Tensor.size, params)),
-            tuple(map(Tensor.stride, params)),
-            tuple(map(_DTYPE, params)),
-            tuple(rho),
-            tuple(adaptive),
-            tuple(eta),
-        )
+        # values (a parameter may move between groups).
+        fast = native.layout_key(params)
+        if fast is not None:
+            layout, contiguous = fast
+        else:  # no extension: the same facts, one Python pass each
+            layout = (
+                tuple(map(Tensor.data_ptr, params)),
+                tuple(map(Tensor.size, params)),
+                tuple(map(Tensor.stride, params)),
+                tuple(map(_DTYPE, params)),
+            )
+            contiguous = _contiguous(params)
+        key = (ids, layout, tuple(rho), tuple(adaptive), tuple(eta))
         plan = self._plan
-        if plan is not None and plan.key == key:
+        if layout is not None and plan is not None and plan.key == key:
             return plan
         backups = [self._backup_for(p) for p in params]
         buckets = None
-        if _contiguous(params):
+        if contiguous:
             buckets = F.plan(self.backend, [params, backups], list(zip(rho, adaptive, eta)))
         self._plan = _StepPlan(key, ids, {p.device for p in params}, backups, buckets)
         return self._plan
@@ -762,12 +764,24 @@ def _contiguous(tensors: list[Tensor] | None) -> bool:
     return tensors is None or all(map(Tensor.is_contiguous, tensors))
 
 
-def _check_grads(grads: list[Tensor]) -> None:
-    if any(map(_IS_SPARSE, grads)):
-        raise RuntimeError(
-            "FusedSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
-            "use dense gradients"
-        )
+def _with_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], bool, bool]:
+    """The parameters that have a gradient, their gradients, whether all those are contiguous,
+    and whether one is sparse (one C++ pass with the extension, Python passes without)."""
+    fast = native.collect_grads(params)
+    if fast is not None:
+        return fast
+    ps = [p for p in params if p.grad is not None]
+    gs = [p.grad for p in ps]
+    if any(map(_IS_SPARSE, gs)):
+        return ps, gs, False, True
+    return ps, gs, _contiguous(gs), False
+
+
+def _raise_sparse() -> None:
+    raise RuntimeError(
+        "FusedSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+        "use dense gradients"
+    )
 
 
 def _check_base_kwargs(cls: type[Optimizer], kwargs: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from helpers import LoopSAM, OfficialASAM, backward, odd_params, small_net
 from torch import nn
 
 from fused_sam import BackendUnavailableError, FusedSAM, frozen_bn_stats
+from fused_sam.backends import native
 
 BACKENDS = ["reference", *CPU_BACKENDS]
 STEPS = 7
@@ -1117,3 +1118,20 @@ def test_plan_load_state_dict_continues_bit_identically(backend: str, base: str,
     assert len(got) == len(want) > 0
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["foreach", "cpu"])
+def test_plan_without_the_native_helpers(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the extension, grads and the plan key come from Python passes: same behaviour."""
+    calls = []
+
+    def absent(tensors):
+        calls.append(len(tensors))
+
+    monkeypatch.setattr(native, "collect_grads", absent)
+    monkeypatch.setattr(native, "layout_key", absent)
+    test_plan_follows_the_params_with_a_grad(backend, "sgd")
+    test_plan_follows_replaced_storage_and_shape(backend, "adam")
+    test_plan_follows_a_view_of_the_same_storage(backend, "slice")
+    test_plan_follows_a_param_moved_between_groups(backend)
+    assert calls

@@ -21,6 +21,8 @@ from torch import Tensor
 __all__ = [
     "FLAT",
     "build_info",
+    "collect_grads",
+    "layout_key",
     "norm_sq_partials",
     "perturb_",
     "restore_",
@@ -123,6 +125,23 @@ if _C is not None:
     _restore = _ops.restore_.default
     _restore_sgd_step = _ops.restore_sgd_step_.default
     _restore_adam_step = _ops.restore_adam_step_.default
+
+
+def collect_grads(
+    params: Sequence[Tensor],
+) -> tuple[list[Tensor], list[Tensor], bool, bool] | None:
+    """``(params with a grad, their grads, all grads contiguous, any grad sparse)`` in one C++
+    pass; ``None`` without the extension or for tensor subclasses with their own dispatch."""
+    if _C is None:
+        return None
+    return _C.collect_grads(params if isinstance(params, list) else list(params))
+
+
+def layout_key(tensors: Sequence[Tensor]) -> tuple[bytes | None, bool] | None:
+    """Every tensor's address, dtype, device, sizes and strides as one comparable value, and
+    whether all are contiguous; ``None`` without the extension (see ``FusedSAM``'s step plan).
+    The key is ``None`` for sparse tensors, which have no strides."""
+    return None if _C is None else _C.layout_key(tensors)
 
 
 def _direct() -> bool:
