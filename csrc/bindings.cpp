@@ -57,7 +57,6 @@ TORCH_LIBRARY_IMPL(fused_sam, CUDA, m) {
 }
 #endif
 
-// Build facts for `fused-sam info` and for the backend's availability checks.
 // ---------------------------------------------------------------------------------------------
 // Direct entry points for eager CPU calls.
 //
@@ -67,8 +66,7 @@ TORCH_LIBRARY_IMPL(fused_sam, CUDA, m) {
 // functions when nothing needs the dispatcher: no grad mode, no torch.compile, no dispatch mode
 // (fake tensors, profilers' modes) and, checked here, only plain CPU tensors. They return
 // false (norm: None) without doing anything otherwise, and the caller takes the registered op.
-// Like the dispatcher's ADInplaceOrView step, they bump the version counter of every tensor
-// an op writes, so autograd still detects a use of stale saved tensors.
+// The ops themselves bump the version counter of every tensor they write (sam_cpu.cpp).
 
 namespace {
 
@@ -96,14 +94,6 @@ bool plain_cpu(std::initializer_list<const Tensors*> lists,
   return true;
 }
 
-void bump_versions(std::initializer_list<const Tensors*> lists) {
-  for (const Tensors* list : lists) {
-    for (const at::Tensor& t : *list) {
-      t.unsafeGetTensorImpl()->bump_version();
-    }
-  }
-}
-
 std::optional<at::Tensor> direct_norm_sq_partials(const Tensors& grads, const Tensors& params,
                                                   bool adaptive, double eta) {
   if (!plain_cpu({&grads, &params})) {
@@ -119,7 +109,6 @@ bool direct_perturb(const Tensors& params, const Tensors& grads, const Tensors& 
     return false;
   }
   fused_sam::cpu::perturb_(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks);
-  bump_versions({&params, &backups});
   return true;
 }
 
@@ -128,7 +117,6 @@ bool direct_restore(const Tensors& params, const Tensors& backups) {
     return false;
   }
   fused_sam::cpu::restore_(params, backups);
-  bump_versions({&params});
   return true;
 }
 
@@ -143,7 +131,6 @@ bool direct_restore_sgd_step(const Tensors& params, const Tensors& grads, const 
   fused_sam::cpu::restore_sgd_step_(params, grads, backups, momentum_buffers, lr, weight_decay,
                                     momentum, dampening, nesterov, maximize, first_step,
                                     grad_scale, found_inf);
-  bump_versions({&params, &momentum_buffers});
   return true;
 }
 
@@ -164,7 +151,6 @@ bool direct_restore_adam_step(const Tensors& params, const Tensors& grads, const
                                      max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                                      weight_decay, amsgrad, maximize, decoupled_weight_decay,
                                      grad_scale, found_inf);
-  bump_versions({&params, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &state_steps});
   return true;
 }
 
@@ -234,6 +220,8 @@ pybind11::object collect_grads(const pybind11::list& params) {
 
 }  // namespace
 
+// The Python module: build facts for `fused-sam info` and the backend's availability checks,
+// the CPU kernel-build switch, and the helpers above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_sam native kernels; the ops are torch.ops.fused_sam.*";
 #ifdef FUSED_SAM_WITH_CUDA

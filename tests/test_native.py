@@ -408,7 +408,7 @@ def _sgd_args():
 
 
 def test_direct_calls_match_the_registered_ops() -> None:
-    """Eager no-grad calls skip the dispatcher: same bits as torch.ops, and they bump the version
+    """Eager no-grad calls skip the dispatcher: same bits as torch.ops. Both bump the version
     counter of every tensor they write (perturb and the step both write the weights)."""
     require_backend("cpu")
     results = []
@@ -426,9 +426,8 @@ def test_direct_calls_match_the_registered_ops() -> None:
                 s = _ops().norm_sq_partials(gs, ps, False, 0.0)
                 _ops().perturb_(ps, gs, bs, s, 0.05, 1e-12, False, 0.0, [])
                 _ops().restore_sgd_step_(ps, gs, bs, bufs, **_sgd_args())
-        if direct:  # (the registered ops leave version counters to the dispatcher)
-            assert all(p._version >= v + 2 for p, v in zip(ps, versions))
-            assert all(b._version >= 1 for b in bufs + bs)
+        assert all(p._version >= v + 2 for p, v in zip(ps, versions))
+        assert all(b._version >= 1 for b in bufs + bs)
         results.append([*ps, *bufs, s])
     for a, b in zip(*results):
         assert torch.equal(a, b)

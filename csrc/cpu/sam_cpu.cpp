@@ -211,6 +211,17 @@ std::vector<T*> ptrs(at::TensorList ts) {
   return out;
 }
 
+// Like an in-place ATen op, an op that writes a tensor bumps its version counter, so autograd
+// refuses a backward through a graph that saved the tensor before the write. (The dispatcher
+// does not do this for TORCH_LIBRARY ops with mutable arguments.)
+void bump_versions(std::initializer_list<at::TensorList> lists) {
+  for (const at::TensorList list : lists) {
+    for (const at::Tensor& t : list) {
+      t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+}
+
 bool flag_set(const std::optional<at::Tensor>& flag) {
   return flag.has_value() && flag->item<double>() != 0.0;
 }
@@ -345,6 +356,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   const double norm = std::sqrt(total);
   const bool finite = std::isfinite(norm);
   const double scale = finite ? rho / (norm + eps) : 0.0;
+  bump_versions({params, backups});
 
   if (!finite) {
     // Skipped perturbation: the backup is still written, the weights are not touched.
@@ -369,6 +381,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
 void restore_(at::TensorList params, at::TensorList backups) {
   check_params(params);
   check_list(backups, params, "backups");
+  bump_versions({params});
   restore_all(params, backups);
 }
 
@@ -384,6 +397,7 @@ void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
   if (with_momentum) {
     check_list(momentum_buffers, params, "momentum_buffers");
   }
+  bump_versions({params, with_momentum ? momentum_buffers : at::TensorList()});
   if (flag_set(found_inf)) {
     restore_all(params, backups);
     return;
@@ -428,6 +442,8 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
                     (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
                 "fused_sam: state_steps[", i, "] must be a one-element float32/float64 cpu tensor");
   }
+  bump_versions({params, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
+                 state_steps});
   if (flag_set(found_inf)) {
     restore_all(params, backups);
     return;
