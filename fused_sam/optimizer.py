@@ -658,10 +658,10 @@ class FusedSAM(Optimizer):
 
     def _adam(self, group: dict[str, Any], params, grads, backups, found_inf, buckets) -> None:
         amsgrad = group["amsgrad"]
-        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
-        for p in params:
-            st = self.state[p]
-            if len(st) == 0:
+        state = self.state
+        sts = [state[p] for p in params]
+        for p, st in zip(params, sts):
+            if not st:
                 # torch.optim.Adam's own state format; the step counter lives on the param's
                 # device (as with fused=True) so the kernels never read host memory.
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -669,13 +669,13 @@ class FusedSAM(Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif st["step"].device != p.device:
+            elif p.is_cpu != st["step"].is_cpu or (not p.is_cpu and st["step"].device != p.device):
+                # e.g. a checkpoint that kept step counters on the host (is_cpu is cheap to read)
                 st["step"] = st["step"].to(p.device)
-            exp_avgs.append(st["exp_avg"])
-            exp_avg_sqs.append(st["exp_avg_sq"])
-            if amsgrad:
-                max_sqs.append(st["max_exp_avg_sq"])
-            steps.append(st["step"])
+        exp_avgs = [st["exp_avg"] for st in sts]
+        exp_avg_sqs = [st["exp_avg_sq"] for st in sts]
+        max_sqs = [st["max_exp_avg_sq"] for st in sts] if amsgrad else []
+        steps = [st["step"] for st in sts]
         if buckets is not None and not all(map(_contiguous, (exp_avgs, exp_avg_sqs, max_sqs))):
             buckets = None  # state loaded from a checkpoint with other strides
         beta1, beta2 = group["betas"]
