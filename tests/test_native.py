@@ -168,12 +168,8 @@ def _sgd_cycle(backend, ps, bufs, cfg, steps, dtype, masks=None, adaptive=False)
         )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_many_odd_tensors_sgd(dtype: torch.dtype, adaptive: bool) -> None:
+def _odd_tensors_against_oracle(dtype: torch.dtype, adaptive: bool) -> None:
     """Sixteen sizes across chunk and vector boundaries in one call, masks on, 7 SAM steps."""
-    require_backend("cpu")
-    cfg = SGD_CONFIGS[2]
     results = {}
     for backend, store in (("reference", None), ("cpu", None), ("exact", torch.float64)):
         torch.manual_seed(3)
@@ -181,10 +177,17 @@ def test_many_odd_tensors_sgd(dtype: torch.dtype, adaptive: bool) -> None:
         bufs = [torch.zeros_like(p) for p in ps]
         masks = [pack_bits(torch.rand(p.shape) < 0.7) for p in ps]
         run_backend = "reference" if backend == "exact" else backend
-        _sgd_cycle(run_backend, ps, bufs, cfg, STEPS, dtype, masks=masks, adaptive=adaptive)
+        _sgd_cycle(run_backend, ps, bufs, SGD_CONFIGS[2], STEPS, dtype, masks, adaptive)
         results[backend] = (ps, bufs)
     check_all(results["cpu"][0], results["reference"][0], "params", results["exact"][0])
     check_all(results["cpu"][1], results["reference"][1], "momentum_buffer", results["exact"][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_many_odd_tensors_sgd(dtype: torch.dtype, adaptive: bool) -> None:
+    require_backend("cpu")
+    _odd_tensors_against_oracle(dtype, adaptive)
 
 
 def test_norm_is_independent_of_thread_count() -> None:
@@ -326,17 +329,7 @@ def _adam_cycle(ps, state, steps, dtype, amsgrad, masks, adaptive):
 def test_each_build_matches_reference(build: str, dtype: torch.dtype, restore_kernels) -> None:
     """The oracle run of ``test_many_odd_tensors_sgd`` on each kernel build, ASAM and masks on."""
     _use_build(build)
-    results = {}
-    for backend, store in (("reference", None), ("cpu", None), ("exact", torch.float64)):
-        torch.manual_seed(3)
-        ps = [p.to(store or dtype) for p in _tensors(ODD_SIZES, dtype)]
-        bufs = [torch.zeros_like(p) for p in ps]
-        masks = [pack_bits(torch.rand(p.shape) < 0.7) for p in ps]
-        run_backend = "reference" if backend == "exact" else backend
-        _sgd_cycle(run_backend, ps, bufs, SGD_CONFIGS[2], STEPS, dtype, masks=masks, adaptive=True)
-        results[backend] = (ps, bufs)
-    check_all(results["cpu"][0], results["reference"][0], "params", results["exact"][0])
-    check_all(results["cpu"][1], results["reference"][1], "momentum_buffer", results["exact"][1])
+    _odd_tensors_against_oracle(dtype, adaptive=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

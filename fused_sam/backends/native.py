@@ -13,7 +13,8 @@ rebuild.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -158,6 +159,16 @@ def _direct() -> bool:
     )
 
 
+def _run(direct: str, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``_C.<direct>(...)`` when the dispatcher may be skipped and it takes the tensors (it
+    returns ``None``/``False`` when it declines), else the registered ``op``."""
+    if _direct():
+        out = getattr(_C, direct)(*args, **kwargs)
+        if out is not None and out is not False:
+            return out
+    return op(*args, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # The five ops, with the signatures of fused_sam.reference. Kept thin: they sit on the hot path.
 
@@ -170,11 +181,7 @@ def norm_sq_partials(
     One float32 (float64) partial on CPU, ``_C.cuda_norm_partials`` on CUDA, in both cases
     reduced in a fixed order (deterministic).
     """
-    if _direct():
-        out = _C.direct_norm_sq_partials(grads, params, adaptive, eta)
-        if out is not None:
-            return out
-    return _norm_sq_partials(grads, params, adaptive, eta)
+    return _run("direct_norm_sq_partials", _norm_sq_partials, grads, params, adaptive, eta)
 
 
 def perturb_(
@@ -190,14 +197,12 @@ def perturb_(
 ) -> None:
     """See :func:`fused_sam.reference.perturb_`; the norm is finalised inside the kernel."""
     args = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
-    if not (_direct() and _C.direct_perturb_(*args)):
-        _perturb(*args)
+    _run("direct_perturb_", _perturb, *args)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     """See :func:`fused_sam.reference.restore_`."""
-    if not (_direct() and _C.direct_restore_(params, backups)):
-        _restore(params, backups)
+    _run("direct_restore_", _restore, params, backups)
 
 
 def restore_sgd_step_(
@@ -217,24 +222,9 @@ def restore_sgd_step_(
     found_inf: Tensor | None,
 ) -> None:
     """See :func:`fused_sam.reference.restore_sgd_step_`."""
-    step = _C.direct_restore_sgd_step_ if _direct() else None
-    if step is not None and step(
-        params,
-        grads,
-        backups,
-        momentum_buffers,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
-        first_step=first_step,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    ):
-        return
-    _restore_sgd_step(
+    _run(
+        "direct_restore_sgd_step_",
+        _restore_sgd_step,
         params,
         grads,
         backups,
@@ -272,28 +262,9 @@ def restore_adam_step_(
     found_inf: Tensor | None,
 ) -> None:
     """See :func:`fused_sam.reference.restore_adam_step_`; step counters advance in the op."""
-    step = _C.direct_restore_adam_step_ if _direct() else None
-    if step is not None and step(
-        params,
-        grads,
-        backups,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    ):
-        return
-    _restore_adam_step(
+    _run(
+        "direct_restore_adam_step_",
+        _restore_adam_step,
         params,
         grads,
         backups,
