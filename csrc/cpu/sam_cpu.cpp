@@ -211,17 +211,6 @@ std::vector<T*> ptrs(at::TensorList ts) {
   return out;
 }
 
-// Like an in-place ATen op, an op that writes a tensor bumps its version counter, so autograd
-// refuses a backward through a graph that saved the tensor before the write. (The dispatcher
-// does not do this for TORCH_LIBRARY ops with mutable arguments.)
-void bump_versions(std::initializer_list<at::TensorList> lists) {
-  for (const at::TensorList list : lists) {
-    for (const at::Tensor& t : list) {
-      t.unsafeGetTensorImpl()->bump_version();
-    }
-  }
-}
-
 bool flag_set(const std::optional<at::Tensor>& flag) {
   return flag.has_value() && flag->item<double>() != 0.0;
 }

@@ -267,6 +267,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   TORCH_CHECK(sumsq.device() == params[0].device() && sumsq.dim() == 1 &&
                   (sumsq.scalar_type() == at::kFloat || sumsq.scalar_type() == at::kDouble),
               "fused_sam: sumsq must be a 1-D float32/float64 tensor on ", params[0].device());
+  bump_versions({params, backups});
   const c10::cuda::CUDAGuard guard(params[0].device());
   const at::Tensor s = sumsq.contiguous();
   const LaunchTable t = make_table(
@@ -282,6 +283,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
 void restore_(at::TensorList params, at::TensorList backups) {
   check_params(params);
   check_list(backups, params, "backups");
+  bump_versions({params});
   const c10::cuda::CUDAGuard guard(params[0].device());
   launch_restore(params, backups);
 }
@@ -298,6 +300,7 @@ void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
   if (with_momentum) {
     check_list(momentum_buffers, params, "momentum_buffers");
   }
+  bump_versions({params, with_momentum ? momentum_buffers : at::TensorList()});
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<at::Tensor> keep;
   ck::SgdArgs args{lr,
@@ -338,6 +341,8 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
     check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
   }
   TORCH_CHECK(state_steps.size() == params.size(), "fused_sam: one step counter per parameter");
+  bump_versions({params, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
+                 state_steps});
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool device_steps = state_steps[0].is_cuda();
   for (size_t i = 0; i < state_steps.size(); ++i) {
