@@ -751,3 +751,13 @@ def test_cuda_tensor_over_2_pow_31_elements() -> None:
     want = (g[-5:].float() / 30.25**0.5).bfloat16()
     assert_close(w[-5:], want)
     assert int(w[:-5].count_nonzero()) == 0
+
+
+@gpu
+def test_cuda_ops_bump_versions() -> None:
+    """The CUDA ops bump the version counter of every tensor they write, like the CPU ones."""
+    _require_cuda()
+    p, b = torch.randn(5, device="cuda"), torch.randn(5, device="cuda")
+    before = p._version
+    _ops().restore_([p], [b])
+    assert p._version == before + 1 and torch.equal(p, b)
