@@ -8,23 +8,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
-#include <initializer_list>
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace fused_sam {
-
-// Like an in-place ATen op, an op that writes a tensor bumps its version counter, so autograd
-// refuses a backward through a graph that saved the tensor before the write. (The dispatcher
-// does not do this for TORCH_LIBRARY ops with mutable arguments.)
-inline void bump_versions(std::initializer_list<at::TensorList> lists) {
-  for (const at::TensorList list : lists) {
-    for (const at::Tensor& t : list) {
-      t.unsafeGetTensorImpl()->bump_version();
-    }
-  }
-}
 
 // Number of partial sums the CUDA norm kernel writes (its grid never exceeds this). A constant,
 // so the output shape is known without running the kernel (fake tensors, torch.compile).

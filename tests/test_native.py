@@ -269,6 +269,10 @@ def test_type_errors_are_clear() -> None:
         native.restore_([p], [p.double()])
     with pytest.raises(RuntimeError, match="not dense"):
         native.restore_([torch.randn(10, 4)[:, ::2]], [torch.randn(10, 2)])
+    with torch.no_grad():  # (torch.ops cannot pick a kernel for empty lists; the direct calls can)
+        with pytest.raises(RuntimeError, match="empty tensor list"):
+            native.restore_([], [])
+        assert torch.equal(native.norm_sq_partials([], [], False, 0.0), torch.zeros(1))
 
 
 # ---------------------------------------------------------------------------------------------

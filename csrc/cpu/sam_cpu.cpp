@@ -13,11 +13,13 @@
 #include "sam_ops.h"
 
 #include "cpu/kernels.h"
+#include "op_checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <atomic>
@@ -172,34 +174,14 @@ void for_each_chunk(const Plan& plan, const F& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks. functional.py only sends dense tensors of one dtype whose strides agree per
-// index; these checks keep a direct torch.ops call from reading memory out of bounds.
+// Argument checks (shared ones in op_checks.h)
 
-void check_list(at::TensorList ts, at::TensorList like, const char* what, bool same_dtype = true) {
-  TORCH_CHECK(ts.size() == like.size(), "fused_sam: ", what, " has ", ts.size(),
-              " tensors, expected ", like.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
-    const at::Tensor& p = like[i];
-    TORCH_CHECK(t.device().is_cpu(), "fused_sam: ", what, "[", i, "] is on ", t.device(),
-                ", expected cpu");
-    TORCH_CHECK(!same_dtype || t.scalar_type() == p.scalar_type(), "fused_sam: ", what, "[", i,
-                "] has dtype ", t.scalar_type(), ", expected ", p.scalar_type());
-    TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "fused_sam: ", what, "[",
-                i, "] must have the shape and strides of the parameter");
-  }
-}
-
-void check_params(at::TensorList params) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu(), "fused_sam: tensor ", i, " is on ", p.device(),
-                ", expected cpu");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fused_sam: tensor ", i,
-                " has dtype ", p.scalar_type(), ", expected ", params[0].scalar_type());
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "fused_sam: tensor ", i,
-                " is not dense; route it to the foreach backend");
-  }
+// The parameters of a CPU op (the dispatcher, and the direct calls, send CPU tensors only; a
+// direct torch.ops call with mixed devices is refused here).
+void check_cpu_params(at::TensorList params) {
+  check_params(params);
+  TORCH_CHECK(params[0].device().is_cpu(), "fused_sam: tensors are on ", params[0].device(),
+              ", expected cpu");
 }
 
 template <typename T>
@@ -287,14 +269,15 @@ void use_kernels(const std::string& name) {
 
 at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool adaptive,
                             double eta) {
-  check_params(grads);
-  check_list(params, grads, "params");
-  const bool wide = !grads.empty() && grads[0].scalar_type() == at::kDouble;
-  at::Tensor out = at::empty({1}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
+  TORCH_CHECK(params.size() == grads.size(), "fused_sam: params has ", params.size(),
+              " tensors, expected ", grads.size());
   if (grads.empty()) {
-    out.zero_();
-    return out;
+    return at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
   }
+  check_cpu_params(grads);
+  check_list(params, grads, "params");
+  const bool wide = grads[0].scalar_type() == at::kDouble;
+  at::Tensor out = at::empty({1}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
   const Plan plan = make_plan(grads);
   // One partial per chunk, then a sequential sum: the result is independent of the threads.
   std::vector<double> partial(plan.chunks.size(), 0.0);
@@ -322,17 +305,10 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
               const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
               at::TensorList masks) {
-  check_params(params);
+  check_cpu_params(params);
   check_list(grads, params, "grads");
   check_list(backups, params, "backups");
-  TORCH_CHECK(masks.empty() || masks.size() == params.size(),
-              "fused_sam: masks must be empty or one per parameter");
-  for (size_t i = 0; i < masks.size(); ++i) {
-    TORCH_CHECK(masks[i].scalar_type() == at::kByte && masks[i].is_contiguous() &&
-                    masks[i].device().is_cpu() && masks[i].numel() >= (params[i].numel() + 7) / 8,
-                "fused_sam: masks[", i, "] must be a contiguous cpu uint8 tensor of at least ",
-                (params[i].numel() + 7) / 8, " bytes");
-  }
+  check_masks(masks, params);
   TORCH_CHECK(sumsq.device().is_cpu() && sumsq.dim() == 1,
               "fused_sam: sumsq must be a 1-D cpu tensor");
   // Finalise the norm: fixed-order float64 sum of the partials.
@@ -368,7 +344,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
 }
 
 void restore_(at::TensorList params, at::TensorList backups) {
-  check_params(params);
+  check_cpu_params(params);
   check_list(backups, params, "backups");
   bump_versions({params});
   restore_all(params, backups);
@@ -379,7 +355,7 @@ void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
                        double momentum, double dampening, bool nesterov, bool maximize,
                        bool first_step, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf) {
-  check_params(params);
+  check_cpu_params(params);
   check_list(grads, params, "grads");
   check_list(backups, params, "backups");
   const bool with_momentum = momentum != 0.0;
@@ -416,7 +392,7 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
                         bool maximize, bool decoupled_weight_decay,
                         const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf) {
-  check_params(params);
+  check_cpu_params(params);
   check_list(grads, params, "grads");
   check_list(backups, params, "backups");
   check_list(exp_avgs, params, "exp_avgs");

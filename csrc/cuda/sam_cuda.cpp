@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cuda/sam_kernels.h"
+#include "op_checks.h"
 #include "sam_ops.h"
 
 namespace fused_sam::cuda {
@@ -72,34 +73,8 @@ int grid_for(const ck::Table& t, int device, int64_t cap = INT32_MAX) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks (functional.py sends dense tensors of one device and dtype with equal strides per
-// index; a direct torch.ops call gets a clear error instead of an out-of-bounds access).
-
-void check_params(at::TensorList params) {
-  TORCH_CHECK(!params.empty(), "fused_sam: empty tensor list");
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == params[0].device(), "fused_sam: tensor ", i, " is on ", p.device(),
-                ", expected ", params[0].device());
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fused_sam: tensor ", i,
-                " has dtype ", p.scalar_type(), ", expected ", params[0].scalar_type());
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "fused_sam: tensor ", i,
-                " is not dense; route it to the foreach backend");
-  }
-}
-
-void check_list(at::TensorList ts, at::TensorList like, const char* what) {
-  TORCH_CHECK(ts.size() == like.size(), "fused_sam: ", what, " has ", ts.size(),
-              " tensors, expected ", like.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
-    const at::Tensor& p = like[i];
-    TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type(), "fused_sam: ",
-                what, "[", i, "] must be ", p.scalar_type(), " on ", p.device());
-    TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "fused_sam: ", what, "[",
-                i, "] must have the shape and strides of the parameter");
-  }
-}
+// One-element tensor arguments (grad_scale, found_inf) as float32 device pointers. The tensor
+// list checks are shared with the CPU ops (op_checks.h).
 
 const float* device_scalar(const std::optional<at::Tensor>& t, const at::Tensor& like,
                            std::vector<at::Tensor>& keep, const char* what) {
@@ -255,15 +230,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   check_params(params);
   check_list(grads, params, "grads");
   check_list(backups, params, "backups");
-  TORCH_CHECK(masks.empty() || masks.size() == params.size(),
-              "fused_sam: masks must be empty or one per parameter");
-  for (size_t i = 0; i < masks.size(); ++i) {
-    TORCH_CHECK(masks[i].scalar_type() == at::kByte && masks[i].is_contiguous() &&
-                    masks[i].device() == params[i].device() &&
-                    masks[i].numel() >= (params[i].numel() + 7) / 8,
-                "fused_sam: masks[", i, "] must be a contiguous uint8 tensor on ",
-                params[i].device(), " of at least ", (params[i].numel() + 7) / 8, " bytes");
-  }
+  check_masks(masks, params);
   TORCH_CHECK(sumsq.device() == params[0].device() && sumsq.dim() == 1 &&
                   (sumsq.scalar_type() == at::kFloat || sumsq.scalar_type() == at::kDouble),
               "fused_sam: sumsq must be a 1-D float32/float64 tensor on ", params[0].device());
