@@ -193,23 +193,10 @@ def plan(
         extras: per-index hyperparameters that must be equal within a bucket.
 
     Returns:
-        ``(backend name, ascending indices)`` pairs covering every index once.
-    """
-    return _buckets(backend, columns, extras)
+        ``(backend name, ascending indices)`` pairs covering every index once; indices a flat
+        kernel cannot take (non-dense, or strides that differ per index) go to ``foreach``.
 
-
-def _buckets(
-    backend: str | None,
-    columns: Sequence[Sequence[Tensor] | None],
-    extras: Sequence[Hashable] | None = None,
-) -> Buckets:
-    """Split indices into ``(backend, indices)`` buckets.
-
-    ``columns`` are the per-index tensor lists of one call (``None`` for an absent list); the
-    first column decides device and dtype, ``extras`` holds per-index hyperparameters that
-    must be equal within a bucket. Indices a flat kernel cannot take go to ``foreach``.
-
-    This runs for every op of every step over every parameter, so the common case (uniform
+    This runs for every op of every step that is given no buckets, so the common case (uniform
     hyperparameters, contiguous tensors) costs a few C-level passes: torch's own C++ grouping
     by device and dtype, and one contiguity scan per column.
     """
@@ -240,7 +227,7 @@ def _buckets_by_extras(
     extras: Sequence[Hashable],
     all_contiguous: bool,
 ) -> Buckets:
-    """:func:`_buckets` for per-index hyperparameters that differ: a plain per-index pass."""
+    """:func:`plan` for per-index hyperparameters that differ: a plain per-index pass."""
     per_device: dict[torch.device, tuple[str, bool]] = {}
     groups: dict[Hashable, list[int]] = {}
     for i, t in enumerate(cols[0]):
@@ -294,7 +281,7 @@ def norm_sq(
     """
     parts: list[Tensor] = []
     if buckets is None:
-        buckets = _buckets(backend, [grads, params], list(zip(adaptive, eta)))
+        buckets = plan(backend, [grads, params], list(zip(adaptive, eta)))
     for chosen, idx in buckets:
         i0 = idx[0]
         mod = _module(chosen)
@@ -354,7 +341,7 @@ def perturb_(
     ``rho``, ``adaptive`` and ``eta`` are per tensor; ``sumsq`` comes from :func:`norm_sq`.
     """
     if buckets is None:
-        buckets = _buckets(backend, [params, grads, backups], list(zip(rho, adaptive, eta)))
+        buckets = plan(backend, [params, grads, backups], list(zip(rho, adaptive, eta)))
     for chosen, idx in buckets:
         i0 = idx[0]
         dev_sumsq = sumsq.to(params[i0].device, non_blocking=True)
@@ -381,7 +368,7 @@ def restore_(
 ) -> None:
     """Exact restore ``w = backup`` for every tensor given."""
     if buckets is None:
-        buckets = _buckets(backend, [params, backups])
+        buckets = plan(backend, [params, backups])
     for chosen, idx in buckets:
         _module(chosen).restore_(_pick(params, idx), _pick(backups, idx))
 
@@ -409,7 +396,7 @@ def restore_sgd_step_(
     ``momentum_buffers`` is ``None`` when ``momentum == 0``; ``first_step`` is per tensor.
     """
     if buckets is None:
-        buckets = _buckets(backend, [params, grads, backups, momentum_buffers], first_step)
+        buckets = plan(backend, [params, grads, backups, momentum_buffers], first_step)
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         _module(chosen).restore_sgd_step_(
@@ -457,7 +444,7 @@ def restore_adam_step_(
     """
     if buckets is None:
         cols = [params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
-        buckets = _buckets(backend, cols)
+        buckets = plan(backend, cols)
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         _module(chosen).restore_adam_step_(

@@ -35,14 +35,18 @@ class _StepPlan:
     every op.
     """
 
-    #: per parameter of the step: ``id``, ``data_ptr``, size, stride, dtype and SAM values.
+    #: per parameter of the step: ``id`` (first), storage address, layout, dtype and SAM values.
     key: tuple[Any, ...]
-    ids: tuple[int, ...]
     devices: set[torch.device]
     backups: list[Tensor]
     #: buckets of the step's (params, grads, backups) from :func:`functional.plan`; ``None``
     #: when a parameter is not contiguous (every op then buckets for itself).
     buckets: F.Buckets | None
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """``id`` of every parameter of the step, in order."""
+        return self.key[0]
 
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -534,23 +538,29 @@ class FusedSAM(Optimizer):
         perturbed = self._perturbed or []
         found_inf = self._found_inf
         zero_grad = self._pending_zero_grad
-        # Decide the skip on device: first-pass flag OR a non-finite second-pass gradient.
-        # The step's plan holds for this pass too when the same parameters have gradients and
-        # those are contiguous (norm buckets need only device and dtype to agree).
         plan = self._plan
         groups = self.param_groups
-        with_grad, grads, contiguous, sparse = _with_grads(
-            groups[0]["params"] if len(groups) == 1 else self._all_params()
-        )
+        fused = self._fused_kind()
+        # The second-pass gradients are read here for the non-finite check and for the fused
+        # step of a single group. The step's plan holds for this pass too when the same
+        # parameters have gradients and those are contiguous (norm buckets need only device and
+        # dtype to agree).
+        with_grad: list[Tensor] = []
+        grads: list[Tensor] = []
         buckets = None
-        if (
-            perturbed
-            and plan is not None
-            and plan.buckets is not None
-            and contiguous
-            and plan.ids == tuple(map(id, with_grad))
-        ):
-            buckets = plan.buckets
+        if self.skip_nonfinite or (fused is not None and len(groups) == 1):
+            with_grad, grads, contiguous, sparse = _with_grads(
+                groups[0]["params"] if len(groups) == 1 else self._all_params()
+            )
+            if (
+                perturbed
+                and plan is not None
+                and plan.buckets is not None
+                and contiguous
+                and plan.ids == tuple(map(id, with_grad))
+            ):
+                buckets = plan.buckets
+        # Decide the skip on device: first-pass flag OR a non-finite second-pass gradient.
         if self.skip_nonfinite and with_grad:
             if sparse:
                 _raise_sparse()
@@ -562,9 +572,7 @@ class FusedSAM(Optimizer):
                 inf2 if found_inf is None else torch.maximum(found_inf, inf2.to(found_inf.device))
             )
 
-        fused = self._fused_kind()
         if fused is not None:
-            # One group holding every parameter of the plan: its buckets and backups apply.
             if buckets is not None and len(groups) == 1:
                 # One group holding every parameter of the plan: its buckets and backups apply,
                 # and every parameter with a gradient was perturbed.
@@ -706,7 +714,6 @@ class FusedSAM(Optimizer):
         self, params: list[Tensor], rho: list[float], adaptive: list[bool], eta: list[float]
     ) -> _StepPlan:
         """The step plan for ``params`` (with their per-tensor SAM values): cached or new."""
-        ids = tuple(map(id, params))
         # Everything the backups and buckets depend on, per parameter: identity, storage address,
         # layout and dtype (a `.data =` may keep the address and change the rest), and the SAM
         # values (a parameter may move between groups).
@@ -721,7 +728,7 @@ class FusedSAM(Optimizer):
                 tuple(map(_DTYPE, params)),
             )
             contiguous = _contiguous(params)
-        key = (ids, layout, tuple(rho), tuple(adaptive), tuple(eta))
+        key = (tuple(map(id, params)), layout, tuple(rho), tuple(adaptive), tuple(eta))
         plan = self._plan
         if layout is not None and plan is not None and plan.key == key:
             return plan
@@ -729,7 +736,7 @@ class FusedSAM(Optimizer):
         buckets = None
         if contiguous:
             buckets = F.plan(self.backend, [params, backups], list(zip(rho, adaptive, eta)))
-        self._plan = _StepPlan(key, ids, {p.device for p in params}, backups, buckets)
+        self._plan = _StepPlan(key, {p.device for p in params}, backups, buckets)
         return self._plan
 
     def _backup_for(self, p: Tensor) -> Tensor:

@@ -251,7 +251,7 @@ def test_stride_mismatch_takes_the_safe_path() -> None:
     g_t = torch.randn(17, 33).t()  # same shape, transposed strides
     ps = [p, torch.randn(100)]
     gs = [g_t, torch.randn(100)]
-    assert F._buckets("cpu", [ps, gs])[0][0] != F._buckets("cpu", [ps, gs])[-1][0]
+    assert F.plan("cpu", [ps, gs])[0][0] != F.plan("cpu", [ps, gs])[-1][0]
     out = {}
     for backend in ("reference", "cpu"):
         w = [t.clone() for t in ps]
