@@ -276,8 +276,8 @@ def norm_sq(
         buckets: from :func:`plan`, to skip bucketing (this and every op below).
 
     Returns:
-        A 1-D float32 (float64 if any tensor is float64) tensor on ``grads[0]``'s device whose
-        sum is the squared global norm.
+        A 1-D float64 tensor on ``grads[0]``'s device whose sum is the squared global norm
+        (finite for any finite gradients: the squares are taken in float64).
     """
     parts: list[Tensor] = []
     if buckets is None:
@@ -291,8 +291,7 @@ def norm_sq(
     device = grads[0].device
     if len(parts) == 1:
         return parts[0]
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-    return torch.cat([p.to(device, dtype, non_blocking=True) for p in parts])
+    return torch.cat([_on(p, device) for p in parts])
 
 
 def masked_norm_sq(
@@ -339,24 +338,32 @@ def perturb_(
     """Backup the weights and move them to ``w + e`` (see :func:`fused_sam.reference.perturb_`).
 
     ``rho``, ``adaptive`` and ``eta`` are per tensor; ``sumsq`` comes from :func:`norm_sq`.
+    All or nothing: if a bucket raises, the buckets already perturbed are restored from their
+    backups before the error propagates (every backend checks its arguments before it writes).
     """
     if buckets is None:
         buckets = plan(backend, [params, grads, backups], list(zip(rho, adaptive, eta)))
-    for chosen, idx in buckets:
-        i0 = idx[0]
-        dev_sumsq = sumsq.to(params[i0].device, non_blocking=True)
-        bucket_masks = None if masks is None else [masks[i] for i in idx]
-        _module(chosen).perturb_(
-            _pick(params, idx),
-            _pick(grads, idx),
-            _pick(backups, idx),
-            dev_sumsq,
-            rho[i0],
-            eps,
-            adaptive[i0],
-            eta[i0],
-            bucket_masks,
-        )
+    done: list[tuple[str, list[int]]] = []
+    try:
+        for chosen, idx in buckets:
+            i0 = idx[0]
+            bucket_masks = None if masks is None else [masks[i] for i in idx]
+            _module(chosen).perturb_(
+                _pick(params, idx),
+                _pick(grads, idx),
+                _pick(backups, idx),
+                _on(sumsq, params[i0].device),
+                rho[i0],
+                eps,
+                adaptive[i0],
+                eta[i0],
+                bucket_masks,
+            )
+            done.append((chosen, idx))
+    except BaseException:
+        for chosen, idx in done:
+            _module(chosen).restore_(_pick(params, idx), _pick(backups, idx))
+        raise
 
 
 def restore_(
@@ -469,4 +476,8 @@ def restore_adam_step_(
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if t is None else t.to(device, non_blocking=True)
+    """``t`` on ``device``; asynchronous only toward an accelerator, since a copy into host
+    memory may be read by the host (``.item()``, a CPU kernel) before it lands."""
+    if t is None:
+        return None
+    return t.to(device, non_blocking=device.type != "cpu")

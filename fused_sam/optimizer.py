@@ -8,10 +8,11 @@ dispatches to a backend.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,13 +50,35 @@ class _StepPlan:
         return self.key[0]
 
 
+@dataclass
+class _StepState:
+    """The bookkeeping of the SAM step, in ONE mutable object.
+
+    Methods mutate its fields and never rebind them on the optimizer: wrappers that shallow-copy
+    the optimizer's ``__dict__`` and call methods on the copy (Lightning's
+    ``LightningOptimizer``) then share the step with the original, and attribute writes that a
+    tracer drops cannot split the state.
+    """
+
+    #: the parameters at ``w + e`` (their backups hold ``w``); ``None`` <=> nothing in flight.
+    perturbed: list[Tensor] | None = None
+    #: 0-dim float32 device flag of the first pass (1.0: a non-finite gradient, step skipped).
+    found_inf: Tensor | None = None
+    #: ``second_step(zero_grad=True)`` asked to zero the gradients once the step is done.
+    zero_grad: bool = False
+    #: the cached plan of the last step (see :class:`_StepPlan`).
+    plan: _StepPlan | None = None
+    #: 0-dim bool tensor: whether the last finished step skipped its base update.
+    last_skipped: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
+
+
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 _ADAPTIVE_CHOICES = (False, True, "weights")
 # Keys FusedSAM keeps in every param group (next to the base optimizer's own keys).
 _SAM_KEYS = ("rho", "adaptive", "eta")
 # Attributes that describe one SAM step in flight or caches; never pickled or deep-copied.
-_TRANSIENT = ("step", "_backups", "_plan", "_perturbed", "_found_inf", "_pending_zero_grad")
+_TRANSIENT = ("step", "_backups", "_step_state")
 _MASK_NORMS = ("full", "masked")
 #: Top-level ``state_dict()`` key holding the sparse-SAM masks and their policy's state.
 SPARSE_KEY = "sparse_sam"
@@ -201,6 +224,10 @@ class FusedSAM(Optimizer):
             because a gradient was not finite (read it with ``bool()``; that syncs the device).
     """
 
+    #: torch.amp.GradScaler's protocol: scaler.step(opt) always calls step(), having set
+    #: ``grad_scale`` and ``found_inf`` on the optimizer (see :meth:`step`).
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: ParamsT | Optimizer,
@@ -235,6 +262,7 @@ class FusedSAM(Optimizer):
             base = base_optimizer(params, **base_kwargs)
         if isinstance(base, FusedSAM):
             raise ValueError("FusedSAM cannot wrap another FusedSAM")
+        _check_drivable(base)
         self.norm_eps = _check_nonneg("norm_eps", norm_eps, positive=True)
         if backend is not None and backend != "auto" and backend not in F.BACKENDS:
             raise ValueError(
@@ -249,6 +277,7 @@ class FusedSAM(Optimizer):
 
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         _validate_group({**sam_defaults})
+        _check_distinct([p for g in base.param_groups for p in g["params"]])
         # Optimizer.__init__ walks the groups through add_param_group, which (while
         # initialising) fills the SAM keys into the base optimizer's own group dicts.
         self._initializing = True
@@ -271,25 +300,35 @@ class FusedSAM(Optimizer):
 
     def _reset_transient(self) -> None:
         self._backups: dict[Tensor, Tensor] = {}
-        self._plan: _StepPlan | None = None
-        self._perturbed: list[Tensor] | None = None  # not None <=> a SAM step is in flight
-        self._found_inf: Tensor | None = None
-        self._pending_zero_grad = False
-        if not hasattr(self, "last_step_skipped"):
-            self.last_step_skipped: Tensor = torch.zeros((), dtype=torch.bool)
+        self._step_state = _StepState()
+
+    @property
+    def last_step_skipped(self) -> Tensor:
+        """0-dim bool tensor: ``True`` when the last SAM step skipped its base update because a
+        gradient was not finite (read it with ``bool()``; that syncs the device)."""
+        return self._step_state.last_skipped
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group to the base optimizer (and so to this one), with SAM defaults."""
+        """Add a param group to the base optimizer (and so to this one), with SAM defaults.
+
+        A group that is rejected (an invalid SAM value, a parameter already in the optimizer
+        or sharing memory with one, a device the forced backend cannot run on) leaves the
+        optimizer unchanged.
+        """
         if getattr(self, "_initializing", False):
             super().add_param_group(param_group)
             return
-        self.base_optimizer.add_param_group(param_group)
-        group = self.param_groups[-1]
+        self._check_not_in_flight("add_param_group()")
+        group = dict(param_group)
         for key in _SAM_KEYS:
             group.setdefault(key, self.defaults[key])
         _validate_group(group)
-        for device in self._devices():
+        new = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        _check_distinct(self._all_params() + new)
+        for device in {p.device for p in new}:
             F.resolve_backend(self.backend, device)
+        group["params"] = new
+        self.base_optimizer.add_param_group(group)
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, in its own format (SAM keys ride in the groups).
@@ -324,19 +363,30 @@ class FusedSAM(Optimizer):
                 "the checkpoint holds sparse-SAM masks but this optimizer has sparsity=0; "
                 "build it with the sparsity and mask it was saved with"
             )
-        self.base_optimizer.load_state_dict(state_dict)
-        # Optimizer.load_state_dict replaces both objects: re-link the wrapper to them.
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        for group in self.param_groups:
-            for key in _SAM_KEYS:
-                group.setdefault(key, self.defaults[key])
-            _validate_group(group)
-        if self._sparse is not None:
-            if sparse is None:
-                self._sparse.reset()
-            else:
-                self._sparse.load_state_dict(sparse, self._all_params())
+        base = self.base_optimizer
+        before = base.param_groups, base.state
+        base.load_state_dict(state_dict)
+        try:
+            for group in base.param_groups:
+                for key in _SAM_KEYS:
+                    group.setdefault(key, self.defaults[key])
+                _validate_group(group)
+            _check_state_shapes(base)
+            if self._sparse is not None:
+                if sparse is None:
+                    self._sparse.reset()
+                else:
+                    self._sparse.load_state_dict(sparse, self._all_params())
+        except BaseException:
+            # Optimizer.load_state_dict builds new group and state objects: a checkpoint that
+            # is rejected leaves the optimizer with the ones it had.
+            base.param_groups, base.state = before
+            raise
+        finally:
+            # Re-link the wrapper to the base optimizer's (new or kept) objects.
+            self.param_groups = base.param_groups
+            self.state = base.state
+            self._step_state.plan = None
 
     def __getstate__(self) -> dict[str, Any]:
         self._check_not_in_flight("pickling or copying")
@@ -360,7 +410,7 @@ class FusedSAM(Optimizer):
     @property
     def in_flight(self) -> bool:
         """``True`` between ``first_step`` and the end of the step (weights are perturbed)."""
-        return self._perturbed is not None
+        return self._step_state.perturbed is not None
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -412,7 +462,7 @@ class FusedSAM(Optimizer):
                 sumsq = F.masked_norm_sq(grads, params, adaptive, eta, masks, self.backend)
             else:
                 sumsq = F.norm_sq(grads, params, adaptive, eta, self.backend, buckets=buckets)
-            self._found_inf = F.nonfinite(sumsq)
+            found_inf = F.nonfinite(sumsq)
             F.perturb_(
                 params,
                 grads,
@@ -427,8 +477,10 @@ class FusedSAM(Optimizer):
                 buckets=buckets,
             )
         else:
-            self._found_inf = None
-        self._perturbed = params
+            found_inf = None
+        # In flight from here: nothing above left a weight perturbed if it raised.
+        st = self._step_state
+        st.perturbed, st.found_inf, st.zero_grad = params, found_inf, False
         if zero_grad:
             self.zero_grad()
 
@@ -446,7 +498,7 @@ class FusedSAM(Optimizer):
         """
         if not self.in_flight:
             raise RuntimeError("second_step() called without a preceding first_step()")
-        self._pending_zero_grad = zero_grad
+        self._step_state.zero_grad = zero_grad
         self.step()
 
     def update_mask(
@@ -490,11 +542,13 @@ class FusedSAM(Optimizer):
 
         A no-op when nothing is in flight.
         """
-        if self._perturbed:
-            F.restore_(self._perturbed, [self._backups[p] for p in self._perturbed], self.backend)
-        self._perturbed = None
-        self._found_inf = None
-        self._pending_zero_grad = False
+        st = self._step_state
+        perturbed = st.perturbed
+        st.perturbed = None
+        st.found_inf = None
+        st.zero_grad = False
+        if perturbed:
+            F.restore_(perturbed, [self._backups[p] for p in perturbed], self.backend)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Run a whole SAM step with ``closure``, or finish the one in flight.
@@ -508,14 +562,23 @@ class FusedSAM(Optimizer):
         Returns:
             The first-pass loss (what ``closure`` returned at ``w``), or ``None``.
 
-        If ``closure`` raises in the second pass, the weights are restored exactly before the
-        exception propagates.
+        Under ``torch.amp.GradScaler`` (``scaler.step(opt)``), the second-pass gradients are
+        unscaled by the scaler's ``grad_scale`` and the base update is skipped when its
+        ``found_inf`` is set; the weights are restored either way.
+
+        If anything raises while a SAM step is in flight (the closure's second pass, a bad
+        gradient or optimizer state), the weights are restored exactly and the optimizer is
+        idle before the exception propagates.
         """
+        # torch.amp.GradScaler sets these two for the duration of step() on optimizers that
+        # declare _step_supports_amp_scaling (torch's fused optimizers' protocol).
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        scaler_inf: Tensor | None = getattr(self, "found_inf", None)
         if closure is None:
             if self.in_flight:
-                self._finish()
+                self._finish(grad_scale, scaler_inf)
             else:
-                self.base_optimizer.step()
+                self._base_step(grad_scale, scaler_inf)
             return None
         self._check_not_in_flight("step(closure)")
         with torch.enable_grad():
@@ -527,20 +590,41 @@ class FusedSAM(Optimizer):
         except BaseException:
             self.restore()
             raise
-        self._finish()
+        self._finish(grad_scale, scaler_inf)
         return loss
 
     # -------------------------------------------------------------------------------------
     # internals
 
     @torch.no_grad()
-    def _finish(self) -> None:
-        perturbed = self._perturbed or []
-        found_inf = self._found_inf
-        zero_grad = self._pending_zero_grad
-        plan = self._plan
+    def _finish(self, grad_scale: Tensor | None, scaler_inf: Tensor | None) -> None:
+        """Restore and take the base step: the one exit of an in-flight SAM step."""
+        st = self._step_state
+        zero_grad = st.zero_grad
+        try:
+            skipped = self._restore_and_step(grad_scale, scaler_inf)
+        except BaseException:
+            self.restore()  # a no-op once the restore has happened
+            raise
+        st.last_skipped = skipped
+        if zero_grad:
+            self.zero_grad()
+
+    def _restore_and_step(self, grad_scale: Tensor | None, scaler_inf: Tensor | None) -> Tensor:
+        """Restore the perturbed weights, then the base update unless a skip flag is set.
+
+        Returns:
+            The 0-dim bool skip flag of the step (on the device, no host sync).
+        """
+        st = self._step_state
+        perturbed = st.perturbed or []
+        plan = st.plan
         groups = self.param_groups
         fused = self._fused_kind()
+        # The skip flag: the first pass's, OR the scaler's (it has checked the second-pass
+        # gradients), OR our own check of them when no scaler did.
+        found_inf = _either(st.found_inf, scaler_inf)
+        check = self.skip_nonfinite and scaler_inf is None
         # The second-pass gradients are read here for the non-finite check and for the fused
         # step of a single group. The step's plan holds for this pass too when the same
         # parameters have gradients and those are contiguous (norm buckets need only device and
@@ -548,10 +632,12 @@ class FusedSAM(Optimizer):
         with_grad: list[Tensor] = []
         grads: list[Tensor] = []
         buckets = None
-        if self.skip_nonfinite or (fused is not None and len(groups) == 1):
+        if check or (fused is not None and len(groups) == 1):
             with_grad, grads, contiguous, sparse = _with_grads(
                 groups[0]["params"] if len(groups) == 1 else self._all_params()
             )
+            if sparse:
+                _raise_sparse()
             if (
                 perturbed
                 and plan is not None
@@ -560,45 +646,86 @@ class FusedSAM(Optimizer):
                 and plan.ids == tuple(map(id, with_grad))
             ):
                 buckets = plan.buckets
-        # Decide the skip on device: first-pass flag OR a non-finite second-pass gradient.
-        if self.skip_nonfinite and with_grad:
-            if sparse:
-                _raise_sparse()
+        if check and with_grad:
             n = len(with_grad)
             inf2 = F.nonfinite(
                 F.norm_sq(grads, with_grad, [False] * n, [0.0] * n, self.backend, buckets=buckets)
             )
-            found_inf = (
-                inf2 if found_inf is None else torch.maximum(found_inf, inf2.to(found_inf.device))
-            )
+            found_inf = _either(found_inf, inf2)
 
         if fused is not None:
-            if buckets is not None and len(groups) == 1:
-                # One group holding every parameter of the plan: its buckets and backups apply,
-                # and every parameter with a gradient was perturbed.
-                step = self._sgd if fused == "sgd" else self._adam
-                step(groups[0], with_grad, grads, plan.backups, found_inf, buckets)
-            else:
-                self._fused_restore_step(fused, perturbed, found_inf)
+
+            def fused_step() -> None:
+                if buckets is not None and len(groups) == 1:
+                    # One group holding every parameter of the plan: its buckets and backups
+                    # apply, and every parameter with a gradient was perturbed.
+                    step = self._sgd if fused == "sgd" else self._adam
+                    step(groups[0], with_grad, grads, plan.backups, grad_scale, found_inf, buckets)
+                else:
+                    self._fused_restore_step(fused, perturbed, grad_scale, found_inf)
+                st.perturbed = None  # restored: from here on an error must not restore again
+
+            self._hooked(fused_step)
         else:
             if perturbed:
                 F.restore_(perturbed, [self._backups[p] for p in perturbed], self.backend)
-            if found_inf is None or not bool(found_inf.item()):
-                self.base_optimizer.step()
-        self.last_step_skipped = (
+            st.perturbed = None  # restored: from here on an error must not restore again
+            self._unfused_step(grad_scale, found_inf)
+        st.perturbed = None
+        st.found_inf = None
+        st.zero_grad = False
+        return torch.zeros((), dtype=torch.bool) if found_inf is None else found_inf.bool()
+
+    def _base_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """A plain base-optimizer step (nothing in flight), under the scaler's flags if any."""
+        self._unfused_step(grad_scale, found_inf)
+        self._step_state.last_skipped = (
             torch.zeros((), dtype=torch.bool) if found_inf is None else found_inf.bool()
         )
-        self._perturbed = None
-        self._found_inf = None
-        self._pending_zero_grad = False
-        if zero_grad:
-            self.zero_grad()
+
+    def _unfused_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The base optimizer's own ``step()`` on the current gradients, unless skipped.
+
+        With a loss scale (GradScaler) the gradients are unscaled first, in place, exactly as
+        ``GradScaler.unscale_`` does for optimizers without the scaling protocol. The skip is
+        a host decision here (the base optimizer's Python ``step()`` cannot read a device
+        flag), as it is for such optimizers under ``GradScaler``.
+        """
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        if grad_scale is not None:
+            _unscale_grads(self._all_params(), grad_scale)
+        self._hooked(self._raw_base_step)
+
+    def _raw_base_step(self) -> None:
+        base = self.base_optimizer
+        step = type(base).step
+        # Optimizer patches each class's step() with a wrapper that runs the global and the
+        # instance hooks; _hooked runs the instance's, and the global ones already ran once
+        # for FusedSAM.step, so call what the wrapper wraps.
+        getattr(step, "__wrapped__", step)(base)
+
+    def _hooked(self, body: Callable[[], None]) -> None:
+        """Run a base update as ``base_optimizer.step()`` would: with the base optimizer's own
+        step hooks around it, and marked as stepped for an LR scheduler built on it."""
+        base = self.base_optimizer
+        for hook in list(base._optimizer_step_pre_hooks.values()):
+            if hook(base, (), {}) is not None:
+                raise RuntimeError(
+                    "a step pre-hook on the base optimizer returned new arguments; FusedSAM "
+                    "calls the base step itself and cannot pass them on"
+                )
+        body()
+        base._opt_called = True  # what an LR scheduler's step() wrapper records
+        for hook in list(base._optimizer_step_post_hooks.values()):
+            hook(base, (), {})
 
     def _fused_kind(self) -> str | None:
         """``"sgd"``/``"adam"`` when the backend's fused restore+step can replace base.step()."""
         base = self.base_optimizer
         kind = {SGD: "sgd", Adam: "adam", AdamW: "adam"}.get(type(base))
-        devices = self._plan.devices if self._plan is not None else self._devices()
+        plan = self._step_state.plan
+        devices = plan.devices if plan is not None else self._devices()
         if kind is None or not F.uses_fused_base_step(self.backend, devices):
             return None
         for group in self.param_groups:
@@ -609,34 +736,61 @@ class FusedSAM(Optimizer):
         return kind
 
     def _fused_restore_step(
-        self, kind: str, perturbed: list[Tensor], found_inf: Tensor | None
+        self,
+        kind: str,
+        perturbed: list[Tensor],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
     ) -> None:
         """Restore + base step group by group (the general case of ``_finish``)."""
         in_perturbed = set(map(id, perturbed))
         stepped: set[int] = set()
+        work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             stepped.update(map(id, params))
             grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                _raise_sparse()
             # A parameter that was not perturbed is its own backup: stepped without a restore.
             backups = [self._backups[p] if id(p) in in_perturbed else p for p in params]
-            if kind == "sgd":
-                self._sgd(group, params, grads, backups, found_inf, None)
-            else:
-                self._adam(group, params, grads, backups, found_inf, None)
+            work.append((group, params, grads, backups))
+        step = self._sgd if kind == "sgd" else self._adam
+        for group, params, grads, backups in work:
+            step(group, params, grads, backups, grad_scale, found_inf, None)
         rest = [p for p in perturbed if id(p) not in stepped]
         if rest:
             F.restore_(rest, [self._backups[p] for p in rest], self.backend)
 
-    def _sgd(self, group: dict[str, Any], params, grads, backups, found_inf, buckets) -> None:
+    def _skip_new_state(self, params, backups, found_inf: Tensor | None) -> bool:
+        """Whether a step that would create optimizer state is skipped; if so, restore only.
+
+        Skipped means untouched: torch's optimizers create state in their first real step, so
+        state is not created on a skipped one. The flag lives on the device; it is read on the
+        host only here, on steps that create state (a parameter's first step).
+        """
+        if found_inf is None or not bool(found_inf.item()):
+            return False
+        pairs = [(p, b) for p, b in zip(params, backups) if p is not b]
+        if pairs:
+            F.restore_([p for p, _ in pairs], [b for _, b in pairs], self.backend)
+        return True
+
+    def _sgd(
+        self, group: dict[str, Any], params, grads, backups, grad_scale, found_inf, buckets
+    ) -> None:
         momentum = group["momentum"]
         bufs = None
         first = [False] * len(params)
         if momentum != 0:
             state = self.state
             bufs = [state[p].get("momentum_buffer") for p in params]
+            if any(buf is None for buf in bufs) and self._skip_new_state(
+                params, backups, found_inf
+            ):
+                return
             for i, buf in enumerate(bufs):
                 if buf is None:  # the first step of this parameter: a fresh buffer
                     p = params[i]
@@ -658,16 +812,23 @@ class FusedSAM(Optimizer):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             first_step=first,
-            grad_scale=None,
+            grad_scale=grad_scale,
             found_inf=found_inf,
             backend=self.backend,
             buckets=buckets,
         )
 
-    def _adam(self, group: dict[str, Any], params, grads, backups, found_inf, buckets) -> None:
+    def _adam(
+        self, group: dict[str, Any], params, grads, backups, grad_scale, found_inf, buckets
+    ) -> None:
         amsgrad = group["amsgrad"]
         state = self.state
         sts = [state[p] for p in params]
+        if not all(sts) and self._skip_new_state(params, backups, found_inf):
+            for p, st in zip(params, sts):
+                if not st:
+                    del state[p]  # the lookup above made an empty entry
+            return
         for p, st in zip(params, sts):
             if not st:
                 # torch.optim.Adam's own state format; the step counter lives on the param's
@@ -704,7 +865,7 @@ class FusedSAM(Optimizer):
             amsgrad=amsgrad,
             maximize=group["maximize"],
             decoupled_weight_decay=bool(decoupled),
-            grad_scale=None,
+            grad_scale=grad_scale,
             found_inf=found_inf,
             backend=self.backend,
             buckets=buckets,
@@ -729,15 +890,18 @@ class FusedSAM(Optimizer):
             )
             contiguous = _contiguous(params)
         key = (tuple(map(id, params)), layout, tuple(rho), tuple(adaptive), tuple(eta))
-        plan = self._plan
+        st = self._step_state
+        plan = st.plan
         if layout is not None and plan is not None and plan.key == key:
             return plan
+        # A storage may have changed (`p.data = ...`) since the optimizer checked its params.
+        _check_distinct(params)
         backups = [self._backup_for(p) for p in params]
         buckets = None
         if contiguous:
             buckets = F.plan(self.backend, [params, backups], list(zip(rho, adaptive, eta)))
-        self._plan = _StepPlan(key, {p.device for p in params}, backups, buckets)
-        return self._plan
+        st.plan = _StepPlan(key, {p.device for p in params}, backups, buckets)
+        return st.plan
 
     def _backup_for(self, p: Tensor) -> Tensor:
         # Allocated once per parameter and reused every step; preserve_format keeps a dense
@@ -803,3 +967,99 @@ def _check_base_kwargs(cls: type[Optimizer], kwargs: dict[str, Any]) -> None:
             f"eta, norm_eps, backend, skip_nonfinite, sparsity, mask, mask_update_every, "
             f"mask_norm and passes the rest to {cls.__name__}, which accepts {accepted}"
         )
+
+
+def _either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The OR of two 0-dim float skip flags on ``a``'s device (``None`` stands for unset)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return torch.maximum(a, b.to(a.device, torch.float32, non_blocking=a.device.type != "cpu"))
+
+
+def _unscale_grads(params: list[Tensor], grad_scale: Tensor) -> None:
+    """Divide the gradients by the loss scale in place, as ``GradScaler.unscale_`` does.
+
+    The same op (``grad * (1 / scale)``, the reciprocal in float64 rounded to float32) per
+    device and dtype, so a FusedSAM step on the base optimizer's own ``step()`` sees the very
+    gradients that optimizer sees under a GradScaler.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if any(g.is_sparse for g in grads):
+        _raise_sparse()
+    inv = grad_scale.double().reciprocal().float()
+    groups = torch._C._group_tensors_by_device_and_dtype([grads], False)
+    for (device, _dtype), ([gs], _) in groups.items():
+        dummy = torch.zeros((), dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, dummy, inv.to(device))
+
+
+def _check_drivable(base: Optimizer) -> None:
+    """Reject base optimizers whose ``step()`` FusedSAM cannot call as it does."""
+    if isinstance(base, torch.optim.SparseAdam):
+        raise ValueError(
+            "SparseAdam needs sparse gradients, which SAM cannot use (the perturbation needs "
+            "the whole gradient); use Adam or AdamW"
+        )
+    closure = inspect.signature(type(base).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"{type(base).__name__}.step() requires a closure (it re-evaluates the model "
+            "itself), so FusedSAM cannot take its base step after the second pass; use a "
+            "first-order optimizer such as SGD, Adam or AdamW"
+        )
+
+
+def _check_distinct(params: list[Tensor]) -> None:
+    """Reject a parameter listed twice, or parameters that share memory.
+
+    Each perturbed parameter has its own backup and is restored from it; two parameters over
+    the same elements would be perturbed twice and restored from different copies.
+    """
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(
+                f"parameter {i} (shape {tuple(p.shape)}) appears more than once in the "
+                "optimizer; list each parameter once (tied weights are one parameter)"
+            )
+        seen.add(id(p))
+    # Byte extents per storage; sorted, each must end before the next begins. (Interleaved
+    # views whose extents overlap but whose elements do not are rejected too.)
+    spans: dict[tuple[torch.device, int], list[tuple[int, int, int]]] = {}
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        size = p.element_size()
+        start = p.storage_offset() * size
+        extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
+        key = (p.device, p.untyped_storage().data_ptr())
+        spans.setdefault(key, []).append((start, start + extent * size, i))
+    for spans_of in spans.values():
+        spans_of.sort()
+        for (_, end, i), (start, _, j) in itertools.pairwise(spans_of):
+            if start < end:
+                raise ValueError(
+                    f"parameters {min(i, j)} and {max(i, j)} share memory (views of one "
+                    "tensor); each parameter must have its own storage so that it can be "
+                    "perturbed and restored exactly"
+                )
+
+
+#: Per-element optimizer state that must have its parameter's shape (torch's names).
+_PER_ELEMENT_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _check_state_shapes(base: Optimizer) -> None:
+    """Every per-element state tensor of ``base`` has its parameter's shape."""
+    index = {id(p): i for i, p in enumerate(p for g in base.param_groups for p in g["params"])}
+    for p, st in base.state.items():
+        for key in _PER_ELEMENT_STATE:
+            value = st.get(key)
+            if isinstance(value, Tensor) and value.shape != p.shape:
+                raise ValueError(
+                    f"checkpoint state {key!r} of parameter {index.get(id(p), '?')} has shape "
+                    f"{tuple(value.shape)}, but the parameter has shape {tuple(p.shape)}: the "
+                    "checkpoint is of another model"
+                )

@@ -13,7 +13,9 @@ Conventions shared by all backends:
 * ``T(w)`` is the ASAM scaling: ``|w| + eta`` when ``adaptive`` is true, ``1`` otherwise.
 * ``sumsq`` is a 1-D tensor of partial sums whose total is the squared (scaled) gradient norm
   over *all* parameters of the step; a kernel reduces it itself, in a fixed order. Partials are
-  float32 (float64 when the tensors are float64), whatever the parameter dtype.
+  float64 whatever the parameter dtype, squares included: the square of a finite float32 (or
+  float16/bfloat16) value and any sum of them are finite in float64, so any finite gradient,
+  loss-scaled ones included, has a finite norm.
 * A step is skipped when the norm is not finite (``sumsq`` total is inf/nan) in pass 1, or when
   ``found_inf`` is nonzero in pass 2. A skipped perturbation leaves the weights bit-identical; a
   skipped base step still restores the weights and leaves the optimizer state untouched.
@@ -71,17 +73,15 @@ def norm_sq_partials(
         eta: ASAM offset.
 
     Returns:
-        A 1-element tensor on the grads' device holding ``s``, accumulated in float64 and
-        returned as float32 (float64 for float64 grads). Non-finite gradients make it
-        non-finite.
+        A 1-element float64 tensor on the grads' device holding ``s``. Non-finite gradients
+        make it non-finite.
     """
     device = grads[0].device if grads else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)
     for g, w in zip(grads, params):
         t = _scale_t(w, adaptive, eta)
         total = total + ((t * g.double()) ** 2).sum()
-    out_dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
-    return total.to(out_dtype).reshape(1)
+    return total.reshape(1)
 
 
 def perturb_(

@@ -65,10 +65,12 @@ def main() -> None:
         ("fp16", tl.float16, tl.float32),
         ("fp64", tl.float64, tl.float64),
     ):
-        part = "*fp64" if acc == tl.float64 else "*fp32"
+        part = "*fp64"  # norm partials are float64 for every storage type
         common = {"DTYPE": dt, "ACC": acc, "ALIGNED": True, "DIRECT": False, "BLOCK": 1024}
         sig = dict(_BASE, out=part, eta="fp64", g_arg=_T, w_arg=_T, numel_arg="i32")
-        print(json.dumps(_compile(norm_kernel, sig, dict(common, ADAPTIVE=True), f"norm/{name}")))
+        norm_consts = {k: v for k, v in common.items() if k != "ACC"}
+        norm_consts["ADAPTIVE"] = True
+        print(json.dumps(_compile(norm_kernel, sig, norm_consts, f"norm/{name}")))
         sig = dict(_BASE, sumsq=part, n_partials="i32", rho="fp64", eps="fp64", eta="fp64")
         sig.update(w_arg=_T, g_arg=_T, b_arg=_T, m_arg=_T, numel_arg="i32")
         consts = dict(common, ADAPTIVE=True, HAS_MASK=True, RBLOCK=1024)

@@ -6,8 +6,8 @@
 // small tensors therefore cost one parallel region, not a thousand, and one huge tensor is shared
 // by all threads.
 //
-// Norm partial sums are accumulated per chunk and then added in float64 in chunk order, so the
-// result does not depend on the number of threads. Copies (backup, restore) are byte copies and
+// Norm partial sums are float64 (squares included, whatever the storage type), accumulated per
+// chunk and then added in chunk order, so the result does not depend on the number of threads. Copies (backup, restore) are byte copies and
 // therefore exact for every value, NaN payloads included.
 
 #include "sam_ops.h"
@@ -272,12 +272,11 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
   TORCH_CHECK(params.size() == grads.size(), "fused_sam: params has ", params.size(),
               " tensors, expected ", grads.size());
   if (grads.empty()) {
-    return at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+    return at::zeros({1}, at::TensorOptions().dtype(at::kDouble));
   }
   check_cpu_params(grads);
   check_list(params, grads, "params");
-  const bool wide = grads[0].scalar_type() == at::kDouble;
-  at::Tensor out = at::empty({1}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
+  at::Tensor out = at::empty({1}, at::TensorOptions().dtype(at::kDouble));
   const Plan plan = make_plan(grads);
   // One partial per chunk, then a sequential sum: the result is independent of the threads.
   std::vector<double> partial(plan.chunks.size(), 0.0);
@@ -294,11 +293,7 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
   for (const double p : partial) {
     total += p;
   }
-  if (wide) {
-    out.data_ptr<double>()[0] = total;
-  } else {
-    out.data_ptr<float>()[0] = static_cast<float>(total);
-  }
+  out.data_ptr<double>()[0] = total;
   return out;
 }
 

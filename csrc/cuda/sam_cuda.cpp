@@ -211,8 +211,7 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
   check_params(grads);
   check_list(params, grads, "params");
   const c10::cuda::CUDAGuard guard(grads[0].device());
-  const bool wide = grads[0].scalar_type() == at::kDouble;
-  const auto opts = grads[0].options().dtype(wide ? at::kDouble : at::kFloat);
+  const auto opts = grads[0].options().dtype(at::kDouble);
   const LaunchTable t = make_table(grads, {{grads, true}, {params, adaptive}});
   if (t.chunks == 0) {
     return at::zeros({kCudaNormPartials}, opts);
@@ -220,7 +219,7 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
   at::Tensor out = at::empty({kCudaNormPartials}, opts);
   const int grid = grid_for(t, grads[0].get_device(), kCudaNormPartials);
   check(ck::launch_norm_sq(kernel_dtype(grads[0].scalar_type()), t, adaptive, eta,
-                           out.data_ptr(), static_cast<int>(kCudaNormPartials), grid, stream()));
+                           out.data_ptr<double>(), static_cast<int>(kCudaNormPartials), grid, stream()));
   return out;
 }
 

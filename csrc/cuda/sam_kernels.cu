@@ -9,8 +9,8 @@
 //   restore+step  w = b, then the SGD or Adam/AdamW update with the second-pass gradient
 //
 // Math is float32 for half/bfloat16/float32 storage and float64 for float64, rounded once on
-// store; norms accumulate per thread in float32 within a chunk and in float64 across chunks, and
-// blocks reduce with a fixed shuffle tree, so results are bitwise reproducible on one GPU model.
+// store; norms are float64 for every storage type (squares included, so a finite gradient gives a
+// finite norm), and blocks reduce with a fixed shuffle tree, so results are bitwise reproducible on one GPU model.
 // Build with --fmad=false (setup.py does) so that no multiply-add is contracted behind our back.
 
 #include <cmath>
@@ -36,16 +36,14 @@ __device__ __forceinline__ bool mask_bit(const uint8_t* mask, int64_t k) {
 // ---------------------------------------------------------------------------------------------
 // norm_sq
 
-template <typename T, bool kAdaptive, typename Acc>
+template <typename T, bool kAdaptive>
 __global__ void __launch_bounds__(kThreads)
-    norm_sq_kernel(TableView tab, int64_t chunks, typename Num<T>::Op eta, Acc* partials,
+    norm_sq_kernel(TableView tab, int64_t chunks, double eta, double* partials,
                    int num_partials) {
-  using Op = typename Num<T>::Op;
   double total = 0.0;
   for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
     const T* g = tab.ptr<const T>(kNormGrad, c.tensor);
     const T* w = tab.ptr<const T>(kNormParam, c.tensor);
-    Op acc = 0;
     for_each_pack<T>(c, [&](int64_t i, int n) {
       const Pack<T> gp = load_pack(g, i, n, c.vec);
       Pack<T> wp;
@@ -54,22 +52,22 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int j = 0; j < Pack<T>::kSize; ++j) {
-        Op x = Num<T>::to_op(gp.v[j]);
+        // Widened before squaring: float64 squares of finite float32/16 values never overflow.
+        double x = static_cast<double>(Num<T>::to_op(gp.v[j]));
         if (kAdaptive) {
-          x = (op_abs(Num<T>::to_op(wp.v[j])) + eta) * x;
+          x = (fabs(static_cast<double>(Num<T>::to_op(wp.v[j]))) + eta) * x;
         }
-        acc = acc + x * x;
+        total = total + x * x;
       }
     });
-    total += static_cast<double>(acc);
   });
   total = block_sum(total);
   if (threadIdx.x == 0) {
-    partials[blockIdx.x] = static_cast<Acc>(total);
+    partials[blockIdx.x] = total;
   }
   if (blockIdx.x == 0) {
     for (int k = gridDim.x + threadIdx.x; k < num_partials; k += blockDim.x) {
-      partials[k] = Acc(0);
+      partials[k] = 0.0;
     }
   }
 }
@@ -337,18 +335,15 @@ TableView view(const Table& t) { return TableView{t.data, t.layout}; }
 }  // namespace
 
 cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, double eta,
-                           void* partials, int num_partials, int grid, cudaStream_t stream) {
+                           double* partials, int num_partials, int grid, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using Op = typename Num<T>::Op;
-    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    auto* out = static_cast<Acc*>(partials);
     if (adaptive) {
-      norm_sq_kernel<T, true, Acc><<<grid, kThreads, 0, stream>>>(
-          view(table), table.chunks, static_cast<Op>(eta), out, num_partials);
+      norm_sq_kernel<T, true><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, eta,
+                                                             partials, num_partials);
     } else {
-      norm_sq_kernel<T, false, Acc><<<grid, kThreads, 0, stream>>>(
-          view(table), table.chunks, static_cast<Op>(eta), out, num_partials);
+      norm_sq_kernel<T, false><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, eta,
+                                                              partials, num_partials);
     }
     return cudaGetLastError();
   });

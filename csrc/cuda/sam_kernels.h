@@ -80,10 +80,10 @@ struct AdamArgs {
   const float* found_inf;   // nullable, device
 };
 
-// Writes `num_partials` partial sums (float, or double for kDouble) of (T(w) g)^2; blocks past
+// Writes `num_partials` float64 partial sums of (T(w) g)^2 (squares in float64); blocks past
 // the grid write zeros, so every entry is defined. grid <= num_partials.
 cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, double eta,
-                           void* partials, int num_partials, int grid, cudaStream_t stream);
+                           double* partials, int num_partials, int grid, cudaStream_t stream);
 
 // Reduces sumsq (float, or double when sumsq_double) in a fixed order inside every block,
 // then backup = w and w += e where the norm is finite.

@@ -50,8 +50,11 @@ def _f32_copy(ts: Sequence[Tensor]) -> list[Tensor]:
     return [t.float() if t.dtype in _LOW_PRECISION else t.clone() for t in ts]
 
 
-def _scaling(params: Sequence[Tensor], eta: float) -> list[Tensor]:
-    t = torch._foreach_abs(_f32(params))
+def _scaling(
+    params: Sequence[Tensor], eta: float, dtype: torch.dtype | None = None
+) -> list[Tensor]:
+    """``T(w) = |w| + eta`` in float32 (float64 for float64 tensors), or in ``dtype``."""
+    t = torch._foreach_abs(_f32(params) if dtype is None else [p.to(dtype) for p in params])
     if eta != 0:
         torch._foreach_add_(t, eta)
     return t
@@ -60,14 +63,18 @@ def _scaling(params: Sequence[Tensor], eta: float) -> list[Tensor]:
 def norm_sq_partials(
     grads: Sequence[Tensor], params: Sequence[Tensor], adaptive: bool, eta: float
 ) -> Tensor:
-    """See :func:`fused_sam.reference.norm_sq_partials`; one partial per tensor."""
-    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    """See :func:`fused_sam.reference.norm_sq_partials`; one float64 partial per tensor.
+
+    The norms are taken in float64 (the squares of any finite gradient fit there) and squared
+    there, so a large finite gradient, e.g. one scaled by an AMP loss scale, never gives an
+    infinite norm, and float64 tensors of a step keep float64 precision.
+    """
     if adaptive:
-        scaled = _scaling(params, eta)
-        torch._foreach_mul_(scaled, _f32(grads))
-        norms = torch._foreach_norm(scaled, 2, dtype=acc)
+        scaled = _scaling(params, eta, torch.float64)
+        torch._foreach_mul_(scaled, [g.double() for g in grads])
+        norms = torch._foreach_norm(scaled, 2)
     else:
-        norms = torch._foreach_norm(list(grads), 2, dtype=acc)
+        norms = torch._foreach_norm(list(grads), 2, dtype=torch.float64)
     return torch.stack(norms).square()
 
 
@@ -85,8 +92,7 @@ def perturb_(
     """See :func:`fused_sam.reference.perturb_`."""
     params, grads = list(params), list(grads)
     torch._foreach_copy_(list(backups), params)
-    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-    norm = sumsq.to(acc).sum().sqrt()
+    norm = sumsq.double().sum().sqrt()
     if params[0].device.type == "cpu":
         # On the CPU there is no device queue to drain, so reading the norm costs nothing, and
         # a Python scale lets one in-place multi-tensor op apply e with no temporaries.
@@ -108,9 +114,9 @@ def _add_guarded(
     masks: Sequence[Tensor] | None,
 ) -> None:
     """``w += e`` with the scale and the non-finite decision on the device (no host sync)."""
-    acc = norm.dtype
+    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     finite = torch.isfinite(norm)
-    scale = torch.where(finite, rho / (norm + eps), torch.zeros_like(norm))
+    scale = torch.where(finite, rho / (norm + eps), torch.zeros_like(norm)).to(acc)
     # On an accelerator the decision stays on the device: e lives in one flat buffer so that
     # the non-finite guard below is a single launch.
     numels = [g.numel() for g in grads]
@@ -136,8 +142,14 @@ def _add_scaled(
     eta: float,
     masks: Sequence[Tensor] | None,
 ) -> None:
-    """``w += scale * T(w)^2 * g * m`` with a host scale (the CPU path of :func:`perturb_`)."""
-    if not adaptive and masks is None:
+    """``w += scale * T(w)^2 * g * m`` with a host scale (the CPU path of :func:`perturb_`).
+
+    ``alpha=scale`` is only used with float32/float64 tensors: torch converts ``alpha`` to the
+    tensors' dtype, which for float16 fails (or loses precision) once ``rho / ||g||`` exceeds
+    what the dtype holds, so low-precision tensors get ``e`` scaled in float32 first.
+    """
+    low = params[0].dtype in _LOW_PRECISION
+    if not adaptive and masks is None and not low:
         torch._foreach_add_(params, grads, alpha=scale)
         return
     if adaptive:
@@ -148,7 +160,11 @@ def _add_scaled(
         e = _f32_copy(grads)
     if masks is not None:
         torch._foreach_mul_(e, [unpack_bits(m, w) for m, w in zip(masks, params)])
-    torch._foreach_add_(params, e, alpha=scale)
+    if low:
+        torch._foreach_mul_(e, scale)
+        torch._foreach_add_(params, e)  # computed in float32, rounded once to the params' dtype
+    else:
+        torch._foreach_add_(params, e, alpha=scale)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:

@@ -90,9 +90,8 @@ if _C is not None:
         grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float
     ) -> Tensor:
         device = grads[0].device if grads else torch.device("cpu")
-        dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
         n = _C.cuda_norm_partials if device.type == "cuda" else 1
-        return torch.empty(n, dtype=dtype, device=device)
+        return torch.empty(n, dtype=torch.float64, device=device)
 
     @torch.library.register_fake("fused_sam::perturb_")
     def _perturb_fake(

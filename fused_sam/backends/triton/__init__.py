@@ -118,6 +118,26 @@ def _direct_launcher(kernel: Any, t: Tensor) -> Any | None:
     return torch.library.wrap_triton(kernel)
 
 
+def _check_like(params: Sequence[Tensor], **lists: Sequence[Tensor]) -> None:
+    """Every list has one tensor per parameter, of its shape and on its device.
+
+    The kernels index each tensor by its parameter's element count: a state tensor of another
+    shape (e.g. from a checkpoint of another model) would be read and written out of bounds.
+    The native ops make the same checks in C++.
+    """
+    shapes = list(map(Tensor.size, params))
+    devices = {p.device for p in params}
+    for name, ts in lists.items():
+        if len(ts) != len(params) or list(map(Tensor.size, ts)) != shapes:
+            bad = next((i for i, (t, s) in enumerate(zip(ts, shapes)) if t.shape != s), len(shapes))
+            raise ValueError(
+                f"fused_sam triton: {name} must hold one tensor per parameter with its shape "
+                f"({len(ts)} tensors for {len(params)} parameters; first mismatch at index {bad})"
+            )
+        if {t.device for t in ts} != devices:
+            raise ValueError(f"fused_sam triton: {name} must be on the parameters' device")
+
+
 def _uniform(dtype: torch.dtype, *lists: Sequence[Tensor]) -> bool:
     return dtype in _SUPPORTED and all(t.dtype == dtype for lst in lists for t in lst)
 
@@ -152,12 +172,11 @@ def _common(dtype: torch.dtype) -> dict[str, Any]:
 
 def _norm_impl(grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float) -> Tensor:
     g0 = grads[0]
-    acc = torch.float64 if g0.dtype == torch.float64 else torch.float32
+    acc = torch.float64  # squares and partials in float64 for every storage type
     numels = [g.numel() for g in grads]
     geo = _table.geometry(sum(numels))
     const = {
         **_common(g0.dtype),
-        "ACC": _table.acc_dtype(g0.dtype),
         "ADAPTIVE": adaptive,
         "BLOCK": geo.block,
     }
@@ -492,6 +511,7 @@ def perturb_(
     """See :func:`fused_sam.reference.perturb_`. The scale is computed on the device."""
     if not params:
         return
+    _check_like(params, grads=grads, backups=backups)
     if not _uniform(params[0].dtype, params, grads, backups) or (
         masks is not None and not all(_mask_ok(m, p) for m, p in zip(masks, params))
     ):
@@ -515,6 +535,7 @@ def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     """See :func:`fused_sam.reference.restore_`: a bit-exact copy in one launch."""
     if not params:
         return
+    _check_like(params, backups=backups)
     if not _uniform(params[0].dtype, params, backups):
         _foreach().restore_(params, backups)
         return
@@ -541,6 +562,8 @@ def restore_sgd_step_(
     if not params:
         return
     bufs = list(momentum_buffers) if momentum != 0 else []
+    optional = {"momentum_buffers": bufs} if bufs else {}
+    _check_like(params, grads=grads, backups=backups, **optional)
     kw = dict(
         lr=lr,
         weight_decay=weight_decay,
@@ -597,6 +620,14 @@ def restore_adam_step_(
     if not params:
         return
     vmax = list(max_exp_avg_sqs) if amsgrad else []
+    _check_like(
+        params,
+        grads=grads,
+        backups=backups,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        **({"max_exp_avg_sqs": vmax} if amsgrad else {}),
+    )
     steps_ok = all(
         s.dtype == torch.float32 and s.numel() == 1 and s.device == params[0].device
         for s in state_steps

@@ -1,4 +1,4 @@
-"""Norm partials: one float32 (float64) partial sum of squares per program.
+"""Norm partials: one float64 partial sum of squares per program.
 
 Non-finite gradients need no separate flag: a square of inf or nan is inf or nan, so the
 partials (and their total, which every consumer re-reduces) are non-finite exactly when some
@@ -26,7 +26,6 @@ def norm_kernel(
     w_arg,
     numel_arg,
     DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     ALIGNED: tl.constexpr,
     DIRECT: tl.constexpr,
@@ -37,17 +36,19 @@ def norm_kernel(
     .. math:: s_p = \sum_{k \in \text{chunk } p} \big(T(w_k)\, g_k\big)^2,
         \qquad T(w) = |w| + \eta \ \text{(ASAM) or } 1
 
-    Accumulated in ``ACC`` per lane over the chunk, then reduced across lanes: a fixed order
-    for a given ``BLOCK``, so repeated runs give bit-identical partials.
+    Squared and accumulated in float64 per lane over the chunk whatever ``DTYPE`` is (the
+    square of a finite float32/16 value never overflows float64, so a finite gradient always
+    gives a finite norm), then reduced across lanes: a fixed order for a given ``BLOCK``, so
+    repeated runs give bit-identical partials.
 
     Args:
         table: pointer table (lists: grads, params); unused when ``DIRECT``.
         n_tensors, n_chunks: table dimensions.
         chunk: elements per program.
-        out: ``ACC`` partials, written at index ``program_id``.
+        out: float64 partials, written at index ``program_id``.
         eta: ASAM offset (runtime, float64).
         g_arg, w_arg, numel_arg: the one tensor pair of a ``DIRECT`` (per-tensor) launch.
-        DTYPE, ACC: storage and compute types.
+        DTYPE: storage type.
         ADAPTIVE: apply ``T(w)`` (params are read only then).
         ALIGNED: every address is 16-byte aligned.
         DIRECT: take the tensors from ``*_arg`` instead of the table (traceable launches).
@@ -64,20 +65,20 @@ def norm_kernel(
         g_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
         w_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
     count = tl.minimum(count, chunk).to(tl.int32)
-    eta_c = f64(eta).to(ACC)
+    eta_c = f64(eta)
     lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=ACC)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     full = count - count % BLOCK
     for i in range(0, full, BLOCK):
-        g = tl.load(g_ptr + i + lanes).to(ACC)
+        g = tl.load(g_ptr + i + lanes).to(tl.float64)
         if ADAPTIVE:
-            g = (tl.abs(tl.load(w_ptr + i + lanes).to(ACC)) + eta_c) * g
+            g = (tl.abs(tl.load(w_ptr + i + lanes).to(tl.float64)) + eta_c) * g
         acc += g * g
     if full < count:
         offs = full + lanes
         inb = offs < count
-        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(ACC)
+        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float64)
         if ADAPTIVE:
-            g = (tl.abs(tl.load(w_ptr + offs, mask=inb, other=0.0).to(ACC)) + eta_c) * g
+            g = (tl.abs(tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float64)) + eta_c) * g
         acc += g * g
     tl.store(out + pid, tl.sum(acc, axis=0))
