@@ -669,7 +669,8 @@ class FusedSAM(Optimizer):
         else:
             if perturbed:
                 F.restore_(perturbed, [self._backups[p] for p in perturbed], self.backend)
-            st.perturbed = None  # restored: from here on an error must not restore again
+            # Still "in flight" while the base optimizer steps: its step() may raise after
+            # updating some parameters, and the backups (still w) then restore all of them.
             self._unfused_step(grad_scale, found_inf)
         st.perturbed = None
         st.found_inf = None
@@ -773,6 +774,9 @@ class FusedSAM(Optimizer):
         """
         if found_inf is None or not bool(found_inf.item()):
             return False
+        for p in params:
+            if p in self.state and not self.state[p]:
+                del self.state[p]  # an empty entry made by a lookup of the caller
         pairs = [(p, b) for p, b in zip(params, backups) if p is not b]
         if pairs:
             F.restore_([p for p, _ in pairs], [b for _, b in pairs], self.backend)
@@ -825,9 +829,6 @@ class FusedSAM(Optimizer):
         state = self.state
         sts = [state[p] for p in params]
         if not all(sts) and self._skip_new_state(params, backups, found_inf):
-            for p, st in zip(params, sts):
-                if not st:
-                    del state[p]  # the lookup above made an empty entry
             return
         for p, st in zip(params, sts):
             if not st:

@@ -6,6 +6,17 @@ import torch
 from torch import nn
 
 
+def state_tensors(opt: torch.optim.Optimizer, params) -> list[torch.Tensor]:
+    """Every tensor of the optimizer state of ``params``, in a fixed order."""
+    out = []
+    for p in params:
+        for key in sorted(opt.state[p]):
+            v = opt.state[p][key]
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+    return out
+
+
 def odd_params(dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
     """Parameters with odd sizes, a 0-dim one, a non-dense view and a channels_last tensor."""
     ps = [torch.randn(s, dtype=dtype) for s in [(1,), (3,), (4097,), (), (33, 7)]]

@@ -207,14 +207,6 @@ def test_norm_is_independent_of_thread_count() -> None:
     torch.testing.assert_close(one.double().sum(), want, atol=0, rtol=1e-6)
 
 
-def test_norm_overflow_is_nonfinite() -> None:
-    """Finite float32 gradients whose squares overflow give an inf norm, as in the reference."""
-    require_backend("cpu")
-    gs = [torch.full((9,), 3e19)]
-    s = native.norm_sq_partials(gs, gs, False, 0.0)
-    assert F.nonfinite(s).item() == 1.0
-
-
 def test_param_as_its_own_backup_is_a_plain_sgd_step() -> None:
     """``backups[i] is params[i]`` steps without a restore, like torch.optim.SGD."""
     require_backend("cpu")
@@ -326,6 +318,17 @@ def _adam_cycle(ps, state, steps, dtype, amsgrad, masks, adaptive):
             grad_scale=None,
             found_inf=None,
         )
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_norm_of_float32_squares_overflow_is_finite(build: str, restore_kernels) -> None:
+    """Finite float32 gradients whose squares overflow float32 give their finite float64 norm."""
+    _use_build(build)
+    gs = [torch.full((9,), 3e19), torch.full((4097,), -1e38)]
+    s = native.norm_sq_partials(gs, gs, False, 0.0)
+    assert s.dtype == torch.float64 and F.nonfinite(s).item() == 0.0
+    want = 9 * 3e19**2 + 4097 * float(torch.tensor(-1e38)) ** 2
+    torch.testing.assert_close(s.sum().item(), want, atol=0, rtol=1e-12)
 
 
 @pytest.mark.parametrize("build", BUILDS)

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from conftest import CPU_BACKENDS, TOL, assert_close, require_backend
-from helpers import LoopSAM, OfficialASAM, backward, odd_params, small_net
+from helpers import LoopSAM, OfficialASAM, backward, odd_params, small_net, state_tensors
 from torch import nn
 
 from fused_sam import BackendUnavailableError, FusedSAM, frozen_bn_stats
@@ -38,16 +38,6 @@ def sam_run(opt, params, steps=STEPS, none_at=3):
         opt.first_step(zero_grad=True)
         backward(params, step + 100, skip)
         opt.second_step(zero_grad=True)
-
-
-def state_tensors(opt: torch.optim.Optimizer, params) -> list[torch.Tensor]:
-    out = []
-    for p in params:
-        for key in sorted(opt.state[p]):
-            v = opt.state[p][key]
-            if isinstance(v, torch.Tensor):
-                out.append(v)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

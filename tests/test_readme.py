@@ -32,3 +32,12 @@ def test_sparse_sam_example_runs() -> None:
     exec(compile(_block("sparse-sam"), str(README), "exec"), scope)
     opt = scope["opt"]
     assert opt.masks and not opt.in_flight
+
+
+def test_mixed_precision_example_runs(capsys) -> None:
+    scope: dict = {}
+    exec(compile(_block("mixed-precision"), str(README), "exec"), scope)
+    opt, scaler = scope["opt"], scope["scaler"]
+    assert not opt.in_flight and not bool(opt.last_step_skipped)
+    assert scaler.get_scale() > 0 and opt.state  # steps were taken: momentum buffers exist
+    assert "loss" in capsys.readouterr().out
