@@ -21,14 +21,15 @@ BACKENDS = ["reference", *CPU_BACKENDS]
 STEPS = 4
 
 
-def _net(dtype: torch.dtype = torch.float32) -> nn.Module:
+def _net(dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(device, dtype)
 
 
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(step: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    return x.to(device), y.to(device)
 
 
 def _opt(model: nn.Module, backend: str, base: str) -> FusedSAM:
@@ -46,13 +47,15 @@ def _opt(model: nn.Module, backend: str, base: str) -> FusedSAM:
 
 
 def _loss(model, x, y, autocast: torch.dtype | None) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with torch.autocast(
+        x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None
+    ):
         return nnf.cross_entropy(model(x), y)
 
 
 def _scaled_step(model, opt, scaler, step, autocast=None, poison=(1.0, 1.0)) -> None:
     """The recipe of the README's mixed-precision section (``poison`` multiplies each loss)."""
-    x, y = _batch(step)
+    x, y = _batch(step, next(model.parameters()).device.type)
     scaler.scale(_loss(model, x, y, autocast) * poison[0]).backward()
     opt.first_step(zero_grad=True)
     scaler.scale(_loss(model, x, y, autocast) * poison[1]).backward()
@@ -62,7 +65,7 @@ def _scaled_step(model, opt, scaler, step, autocast=None, poison=(1.0, 1.0)) -> 
 
 
 def _plain_step(model, opt, step, autocast=None) -> None:
-    x, y = _batch(step)
+    x, y = _batch(step, next(model.parameters()).device.type)
     _loss(model, x, y, autocast).backward()
     opt.first_step(zero_grad=True)
     _loss(model, x, y, autocast).backward()
@@ -232,4 +235,54 @@ def test_low_precision_params_restore_bit_exactly(backend: str, dtype: torch.dty
     nnf.cross_entropy(model(x.to(dtype)), y).backward()
     opt.second_step(zero_grad=True)  # lr = 0: the base step moves nothing
     for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same on a GPU (``python -m pytest -m gpu``): the CUDA and Triton kernels unscale and skip
+# in-kernel, reading the scaler's device tensors.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "foreach"])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_gpu_grad_scaler_protocol(backend: str, base: str) -> None:
+    require_backend(backend, "cuda")
+    for init_scale in (2.0**10, 2.0**80):
+        model, ref = _net(device="cuda"), _net(device="cuda")
+        opt, ref_opt = _opt(model, backend, base), _opt(ref, "reference", base)
+        scaler = torch.amp.GradScaler("cuda", init_scale=init_scale, growth_interval=2)
+        for step in range(STEPS):
+            _scaled_step(model, opt, scaler, step)
+            _plain_step(ref, ref_opt, step)
+        assert scaler.get_scale() == init_scale * 4
+        _compare(model, opt, ref, ref_opt)
+
+    model, ref = _net(device="cuda"), _net(device="cuda")
+    opt, ref_opt = _opt(model, backend, base), _opt(ref, "reference", base)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**12) for _ in range(2)]
+    for step in range(STEPS):
+        _scaled_step(model, opt, scalers[0], step, autocast=torch.float16)
+        _scaled_step(ref, ref_opt, scalers[1], step, autocast=torch.float16)
+    _compare(model, opt, ref, ref_opt)
+
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = [t.clone() for t in state_tensors(opt, list(model.parameters()))]
+    scale = scalers[0].get_scale()
+    _scaled_step(model, opt, scalers[0], 9, autocast=torch.float16, poison=(1.0, float("inf")))
+    assert not opt.in_flight and bool(opt.last_step_skipped)
+    assert scalers[0].get_scale() == scale / 2
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w)
+    for a, b in zip(state_tensors(opt, list(model.parameters())), state):
+        assert torch.equal(a, b)
+
+    fresh = _net(device="cuda")
+    fresh_opt = _opt(fresh, backend, base)
+    weights = [p.detach().clone() for p in fresh.parameters()]
+    big = torch.amp.GradScaler("cuda", init_scale=2.0**40)
+    _scaled_step(fresh, fresh_opt, big, 0, autocast=torch.float16)
+    assert bool(fresh_opt.last_step_skipped) and big.get_scale() == 2.0**39
+    assert not fresh_opt.state
+    for p, w in zip(fresh.parameters(), weights):
         assert torch.equal(p, w)

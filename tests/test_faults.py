@@ -389,7 +389,9 @@ def test_fp16_scale_above_fp16_max(backend: str) -> None:
     require_backend(backend)
     ps = [nn.Parameter(torch.randn(4097).half()), nn.Parameter(torch.randn(3).half())]
     ref = [nn.Parameter(p.detach().clone()) for p in ps]
-    grads = [torch.randn(4097).half() * 1e-6, torch.randn(3).half() * 1e-6]
+    # ||g|| ~ 3.5e-6: rho / ||g|| ~ 1.4e5, beyond float16's 65504.
+    grads = [torch.zeros(4097).half(), torch.full((3,), 2e-6).half()]
+    grads[0][::1024] = 1e-6
     out = []
     for params, be in ((ps, backend), (ref, "reference")):
         opt = FusedSAM(params, torch.optim.SGD, rho=0.5, lr=0.1, backend=be)
