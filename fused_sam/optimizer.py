@@ -70,6 +70,8 @@ class _StepState:
     plan: _StepPlan | None = None
     #: 0-dim bool tensor: whether the last finished step skipped its base update.
     last_skipped: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
+    #: the losses at ``w`` and at ``w + e`` of the last step that saw both (see ``sharpness``).
+    losses: tuple[Any, Any] | None = None
 
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -179,7 +181,8 @@ class FusedSAM(Optimizer):
         loss = opt.step(closure)                # both passes; returns the first-pass loss
 
     A bare ``step()`` finishes a SAM step whose ``first_step`` has run (trainers call ``step()``
-    without a closure); with nothing in flight it is a plain base-optimizer step.
+    without a closure); with nothing in flight it raises rather than take a plain base step
+    (see :mod:`fused_sam.integrations` for trainers that drive one pass per step).
 
     ``param_groups`` and ``state`` are the base optimizer's own objects: LR schedulers act on
     both at once, ``rho``/``adaptive``/``eta`` live in the same group dicts (so ``rho`` can be
@@ -216,6 +219,10 @@ class FusedSAM(Optimizer):
             SSAM (so :math:`\lVert e \rVert \le \rho`); ``"masked"`` with the norm of
             :math:`g \odot m` (so :math:`\lVert e \rVert = \rho`), at the cost of one extra
             pass over the gradients.
+        allow_plain_steps: let a bare ``step()`` with no SAM step in flight take a plain
+            base-optimizer step (e.g. to run a trainer's plain loop with the same optimizer for
+            comparison). By default it raises: a trainer that calls ``backward(); step()``
+            would otherwise train plain SGD/AdamW while the user believes it is SAM.
         **base_kwargs: keyword arguments for ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Attributes:
@@ -243,6 +250,7 @@ class FusedSAM(Optimizer):
         mask: str | MaskPolicy = "fisher",
         mask_update_every: int | None = None,
         mask_norm: str = "full",
+        allow_plain_steps: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(params, Optimizer):
@@ -270,6 +278,7 @@ class FusedSAM(Optimizer):
             )
         self.backend = backend
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.allow_plain_steps = bool(allow_plain_steps)
         self._sparse = _sparse_masks(sparsity, mask, mask_update_every, mask_norm)
         self.sparsity = float(sparsity)
         self.mask_norm = mask_norm
@@ -555,12 +564,19 @@ class FusedSAM(Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (it should zero the gradients
-                and call ``backward()``). Called twice: at ``w`` and at ``w + e``. Without it,
-                ``step()`` finishes a SAM step begun by :meth:`first_step`, or, if none is in
-                flight, takes a plain base-optimizer step.
+                and call ``backward()``). With nothing in flight it is called twice, at ``w``
+                and at ``w + e``; while a step begun by :meth:`first_step` is in flight it is
+                the second pass (called once, at ``w + e``; Lightning's manual optimization
+                passes a no-op one after ``manual_backward``).
 
         Returns:
-            The first-pass loss (what ``closure`` returned at ``w``), or ``None``.
+            The loss of the first pass when ``step`` ran both passes; the closure's loss when it
+            ran only the second; ``None`` without a closure.
+
+        Without a closure, ``step()`` finishes the SAM step in flight (the way trainers that
+        call ``optimizer.step()`` after their own backward reach it). With nothing in flight it
+        raises, since it could only take a plain base-optimizer step, which is not SAM, unless
+        the optimizer was built with ``allow_plain_steps=True``.
 
         Under ``torch.amp.GradScaler`` (``scaler.step(opt)``), the second-pass gradients are
         unscaled by the scaler's ``grad_scale`` and the base update is skipped when its
@@ -569,29 +585,62 @@ class FusedSAM(Optimizer):
         If anything raises while a SAM step is in flight (the closure's second pass, a bad
         gradient or optimizer state), the weights are restored exactly and the optimizer is
         idle before the exception propagates.
+
+        Raises:
+            RuntimeError: a bare ``step()`` with nothing in flight (see above); or a closure
+                that accumulated onto gradients left from before it ran (gradient accumulation
+                around ``step(closure)``, e.g. Lightning's ``accumulate_grad_batches > 1``):
+                the second pass would see only the closure's own batch.
         """
         # torch.amp.GradScaler sets these two for the duration of step() on optimizers that
         # declare _step_supports_amp_scaling (torch's fused optimizers' protocol).
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         scaler_inf: Tensor | None = getattr(self, "found_inf", None)
+        st = self._step_state
         if closure is None:
             if self.in_flight:
                 self._finish(grad_scale, scaler_inf)
-            else:
+            elif self.allow_plain_steps:
                 self._base_step(grad_scale, scaler_inf)
+            else:
+                raise RuntimeError(_BARE_STEP)
             return None
-        self._check_not_in_flight("step(closure)")
+        if self.in_flight:
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                self.restore()
+                raise
+            self._finish(grad_scale, scaler_inf)
+            return loss
+        params = self._all_params()
+        before = [(p.grad, p.grad._version) for p in params if p.grad is not None]
         with torch.enable_grad():
             loss = closure()
+        _check_closure_cleared(before)
         self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():
-                closure()
+                loss2 = closure()
         except BaseException:
             self.restore()
             raise
         self._finish(grad_scale, scaler_inf)
+        st.losses = (loss, loss2)
         return loss
+
+    @property
+    def sharpness(self) -> Tensor | None:
+        r"""``L(w + e) - L(w)`` of the last SAM step whose two losses FusedSAM saw (those of
+        ``step(closure)`` and of the trainer integrations), detached; ``None`` otherwise.
+
+        A by-product worth logging: the loss increase at the ascent point that SAM minimises.
+        """
+        losses = self._step_state.losses
+        if losses is None or not all(isinstance(x, Tensor) for x in losses):
+            return None
+        return losses[1].detach() - losses[0].detach()
 
     # -------------------------------------------------------------------------------------
     # internals
@@ -1064,3 +1113,39 @@ def _check_state_shapes(base: Optimizer) -> None:
                     f"{tuple(value.shape)}, but the parameter has shape {tuple(p.shape)}: the "
                     "checkpoint is of another model"
                 )
+
+
+_BARE_STEP = (
+    "FusedSAM.step() was called with no closure and no SAM step in flight, so it could only "
+    "take a plain base-optimizer step: that would train without SAM. A SAM step needs two "
+    "forward/backward passes: call first_step() after the first backward and step() (or "
+    "second_step()) after the second, or pass a closure to step(closure). Trainers that run one "
+    "backward per step need the integration: HF Trainer -> "
+    "fused_sam.integrations.transformers.SAMTrainer; Accelerate / timm loops -> the two-step "
+    "loop, reaching first_step() through fused_sam.integrations.unwrap_sam(optimizer); "
+    "Lightning -> automatic optimization (with precision '32' or 'bf16-mixed'; '16-mixed' runs "
+    "the closure itself) or the manual recipe in the README. To take plain steps on purpose, "
+    "build FusedSAM(..., allow_plain_steps=True) or call opt.base_optimizer.step()."
+)
+
+
+def _check_closure_cleared(before: list[tuple[Tensor, int]]) -> None:
+    """Raise if the first closure call accumulated onto gradients it did not clear.
+
+    ``before`` holds the gradients (and their version counters) that existed before the call.
+    A closure following torch's convention zeroes them first: it either replaces them
+    (``set_to_none``, new tensors) or zeroes them in place and then accumulates (two writes).
+    A gradient that is the same tensor written exactly once was accumulated onto, as in a
+    trainer that runs backward on earlier micro-batches and then calls ``step(closure)`` for the
+    last one: the first pass would see every micro-batch, the second only the closure's.
+    """
+    for g, version in before:
+        if g._version == version + 1:
+            raise RuntimeError(
+                "step(closure): the closure added its gradients to gradients that were there "
+                "before it ran (gradient accumulation, e.g. Lightning's "
+                "accumulate_grad_batches > 1), without zeroing them. SAM's second pass would "
+                "see only the closure's own batch, so this step would be wrong. Zero the "
+                "gradients inside the closure (torch's convention), or accumulate with "
+                "first_step()/second_step() (README: 'Gradient accumulation')."
+            )

@@ -158,7 +158,7 @@ def test_step_closure_returns_first_pass_loss_and_evaluates_twice() -> None:
     torch.testing.assert_close(seen[1], torch.tensor([1.0, -2.0]) + e)
 
 
-def test_bare_step_finishes_in_flight_step_and_otherwise_is_base_step() -> None:
+def test_bare_step_finishes_in_flight_step_and_otherwise_raises() -> None:
     torch.manual_seed(0)
     ps = odd_params()
     ps2 = clone_params(ps)
@@ -175,10 +175,15 @@ def test_bare_step_finishes_in_flight_step_and_otherwise_is_base_step() -> None:
         assert not a.in_flight and not b.in_flight
     for x, y in zip(ps, ps2):
         assert torch.equal(x, y)
-    # Nothing in flight: a bare step is the base optimizer's plain step.
+    # Nothing in flight: a bare step would be a plain base step, not SAM; it raises, weights
+    # untouched, unless plain steps were asked for.
     p = nn.Parameter(torch.tensor([1.0]))
     opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.5)
     p.grad = torch.tensor([2.0])
+    with pytest.raises(RuntimeError, match=r"plain base-optimizer step.*SAMTrainer"):
+        opt.step()
+    assert p.item() == 1.0 and not opt.state
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.5, allow_plain_steps=True)
     opt.step()
     assert p.item() == 0.0
 
@@ -1125,3 +1130,34 @@ def test_plan_without_the_native_helpers(backend: str, monkeypatch: pytest.Monke
     test_plan_follows_a_view_of_the_same_storage(backend, "slice")
     test_plan_follows_a_param_moved_between_groups(backend)
     assert calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_accumulated_micro_batches_equal_the_full_batch_step(backend: str, base: str) -> None:
+    """All micro-batches at w, one perturbation, all at w + e, one finish: the full-batch step."""
+    require_backend(backend)
+    torch.manual_seed(5)
+    x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
+
+    def run(chunks: int) -> list[torch.Tensor]:
+        torch.manual_seed(6)
+        model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4))
+        opt = (
+            FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
+                     backend=backend)
+            if base == "sgd"
+            else FusedSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.1, backend=backend)
+        )  # fmt: skip
+        micro = list(zip(x.chunk(chunks), y.chunk(chunks)))
+        for _ in range(3):
+            for passes in range(2):
+                for xb, yb in micro:
+                    (nn.functional.cross_entropy(model(xb), yb) / chunks).backward()
+                if passes == 0:
+                    opt.first_step(zero_grad=True)
+            opt.second_step(zero_grad=True)
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(run(4), run(1)):
+        assert_close(a, b, "params")

@@ -1,0 +1,524 @@
+"""Trainers and wrappers driving FusedSAM: real frameworks, tiny models, a few CPU steps.
+
+Each test counts forward passes per optimizer step (2 for SAM) and compares the final weights
+with the plain ``first_step`` / ``second_step`` loop on the same data.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from helpers import state_tensors
+from torch import nn
+from torch.nn import functional as nnf
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+from fused_sam import FusedSAM
+from fused_sam.integrations import unwrap_sam
+
+N, D, C = 16, 6, 3  # examples, features, classes
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(N, D, generator=g), torch.randint(0, C, (N,), generator=g)
+
+
+class Net(nn.Module):
+    """A tiny classifier that counts its forward passes; returns HF-style outputs on request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C))
+        self.forwards = 0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        self.forwards += 1
+        logits = self.body(x)
+        if labels is None:
+            return logits
+        return {"loss": nnf.cross_entropy(logits, labels), "logits": logits}
+
+
+def _sam(model: nn.Module, **kw) -> FusedSAM:
+    return FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw)
+
+
+def _reference_run(steps: int, batches, clip: float | None = None, autocast=None) -> Net:
+    """The plain two-step loop: the oracle of every trainer test."""
+    model = Net()
+    opt = _sam(model, backend="reference")
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            nnf.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            nnf.cross_entropy(model(x), y).backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.second_step(zero_grad=True)
+    return model
+
+
+def _close(a: nn.Module, b: nn.Module, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=atol, rtol=rtol)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps its configuration in a process-wide singleton (HF Trainer too): each
+    test gets a fresh one, so runs with different mixed precision do not collide."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _count_steps(opt: FusedSAM) -> list[int]:
+    steps: list[int] = []
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Core semantics the integrations rely on
+
+
+def test_closure_as_second_pass_while_in_flight() -> None:
+    x, y = _data()
+    model, ref = Net(), _reference_run(1, [_data()])
+    opt = _sam(model, backend="reference")
+    nnf.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = nnf.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)  # in flight: the closure is the second pass only
+    assert model.forwards == 2 and not opt.in_flight and loss is not None
+    _close(model, ref)
+
+
+def test_step_closure_records_sharpness() -> None:
+    x, y = _data()
+    model = Net()
+    opt = _sam(model)
+    losses = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nnf.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+        return loss
+
+    assert opt.sharpness is None
+    opt.step(closure)
+    assert torch.equal(opt.sharpness, losses[1] - losses[0]) and opt.sharpness > 0
+
+
+def test_closure_accumulating_onto_old_gradients_raises() -> None:
+    x, y = _data()
+    model = Net()
+    opt = _sam(model)
+    nnf.cross_entropy(model(x[:8]), y[:8]).backward()  # an earlier micro-batch
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def accumulating():
+        loss = nnf.cross_entropy(model(x[8:]), y[8:])
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="accumulat"):
+        opt.step(accumulating)
+    assert not opt.in_flight
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+    def zeroing_in_place():  # torch's convention, without set_to_none: no false alarm
+        opt.zero_grad(set_to_none=False)
+        loss = nnf.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(zeroing_in_place)
+    opt.step(zeroing_in_place)
+    assert not opt.in_flight
+
+
+def test_unwrap_sam() -> None:
+    model = Net()
+    opt = _sam(model)
+    assert unwrap_sam(opt) is opt
+
+    class Wrapper:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    assert unwrap_sam(Wrapper(Wrapper(opt))) is opt
+    with pytest.raises(TypeError, match="no FusedSAM"):
+        unwrap_sam(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_compiled_step_leaves_the_optimizer_idle() -> None:
+    """``torch.compile(opt.step)``: the step's bookkeeping lives in one mutated object, which
+    compiled code updates like eager code."""
+    x, y = _data()
+    model, ref = Net(), _reference_run(2, [_data()])
+    opt = _sam(model, backend="foreach")
+    step = torch.compile(opt.step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # graph-break notices
+        for _ in range(2):
+            nnf.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            nnf.cross_entropy(model(x), y).backward()
+            step()
+            assert not opt.in_flight
+            opt.zero_grad()
+    _close(model, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Trainer
+
+
+class _HFData(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = _data()
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def _hf_args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    base = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": N,
+        "max_steps": 3,
+        "learning_rate": 0.1,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "use_cpu": True,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    }
+    return TrainingArguments(**{**base, **kw})
+
+
+def _sam_trainer(tmp_path, model, opt, **kw):
+    from fused_sam.integrations.transformers import SAMTrainer
+
+    class InOrder(SAMTrainer):  # the oracle loop sees the examples in order
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    return InOrder(
+        model=model, args=_hf_args(tmp_path, **kw), train_dataset=_HFData(), optimizers=(opt, None)
+    )
+
+
+def test_hf_trainer_plain_fusedsam_fails_loudly(tmp_path) -> None:
+    """Trainer runs one backward per step; FusedSAM must not quietly train plain SGD."""
+    from transformers import Trainer
+
+    model = Net()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(
+        model=model,
+        args=_hf_args(tmp_path),
+        train_dataset=_HFData(),
+        optimizers=(_sam(model), None),
+    )
+    with pytest.raises(RuntimeError, match="SAMTrainer"):
+        trainer.train()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_hf_sam_trainer_matches_the_two_step_loop(tmp_path, clip: float) -> None:
+    model = Net()
+    opt = _sam(model)
+    steps = _count_steps(opt)
+    trainer = _sam_trainer(tmp_path, model, opt, max_grad_norm=clip)
+    out = trainer.train()
+    assert len(steps) == 3 and model.forwards == 2 * 3
+    assert trainer.state.global_step == 3 and out.training_loss > 0
+    assert opt.sharpness is not None
+    _close(model, _reference_run(3, [_data()], clip=clip or None))
+
+
+def test_hf_sam_trainer_bf16(tmp_path) -> None:
+    model = Net()
+    opt = _sam(model)
+    trainer = _sam_trainer(tmp_path, model, opt, bf16=True)
+    trainer.train()
+    assert model.forwards == 6
+    _close(model, _reference_run(3, [_data()], autocast=torch.bfloat16), atol=1e-5, rtol=1e-4)
+
+
+def test_hf_sam_trainer_accumulation_perturbs_per_micro_batch(tmp_path) -> None:
+    """k = 2 micro-batches of 8: each takes its own ascent step; the second-pass gradients of
+    both (each scaled by 1/k) drive one base step. Written out here independently."""
+    model = Net()
+    opt = _sam(model)
+    steps = _count_steps(opt)
+    trainer = _sam_trainer(
+        tmp_path, model, opt, per_device_train_batch_size=8, gradient_accumulation_steps=2
+    )
+    trainer.train()
+    assert len(steps) == 3 and model.forwards == 3 * 2 * 2
+
+    x, y = _data()
+    ref = Net()
+    params = list(ref.parameters())
+    base = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for step in range(3):
+        start = (step * 16) % N
+        acc = [torch.zeros_like(p) for p in params]
+        for mb in range(2):
+            xs = x[start + 8 * mb : start + 8 * (mb + 1)]
+            ys = y[start + 8 * mb : start + 8 * (mb + 1)]
+            g1 = torch.autograd.grad(nnf.cross_entropy(ref(xs), ys) / 2, params)
+            norm = torch.cat([g.reshape(-1) for g in g1]).norm()
+            w = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, g in zip(params, g1):
+                    p.add_(0.05 * g / (norm + 1e-12))
+            g2 = torch.autograd.grad(nnf.cross_entropy(ref(xs), ys) / 2, params)
+            with torch.no_grad():
+                for p, b, a, g in zip(params, w, acc, g2):
+                    p.copy_(b)
+                    a.add_(g)
+        for p, a in zip(params, acc):
+            p.grad = a
+        base.step()
+    _close(model, ref)
+
+
+def test_hf_sam_trainer_save_and_resume(tmp_path) -> None:
+    model = Net()
+    trainer = _sam_trainer(
+        tmp_path / "a", model, _sam(model), max_steps=4, save_strategy="steps", save_steps=2
+    )
+    trainer.train()
+    resumed_model = Net()
+    resumed = _sam_trainer(
+        tmp_path / "a", resumed_model, _sam(resumed_model), max_steps=4, save_strategy="no"
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    s, t = (
+        state_tensors(trainer.optimizer.optimizer, list(model.parameters())),
+        state_tensors(resumed.optimizer.optimizer, list(resumed_model.parameters())),
+    )
+    assert s and all(torch.equal(a, b) for a, b in zip(s, t))
+
+
+# ---------------------------------------------------------------------------------------------
+# Accelerate
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_accelerate_two_step_loop(precision: str) -> None:
+    from accelerate import Accelerator
+
+    x, y = _data()
+    accelerator = Accelerator(cpu=True, mixed_precision=precision)
+    model = Net()
+    prepared_model, opt, loader = accelerator.prepare(
+        model, _sam(model), DataLoader(list(zip(x, y)), batch_size=N)
+    )
+    with pytest.raises(AttributeError):
+        opt.first_step  # noqa: B018 (the wrapper does not forward it: hence unwrap_sam)
+    sam = unwrap_sam(opt)
+    for _ in range(3):
+        for xb, yb in loader:
+            accelerator.backward(nnf.cross_entropy(prepared_model(xb), yb))
+            sam.first_step(zero_grad=True)
+            accelerator.backward(nnf.cross_entropy(prepared_model(xb), yb))
+            opt.step()
+            opt.zero_grad()
+    assert model.forwards == 6 and not sam.in_flight
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    tol = {"atol": 1e-5, "rtol": 1e-4} if autocast else {}
+    _close(model, _reference_run(3, [_data()], autocast=autocast), **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning
+
+
+def _lightning_module(manual: bool, model: Net, backend: str = "foreach"):
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+            self.automatic_optimization = not manual
+
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            if not manual:
+                return nnf.cross_entropy(self.net(xb), yb)
+            opt = self.optimizers()
+            loss = nnf.cross_entropy(self.net(xb), yb)
+            self.manual_backward(loss)
+            opt.first_step(zero_grad=True)
+            self.manual_backward(nnf.cross_entropy(self.net(xb), yb))
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        def configure_optimizers(self):
+            return _sam(self.net, backend=backend)
+
+    return Module()
+
+
+def _lightning_fit(module, ckpt=None, **kw):
+    import lightning.pytorch as pl
+
+    x, y = _data()
+    args = {
+        "max_steps": 3,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **kw,
+    }
+    trainer = pl.Trainer(**args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # num_workers and similar advice
+        trainer.fit(module, DataLoader(list(zip(x, y)), batch_size=N), ckpt_path=ckpt)
+    return trainer
+
+
+@pytest.mark.parametrize("manual", [False, True])
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_lightning_matches_the_two_step_loop(manual: bool, precision: str) -> None:
+    model = Net()
+    trainer = _lightning_fit(_lightning_module(manual, model), precision=precision)
+    assert trainer.global_step == 3 and model.forwards == 6
+    autocast = torch.bfloat16 if precision == "bf16-mixed" else None
+    tol = {"atol": 1e-5, "rtol": 1e-4} if autocast else {}
+    _close(model, _reference_run(3, [_data()], autocast=autocast), **tol)
+
+
+def test_lightning_automatic_clipping() -> None:
+    """Lightning clips inside the closure, so both passes; a norm clip does not change the
+    SAM direction, so this equals clipping the second pass only."""
+    model = Net()
+    _lightning_fit(_lightning_module(False, model), gradient_clip_val=0.05)
+    _close(model, _reference_run(3, [_data()], clip=0.05))
+
+
+def test_lightning_accumulation_raises() -> None:
+    x, y = _data()
+    import lightning.pytorch as pl
+
+    model = Net()
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accumulate_grad_batches=2,
+    )
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="accumulate_grad_batches"):
+        warnings.simplefilter("ignore")
+        trainer.fit(_lightning_module(False, model), DataLoader(list(zip(x, y)), batch_size=8))
+
+
+def test_lightning_manual_checkpoint_and_resume(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = Net()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    _lightning_fit(
+        _lightning_module(True, model), max_steps=4, enable_checkpointing=True, callbacks=[ckpt]
+    )
+    files = sorted(os.listdir(tmp_path))
+    assert any("step=2" in f for f in files), files
+    resumed = Net()
+    path = str(tmp_path / next(f for f in files if "step=2" in f))
+    trainer = _lightning_fit(_lightning_module(True, resumed), ckpt=path, max_steps=4)
+    assert trainer.global_step == 4
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm
+
+
+def test_timm_registration_fields_build_fused_sam() -> None:
+    """What timm's factory does with an OptimInfo (name lookup after the last '_', momentum
+    default, eps/betas dropped when unsupported), applied to our fields; timm itself cannot
+    be installed beside torch 2.13.0+cpu (no matching torchvision), see the next test."""
+    from fused_sam.integrations.timm import optim_info_fields
+
+    for bad in ("sam_sgd", "", "sam-sgd"):
+        with pytest.raises(ValueError, match="letters and digits"):
+            optim_info_fields(bad)
+    info = optim_info_fields("SAMsgd", torch.optim.SGD, rho=0.1)
+    assert info["name"] == "samsgd" and info["has_momentum"] and not info["has_eps"]
+    model = Net()
+    args = {"weight_decay": 5e-4, "lr": 0.05, "eps": 1e-8, "betas": (0.9, 0.99)}
+    if not info["has_eps"]:
+        args.pop("eps")
+    if not info["has_betas"]:
+        args.pop("betas")
+    if info["has_momentum"]:
+        args.setdefault("momentum", 0.9)
+    opt = info["opt_class"](model.parameters(), **args)
+    assert isinstance(opt, FusedSAM) and isinstance(opt.base_optimizer, torch.optim.SGD)
+    assert opt.param_groups[0]["rho"] == 0.1 and opt.param_groups[0]["momentum"] == 0.9
+    adamw = optim_info_fields("samadamw", torch.optim.AdamW)
+    assert adamw["has_betas"] and adamw["has_eps"] and not adamw["has_momentum"]
+
+
+def test_timm_create_optimizer_v2() -> None:
+    timm = pytest.importorskip(
+        "timm", reason="timm needs a torchvision that imports (the GPU machines have one)"
+    )
+    from fused_sam.integrations.timm import register
+
+    name = register("samsgd", torch.optim.SGD, rho=0.05)
+    model = Net()
+    opt = timm.optim.create_optimizer_v2(model, opt=name, lr=0.1, weight_decay=5e-4)
+    assert isinstance(opt, FusedSAM)
+    x, y = _data()
+    nnf.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    nnf.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    look = timm.optim.create_optimizer_v2(Net(), opt=f"lookahead_{name}", lr=0.1)
+    assert isinstance(look.base_optimizer if hasattr(look, "base_optimizer") else look, FusedSAM)
