@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--note", default="", help="free text stored with the run (the machine)")
     parser.add_argument("--out", type=Path, default=None, help="results file (default: results/)")
+    parser.add_argument(
+        "--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end benchmark"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -56,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     record["optimizer"] = []
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device_name"].split(",")[0]).strip("-").lower()
+    stamp = record["date"][:16].replace(":", "")
+    out = args.out or RESULTS / f"{stamp}_{slug}_{(record['git_sha'] or 'nogit')[:8]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        # After every result: a run cut off by a deadline still leaves what it measured.
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
+    write()
     for name in sets:
         desc, shapes = bench.param_shapes(name)
         for base in args.bases.split(","):
@@ -65,16 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             res.update(param_set=name, description=desc)
             record["optimizer"].append(res)
-            print(bench.markdown(bench.optimizer_table(res)) + "\n")
-    print(f"end to end, batch {args.batch_size}", file=sys.stderr)
-    record["e2e"] = bench.bench_e2e(device, batch_size=args.batch_size, repeat=repeat // 2 or 1)
-    print(bench.markdown(bench.e2e_table(record["e2e"])))
-
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device_name"].split(",")[0]).strip("-").lower()
-    stamp = record["date"][:16].replace(":", "")
-    out = args.out or RESULTS / f"{stamp}_{slug}_{(record['git_sha'] or 'nogit')[:8]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+            write()
+            print(bench.markdown(bench.optimizer_table(res)) + "\n", flush=True)
+    if args.e2e:
+        print(f"end to end, batch {args.batch_size}", file=sys.stderr)
+        record["e2e"] = bench.bench_e2e(device, batch_size=args.batch_size, repeat=repeat // 2 or 1)
+        write()
+        print(bench.markdown(bench.e2e_table(record["e2e"])), flush=True)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
