@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
+from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
 from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, SparseMasks
@@ -72,6 +73,8 @@ class _StepState:
     last_skipped: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
     #: the losses at ``w`` and at ``w + e`` of the last step that saw both (see ``sharpness``).
     losses: tuple[Any, Any] | None = None
+    #: the next first pass ran on this replica's own batch (``distributed.per_replica_pass``).
+    replica_local: bool = False
 
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -286,7 +289,7 @@ class FusedSAM(Optimizer):
 
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         _validate_group({**sam_defaults})
-        _check_distinct([p for g in base.param_groups for p in g["params"]])
+        _check_distinct([distributed.local(p) for g in base.param_groups for p in g["params"]])
         # Optimizer.__init__ walks the groups through add_param_group, which (while
         # initialising) fills the SAM keys into the base optimizer's own group dicts.
         self._initializing = True
@@ -298,6 +301,7 @@ class FusedSAM(Optimizer):
         self.defaults = {**base.defaults, **sam_defaults}
         for group in self.param_groups:
             _validate_group(group)
+        self._set_shards()
         self._reset_transient()
 
         # A forced backend that cannot run must fail now, with its reason, not mid-training.
@@ -310,6 +314,28 @@ class FusedSAM(Optimizer):
     def _reset_transient(self) -> None:
         self._backups: dict[Tensor, Tensor] = {}
         self._step_state = _StepState()
+
+    def _set_shards(self) -> None:
+        """FSDP2: the group the parameters are sharded over, and each local shard's parameter.
+
+        With DTensor parameters the kernels run on the local shards (``_local_tensor``, the
+        same object every step); the optimizer state stays keyed by the DTensor parameters, in
+        the base optimizer's format. ``None`` for plain parameters (no per-step cost).
+        """
+        params = self._all_params()
+        self._shard_group = distributed.shard_group(params)
+        self._owner: dict[int, Tensor] | None = None
+        if self._shard_group is not None:
+            if self._sparse is not None:
+                raise ValueError(
+                    "Sparse SAM needs one global top-k over every entry; with FSDP2 shards it "
+                    "is not supported: use sparsity=0"
+                )
+            self._owner = {id(distributed.local(p)): p for p in params}
+
+    def _param_of(self, t: Tensor) -> Tensor:
+        """The parameter whose kernel tensor ``t`` is (itself, or a shard's DTensor)."""
+        return t if self._owner is None else self._owner[id(t)]
 
     @property
     def last_step_skipped(self) -> Tensor:
@@ -333,11 +359,13 @@ class FusedSAM(Optimizer):
             group.setdefault(key, self.defaults[key])
         _validate_group(group)
         new = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
-        _check_distinct(self._all_params() + new)
+        _check_distinct([distributed.local(p) for p in self._all_params() + new])
+        distributed.shard_group(self._all_params() + new)  # raises for a mix
         for device in {p.device for p in new}:
             F.resolve_backend(self.backend, device)
         group["params"] = new
         self.base_optimizer.add_param_group(group)
+        self._set_shards()
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, in its own format (SAM keys ride in the groups).
@@ -444,7 +472,7 @@ class FusedSAM(Optimizer):
         # Whole-group list operations: this runs every step over every parameter.
         for group in self.param_groups:
             _validate_group(group)  # rho may have been scheduled since the last step
-            ps, gs, group_contiguous, sparse = _with_grads(group["params"])
+            ps, gs, group_contiguous, sparse = self._with_grads(group["params"])
             if sparse:
                 _raise_sparse()
             if not ps:
@@ -471,6 +499,11 @@ class FusedSAM(Optimizer):
                 sumsq = F.masked_norm_sq(grads, params, adaptive, eta, masks, self.backend)
             else:
                 sumsq = F.norm_sq(grads, params, adaptive, eta, self.backend, buckets=buckets)
+            if self._shard_group is not None:
+                sumsq = distributed.sum_over(sumsq, self._shard_group)
+            if self._step_state.replica_local:
+                # Local first-pass gradients: a non-finite one on any replica skips everywhere.
+                sumsq = distributed.agree_nonfinite(sumsq)
             found_inf = F.nonfinite(sumsq)
             F.perturb_(
                 params,
@@ -490,6 +523,7 @@ class FusedSAM(Optimizer):
         # In flight from here: nothing above left a weight perturbed if it raised.
         st = self._step_state
         st.perturbed, st.found_inf, st.zero_grad = params, found_inf, False
+        st.replica_local = False
         if zero_grad:
             self.zero_grad()
 
@@ -682,7 +716,7 @@ class FusedSAM(Optimizer):
         grads: list[Tensor] = []
         buckets = None
         if check or (fused is not None and len(groups) == 1):
-            with_grad, grads, contiguous, sparse = _with_grads(
+            with_grad, grads, contiguous, sparse = self._with_grads(
                 groups[0]["params"] if len(groups) == 1 else self._all_params()
             )
             if sparse:
@@ -697,9 +731,12 @@ class FusedSAM(Optimizer):
                 buckets = plan.buckets
         if check and with_grad:
             n = len(with_grad)
-            inf2 = F.nonfinite(
-                F.norm_sq(grads, with_grad, [False] * n, [0.0] * n, self.backend, buckets=buckets)
+            sumsq2 = F.norm_sq(
+                grads, with_grad, [False] * n, [0.0] * n, self.backend, buckets=buckets
             )
+            if self._shard_group is not None:
+                sumsq2 = distributed.sum_over(sumsq2, self._shard_group)
+            inf2 = F.nonfinite(sumsq2)
             found_inf = _either(found_inf, inf2)
 
         if fused is not None:
@@ -770,6 +807,16 @@ class FusedSAM(Optimizer):
         for hook in list(base._optimizer_step_post_hooks.values()):
             hook(base, (), {})
 
+    def _with_grads(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], bool, bool]:
+        """:func:`_collect_grads`, as the kernels see them: local shards under FSDP2."""
+        if self._owner is None:
+            return _collect_grads(params)
+        ps = [p for p in params if p.grad is not None]
+        gs = [distributed.local(p.grad) for p in ps]
+        if any(map(_IS_SPARSE, gs)):
+            return [], [], False, True
+        return list(map(distributed.local, ps)), gs, _contiguous(gs), False
+
     def _fused_kind(self) -> str | None:
         """``"sgd"``/``"adam"`` when the backend's fused restore+step can replace base.step()."""
         base = self.base_optimizer
@@ -797,12 +844,11 @@ class FusedSAM(Optimizer):
         stepped: set[int] = set()
         work = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads, _, sparse = self._with_grads(group["params"])
             if not params:
                 continue
             stepped.update(map(id, params))
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
+            if sparse:
                 _raise_sparse()
             # A parameter that was not perturbed is its own backup: stepped without a restore.
             backups = [self._backups[p] if id(p) in in_perturbed else p for p in params]
@@ -814,7 +860,7 @@ class FusedSAM(Optimizer):
         if rest:
             F.restore_(rest, [self._backups[p] for p in rest], self.backend)
 
-    def _skip_new_state(self, params, backups, found_inf: Tensor | None) -> bool:
+    def _skip_new_state(self, owners, params, backups, found_inf: Tensor | None) -> bool:
         """Whether a step that would create optimizer state is skipped; if so, restore only.
 
         Skipped means untouched: torch's optimizers create state in their first real step, so
@@ -823,7 +869,7 @@ class FusedSAM(Optimizer):
         """
         if found_inf is None or not bool(found_inf.item()):
             return False
-        for p in params:
+        for p in owners:
             if p in self.state and not self.state[p]:
                 del self.state[p]  # an empty entry made by a lookup of the caller
         pairs = [(p, b) for p, b in zip(params, backups) if p is not b]
@@ -839,18 +885,21 @@ class FusedSAM(Optimizer):
         first = [False] * len(params)
         if momentum != 0:
             state = self.state
-            bufs = [state[p].get("momentum_buffer") for p in params]
+            owners = params if self._owner is None else list(map(self._param_of, params))
+            bufs = [state[p].get("momentum_buffer") for p in owners]
             if any(buf is None for buf in bufs) and self._skip_new_state(
-                params, backups, found_inf
+                owners, params, backups, found_inf
             ):
                 return
             for i, buf in enumerate(bufs):
                 if buf is None:  # the first step of this parameter: a fresh buffer
-                    p = params[i]
+                    p = owners[i]
                     bufs[i] = state[p]["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
                     first[i] = True
+            if self._owner is not None:
+                bufs = list(map(distributed.local, bufs))
         if buckets is not None and (any(first) or (bufs is not None and not _contiguous(bufs))):
             buckets = None  # first_step differs per tensor, or a loaded buffer has other strides
         F.restore_sgd_step_(
@@ -876,10 +925,11 @@ class FusedSAM(Optimizer):
     ) -> None:
         amsgrad = group["amsgrad"]
         state = self.state
-        sts = [state[p] for p in params]
-        if not all(sts) and self._skip_new_state(params, backups, found_inf):
+        owners = params if self._owner is None else list(map(self._param_of, params))
+        sts = [state[p] for p in owners]
+        if not all(sts) and self._skip_new_state(owners, params, backups, found_inf):
             return
-        for p, st in zip(params, sts):
+        for p, st in zip(owners, sts):
             if not st:
                 # torch.optim.Adam's own state format; the step counter lives on the param's
                 # device (as with fused=True) so the kernels never read host memory.
@@ -891,10 +941,11 @@ class FusedSAM(Optimizer):
             elif p.is_cpu != st["step"].is_cpu or (not p.is_cpu and st["step"].device != p.device):
                 # e.g. a checkpoint that kept step counters on the host (is_cpu is cheap to read)
                 st["step"] = st["step"].to(p.device)
-        exp_avgs = [st["exp_avg"] for st in sts]
-        exp_avg_sqs = [st["exp_avg_sq"] for st in sts]
-        max_sqs = [st["max_exp_avg_sq"] for st in sts] if amsgrad else []
-        steps = [st["step"] for st in sts]
+        loc = distributed.local
+        exp_avgs = [loc(st["exp_avg"]) for st in sts]
+        exp_avg_sqs = [loc(st["exp_avg_sq"]) for st in sts]
+        max_sqs = [loc(st["max_exp_avg_sq"]) for st in sts] if amsgrad else []
+        steps = [loc(st["step"]) for st in sts]
         if buckets is not None and not all(map(_contiguous, (exp_avgs, exp_avg_sqs, max_sqs))):
             buckets = None  # state loaded from a checkpoint with other strides
         beta1, beta2 = group["betas"]
@@ -985,7 +1036,7 @@ def _contiguous(tensors: list[Tensor] | None) -> bool:
     return tensors is None or all(map(Tensor.is_contiguous, tensors))
 
 
-def _with_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], bool, bool]:
+def _collect_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], bool, bool]:
     """The parameters that have a gradient, their gradients, whether all those are contiguous,
     and whether one is sparse (one C++ pass with the extension, Python passes without)."""
     fast = native.collect_grads(params)
@@ -1035,7 +1086,7 @@ def _unscale_grads(params: list[Tensor], grad_scale: Tensor) -> None:
     device and dtype, so a FusedSAM step on the base optimizer's own ``step()`` sees the very
     gradients that optimizer sees under a GradScaler.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [distributed.local(p.grad) for p in params if p.grad is not None]
     if any(g.is_sparse for g in grads):
         _raise_sparse()
     inv = grad_scale.double().reciprocal().float()

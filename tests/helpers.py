@@ -119,3 +119,46 @@ def small_net(bn_momentum: float | None = 0.1) -> nn.Module:
         nn.ReLU(),
         nn.Linear(32, 3),
     )
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank: int, fn, port: int, world: int, args: tuple) -> None:
+    import os
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    code = 0
+    try:
+        fn(rank, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A gloo worker that returns normally aborts at interpreter exit about half the time
+    # ("terminate called without an active exception"): leave without the interpreter's exit.
+    os._exit(code)
+
+
+def spawn_gloo(fn, *args, world: int = 2) -> None:
+    """Run ``fn(rank, *args)`` in ``world`` spawned processes joined by a gloo process group on
+    127.0.0.1; raises if any of them fails. ``fn`` must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_entry, args=(fn, free_port(), world, args), nprocs=world, join=True)

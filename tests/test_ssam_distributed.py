@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_gloo
 from torch import nn
 
 from fused_sam import DynamicMask, FusedSAM
@@ -19,66 +17,53 @@ WORLD = 2
 STEPS = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _flat(opt: FusedSAM, params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([unpack_bits(opt.masks[p], p).reshape(-1) for p in params])
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+def _worker(rank: int, out: str) -> None:
+    torch.manual_seed(0)  # same initial weights on every rank
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank has its own data
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    params = list(model.parameters())
+    results: dict[str, list[torch.Tensor]] = {}
+
+    # SSAM-D: each rank's policy has its own seed; random growth would disagree.
+    opt = FusedSAM(
+        params,
+        torch.optim.SGD,
+        lr=0.1,
+        sparsity=0.5,
+        mask=DynamicMask(total_steps=STEPS, seed=rank),
+        mask_update_every=2,
     )
-    try:
-        torch.manual_seed(0)  # same initial weights on every rank
-        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-        ddp = nn.parallel.DistributedDataParallel(model)
-        g = torch.Generator().manual_seed(100 + rank)  # each rank has its own data
-        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-        params = list(model.parameters())
-        results: dict[str, list[torch.Tensor]] = {}
+    masks = []
+    for _ in range(STEPS):
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.first_step(zero_grad=True)
+        masks.append(_flat(opt, params))
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.second_step(zero_grad=True)
+    results["dynamic"] = masks
+    results["params"] = [p.detach().clone() for p in params]
 
-        # SSAM-D: each rank's policy has its own seed; random growth would disagree.
-        opt = FusedSAM(
-            params,
-            torch.optim.SGD,
-            lr=0.1,
-            sparsity=0.5,
-            mask=DynamicMask(total_steps=STEPS, seed=rank),
-            mask_update_every=2,
-        )
-        masks = []
-        for _ in range(STEPS):
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.first_step(zero_grad=True)
-            masks.append(_flat(opt, params))
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.second_step(zero_grad=True)
-        results["dynamic"] = masks
-        results["params"] = [p.detach().clone() for p in params]
-
-        # SSAM-F on each rank's own data: the local top-k differs, the mask must not.
-        opt = FusedSAM(params, torch.optim.SGD, lr=0.1, sparsity=0.5, mask="fisher")
-        opt.update_mask([(x, y)], model=model)
-        local = global_topk(
-            fisher_diagonal(params, model=model, data=[(x, y)], num_samples=16),
-            num_kept(sum(p.numel() for p in params), 0.5),
-        )
-        results["fisher"] = [_flat(opt, params)]
-        results["fisher_local"] = [torch.cat([m.reshape(-1) for m in local])]
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # SSAM-F on each rank's own data: the local top-k differs, the mask must not.
+    opt = FusedSAM(params, torch.optim.SGD, lr=0.1, sparsity=0.5, mask="fisher")
+    opt.update_mask([(x, y)], model=model)
+    local = global_topk(
+        fisher_diagonal(params, model=model, data=[(x, y)], num_samples=16),
+        num_kept(sum(p.numel() for p in params), 0.5),
+    )
+    results["fisher"] = [_flat(opt, params)]
+    results["fisher_local"] = [torch.cat([m.reshape(-1) for m in local])]
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.mark.distributed
 def test_every_rank_uses_rank0_mask(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, str(tmp_path), world=WORLD)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     for step, (a, b) in enumerate(zip(r0["dynamic"], r1["dynamic"])):
         assert torch.equal(a, b), f"SSAM-D masks differ across ranks at step {step}"
