@@ -84,3 +84,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def restore_kernels():
+    """Put the CPU ops back on the automatic kernel build after a test that switches builds."""
+    yield
+    from fused_sam.backends import native
+
+    if native._C is not None:
+        native._C.use_cpu_kernels("auto")
