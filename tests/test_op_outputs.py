@@ -205,6 +205,7 @@ def per_tensor(values: Sequence, n: int) -> list:
 
 
 def mask_list(ps: Sequence[Tensor]) -> list[Tensor]:
+    """Random bit-packed masks (about half the bits set) on the parameters' device."""
     with torch.device(ps[0].device):
         return masks_for(ps)
 
@@ -295,6 +296,7 @@ GradsFn = Callable[[int], Sequence[Tensor]]
 
 
 def _amp_args(amp: bool, step: int, device: torch.device):
+    """``(grad_scale, found_inf)`` of a step: both ``None`` without AMP."""
     if not amp:
         return None, None
     found = torch.tensor(float(step == SKIP_AT), device=device)
@@ -471,6 +473,7 @@ ETA = (0.01, 0.5)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_norm_sq_total(backend: str, dtype: torch.dtype, adaptive: bool) -> None:
+    """The total of the partials, SAM and ASAM (two eta buckets), small weights included."""
     require_backend(backend)
     ps = op_params(dtype)
     n = len(ps)
@@ -506,6 +509,7 @@ def test_perturb_e(backend: str, dtype: torch.dtype, adaptive: bool, masked: boo
 @pytest.mark.parametrize("cfg", SGD_CONFIGS)
 @pytest.mark.parametrize("amp", [False, True], ids=["no-scale", "scale8"])
 def test_sgd_step_update_and_state(backend: str, dtype: torch.dtype, cfg: dict, amp: bool) -> None:
+    """Update and momentum buffers of restore + SGD, step by step, with and without AMP."""
     require_backend(backend)
     check_sgd_steps(backend, op_params(dtype), cfg, amp)
 
@@ -515,6 +519,8 @@ def test_sgd_step_update_and_state(backend: str, dtype: torch.dtype, cfg: dict, 
 @pytest.mark.parametrize("cfg", ADAM_CONFIGS)
 @pytest.mark.parametrize("amp", [False, True], ids=["no-scale", "scale8"])
 def test_adam_step_update_and_state(backend: str, dtype: torch.dtype, cfg: dict, amp: bool) -> None:
+    """Update, moments and step counters of restore + Adam/AdamW, step by step, with and
+    without AMP."""
     require_backend(backend)
     check_adam_steps(backend, op_params(dtype), cfg, amp)
 
@@ -605,6 +611,7 @@ MUTANTS = {
 def test_checks_reject_wrong_results(
     mutant: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The reference with one change, registered as backend "mutant", fails the op's check."""
     import types
 
     from fused_sam import reference
@@ -789,6 +796,7 @@ def test_aten_cpu_capability_default_picks_the_portable_build() -> None:
 
 
 def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (real tensors unchanged)."""
     return torch.view_as_real(t) if t.is_complex() else t
 
 
@@ -816,6 +824,7 @@ def on_device(params: Sequence[Tensor], device: str | torch.device) -> list[nn.P
 
 
 def _close(a: Tensor, b: Tensor, what: str, equal_nan: bool = False) -> None:
+    """``a`` close to ``b`` at ``b``'s dtype tolerance (complex through the real view)."""
     a, b = _real(a.detach()).to(b.device), _real(b.detach())
     atol, rtol = TOL[b.dtype]
     torch.testing.assert_close(
@@ -824,6 +833,7 @@ def _close(a: Tensor, b: Tensor, what: str, equal_nan: bool = False) -> None:
 
 
 def _state(opt: torch.optim.Optimizer, params) -> list[tuple[str, Tensor]]:
+    """``(key, tensor)`` of every tensor in the optimizer state, parameter by parameter."""
     return [
         (key, v)
         for p in params
@@ -848,7 +858,7 @@ def compare_fused_sam(
     """
     runs = {}
     for name in (backend, "reference"):
-        ps = [p for p in on_device(params, params[0].device)]
+        ps = on_device(params, params[0].device)
         runs[name] = (ps, make(ps, name))
     (got_ps, got), (want_ps, want) = runs[backend], runs["reference"]
     for step in range(steps):
@@ -934,6 +944,7 @@ OPTION_CASES = {
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 def test_fused_sam_option_matches_reference(backend: str, case: str) -> None:
+    """Each option of OPTION_CASES: perturbation, weights and state against the reference."""
     require_backend(backend)
     make_params_, base, base_kw, sam_kw, bad_at = OPTION_CASES[case]
 
