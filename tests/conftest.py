@@ -57,14 +57,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") ->
     )
 
 
-# The Triton interpreter runs the oracle matrix's 7-step SGD/Adam cycles about 10x slower than
-# the other CPU backends. Its default run keeps every code path of the kernels: every config in
-# float32 (each combination of flags), and every other dtype with the config that writes all
-# optimizer state (its rounding and compute type); the other combinations add no path and run
-# under ``-m slow``. Test name -> (config list in its module, the entry kept for every dtype).
+# The Triton interpreter runs the SGD/Adam steps of the oracle matrix (test_ops.py) and of the
+# op-output comparisons (test_op_outputs.py) about 10x slower than the other CPU backends. Its
+# default run keeps every code path of the kernels: every config in float32 (each combination
+# of flags), and every other dtype with the config that writes all optimizer state (its
+# rounding and compute type); the other combinations add no path and run under ``-m slow``.
+# Test name -> (config list in its module, the entry kept for every dtype).
 _TRITON_ALL_DTYPES_CFG = {
     "test_restore_sgd_step": ("SGD_CONFIGS", 1),
     "test_restore_adam_step": ("ADAM_CONFIGS", 2),
+    "test_sgd_step_update_and_state": ("SGD_CONFIGS", 2),
+    "test_adam_step_update_and_state": ("ADAM_CONFIGS", 2),
 }
 
 
@@ -84,3 +87,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def restore_kernels():
+    """Put the CPU ops back on the automatic kernel build after a test that switches builds."""
+    yield
+    from fused_sam.backends import native
+
+    if native._C is not None:
+        native._C.use_cpu_kernels("auto")

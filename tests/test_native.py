@@ -1,21 +1,38 @@
 """The native extension ``fused_sam._C``: op registration, CPU kernels, CUDA kernels.
 
-The op-by-op oracle matrix over dtypes and configurations is in ``test_ops.py`` (the ``cpu``
-backend is one of its parametrisations). This file adds what is specific to the extension:
-``torch.library.opcheck`` on every op, many odd-sized tensors spanning several chunks, thread
-count independence, aliasing, routing of layouts a flat kernel cannot take, whole
+The op-by-op oracle matrix over dtypes and configurations is in ``test_ops.py`` and
+``test_op_outputs.py`` (the ``cpu`` backend is one of their parametrisations; the second also
+runs each CPU kernel build on many odd sizes and compares the builds bit for bit). This file
+adds what is specific to the extension: ``torch.library.opcheck`` on every op, thread count
+independence, aliasing, routing of layouts a flat kernel cannot take, whole
 :class:`fused_sam.FusedSAM` runs, the reasons reported when the extension is missing, and the
-same oracle on CUDA tensors (``-m gpu``; they need a GPU and a CUDA build of the extension).
+op-output comparisons on CUDA tensors (``-m gpu``; they need a GPU and a CUDA build of the
+extension).
 """
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 from conftest import assert_close, require_backend
-from test_ops import ADAM_CONFIGS, SGD_CONFIGS, check_all
+from test_op_outputs import (
+    ADAM_CONFIGS,
+    BUILDS,
+    ETA,
+    ODD_SIZES,
+    RHO,
+    SGD_CONFIGS,
+    check_adam_steps,
+    check_norm,
+    check_perturb,
+    check_sgd_steps,
+    grads_like,
+    mask_list,
+    op_params,
+    per_tensor,
+    use_build,
+)
+from test_ops import check_all
 
 from fused_sam import FusedSAM
 from fused_sam import functional as F
@@ -24,8 +41,6 @@ from fused_sam.masks import pack_bits
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 STEPS = 7
-# Sizes around the CPU chunk (16384) and vector steps (4, 8, 16 elements), and primes.
-ODD_SIZES = [1, 2, 3, 7, 15, 17, 31, 33, 127, 1000, 4097, 16383, 16384, 16385, 40961, 65537]
 
 
 def _ops():
@@ -140,56 +155,6 @@ def test_opcheck_cuda(op: str, dtype: torch.dtype) -> None:
 # CPU kernels beyond the shared matrix
 
 
-def _rounded_like(ps, dtype):
-    """Random values rounded to ``dtype``, stored like each parameter (float64 for exact runs)."""
-    return [torch.randn(p.shape, dtype=torch.float64).to(dtype).to(p.dtype) for p in ps]
-
-
-def _sgd_cycle(backend, ps, bufs, cfg, steps, dtype, masks=None, adaptive=False):
-    n = len(ps)
-    backups = [torch.empty_like(p) for p in ps]
-    ad, eta = [adaptive] * n, [0.01] * n
-    for step in range(steps):
-        g1 = _rounded_like(ps, dtype)
-        sumsq = F.norm_sq(g1, ps, ad, eta, backend=backend)
-        F.perturb_(ps, g1, backups, sumsq, [0.05] * n, 1e-12, ad, eta, masks, backend=backend)
-        g2 = _rounded_like(ps, dtype)
-        F.restore_sgd_step_(
-            ps,
-            g2,
-            backups,
-            bufs,
-            lr=0.1,
-            first_step=[step == 0] * n,
-            grad_scale=None,
-            found_inf=None,
-            backend=backend,
-            **cfg,
-        )
-
-
-def _odd_tensors_against_oracle(dtype: torch.dtype, adaptive: bool) -> None:
-    """Sixteen sizes across chunk and vector boundaries in one call, masks on, 7 SAM steps."""
-    results = {}
-    for backend, store in (("reference", None), ("cpu", None), ("exact", torch.float64)):
-        torch.manual_seed(3)
-        ps = [p.to(store or dtype) for p in _tensors(ODD_SIZES, dtype)]
-        bufs = [torch.zeros_like(p) for p in ps]
-        masks = [pack_bits(torch.rand(p.shape) < 0.7) for p in ps]
-        run_backend = "reference" if backend == "exact" else backend
-        _sgd_cycle(run_backend, ps, bufs, SGD_CONFIGS[2], STEPS, dtype, masks, adaptive)
-        results[backend] = (ps, bufs)
-    check_all(results["cpu"][0], results["reference"][0], "params", results["exact"][0])
-    check_all(results["cpu"][1], results["reference"][1], "momentum_buffer", results["exact"][1])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_many_odd_tensors_sgd(dtype: torch.dtype, adaptive: bool) -> None:
-    require_backend("cpu")
-    _odd_tensors_against_oracle(dtype, adaptive)
-
-
 def test_norm_is_independent_of_thread_count() -> None:
     require_backend("cpu")
     gs = _tensors([1_000_003, 7, 300_001], torch.float32)
@@ -268,106 +233,18 @@ def test_type_errors_are_clear() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU kernel builds (portable and AVX2), threads, and the dispatcher-free eager calls
-
-BUILDS = ["DEFAULT", "AVX2"]
-
-
-def _use_build(name: str):
-    """Switch the CPU ops to build ``name`` (skip only where this CPU cannot run it)."""
-    require_backend("cpu")
-    if name not in native._C.cpu_kernel_builds():
-        x86 = platform.machine().lower() in ("x86_64", "amd64")
-        if x86 and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-            pytest.fail(f"this x86-64 CPU has AVX2 but the extension has no {name} build")
-        pytest.skip(f"the {name} kernels need an x86-64 CPU with AVX2, FMA and F16C")
-    native._C.use_cpu_kernels(name)
-
-
-@pytest.fixture
-def restore_kernels():
-    yield
-    if native._C is not None:
-        native._C.use_cpu_kernels("auto")
-
-
-def _adam_cycle(ps, state, steps, dtype, amsgrad, masks, adaptive):
-    """SAM steps with an AdamW base through the native ops (state: m, v, vmax, step tensors)."""
-    backups = [torch.empty_like(p) for p in ps]
-    m, v, vmax, counters = state
-    for _ in range(steps):
-        g1 = _rounded_like(ps, dtype)
-        sumsq = native.norm_sq_partials(g1, ps, adaptive, 0.01)
-        native.perturb_(ps, g1, backups, sumsq, 0.05, 1e-12, adaptive, 0.01, masks)
-        native.restore_adam_step_(
-            ps,
-            _rounded_like(ps, dtype),
-            backups,
-            m,
-            v,
-            vmax if amsgrad else [],
-            counters,
-            lr=1e-2,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=1e-2,
-            amsgrad=amsgrad,
-            maximize=False,
-            decoupled_weight_decay=True,
-            grad_scale=None,
-            found_inf=None,
-        )
+# CPU kernel choice, threads, and the dispatcher-free eager calls
 
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_norm_of_float32_squares_overflow_is_finite(build: str, restore_kernels) -> None:
     """Finite float32 gradients whose squares overflow float32 give their finite float64 norm."""
-    _use_build(build)
+    use_build(build)
     gs = [torch.full((9,), 3e19), torch.full((4097,), -1e38)]
     s = native.norm_sq_partials(gs, gs, False, 0.0)
     assert s.dtype == torch.float64 and F.nonfinite(s).item() == 0.0
     want = 9 * 3e19**2 + 4097 * float(torch.tensor(-1e38)) ** 2
     torch.testing.assert_close(s.sum().item(), want, atol=0, rtol=1e-12)
-
-
-@pytest.mark.parametrize("build", BUILDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_each_build_matches_reference(build: str, dtype: torch.dtype, restore_kernels) -> None:
-    """The oracle run of ``test_many_odd_tensors_sgd`` on each kernel build, ASAM and masks on."""
-    _use_build(build)
-    _odd_tensors_against_oracle(dtype, adaptive=True)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_builds_are_bitwise_identical(dtype: torch.dtype, amsgrad: bool, restore_kernels) -> None:
-    """Every build computes the same expressions in the same order: equal bits, SGD and Adam."""
-    require_backend("cpu")
-    builds = native._C.cpu_kernel_builds()
-    if len(builds) < 2:
-        _use_build("AVX2")  # fails on an AVX2 CPU without the build, skips elsewhere
-    runs = {}
-    for build in builds:
-        native._C.use_cpu_kernels(build)
-        torch.manual_seed(8)
-        ps = _tensors(ODD_SIZES, dtype)
-        masks = [pack_bits(torch.rand(p.shape) < 0.6) for p in ps]
-        bufs = [torch.zeros_like(p) for p in ps]
-        _sgd_cycle("cpu", ps, bufs, SGD_CONFIGS[2], 3, dtype, masks=masks, adaptive=True)
-        state = (
-            [torch.zeros_like(p) for p in ps],
-            [torch.zeros_like(p) for p in ps],
-            [torch.zeros_like(p) for p in ps],
-            [torch.zeros(()) for _ in ps],
-        )
-        _adam_cycle(ps, state, 3, dtype, amsgrad, masks, adaptive=False)
-        norm = native.norm_sq_partials(ps, ps, True, 0.01)
-        runs[build] = [*ps, *bufs, *state[0], *state[1], *state[2], norm]
-    first, *others = runs.values()
-    for other in others:
-        for i, (a, b) in enumerate(zip(first, other)):
-            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), i
 
 
 def test_kernel_choice_errors_and_auto(restore_kernels) -> None:
@@ -547,125 +424,54 @@ def _require_cuda() -> None:
     require_backend("cuda", "cuda")
 
 
-def _cuda_params(dtype, store=None):
-    shapes = [(1,), (3,), (4097,), (65537,), (), (33, 7), (1_000_003,)]
-    ps = [torch.randn(s, dtype=torch.float64).to(dtype).to(store or dtype) for s in shapes]
-    ps.append(torch.randn(2, 3, 5, 4, dtype=torch.float64).to(dtype).to(store or dtype))
-    ps[-1] = ps[-1].to(memory_format=torch.channels_last)
-    ps.append(torch.randn(16, 10, dtype=torch.float64).to(dtype).to(store or dtype)[:, ::2])
-    return [p.cuda() for p in ps]
+# The shapes of the CPU op tests plus tensors of several CUDA chunks and a million elements.
+CUDA_SHAPES = ((1,), (3,), (4097,), (65537,), (), (33, 7), (1_000_003,))
 
 
-def _cuda_run(
-    backend, dtype, kind, cfg, adaptive, masked, store=None, skip_at=None, steps_on="cuda"
-):
-    torch.manual_seed(7)
-    ps = _cuda_params(dtype, store)
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_norm_and_perturb_outputs(dtype, adaptive, masked) -> None:
+    """The norm total, e = w_new - w_old and the backups of the CUDA ops, per op."""
+    _require_cuda()
+    ps = op_params(dtype, "cuda", CUDA_SHAPES)
+    gs = grads_like(ps)
     n = len(ps)
-    gen = torch.Generator(device="cuda").manual_seed(9)
-
-    def grads():
-        # Random values in each parameter's layout, as AccumulateGrad makes them.
-        return [
-            torch.empty_like(p).copy_(
-                torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.float64).to(dtype)
-            )
-            for p in ps
-        ]
-
-    masks = [pack_bits(torch.rand(p.shape, device="cuda") < 0.5) for p in ps] if masked else None
-    backups = [torch.empty_like(p) for p in ps]
-    zeros = [torch.zeros_like(p) for p in ps]
-    state = {
-        "sgd": [zeros] if cfg.get("momentum") else [],
-        "adam": [
-            [torch.zeros_like(p) for p in ps],
-            [torch.zeros_like(p) for p in ps],
-            [torch.zeros_like(p) for p in ps] if cfg.get("amsgrad") else None,
-            [torch.zeros((), dtype=torch.float32, device=steps_on) for _ in ps],
-        ],
-    }[kind]
-    ad, eta = [adaptive] * n, [0.01] * n
-    for step in range(STEPS):
-        g1 = grads()
-        sumsq = F.norm_sq(g1, ps, ad, eta, backend=backend)
-        F.perturb_(ps, g1, backups, sumsq, [0.05] * n, 1e-12, ad, eta, masks, backend=backend)
-        g2 = grads()
-        found = torch.tensor(float(step == skip_at), device="cuda") if skip_at is not None else None
-        if kind == "sgd":
-            F.restore_sgd_step_(
-                ps,
-                g2,
-                backups,
-                state[0] if state else None,
-                lr=0.1,
-                first_step=[step == 0] * n,
-                grad_scale=None,
-                found_inf=found,
-                backend=backend,
-                **cfg,
-            )
-        else:
-            F.restore_adam_step_(
-                ps,
-                g2,
-                backups,
-                *state,
-                lr=1e-2,
-                beta1=0.9,
-                beta2=0.999,
-                eps=1e-8,
-                grad_scale=torch.tensor(1.0, device="cuda"),
-                found_inf=found,
-                backend=backend,
-                **cfg,
-            )
-    flat_state = [s for s in state if s is not None]
-    return [ps, *flat_state]
+    ad, eta = [adaptive] * n, per_tensor(ETA, n)
+    check_norm("cuda", ps, gs, ad, eta)
+    masks = mask_list(ps) if masked else None
+    for eps in (1e-12, None):
+        rho = per_tensor(RHO, n)
+        check_perturb("cuda", ps, gs, rho=rho, eps=eps, adaptive=ad, eta=eta, masks=masks)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", SGD_CONFIGS)
-@pytest.mark.parametrize("adaptive, masked", [(False, False), (True, True)])
-def test_cuda_sgd_matches_reference(dtype, cfg, adaptive, masked) -> None:
+@pytest.mark.parametrize("amp", [False, True], ids=["no-scale", "scale8"])
+def test_cuda_sgd_step_outputs(dtype, cfg, amp) -> None:
+    """Update and momentum buffers, step by step; AMP scale 8 with a skipped step."""
     _require_cuda()
-    want = _cuda_run("reference", dtype, "sgd", cfg, adaptive, masked)
-    got = _cuda_run("cuda", dtype, "sgd", cfg, adaptive, masked)
-    exact = _cuda_run("reference", dtype, "sgd", cfg, adaptive, masked, store=torch.float64)
-    for a, b, x in zip(got, want, exact):
-        check_all(a, b, "sgd", x)
+    check_sgd_steps("cuda", op_params(dtype, "cuda", CUDA_SHAPES), cfg, amp)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", ADAM_CONFIGS)
+@pytest.mark.parametrize("amp", [False, True], ids=["no-scale", "scale8"])
 @pytest.mark.parametrize("steps_on", ["cuda", "cpu"])
-def test_cuda_adam_matches_reference(dtype, cfg, steps_on) -> None:
-    """Step counters on the device (read and advanced in the kernel) or on the host."""
+def test_cuda_adam_step_outputs(dtype, cfg, amp, steps_on) -> None:
+    """Update, moments and step counters; the counters on the device (read and advanced in the
+    kernel) or on the host."""
     _require_cuda()
-    want = _cuda_run("reference", dtype, "adam", cfg, False, False, steps_on=steps_on)
-    got = _cuda_run("cuda", dtype, "adam", cfg, False, False, steps_on=steps_on)
-    exact = _cuda_run(
-        "reference", dtype, "adam", cfg, False, False, store=torch.float64, steps_on=steps_on
-    )
-    for a, b, x in zip(got[:-1], want[:-1], exact[:-1]):
-        check_all(a, b, "adam", x)
-    assert [s.item() for s in got[-1]] == [float(STEPS)] * len(got[-1])
+    ps = op_params(dtype, "cuda", CUDA_SHAPES)
+    check_adam_steps("cuda", ps, cfg, amp, steps_on=steps_on)
 
 
 @gpu
-@pytest.mark.parametrize("steps_on", ["cuda", "cpu"])
-def test_cuda_skips(steps_on) -> None:
+def test_cuda_nonfinite_and_zero_gradients_leave_weights_bit_identical() -> None:
     _require_cuda()
-    cfg = ADAM_CONFIGS[2]
-    want = _cuda_run(
-        "reference", torch.float32, "adam", cfg, False, False, skip_at=2, steps_on=steps_on
-    )
-    got = _cuda_run("cuda", torch.float32, "adam", cfg, False, False, skip_at=2, steps_on=steps_on)
-    for a, b in zip(got[:-1], want[:-1]):
-        check_all(a, b, "adam")
-    assert [s.item() for s in got[-1]] == [float(STEPS - 1)] * len(got[-1])
     ps = _tensors(ODD_SIZES, torch.float32, "cuda")
     gs = _tensors(ODD_SIZES, torch.float32, "cuda")
     gs[5][3] = float("nan")

@@ -26,9 +26,14 @@ def _rand(shape, dtype: torch.dtype, store: torch.dtype | None) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.float64).to(dtype).to(store or dtype)
 
 
-def make_params(dtype: torch.dtype, store: torch.dtype | None = None) -> list[torch.Tensor]:
-    """Odd sizes, a 0-dim tensor, a non-contiguous view, a channels_last tensor."""
-    shapes = [(1,), (3,), (4097,), (65537,), (), (33, 7)]
+#: Dense shapes of :func:`make_params`: odd sizes (tails), a 0-dim tensor, several chunks.
+SHAPES = ((1,), (3,), (4097,), (65537,), (), (33, 7))
+
+
+def make_params(
+    dtype: torch.dtype, store: torch.dtype | None = None, shapes: tuple = SHAPES
+) -> list[torch.Tensor]:
+    """``shapes``, then a non-contiguous view, a channels_last tensor and a transposed one."""
     ps = [_rand(s, dtype, store) for s in shapes]
     ps.append(_rand((16, 10), dtype, store)[:, ::2])  # non-contiguous (and not dense)
     ps.append(_rand((2, 3, 5, 4), dtype, store).to(memory_format=torch.channels_last))

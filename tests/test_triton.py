@@ -1,4 +1,5 @@
-"""Triton-specific checks beyond the shared oracle matrix of ``test_ops.py``.
+"""Triton-specific checks beyond the shared oracle matrices of ``test_ops.py`` and
+``test_op_outputs.py``.
 
 On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest);
 the ``gpu`` tests run the same comparisons on CUDA tensors with compiled kernels. An
@@ -16,7 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOL, assert_close, require_backend
+from conftest import assert_close, require_backend
+from test_op_outputs import (
+    ADAM_CONFIGS,
+    ETA,
+    RHO,
+    SGD_CONFIGS,
+    check_adam_steps,
+    check_norm,
+    check_perturb,
+    check_sgd_steps,
+    grads_like,
+    mask_list,
+    op_params,
+    per_tensor,
+)
 
 from fused_sam import functional as F
 from fused_sam.masks import pack_bits
@@ -74,41 +89,12 @@ def _tensors(sizes, dtype, device="cpu", offset=0):
     return out
 
 
-def _run_cycle(backend, ps, g1, g2, masks, adaptive, steps=2):
-    """norm -> perturb -> restore+SGD (momentum, nesterov, wd) for ``steps`` steps."""
-    n = len(ps)
-    ad, eta, rho = [adaptive] * n, [0.01] * n, [0.05] * n
-    backups = [torch.empty_like(p) for p in ps]
-    bufs = [torch.zeros_like(p) for p in ps]
-    sums = []
-    for step in range(steps):
-        sumsq = F.norm_sq(g1, ps, ad, eta, backend=backend)
-        sums.append(sumsq.double().sum())
-        F.perturb_(ps, g1, backups, sumsq, rho, 1e-12, ad, eta, masks, backend=backend)
-        F.restore_sgd_step_(
-            ps,
-            g2,
-            backups,
-            bufs,
-            lr=0.1,
-            weight_decay=1e-4,
-            momentum=0.9,
-            dampening=0.0,
-            nesterov=True,
-            maximize=False,
-            first_step=[step == 0] * n,
-            grad_scale=None,
-            found_inf=None,
-            backend=backend,
-        )
-    return ps, bufs, sums
-
-
 @pytest.mark.parametrize(
     ("offset", "masked"), [(0, False), (1, True)], ids=["aligned", "misaligned-masked"]
 )
 def test_many_tensors_one_launch(tb, offset: int, masked: bool) -> None:
-    """40 tensors of edge sizes in one launch, aligned and 4-byte-misaligned addresses."""
+    """40 tensors of edge sizes in one launch, aligned and 4-byte-misaligned addresses: the norm
+    total, e and the backups of the perturbation, and two restore + SGD steps, per op."""
     from fused_sam.backends.triton import _table
 
     sizes = _sizes_many()
@@ -116,12 +102,11 @@ def test_many_tensors_one_launch(tb, offset: int, masked: bool) -> None:
     g1 = _tensors(sizes, torch.float32, offset=offset)
     g2 = _tensors(sizes, torch.float32, offset=offset)
     masks = [pack_bits(torch.rand(n) < 0.5) for n in sizes] if masked else None
-    want = _run_cycle("reference", [p.clone() for p in ps], g1, g2, masks, adaptive=True)
-    got = _run_cycle("triton", [p.clone() for p in ps], g1, g2, masks, adaptive=True)
-    for a, b in zip(got[0] + got[1], want[0] + want[1]):
-        assert_close(a, b, "params/momentum")
-    for a, b in zip(got[2], want[2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    n = len(ps)
+    ad, eta = [True] * n, [0.01] * n
+    check_norm("triton", ps, g1, ad, eta)
+    check_perturb("triton", ps, g1, rho=[0.05] * n, eps=1e-12, adaptive=ad, eta=eta, masks=masks)
+    check_sgd_steps("triton", ps, SGD_CONFIGS[2], amp=False, grads=lambda step: g2, steps=2)
     # One program per chunk of every tensor: the partials say how many ran in the launch.
     chunk = _table.geometry(sum(sizes)).chunk
     partials = tb.norm_sq_partials(g1, ps, False, 0.0)
@@ -410,56 +395,40 @@ def _cuda() -> None:
     require_backend("triton", "cuda")
 
 
+# The shapes of the CPU op tests plus tensors of several GPU chunks and a million elements.
+GPU_SHAPES = ((1,), (3,), (4097,), (65537,), (), (33, 7), (1 << 20,), (100003,))
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_gpu_cycle_matches_reference(dtype: torch.dtype, adaptive: bool) -> None:
+@pytest.mark.parametrize("masked", [False, True])
+def test_gpu_norm_and_perturb_outputs(dtype: torch.dtype, adaptive: bool, masked: bool) -> None:
+    """The norm total, e = w_new - w_old and the backups of the compiled kernels, per op."""
     _cuda()
-    sizes = [0, 1, 3, 1023, 1024, 1025, 16384, 16385, 100003, 1 << 20]
-    torch.manual_seed(0)
-    ps = _tensors(sizes, dtype, "cuda")
-    g1 = _tensors(sizes, dtype, "cuda")
-    g2 = _tensors(sizes, dtype, "cuda")
-    masks = [pack_bits(torch.rand(n, device="cuda") < 0.5) for n in sizes]
-    for m in (None, masks):
-        want = _run_cycle("reference", [p.clone() for p in ps], g1, g2, m, adaptive, steps=3)
-        got = _run_cycle("triton", [p.clone() for p in ps], g1, g2, m, adaptive, steps=3)
-        for a, b in zip(got[0] + got[1], want[0] + want[1]):
-            atol, rtol = TOL[dtype]
-            torch.testing.assert_close(a, b, atol=4 * atol, rtol=4 * rtol)
+    ps = op_params(dtype, "cuda", GPU_SHAPES)
+    gs = grads_like(ps)
+    n = len(ps)
+    ad, eta = [adaptive] * n, per_tensor(ETA, n)
+    check_norm("triton", ps, gs, ad, eta)
+    masks = mask_list(ps) if masked else None
+    for eps in (1e-12, None):
+        rho = per_tensor(RHO, n)
+        check_perturb("triton", ps, gs, rho=rho, eps=eps, adaptive=ad, eta=eta, masks=masks)
 
 
 @pytest.mark.gpu
-def test_gpu_oracle_matrix() -> None:
-    """The shared oracle matrix's SGD/Adam runs on CUDA tensors (7 steps, every config)."""
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("amp", [False, True], ids=["no-scale", "scale8"])
+def test_gpu_step_outputs(dtype: torch.dtype, amp: bool) -> None:
+    """Update and state of every SGD and Adam/AdamW configuration, step by step; AMP scale 8
+    with a skipped step."""
     _cuda()
-    import test_ops as T
-
-    def on_cuda(run):
-        def wrapped(*args, **kwargs):
-            torch.set_default_device("cuda")
-            try:
-                return run(*args, **kwargs)
-            finally:
-                torch.set_default_device(None)
-
-        return wrapped
-
-    for dtype in T.DTYPES:
-        for cfg in T.SGD_CONFIGS:
-            want = on_cuda(T._sgd_run)("reference", dtype, cfg)
-            got = on_cuda(T._sgd_run)("triton", dtype, cfg)
-            exact = on_cuda(T._sgd_run)("reference", dtype, cfg, store=torch.float64)
-            for a, b, x in zip(got, want, exact):
-                if b is not None:
-                    T.check_all(a, b, "sgd", x)
-        for cfg in T.ADAM_CONFIGS:
-            want = on_cuda(T._adam_run)("reference", dtype, cfg)
-            got = on_cuda(T._adam_run)("triton", dtype, cfg)
-            exact = on_cuda(T._adam_run)("reference", dtype, cfg, store=torch.float64)
-            for a, b, x in zip(got[:4], want[:4], exact[:4]):
-                if b is not None:
-                    T.check_all(a, b, "adam", x)
+    for cfg in SGD_CONFIGS:
+        check_sgd_steps("triton", op_params(dtype, "cuda", GPU_SHAPES), cfg, amp)
+    for cfg in ADAM_CONFIGS:
+        check_adam_steps("triton", op_params(dtype, "cuda", GPU_SHAPES), cfg, amp)
 
 
 @pytest.mark.gpu
