@@ -25,7 +25,7 @@ ALLOW_MISSING = {s for s in os.environ.get("FUSED_SAM_ALLOW_MISSING", "").split(
 #: Backends compared against the reference on CPU tensors.
 CPU_BACKENDS = ["foreach", "cpu", "triton"]
 
-#: (atol, rtol) per dtype, from DESIGN.md section 6.
+#: (atol, rtol) per dtype: the project's comparison tolerances for each storage type.
 TOL = {
     torch.float64: (1e-12, 1e-10),
     torch.float32: (1e-6, 1e-5),

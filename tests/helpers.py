@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 
+def kept(numel: int, sparsity: float) -> int:
+    """Entries a sparse-SAM mask keeps, floor(N (1 - s)), written independently of the code
+    under test: the sparsity in millionths, so 0.3 is exactly 3/10."""
+    return numel * (1_000_000 - round(sparsity * 1_000_000)) // 1_000_000
+
+
 def state_tensors(opt: torch.optim.Optimizer, params) -> list[torch.Tensor]:
     """Every tensor of the optimizer state of ``params``, in a fixed order."""
     out = []

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import kept
 from torch import nn
 
 from fused_sam import DynamicMask, FisherMask, MaskRequest
@@ -128,7 +129,7 @@ def test_dynamic_refresh_keeps_density_and_moves_exactly_d(sparsity: float) -> N
     params = [torch.randn(7, 3), torch.randn(11), torch.randn(2, 2, 5)]
     grads = [torch.randn_like(p) for p in params]
     n = sum(p.numel() for p in params)
-    k = num_kept(n, sparsity)
+    k = kept(n, sparsity)
     pol = DynamicMask(drop_rate=0.5, total_steps=10, seed=3)
     first = pol.initial(MaskRequest(params, grads, None, k, 0))
     assert sum(int(m.sum()) for m in first) == k
@@ -136,7 +137,8 @@ def test_dynamic_refresh_keeps_density_and_moves_exactly_d(sparsity: float) -> N
     assert sum(int(m.sum()) for m in second) == k
     old = torch.cat([m.reshape(-1) for m in first])
     new = torch.cat([m.reshape(-1) for m in second])
-    d = min(math.floor(k * pol.death_rate(2)), n - k)
+    death = 0.5 * (1 + math.cos(math.pi * 2 / 10)) / 2  # dr(t) at t = 2 of T = 10
+    d = min(math.floor(k * death), n - k)
     assert int((old & ~new).sum()) == d and int((new & ~old).sum()) == d
     # The survivors are the live entries with the largest |g|.
     g = torch.cat([x.abs().reshape(-1) for x in grads])

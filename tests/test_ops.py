@@ -66,7 +66,7 @@ def check_all(
     """``got`` matches the reference ``want`` at the dtype's tolerance.
 
     For bf16/fp16, ``exact`` (the same run in float64 from the same rounded inputs) enables
-    DESIGN.md's second criterion: the backend's error against it may be at most twice the
+    a second criterion: the backend's error against it may be at most twice the
     reference's own error at that dtype.
     """
     for i, (a, b) in enumerate(zip(got, want)):
@@ -357,3 +357,19 @@ def test_foreach_device_path_on_cpu_tensors(adaptive: bool, masked: bool, bad) -
     check_all(got, want, "params")
     if bad is not None:
         assert all(torch.equal(a, b) for a, b in zip(got, ps))
+
+
+def test_auto_order_on_cuda_prefers_native_then_triton(monkeypatch) -> None:
+    """backend=None on CUDA tensors: the native CUDA kernels, else Triton, else foreach (the
+    order the README states), decided from each backend's availability alone."""
+    cuda = torch.device("cuda")
+    down: set[str] = set()
+    monkeypatch.setattr(F, "unavailable_reason", lambda name, d: "down" if name in down else None)
+    picks = []
+    for off in ((), ("cuda",), ("cuda", "triton")):
+        F._resolve.cache_clear()
+        down.clear()
+        down.update(off)
+        picks.append(F.resolve_backend(None, cuda))
+    F._resolve.cache_clear()
+    assert picks == ["cuda", "triton", "foreach"]

@@ -217,8 +217,13 @@ def test_rho_zero_is_bit_identical_to_base(backend: str, base: str) -> None:
         # Fused restore+step kernels re-implement the base math in their own (fp32+) order.
         # test_ops pins them to the float64 oracle at 1e-6/1e-5; torch's fp32 Adam itself is
         # ~1e-6 off that oracle after 7 steps near small second moments, hence the margin.
+        # A 1% error in an update (lr 0.05, |d| ~ 1) moves a weight by ~5e-4: far outside.
         for x, y in zip(ps, ps2):
             torch.testing.assert_close(x.detach(), y.detach(), atol=1e-5, rtol=1e-4)
+        got, want = state_tensors(opt, ps), state_tensors(plain, ps2)
+        assert len(got) == len(want)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y.to(x.device), atol=1e-5, rtol=1e-4)
 
 
 def test_maximize_flips_ascent_direction() -> None:
@@ -1161,3 +1166,16 @@ def test_accumulated_micro_batches_equal_the_full_batch_step(backend: str, base:
 
     for a, b in zip(run(4), run(1)):
         assert_close(a, b, "params")
+
+
+def test_last_step_skipped_is_a_0dim_bool_tensor() -> None:
+    p = nn.Parameter(torch.randn(4))
+    opt = FusedSAM([p], torch.optim.SGD, rho=0.05, lr=0.1)
+    for bad in (False, True):
+        p.grad = torch.full((4,), float("nan")) if bad else torch.ones(4)
+        opt.first_step()
+        p.grad = torch.ones(4)
+        opt.second_step()
+        flag = opt.last_step_skipped
+        assert isinstance(flag, torch.Tensor) and flag.dim() == 0 and flag.dtype == torch.bool
+        assert bool(flag) is bad

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 from conftest import CPU_BACKENDS, assert_close, require_backend
+from helpers import LoopSAM, kept
 from test_masks import loop_fisher, oracle_topk, small_cnn
 from torch import nn
 
 from fused_sam import DynamicMask, FisherMask, FusedSAM
-from fused_sam.masks import num_kept, packed_numel, unpack_bits
+from fused_sam.masks import packed_numel, unpack_bits
 
 RHO = 0.05
 EPS = 1e-12
@@ -133,7 +134,7 @@ def test_ssam_f_matches_the_published_algorithm(per_sample: str) -> None:
     base = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
     scoring = Reshuffled()
     n = sum(p.numel() for p in twin.parameters())
-    k = num_kept(n, sparsity)
+    k = kept(n, sparsity)
     mask = None
 
     def choose(t: int, g: list[torch.Tensor]) -> torch.Tensor:
@@ -178,7 +179,7 @@ def test_ssam_d_matches_the_published_algorithm(drop: str, grow: str) -> None:
     base = torch.optim.SGD(twin.parameters(), lr=0.1)
     params = list(twin.parameters())
     n = sum(p.numel() for p in params)
-    k = num_kept(n, sparsity)
+    k = kept(n, sparsity)
     gen = torch.Generator().manual_seed(1234)
     rand = lambda: torch.rand(n, dtype=torch.float64, generator=gen)  # noqa: E731
     mask = None
@@ -250,7 +251,7 @@ def test_density_is_exact_and_masks_are_bit_packed(sparsity: float, mask: str) -
     n = sum(p.numel() for p in params)
     for _ in range(5):
         step_once(opt, model, x, y)
-        assert int(flat_mask(opt, params).sum()) == num_kept(n, sparsity)
+        assert int(flat_mask(opt, params).sum()) == kept(n, sparsity)
     assert opt.mask_policy is policy
     assert all(m.dtype == torch.uint8 and m.dim() == 1 for m in opt.masks.values())
     nbytes = sum(m.numel() * m.element_size() for m in opt.masks.values())
@@ -272,6 +273,16 @@ def test_sparsity_zero_is_plain_sam_bit_for_bit(backend: str) -> None:
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+    # ...and that is SAM: the community per-tensor algorithm, written out in the helpers.
+    model = mlp()
+    loop = LoopSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for _ in range(7):
+        nn.functional.cross_entropy(model(x), y).backward()
+        loop.first_step()
+        nn.functional.cross_entropy(model(x), y).backward()
+        loop.second_step()
+    for a, b in zip(runs[0], model.parameters()):
+        assert_close(a, b.detach(), "params")
 
 
 @pytest.mark.parametrize("mask_norm", ["full", "masked"])
@@ -406,9 +417,12 @@ def test_resume_is_bit_identical(mask: str) -> None:
     ps, ps2 = list(model.parameters()), list(resumed.parameters())
     assert torch.equal(flat_mask(opt, ps), flat_mask(opt2, ps2))
 
-    # The checkpoint minus the masks is a plain SGD checkpoint.
+    # The checkpoint minus the masks is a plain SGD checkpoint: SGD loads its momentum.
     bare = torch.optim.SGD(mlp().parameters(), lr=0.1, momentum=0.9)
     bare.load_state_dict({k: v for k, v in ckpt["opt"].items() if k != "sparse_sam"})
+    loaded = [bare.state[p]["momentum_buffer"] for p in bare.param_groups[0]["params"]]
+    saved = [ckpt["opt"]["state"][i]["momentum_buffer"] for i in range(len(loaded))]
+    assert len(loaded) == 4 and all(torch.equal(a, b) for a, b in zip(loaded, saved))
 
 
 def test_checkpoint_with_masks_needs_a_sparse_optimizer() -> None:
@@ -447,7 +461,7 @@ def test_manual_refresh_every_epoch() -> None:
         assert torch.equal(flat_mask(opt, params), masks[-1])  # no automatic refresh
     want = oracle_topk(
         torch.cat([f.reshape(-1) for f in loop_fisher(model, [(x, y)], 16)]).tolist(),
-        num_kept(sum(p.numel() for p in params), 0.5),
+        kept(sum(p.numel() for p in params), 0.5),
     )
     opt.update_mask([(x, y)], model=model)
     assert set(flat_mask(opt, params).nonzero().flatten().tolist()) == want
@@ -499,3 +513,80 @@ def test_argument_validation() -> None:
             FusedSAM(ps, torch.optim.SGD, lr=0.1, **kwargs)
     with pytest.raises(RuntimeError, match="sparsity > 0"):
         FusedSAM(ps, torch.optim.SGD, lr=0.1).update_mask()
+
+
+def test_update_mask_with_a_per_example_loss_callable() -> None:
+    """update_mask(loss=fn): SSAM-F scores with the per-example losses fn returns."""
+    model = mlp()
+    x, y = torch.randn(16, 13), torch.randint(0, 3, (16,))
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, mask="fisher")
+
+    def losses() -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    opt.update_mask(loss=losses)
+    params = list(model.parameters())
+    fisher = [torch.zeros_like(p) for p in params]
+    for i in range(16):  # the empirical Fisher diagonal, one example at a time
+        grads = torch.autograd.grad(
+            nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params
+        )
+        for f, g in zip(fisher, grads):
+            f += g.detach() ** 2
+    want = oracle_topk(
+        torch.cat([f.reshape(-1) for f in fisher]).tolist(),
+        kept(sum(p.numel() for p in params), 0.5),
+    )
+    assert set(flat_mask(opt, params).nonzero().flatten().tolist()) == want
+    step_once(opt, model, x, y)
+
+
+def test_custom_mask_policy() -> None:
+    """A MaskPolicy subclass: its select() decides the mask the perturbation reads."""
+    from fused_sam import MaskPolicy
+
+    class LargestWeights(MaskPolicy):
+        def select(self, request):
+            flat = torch.cat([p.detach().abs().reshape(-1) for p in request.params])
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[flat.argsort(descending=True, stable=True)[: request.num_keep]] = True
+            return list(keep.split([p.numel() for p in request.params]))
+
+    model = mlp()
+    x, y = torch.randn(16, 13), torch.randint(0, 3, (16,))
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.75,
+                   mask=LargestWeights(), mask_update_every=1)  # fmt: skip
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    moved = torch.cat([(p.detach() != b).reshape(-1) for p, b in zip(params, before)])
+    flat_w = torch.cat([b.abs().reshape(-1) for b in before])
+    k = kept(flat_w.numel(), 0.75)
+    want = set(oracle_topk(flat_w.tolist(), k))
+    assert set(flat_mask(opt, params).nonzero().flatten().tolist()) == want
+    assert set(moved.nonzero().flatten().tolist()) <= want  # only masked entries move
+    opt.restore()
+
+
+def test_mask_does_not_depend_on_the_layout() -> None:
+    """The same weights as contiguous and as channels_last tensors: the same SSAM-F mask,
+    element by element (scores, top-k and bit packing all follow the logical index)."""
+    torch.manual_seed(3)
+    w = torch.randn(4, 3, 2, 2)
+    x, y = torch.randn(6, 3, 5, 5), torch.randint(0, 4, (6, 4, 4))
+    masks = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        conv = nn.Conv2d(3, 4, 2, bias=False)
+        conv.weight.data = w.clone().to(memory_format=fmt)
+        policy = FisherMask([(x, y)], conv, num_samples=6)
+        opt = FusedSAM(
+            conv.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, mask=policy,
+            mask_update_every=1,
+        )  # fmt: skip
+        nn.functional.cross_entropy(conv(x), y).backward()
+        opt.first_step(zero_grad=True)
+        assert conv.weight.is_contiguous(memory_format=fmt)
+        masks.append(unpack_bits(opt.masks[conv.weight], conv.weight).contiguous())
+        opt.restore()
+    assert torch.equal(masks[0], masks[1]) and 0 < int(masks[0].sum()) < masks[0].numel()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import spawn_gloo
+from helpers import kept, spawn_gloo
 from torch import nn
 
 from fused_sam import DynamicMask, FusedSAM
-from fused_sam.masks import fisher_diagonal, global_topk, num_kept, unpack_bits
+from fused_sam.masks import fisher_diagonal, global_topk, unpack_bits
 
 WORLD = 2
 STEPS = 5
@@ -54,7 +54,7 @@ def _worker(rank: int, out: str) -> None:
     opt.update_mask([(x, y)], model=model)
     local = global_topk(
         fisher_diagonal(params, model=model, data=[(x, y)], num_samples=16),
-        num_kept(sum(p.numel() for p in params), 0.5),
+        kept(sum(p.numel() for p in params), 0.5),
     )
     results["fisher"] = [_flat(opt, params)]
     results["fisher_local"] = [torch.cat([m.reshape(-1) for m in local])]

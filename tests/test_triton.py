@@ -361,6 +361,40 @@ def test_reason_without_interpreter() -> None:
     assert "TRITON_INTERPRET=1" in out.stdout
 
 
+def _reason_in_subprocess(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_reason_when_the_interpreter_is_set_after_import() -> None:
+    out = _reason_in_subprocess(
+        "import os, torch; from fused_sam import functional as F; "
+        "F.unavailable_reason('triton', torch.device('cpu')); "
+        "os.environ['TRITON_INTERPRET'] = '1'; "
+        "print(F.unavailable_reason('triton', torch.device('cpu')))"
+    )
+    assert "was set after" in out
+
+
+def test_reason_when_triton_is_not_installed() -> None:
+    """``import triton`` failing (here: blocked) is reported as the reason, and a forced
+    ``backend="triton"`` raises with it."""
+    out = _reason_in_subprocess(
+        "import sys; sys.modules['triton'] = None; import torch; "
+        "from fused_sam import FusedSAM, functional as F; "
+        "print(F.unavailable_reason('triton', torch.device('cpu')))\n"
+        "try:\n    FusedSAM([torch.nn.Parameter(torch.zeros(2))], torch.optim.SGD, lr=0.1, "
+        "backend='triton')\nexcept F.BackendUnavailableError as e:\n    print('raised', e)"
+    )
+    reason, raised = out.strip().splitlines()
+    assert "triton" in reason.lower() and "not installed" in reason.lower(), reason
+    assert raised.startswith("raised") and "not installed" in raised.lower()
+
+
 def test_compiles_for_sm90_and_vectorises() -> None:
     """Every kernel family compiles for an NVIDIA target; aligned variants use 16-byte vectors."""
     pytest.importorskip("triton")  # the backend's own tests fail loudly if triton is missing
