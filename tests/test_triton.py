@@ -295,8 +295,29 @@ def test_fused_sam_end_to_end(tb, base, kwargs) -> None:
             opt.step(closure)
         return [p.detach() for p in model.parameters()]
 
+    tb.FALLBACKS.clear()
     for a, b in zip(train("triton"), train("reference")):
         assert_close(a, b, "params")
+    assert not tb.FALLBACKS  # every call ran the Triton kernels
+
+
+def test_fallbacks_are_counted_or_refused(tb, monkeypatch) -> None:
+    """Adam step counters kept in float64 cannot be read by the kernel: the call goes to the
+    foreach backend, is counted, and raises in strict mode."""
+    ps = [torch.randn(5), torch.randn(3)]
+    state = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+    args = (ps, [torch.randn_like(p) for p in ps], [p.clone() for p in ps], *state, [])
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False)
+    kw.update(maximize=False, decoupled_weight_decay=True, grad_scale=None, found_inf=None)
+    tb.FALLBACKS.clear()
+    tb.restore_adam_step_(*args, [torch.zeros((), dtype=torch.float64) for _ in ps], **kw)
+    assert sum(tb.FALLBACKS.values()) == 1
+    ((op, reason),) = tb.FALLBACKS
+    assert op == "restore_adam_step" and "float32" in reason
+    monkeypatch.setenv("FUSED_SAM_TRITON_STRICT", "1")
+    with pytest.raises(RuntimeError, match="foreach backend"):
+        tb.restore_adam_step_(*args, [torch.zeros((), dtype=torch.float64) for _ in ps], **kw)
+    tb.FALLBACKS.clear()
 
 
 def test_opcheck(tb) -> None:

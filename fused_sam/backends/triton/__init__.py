@@ -20,6 +20,7 @@ in the environment before this package is imported; that is how CI checks them.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -150,6 +151,24 @@ def _mask_ok(mask: Tensor, param: Tensor) -> bool:
         and mask.device == param.device
         and mask.numel() >= (param.numel() + 7) // 8
     )
+
+
+#: Calls handed to the ``foreach`` backend, by ``(op, reason)``: the tensors of a call that the
+#: Triton kernels do not take (an unsupported dtype, a mask they cannot read as bytes, Adam step
+#: counters that are not float32 on the tensors' device) are never moved over silently.
+FALLBACKS: Counter[tuple[str, str]] = Counter()
+
+
+def _fallback(op: str, reason: str) -> Any:
+    """The foreach backend for one call of ``op``, counted in :data:`FALLBACKS`.
+
+    With ``FUSED_SAM_TRITON_STRICT=1`` a fallback raises instead (for tests and for users who
+    want to know that every call runs the Triton kernels).
+    """
+    if os.environ.get("FUSED_SAM_TRITON_STRICT") == "1":
+        raise RuntimeError(f"fused_sam triton: {op} would run on the foreach backend: {reason}")
+    FALLBACKS[(op, reason)] += 1
+    return _foreach()
 
 
 def _foreach() -> Any:
@@ -493,7 +512,7 @@ def norm_sq_partials(
     if not grads:
         return torch.zeros(1)
     if not _uniform(grads[0].dtype, grads, params):
-        return _foreach().norm_sq_partials(grads, params, adaptive, eta)
+        return _fallback("norm_sq_partials", "dtype").norm_sq_partials(grads, params, adaptive, eta)
     return _call("norm_sq_partials", list(grads), list(params), adaptive, float(eta))
 
 
@@ -512,10 +531,15 @@ def perturb_(
     if not params:
         return
     _check_like(params, grads=grads, backups=backups)
-    if not _uniform(params[0].dtype, params, grads, backups) or (
-        masks is not None and not all(_mask_ok(m, p) for m, p in zip(masks, params))
-    ):
-        _foreach().perturb_(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks)
+    if not _uniform(params[0].dtype, params, grads, backups):
+        _fallback("perturb", "dtype").perturb_(
+            params, grads, backups, sumsq, rho, eps, adaptive, eta, masks
+        )
+        return
+    if masks is not None and not all(_mask_ok(m, p) for m, p in zip(masks, params)):
+        _fallback("perturb", "mask layout").perturb_(
+            params, grads, backups, sumsq, rho, eps, adaptive, eta, masks
+        )
         return
     _call(
         "perturb",
@@ -537,7 +561,7 @@ def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
         return
     _check_like(params, backups=backups)
     if not _uniform(params[0].dtype, params, backups):
-        _foreach().restore_(params, backups)
+        _fallback("restore", "dtype").restore_(params, backups)
         return
     _call("restore", list(params), list(backups))
 
@@ -576,7 +600,9 @@ def restore_sgd_step_(
         found_inf=found_inf,
     )
     if not _uniform(params[0].dtype, params, grads, backups, bufs):
-        _foreach().restore_sgd_step_(params, grads, backups, momentum_buffers, **kw)
+        _fallback("restore_sgd_step", "dtype").restore_sgd_step_(
+            params, grads, backups, momentum_buffers, **kw
+        )
         return
     _call(
         "restore_sgd_step",
@@ -635,7 +661,8 @@ def restore_adam_step_(
     if not steps_ok or not _uniform(
         params[0].dtype, params, grads, backups, exp_avgs, exp_avg_sqs, vmax
     ):
-        _foreach().restore_adam_step_(
+        reason = "dtype" if steps_ok else "step counters not float32 on the tensors' device"
+        _fallback("restore_adam_step", reason).restore_adam_step_(
             params,
             grads,
             backups,
