@@ -119,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the copy does not shadow the installed package: {probe}")
         if any(m.kind == "cpp" for m in chosen):
             _build(tree)
-        # The unmutated copy must pass every test selection used below.
-        for tests in sorted({m.tests for m in chosen if m.kind != "cuda" or gpu}):
-            extra = ["-m", "gpu"] if tests and all("gpu" in t for t in tests) else []
-            if _pytest(tree, tests, args.timeout, extra) != "passed":
-                raise SystemExit(f"the unmutated tree fails {' '.join(tests)}: fix that first")
+        # The unmutated copy must pass every test the mutants use (one run over them all).
+        cpu_tests = tuple(sorted({t for m in chosen if m.kind != "cuda" for t in m.tests}))
+        print(f"baseline: {len(cpu_tests)} test files on the unmutated copy", flush=True)
+        if cpu_tests and _pytest(tree, cpu_tests, args.timeout, []) != "passed":
+            raise SystemExit(f"the unmutated tree fails {' '.join(cpu_tests)}: fix that first")
+        gpu_tests = tuple(sorted({t for m in chosen if m.kind == "cuda" for t in m.tests}))
+        if gpu and gpu_tests and _pytest(tree, gpu_tests, args.timeout, ["-m", "gpu"]) != "passed":
+            raise SystemExit(f"the unmutated tree fails -m gpu {' '.join(gpu_tests)}")
         for m in chosen:
             if m.kind == "cuda" and not gpu:
                 results.append({"id": m.id, "kind": m.kind, "result": "not run (no GPU)"})

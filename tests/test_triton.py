@@ -301,6 +301,57 @@ def test_fused_sam_end_to_end(tb, base, kwargs) -> None:
     assert not tb.FALLBACKS  # every call ran the Triton kernels
 
 
+def test_eager_calls_bump_the_versions_of_what_they_write(tb) -> None:
+    """Like an in-place ATen op: autograd then refuses a backward through a graph that saved
+    a tensor before the kernel wrote it."""
+    ps = [torch.randn(5), torch.randn(4097)]
+    gs, bs = [torch.randn_like(p) for p in ps], [torch.empty_like(p) for p in ps]
+    bufs = [torch.zeros_like(p) for p in ps]
+    sumsq = tb.norm_sq_partials(gs, ps, False, 0.0)
+
+    def versions(ts):
+        return [t._version for t in ts]
+
+    before = versions(ps + bs + gs)
+    tb.perturb_(ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, None)
+    after = versions(ps + bs + gs)
+    assert all(a > b for a, b in zip(after[:4], before[:4]))  # params and backups written
+    assert after[4:] == before[4:]  # grads only read
+    before = versions(ps + bufs)
+    tb.restore_sgd_step_(ps, gs, bs, bufs, lr=0.1, weight_decay=0.0, momentum=0.9,
+                         dampening=0.0, nesterov=False, maximize=False, first_step=True,
+                         grad_scale=None, found_inf=None)  # fmt: skip
+    assert all(a > b for a, b in zip(versions(ps + bufs), before))
+    w = torch.randn(5, requires_grad=True)
+    p = torch.randn(5)
+    y = (w * p).sum()  # saves p for the backward
+    tb.restore_([p], [torch.zeros(5)])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_amsgrad_max_keeps_a_nan(tb, dtype: torch.dtype) -> None:
+    """The running max of amsgrad propagates a NaN as torch.maximum does (on a GPU, PTX's
+    max instruction would return the other operand)."""
+    from fused_sam import reference
+
+    outs = []
+    for mod in (tb, reference):
+        ps = [torch.ones(5, dtype=dtype)]
+        vmax = [torch.zeros(5, dtype=dtype)]
+        vmax[0][2] = float("nan")
+        args = (ps, [torch.ones_like(ps[0])], [p.clone() for p in ps], [torch.zeros_like(ps[0])],
+                [torch.zeros_like(ps[0])], vmax, [torch.zeros(())])  # fmt: skip
+        mod.restore_adam_step_(*args, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                               amsgrad=True, maximize=False, decoupled_weight_decay=True,
+                               grad_scale=None, found_inf=None)  # fmt: skip
+        outs.append((vmax[0], ps[0]))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    assert torch.isnan(outs[0][0][2]) and torch.isnan(outs[0][1][2])
+
+
 def test_fallbacks_are_counted_or_refused(tb, monkeypatch) -> None:
     """Adam step counters kept in float64 cannot be read by the kernel: the call goes to the
     foreach backend, is counted, and raises in strict mode."""

@@ -19,6 +19,7 @@ in the environment before this package is imported; that is how CI checks them.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 __all__ = [
     "FLAT",
@@ -251,7 +253,7 @@ def _perturb_impl(
         "BLOCK": geo.block,
         "RBLOCK": _RBLOCK,
     }
-    sumsq = sumsq.reshape(-1)
+    sumsq = sumsq.reshape(-1).contiguous()  # the kernel reads the partials as flat memory
     n_partials = sumsq.numel()
     if _traced(w0):
         launch = _direct_launcher(perturb_kernel, w0)
@@ -451,23 +453,26 @@ def _adam_impl(
 # Registration with torch.library
 
 
+#: Each op's body and the list arguments it writes (``triton_op``'s ``mutates_args``).
+_SPECS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    "norm_sq_partials": (_norm_impl, ()),
+    "perturb": (_perturb_impl, ("params", "backups")),
+    "restore": (_restore_impl, ("params",)),
+    "restore_sgd_step": (_sgd_impl, ("params", "momentum_buffers")),
+    "restore_adam_step": (
+        _adam_impl,
+        ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+    ),
+}
+
+
 def _register() -> dict[str, Callable[..., Any]]:
     """The ops as ``torch.library.triton_op`` custom ops (plain functions if unavailable)."""
-    impls: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
-        "norm_sq_partials": (_norm_impl, ()),
-        "perturb": (_perturb_impl, ("params", "backups")),
-        "restore": (_restore_impl, ("params",)),
-        "restore_sgd_step": (_sgd_impl, ("params", "momentum_buffers")),
-        "restore_adam_step": (
-            _adam_impl,
-            ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
-        ),
-    }
     triton_op = getattr(torch.library, "triton_op", None)
     if triton_op is None or _IMPORT_ERROR is not None:  # pragma: no cover - old torch
-        return {name: fn for name, (fn, _) in impls.items()}
+        return {name: fn for name, (fn, _) in _SPECS.items()}
     ops: dict[str, Callable[..., Any]] = {}
-    for name, (fn, mutates) in impls.items():
+    for name, (fn, mutates) in _SPECS.items():
         qualname = f"fused_sam_triton::{name}"
         try:
             ops[name] = triton_op(qualname, fn, mutates_args=mutates)
@@ -479,12 +484,11 @@ def _register() -> dict[str, Callable[..., Any]]:
 
 
 _OPS = _register()
-_IMPLS: dict[str, Callable[..., Any]] = {
-    "norm_sq_partials": _norm_impl,
-    "perturb": _perturb_impl,
-    "restore": _restore_impl,
-    "restore_sgd_step": _sgd_impl,
-    "restore_adam_step": _adam_impl,
+_IMPLS: dict[str, Callable[..., Any]] = {name: fn for name, (fn, _) in _SPECS.items()}
+#: Positions of the written lists among each op's arguments.
+_WRITTEN: dict[str, tuple[int, ...]] = {
+    name: tuple(list(inspect.signature(fn).parameters).index(arg) for arg in mutates)
+    for name, (fn, mutates) in _SPECS.items()
 }
 
 
@@ -493,12 +497,18 @@ def _call(name: str, *args: Any) -> Any:
 
     torch.compile and fake/functional tensors need the registered op. Eagerly the dispatcher
     only adds cost: for lists of hundreds of tensors its per-call overhead (milliseconds on a
-    slow host) would exceed the GPU time of a fused step.
+    slow host) would exceed the GPU time of a fused step. An eager call bumps the version
+    counter of every tensor it writes, as an in-place ATen op does (so autograd refuses a
+    backward through a graph that saved one of them before the write).
     """
     first = args[0][0]
     if torch.compiler.is_compiling() or _traced(first):
         return _OPS[name](*args)
-    return _IMPLS[name](*args)
+    out = _IMPLS[name](*args)
+    written = [t for i in _WRITTEN[name] for t in args[i]]
+    if written:
+        increment_version(written)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

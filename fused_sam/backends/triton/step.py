@@ -302,7 +302,10 @@ def _adam(
     tl.store(m_ptr + offs, to_storage(m, DTYPE), mask=smask)
     tl.store(v_ptr + offs, to_storage(v, DTYPE), mask=smask)
     if AMSGRAD:
-        v = tl.maximum(tl.load(vmax_ptr + offs, mask=inb).to(ACC), v)
+        # NaN-propagating, as torch.maximum and the reference: PTX max.f32/max.f64 return
+        # the other operand when one is NaN, so a NaN is carried through explicitly.
+        vmax = tl.load(vmax_ptr + offs, mask=inb).to(ACC)
+        v = tl.where((vmax != vmax) | (v != v), vmax + v, tl.maximum(vmax, v))
         tl.store(vmax_ptr + offs, to_storage(v, DTYPE), mask=smask)
     # IEEE-rounded sqrt and division: Triton's default float32 ones are approximate.
     if ACC == tl.float32:
