@@ -590,3 +590,24 @@ def test_mask_does_not_depend_on_the_layout() -> None:
         masks.append(unpack_bits(opt.masks[conv.weight], conv.weight).contiguous())
         opt.restore()
     assert torch.equal(masks[0], masks[1]) and 0 < int(masks[0].sum()) < masks[0].numel()
+
+
+def test_parameter_added_after_a_refresh_is_not_perturbed_until_the_next() -> None:
+    """A parameter group added after the last refresh has no mask entry yet: it is not
+    perturbed (an all-zero mask) until the next refresh covers it."""
+    model = mlp()
+    x, y = torch.randn(16, 13), torch.randint(0, 3, (16,))
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5,
+                   mask=DynamicMask(seed=0))  # fmt: skip
+    opt.update_mask()
+    extra = nn.Parameter(torch.randn(7))
+    opt.add_param_group({"params": [extra]})
+    before = extra.detach().clone()
+    (nn.functional.cross_entropy(model(x), y) + (extra**2).sum()).backward()
+    opt.first_step(zero_grad=True)
+    assert torch.equal(extra, before)  # not in the mask yet: untouched
+    assert extra not in opt.masks
+    opt.restore()
+    opt.zero_grad()
+    opt.update_mask()  # the refresh covers it
+    assert extra in opt.masks
