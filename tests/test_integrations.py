@@ -267,6 +267,27 @@ def test_hf_sam_trainer_matches_the_two_step_loop(tmp_path, clip: float) -> None
     _close(model, _reference_run(3, [_data()], clip=clip or None))
 
 
+def test_hf_sam_trainer_linear_schedule(tmp_path) -> None:
+    """The Trainer's own LR schedule runs on FusedSAM (no "scheduler before optimizer"
+    warning: the suite turns it into an error) and matches the plain loop under it."""
+    model = Net()
+    opt = _sam(model)
+    trainer = _sam_trainer(tmp_path, model, opt, lr_scheduler_type="linear", max_steps=4)
+    trainer.train()
+    assert trainer.lr_scheduler.get_last_lr()[0] == 0.0  # decayed to 0 at the last step
+    ref = Net()
+    ref_opt = _sam(ref, backend="reference")
+    sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda step: (4 - step) / 4)
+    x, y = _data()
+    for _ in range(4):
+        nnf.cross_entropy(ref(x), y).backward()
+        ref_opt.first_step(zero_grad=True)
+        nnf.cross_entropy(ref(x), y).backward()
+        ref_opt.second_step(zero_grad=True)
+        sched.step()
+    _close(model, ref)
+
+
 def test_hf_sam_trainer_bf16(tmp_path) -> None:
     model = Net()
     opt = _sam(model)
@@ -370,7 +391,7 @@ def test_accelerate_two_step_loop(precision: str) -> None:
 # Lightning
 
 
-def _lightning_module(manual: bool, model: Net, backend: str = "foreach"):
+def _lightning_module(manual: bool, model: Net, backend: str = "foreach", schedule: bool = False):
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
@@ -393,7 +414,11 @@ def _lightning_module(manual: bool, model: Net, backend: str = "foreach"):
             return loss
 
         def configure_optimizers(self):
-            return _sam(self.net, backend=backend)
+            opt = _sam(self.net, backend=backend)
+            if not schedule:
+                return opt
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return Module()
 
@@ -436,6 +461,44 @@ def test_lightning_automatic_clipping() -> None:
     model = Net()
     _lightning_fit(_lightning_module(False, model), gradient_clip_val=0.05)
     _close(model, _reference_run(3, [_data()], clip=0.05))
+
+
+def _reference_halving_lr(steps: int) -> Net:
+    model = Net()
+    opt = _sam(model, backend="reference")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = _data()
+    for _ in range(steps):
+        nnf.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        nnf.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    return model
+
+
+def test_lightning_automatic_scheduler_checkpoint_and_resume(tmp_path) -> None:
+    """Automatic optimization with a per-step LR schedule, a checkpoint at step 2 and a resume
+    from it: the same weights as the uninterrupted run and as the plain loop."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = Net()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    _lightning_fit(
+        _lightning_module(False, model, schedule=True),
+        max_steps=4,
+        enable_checkpointing=True,
+        callbacks=[ckpt],
+    )
+    _close(model, _reference_halving_lr(4))
+    path = str(tmp_path / next(f for f in sorted(os.listdir(tmp_path)) if "step=2" in f))
+    resumed = Net()
+    trainer = _lightning_fit(
+        _lightning_module(False, resumed, schedule=True), ckpt=path, max_steps=4
+    )
+    assert trainer.global_step == 4 and resumed.forwards == 2 * 2
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_lightning_accumulation_raises() -> None:
