@@ -12,6 +12,11 @@ extension).
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import assert_close, require_backend
@@ -574,3 +579,38 @@ def test_cuda_ops_bump_versions() -> None:
     before = p._version
     _ops().restore_([p], [b])
     assert p._version == before + 1 and torch.equal(p, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the vector path stores whole 16-byte packs (checked on the PTX; no GPU needed)
+
+#: 16-byte stores each kernel family's vector path must issue: perturb writes the backup and
+#: w; restore w; restore+SGD w and the momentum buffer (plus the restore of a skipped step);
+#: restore+Adam w, m, v, max v (plus the restore of a skipped step).
+_VECTOR_STORES = {"perturb_kernel": 2, "restore_kernel": 1, "sgd_kernel": 3, "adam_kernel": 5}
+
+
+def test_cuda_vector_path_stores_16_bytes(tmp_path) -> None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found (CI has it: .ci/run refuses to run without it)")
+    root = Path(__file__).resolve().parents[1]
+    ptx = tmp_path / "sam_kernels.ptx"
+    subprocess.run(
+        [nvcc, "-std=c++17", "-arch=sm_90", "--fmad=false", f"-I{root / 'csrc'}", "-ptx",
+         str(root / "csrc" / "cuda" / "sam_kernels.cu"), "-o", str(ptx)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    entries = re.split(r"\n\.(?:visible )?\.?entry ", ptx.read_text())[1:]
+    seen = set()
+    for body in entries:
+        name = body.split("(")[0]
+        family = next((k for k in _VECTOR_STORES if k in name), None)
+        if family is None:
+            continue
+        seen.add(family)
+        wide = len(re.findall(r"\n\s*st\.global(?:\.\w+)*\.v4\.", body))
+        assert wide == _VECTOR_STORES[family], (name[-60:], wide)
+        # Every other global store is a tail store of at most one pack (scalar lanes).
+        assert not re.search(r"\n\s*st\.(?:global\.)?(?:\w+\.)?v2\.", body), name[-60:]
+    assert seen == set(_VECTOR_STORES)

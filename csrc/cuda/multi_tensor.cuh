@@ -50,6 +50,8 @@ struct alignas(16) Pack {
   static constexpr int kSize = 16 / sizeof(T);
   T v[kSize];
 };
+static_assert(sizeof(Pack<float>) == sizeof(uint4) && sizeof(Pack<double>) == sizeof(uint4),
+              "a pack is one 16-byte vector");
 
 // Loads lanes [0, n) of the pack at p + i; a full pack on the vector path is one 16-byte load.
 // Lanes past n are zero so that reductions may include them.
@@ -70,7 +72,13 @@ __device__ __forceinline__ Pack<T> load_pack(const T* p, int64_t i, int n, bool 
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, int64_t i, const Pack<T>& x, int n, bool vec) {
   if (vec && n == Pack<T>::kSize) {
-    *reinterpret_cast<Pack<T>*>(p + i) = x;
+    // One st.global.v4 through the store intrinsic: a plain assignment of a Pack<T> (or of
+    // its bits) is split into scalar stores by nvcc when it can see the lanes.
+    union {
+      Pack<T> pack;
+      uint4 bits;
+    } out{x};
+    __stwb(reinterpret_cast<uint4*>(p + i), out.bits);
   } else {
 #pragma unroll
     for (int j = 0; j < Pack<T>::kSize; ++j) {
