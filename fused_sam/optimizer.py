@@ -324,13 +324,9 @@ class FusedSAM(Optimizer):
         """
         params = self._all_params()
         self._shard_group = distributed.shard_group(params)
+        _check_sparse_shards(self._sparse, self._shard_group)
         self._owner: dict[int, Tensor] | None = None
         if self._shard_group is not None:
-            if self._sparse is not None:
-                raise ValueError(
-                    "Sparse SAM needs one global top-k over every entry; with FSDP2 shards it "
-                    "is not supported: use sparsity=0"
-                )
             self._owner = {id(distributed.local(p)): p for p in params}
 
     def _param_of(self, t: Tensor) -> Tensor:
@@ -360,7 +356,7 @@ class FusedSAM(Optimizer):
         _validate_group(group)
         new = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
         _check_distinct([distributed.local(p) for p in self._all_params() + new])
-        distributed.shard_group(self._all_params() + new)  # raises for a mix
+        _check_sparse_shards(self._sparse, distributed.shard_group(self._all_params() + new))
         for device in {p.device for p in new}:
             F.resolve_backend(self.backend, device)
         group["params"] = new
@@ -1094,6 +1090,14 @@ def _unscale_grads(params: list[Tensor], grad_scale: Tensor) -> None:
     for (device, _dtype), ([gs], _) in groups.items():
         dummy = torch.zeros((), dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(gs, dummy, inv.to(device))
+
+
+def _check_sparse_shards(sparse: SparseMasks | None, shard_group: object | None) -> None:
+    if sparse is not None and shard_group is not None:
+        raise ValueError(
+            "Sparse SAM needs one global top-k over every entry; with FSDP2 shards it is not "
+            "supported: use sparsity=0"
+        )
 
 
 def _check_drivable(base: Optimizer) -> None:
