@@ -504,7 +504,13 @@ def _call(name: str, *args: Any) -> Any:
     first = args[0][0]
     if torch.compiler.is_compiling() or _traced(first):
         return _OPS[name](*args)
-    out = _IMPLS[name](*args)
+    if first.is_cuda and first.device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the tensors' one (the native CUDA
+        # ops hold a CUDAGuard for the same reason).
+        with torch.cuda.device(first.device):
+            out = _IMPLS[name](*args)
+    else:
+        out = _IMPLS[name](*args)
     written = [t for i in _WRITTEN[name] for t in args[i]]
     if written:
         increment_version(written)
