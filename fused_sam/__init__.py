@@ -4,16 +4,19 @@ from fused_sam.bn import frozen_bn_stats
 from fused_sam.functional import BackendUnavailableError, available_backends
 from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, MaskRequest
 from fused_sam.optimizer import FusedSAM
+from fused_sam.variants import EveryK, StepSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "DynamicMask",
+    "EveryK",
     "FisherMask",
     "FusedSAM",
     "MaskPolicy",
     "MaskRequest",
+    "StepSchedule",
     "__version__",
     "available_backends",
     "frozen_bn_stats",

@@ -23,6 +23,7 @@ from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
 from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, SparseMasks
+from fused_sam.variants.schedule import PLAIN, SAM, StepSchedule
 
 __all__ = ["FusedSAM"]
 
@@ -87,6 +88,8 @@ _TRANSIENT = ("step", "_backups", "_step_state")
 _MASK_NORMS = ("full", "masked")
 #: Top-level ``state_dict()`` key holding the sparse-SAM masks and their policy's state.
 SPARSE_KEY = "sparse_sam"
+#: Top-level ``state_dict()`` key holding the step count of a step schedule and its state.
+SCHEDULE_KEY = "sam_schedule"
 
 
 def _check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
@@ -222,6 +225,9 @@ class FusedSAM(Optimizer):
             SSAM (so :math:`\lVert e \rVert \le \rho`); ``"masked"`` with the norm of
             :math:`g \odot m` (so :math:`\lVert e \rVert = \rho`), at the cost of one extra
             pass over the gradients.
+        schedule: which steps are SAM steps and which plain base steps (one pass), e.g.
+            :class:`fused_sam.variants.EveryK`; ``None``: every step is a SAM step.
+            :attr:`next_step` says which kind comes next.
         allow_plain_steps: let a bare ``step()`` with no SAM step in flight take a plain
             base-optimizer step (e.g. to run a trainer's plain loop with the same optimizer for
             comparison). By default it raises: a trainer that calls ``backward(); step()``
@@ -254,6 +260,7 @@ class FusedSAM(Optimizer):
         mask_update_every: int | None = None,
         mask_norm: str = "full",
         allow_plain_steps: bool = False,
+        schedule: StepSchedule | None = None,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(params, Optimizer):
@@ -282,6 +289,14 @@ class FusedSAM(Optimizer):
         self.backend = backend
         self.skip_nonfinite = bool(skip_nonfinite)
         self.allow_plain_steps = bool(allow_plain_steps)
+        if schedule is not None and not isinstance(schedule, StepSchedule):
+            raise ValueError(
+                f"schedule must be a fused_sam.variants.StepSchedule, got {schedule!r}"
+            )
+        self.schedule = schedule
+        # Steps taken (SAM and plain), the schedule's clock: mutated in place, saved in
+        # state_dict() when a schedule is set.
+        self._progress = {"steps": 0}
         self._sparse = _sparse_masks(sparsity, mask, mask_update_every, mask_norm)
         self.sparsity = float(sparsity)
         self.mask_norm = mask_norm
@@ -380,6 +395,11 @@ class FusedSAM(Optimizer):
         state = super().state_dict()
         if self._sparse is not None:
             state[SPARSE_KEY] = self._sparse.state_dict(self._all_params())
+        if self.schedule is not None:
+            state[SCHEDULE_KEY] = {
+                "steps": self._progress["steps"],
+                "policy": self.schedule.state_dict(),
+            }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -391,6 +411,7 @@ class FusedSAM(Optimizer):
         self._check_not_in_flight("load_state_dict()")
         state_dict = dict(state_dict)
         sparse = state_dict.pop(SPARSE_KEY, None)
+        schedule = state_dict.pop(SCHEDULE_KEY, None)
         if sparse is not None and self._sparse is None:
             raise ValueError(
                 "the checkpoint holds sparse-SAM masks but this optimizer has sparsity=0; "
@@ -410,6 +431,9 @@ class FusedSAM(Optimizer):
                     self._sparse.reset()
                 else:
                     self._sparse.load_state_dict(sparse, self._all_params())
+            if self.schedule is not None and schedule is not None:
+                self.schedule.load_state_dict(schedule["policy"])
+            self._progress["steps"] = 0 if schedule is None else int(schedule["steps"])
         except BaseException:
             # Optimizer.load_state_dict builds new group and state objects: a checkpoint that
             # is rejected leaves the optimizer with the ones it had.
@@ -441,6 +465,18 @@ class FusedSAM(Optimizer):
     # The SAM step
 
     @property
+    def next_step(self) -> str:
+        """``"sam"`` or ``"plain"``: the kind of the next step under :attr:`schedule`.
+
+        A plain step is one forward/backward and ``step()`` (or ``step(closure)``, which then
+        calls the closure once); a SAM step is ``first_step`` and ``second_step`` (or
+        ``step(closure)``, which calls it twice).
+        """
+        if self.schedule is None:
+            return SAM
+        return self.schedule.kind(self._progress["steps"])
+
+    @property
     def in_flight(self) -> bool:
         """``True`` between ``first_step`` and the end of the step (weights are perturbed)."""
         return self._step_state.perturbed is not None
@@ -459,6 +495,12 @@ class FusedSAM(Optimizer):
             RuntimeError: a SAM step is already in flight, or a gradient is sparse.
         """
         self._check_not_in_flight("first_step()")
+        if self.next_step == PLAIN:
+            raise RuntimeError(
+                f"the schedule ({self.schedule!r}) makes step {self._progress['steps']} a plain "
+                "step: run one forward/backward and call step() (opt.next_step says which kind "
+                "comes next)"
+            )
         params: list[Tensor] = []
         grads: list[Tensor] = []
         rho: list[float] = []
@@ -630,7 +672,7 @@ class FusedSAM(Optimizer):
         if closure is None:
             if self.in_flight:
                 self._finish(grad_scale, scaler_inf)
-            elif self.allow_plain_steps:
+            elif self.allow_plain_steps or self.next_step == PLAIN:
                 self._base_step(grad_scale, scaler_inf)
             else:
                 raise RuntimeError(_BARE_STEP)
@@ -643,6 +685,11 @@ class FusedSAM(Optimizer):
                 self.restore()
                 raise
             self._finish(grad_scale, scaler_inf)
+            return loss
+        if self.next_step == PLAIN:
+            with torch.enable_grad():
+                loss = closure()
+            self._base_step(grad_scale, scaler_inf)
             return loss
         params = self._all_params()
         before = [(p.grad, p.grad._version) for p in params if p.grad is not None]
@@ -686,6 +733,7 @@ class FusedSAM(Optimizer):
             self.restore()  # a no-op once the restore has happened
             raise
         st.last_skipped = skipped
+        self._progress["steps"] += 1
         if zero_grad:
             self.zero_grad()
 
@@ -765,6 +813,7 @@ class FusedSAM(Optimizer):
         self._step_state.last_skipped = (
             torch.zeros((), dtype=torch.bool) if found_inf is None else found_inf.bool()
         )
+        self._progress["steps"] += 1
 
     def _unfused_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The base optimizer's own ``step()`` on the current gradients, unless skipped.

@@ -288,6 +288,29 @@ def test_hf_sam_trainer_linear_schedule(tmp_path) -> None:
     _close(model, ref)
 
 
+def test_hf_sam_trainer_with_a_step_schedule(tmp_path) -> None:
+    """EveryK(2): SAM on steps 0 and 2 (two passes), plain on 1 and 3 (one pass)."""
+    from fused_sam import EveryK
+
+    model = Net()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                   schedule=EveryK(2))  # fmt: skip
+    _sam_trainer(tmp_path, model, opt, max_steps=4).train()
+    assert model.forwards == 2 + 1 + 2 + 1
+    ref = Net()
+    ref_opt = FusedSAM(ref.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                       backend="reference", schedule=EveryK(2))  # fmt: skip
+    x, y = _data()
+    for _ in range(4):
+        nnf.cross_entropy(ref(x), y).backward()
+        if ref_opt.next_step == "sam":
+            ref_opt.first_step(zero_grad=True)
+            nnf.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    _close(model, ref)
+
+
 def test_hf_sam_trainer_bf16(tmp_path) -> None:
     model = Net()
     opt = _sam(model)

@@ -85,3 +85,10 @@ def test_accelerate_example_runs() -> None:
 
         AcceleratorState._reset_state(reset_partial_state=True)
     assert scope["sam"].state and not scope["sam"].in_flight
+
+
+def test_every_k_example_runs() -> None:
+    scope: dict = {}
+    exec(compile(_block("every-k"), str(README), "exec"), scope)
+    opt = scope["opt"]
+    assert opt.state_dict()["sam_schedule"]["steps"] == 20 and not opt.in_flight

@@ -42,6 +42,10 @@ class SAMTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         sam = unwrap_sam(self.optimizer)
+        if sam.next_step == "plain":
+            # A step schedule (e.g. EveryK) makes this a plain step: one pass, and the
+            # Trainer's optimizer.step() takes the base step.
+            return super().training_step(model, inputs, num_items_in_batch)
         params = [p for group in sam.param_groups for p in group["params"]]
         # Second-pass gradients of earlier micro-batches of this window: set aside (no copy)
         # so that the first pass sees this micro-batch's gradient alone.

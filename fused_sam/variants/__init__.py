@@ -1,0 +1,12 @@
+"""SAM variants, one module each, behind small interfaces that :class:`~fused_sam.FusedSAM`
+calls at fixed points of its step (no per-variant branches in the optimizer).
+
+- :class:`StepSchedule`: which kind of step comes next, a full SAM step (two passes) or a plain
+  base-optimizer step (one pass). :class:`EveryK` (SAM every k steps).
+"""
+
+from __future__ import annotations
+
+from fused_sam.variants.schedule import EveryK, StepSchedule
+
+__all__ = ["EveryK", "StepSchedule"]

@@ -1,0 +1,52 @@
+"""Step schedules: which steps are SAM steps (two passes) and which are plain ones (one pass).
+
+A schedule answers one question before each step, from the count of steps taken so far. A SAM
+step costs two forward/backward passes, a plain step one, so a schedule that interleaves them
+trades SAM's effect for time: :class:`EveryK` with ``k = 5`` costs about ``1.2x`` a plain
+step (MosaicML Composer's ``interval``; it measured +0.7% ImageNet top-1 on ResNet-50 for about
+7% of throughput at ``interval=10``).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+__all__ = ["EveryK", "StepSchedule"]
+
+SAM = "sam"
+PLAIN = "plain"
+
+
+class StepSchedule(abc.ABC):
+    """Decides the kind of each step: ``"sam"`` or ``"plain"``."""
+
+    @abc.abstractmethod
+    def kind(self, step: int) -> str:
+        """The kind of step number ``step`` (0 for the first step of training)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs besides the step count (kept by the optimizer)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Restore what :meth:`state_dict` returned."""
+
+
+class EveryK(StepSchedule):
+    """A SAM step every ``k`` steps (steps 0, k, 2k, ...), plain base steps in between.
+
+    Args:
+        k: the period; 1 is plain SAM on every step.
+    """
+
+    def __init__(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"EveryK needs an int k >= 1, got {k!r}")
+        self.k = k
+
+    def kind(self, step: int) -> str:
+        return SAM if step % self.k == 0 else PLAIN
+
+    def __repr__(self) -> str:
+        return f"EveryK({self.k})"
