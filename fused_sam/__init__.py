@@ -4,7 +4,7 @@ from fused_sam.bn import frozen_bn_stats
 from fused_sam.functional import BackendUnavailableError, available_backends
 from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, MaskRequest
 from fused_sam.optimizer import FusedSAM
-from fused_sam.variants import EveryK, StepSchedule
+from fused_sam.variants import EveryK, LookSAM, StepSchedule
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "EveryK",
     "FisherMask",
     "FusedSAM",
+    "LookSAM",
     "MaskPolicy",
     "MaskRequest",
     "StepSchedule",

@@ -340,6 +340,9 @@ class FusedSAM(Optimizer):
         params = self._all_params()
         self._shard_group = distributed.shard_group(params)
         _check_sparse_shards(self._sparse, self._shard_group)
+        schedule = self.schedule
+        if self._shard_group is not None and schedule is not None and not schedule.supports_shards:
+            raise ValueError(f"{schedule!r} does not support FSDP2 shards")
         self._owner: dict[int, Tensor] | None = None
         if self._shard_group is not None:
             self._owner = {id(distributed.local(p)): p for p in params}
@@ -398,7 +401,7 @@ class FusedSAM(Optimizer):
         if self.schedule is not None:
             state[SCHEDULE_KEY] = {
                 "steps": self._progress["steps"],
-                "policy": self.schedule.state_dict(),
+                "policy": self.schedule.state_dict(self._all_params()),
             }
         return state
 
@@ -432,7 +435,7 @@ class FusedSAM(Optimizer):
                 else:
                     self._sparse.load_state_dict(sparse, self._all_params())
             if self.schedule is not None and schedule is not None:
-                self.schedule.load_state_dict(schedule["policy"])
+                self.schedule.load_state_dict(schedule["policy"], self._all_params())
             self._progress["steps"] = 0 if schedule is None else int(schedule["steps"])
         except BaseException:
             # Optimizer.load_state_dict builds new group and state objects: a checkpoint that
@@ -526,6 +529,8 @@ class FusedSAM(Optimizer):
             else:
                 adaptive += [bool(group["adaptive"])] * n
             eta += [float(group["eta"])] * n
+        if self.schedule is not None and params:
+            self.schedule.first_pass(params, grads)
         # A mask refresh that is due happens here, before the perturbation, so this step
         # already uses it (an SSAM-D refresh scores with these first-pass gradients).
         masks = None if self._sparse is None else self._sparse.step(self._all_params(), params)
@@ -783,6 +788,10 @@ class FusedSAM(Optimizer):
             inf2 = F.nonfinite(sumsq2)
             found_inf = _either(found_inf, inf2)
 
+        if self.schedule is not None:
+            ps, gs, _, _ = self._with_grads(self._all_params())
+            self.schedule.second_pass(ps, gs, found_inf)
+
         if fused is not None:
 
             def fused_step() -> None:
@@ -809,6 +818,11 @@ class FusedSAM(Optimizer):
 
     def _base_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """A plain base-optimizer step (nothing in flight), under the scaler's flags if any."""
+        if self.schedule is not None:
+            ps, gs, _, sparse = self._with_grads(self._all_params())
+            if sparse:
+                _raise_sparse()
+            self.schedule.plain_pass(ps, gs)
         self._unfused_step(grad_scale, found_inf)
         self._step_state.last_skipped = (
             torch.zeros((), dtype=torch.bool) if found_inf is None else found_inf.bool()

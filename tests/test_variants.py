@@ -131,3 +131,132 @@ def test_every_k_guards() -> None:
             EveryK(bad)
     with pytest.raises(ValueError, match="StepSchedule"):
         FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, schedule="every-5")
+
+
+# ---------------------------------------------------------------------------------------------
+# LookSAM
+
+
+def _flat(ts) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _split(flat: torch.Tensor, like) -> list[torch.Tensor]:
+    return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def _looksam_rule(k: int, alpha: float, base: str) -> list[torch.Tensor]:
+    """LookSAM from the paper: on steps 0, k, ... a SAM step that also keeps
+    g_v = g_s - (g_s . g / |g|^2) g; between them one pass with g + alpha |g| / |g_v| g_v."""
+    model = _net()
+    params = list(model.parameters())
+    opt = (
+        torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        if base == "sgd"
+        else torch.optim.AdamW(params, lr=0.01)
+    )
+    gv = None
+    for step in range(STEPS):
+        x, y = _batch(step)
+        g = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+        if step % k == 0:
+            w = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, e in zip(params, _split(0.1 * g / (g.norm() + 1e-12), params)):
+                    p.add_(e.float())
+            gs = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+            with torch.no_grad():
+                for p, b in zip(params, w):
+                    p.copy_(b)
+            gv = gs - (gs @ g) / (g @ g) * g
+            use = gs
+        else:
+            use = g + alpha * g.norm() / gv.norm() * gv
+        for p, u in zip(params, _split(use.float(), params)):
+            p.grad = u
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in params]
+
+
+def _looksam(model: nn.Module, backend: str | None, base: str, k: int = 3) -> FusedSAM:
+    from fused_sam import LookSAM
+
+    schedule = LookSAM(k=k, alpha=0.7)
+    if base == "sgd":
+        return FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
+                        backend=backend, schedule=schedule)  # fmt: skip
+    return FusedSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.1, backend=backend,
+                    schedule=schedule)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_looksam_matches_the_published_rule(backend: str, base: str) -> None:
+    require_backend(backend)
+    model = _net()
+    opt = _looksam(model, backend, base)
+    passes = 0
+    for step in range(STEPS):
+        x, y = _batch(step)
+
+        def closure(x=x, y=y):
+            nonlocal passes
+            passes += 1
+            opt.zero_grad()
+            loss = nnf.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    assert passes == STEPS + 3  # SAM steps 0, 3, 6 take two passes, the others one
+    for a, b in zip(model.parameters(), _looksam_rule(3, 0.7, base)):
+        torch.testing.assert_close(a.detach(), b, atol=2e-6, rtol=2e-5)
+
+
+def test_looksam_resume_is_bit_identical() -> None:
+    model = _net()
+    opt = _looksam(model, "cpu", "sgd")
+
+    def run(model, opt, steps):
+        for step in steps:
+            x, y = _batch(step)
+            nnf.cross_entropy(model(x), y).backward()
+            if opt.next_step == "sam":
+                opt.first_step(zero_grad=True)
+                nnf.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    run(model, opt, range(4))
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert len(ckpt["opt"]["sam_schedule"]["policy"]["gv"]) == 4  # g_v of every parameter
+    run(model, opt, range(4, STEPS))
+    resumed = _net()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = _looksam(resumed, "cpu", "sgd")
+    opt2.load_state_dict(ckpt["opt"])
+    run(resumed, opt2, range(4, STEPS))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_looksam_skipped_sam_step_keeps_its_gv() -> None:
+    from fused_sam import LookSAM
+
+    model = _net()
+    schedule = LookSAM(k=2)
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, schedule=schedule)
+    for step, poison in ((0, 1.0), (1, 1.0), (2, float("nan"))):
+        x, y = _batch(step)
+        nnf.cross_entropy(model(x), y).backward()
+        if opt.next_step == "sam":
+            opt.first_step(zero_grad=True)
+            (nnf.cross_entropy(model(x), y) * poison).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            kept = {p: v.clone() for p, v in schedule.gv.items()}
+    assert bool(opt.last_step_skipped)
+    for p, v in schedule.gv.items():
+        assert torch.equal(v, kept[p])

@@ -2,11 +2,14 @@
 calls at fixed points of its step (no per-variant branches in the optimizer).
 
 - :class:`StepSchedule`: which kind of step comes next, a full SAM step (two passes) or a plain
-  base-optimizer step (one pass). :class:`EveryK` (SAM every k steps).
+  base-optimizer step (one pass), with hooks on the gradients of each pass.
+  :class:`EveryK` (SAM every k steps), :class:`LookSAM` (SAM every k steps, its orthogonal
+  gradient reused in between).
 """
 
 from __future__ import annotations
 
+from fused_sam.variants.looksam import LookSAM
 from fused_sam.variants.schedule import EveryK, StepSchedule
 
-__all__ = ["EveryK", "StepSchedule"]
+__all__ = ["EveryK", "LookSAM", "StepSchedule"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+from torch import Tensor
+
 __all__ = ["EveryK", "StepSchedule"]
 
 SAM = "sam"
@@ -19,17 +21,42 @@ PLAIN = "plain"
 
 
 class StepSchedule(abc.ABC):
-    """Decides the kind of each step: ``"sam"`` or ``"plain"``."""
+    """Decides the kind of each step, ``"sam"`` or ``"plain"``, and may act on the gradients.
+
+    The optimizer calls the hooks at fixed points of a step, with the parameters that have a
+    gradient and their gradients (as the kernels see them); the defaults do nothing:
+
+    - :meth:`first_pass` in ``first_step``, before the perturbation (the gradients at ``w``);
+    - :meth:`second_pass` before the base update of a SAM step (the gradients at ``w + e``),
+      with the step's skip flag (a non-finite gradient; 0-dim device tensor or ``None``);
+    - :meth:`plain_pass` before a plain step's base update; it may change the gradients in
+      place (they are what the base optimizer then uses).
+    """
+
+    #: whether the hooks' math is right on FSDP2 shards (global reductions need all of them).
+    supports_shards: bool = True
 
     @abc.abstractmethod
     def kind(self, step: int) -> str:
         """The kind of step number ``step`` (0 for the first step of training)."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a resume needs besides the step count (kept by the optimizer)."""
+    def first_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:  # noqa: B027
+        """See the class docstring."""
+
+    def second_pass(  # noqa: B027
+        self, params: list[Tensor], grads: list[Tensor], skip: Tensor | None
+    ) -> None:
+        """See the class docstring."""
+
+    def plain_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:  # noqa: B027
+        """See the class docstring."""
+
+    def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
+        """What a resume needs besides the step count (kept by the optimizer); tensors are
+        indexed by the position of their parameter in ``params``."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+    def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:  # noqa: B027
         """Restore what :meth:`state_dict` returned."""
 
 

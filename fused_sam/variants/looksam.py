@@ -1,0 +1,109 @@
+r"""LookSAM (Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization", CVPR
+2022): a SAM step every ``k`` steps, and on the steps between one pass whose gradient is pushed
+along the part of the last SAM gradient that plain descent misses.
+
+On a SAM step (steps 0, k, 2k, ...), with :math:`g` the gradient at :math:`w` and
+:math:`g_s` the gradient at :math:`w + e` (the base step uses :math:`g_s`, as in SAM):
+
+.. math:: g_v = g_s - \frac{g_s \cdot g}{\lVert g \rVert^2}\, g
+
+(the component of :math:`g_s` orthogonal to :math:`g`). On the other steps, one pass at
+:math:`w`:
+
+.. math:: g \leftarrow g + \alpha\, \frac{\lVert g \rVert}{\lVert g_v \rVert}\, g_v
+
+then the base step with that :math:`g`. Norms and dot products are global over every
+parameter with a gradient, in float64, on the device (no host sync). Costs about
+``(1 + 1/k)x`` the base optimizer in passes, and two gradient-sized buffers per parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fused_sam.variants.schedule import PLAIN, SAM, StepSchedule
+
+__all__ = ["LookSAM"]
+
+
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """sum_i a_i . b_i in float64 (0-dim, on the first tensor's device)."""
+    total = torch.zeros((), dtype=torch.float64, device=a[0].device)
+    for x, y in zip(a, b):
+        total = total + torch.vdot(x.reshape(-1).double(), y.reshape(-1).double().to(x.device))
+    return total
+
+
+class LookSAM(StepSchedule):
+    """LookSAM: SAM every ``k`` steps, the stored orthogonal gradient reused in between.
+
+    Args:
+        k: SAM steps at 0, k, 2k, ...; 1 is plain SAM.
+        alpha: weight of the reused component (the paper's 0.7 on ViTs).
+    """
+
+    supports_shards = False  # the global dot products would need every shard
+
+    def __init__(self, k: int = 5, alpha: float = 0.7) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"LookSAM needs an int k >= 1, got {k!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"LookSAM needs alpha >= 0, got {alpha!r}")
+        self.k, self.alpha = k, float(alpha)
+        self._g1: dict[Tensor, Tensor] = {}  # the first-pass gradient of the SAM step in flight
+        self.gv: dict[Tensor, Tensor] = {}  # g_v per parameter, from the last SAM step
+
+    def kind(self, step: int) -> str:
+        return SAM if step % self.k == 0 else PLAIN
+
+    def first_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        self._g1 = {p: g.detach().clone() for p, g in zip(params, grads)}
+
+    def second_pass(self, params: list[Tensor], grads: list[Tensor], skip: Tensor | None) -> None:
+        pairs = [(p, g) for p, g in zip(params, grads) if p in self._g1]
+        if not pairs:
+            return
+        g1 = [self._g1[p] for p, _ in pairs]
+        gs = [g for _, g in pairs]
+        n2 = _dot(g1, g1)
+        coef = torch.where(n2 > 0, _dot(gs, g1) / n2, torch.zeros_like(n2))
+        for (p, g), h in zip(pairs, g1):
+            new = g.double() - coef.to(g.device) * h.double()
+            old = self.gv.get(p)
+            if old is None:
+                old = self.gv[p] = torch.zeros_like(g)
+            if skip is None:
+                old.copy_(new)
+            else:  # a skipped step leaves g_v as it was
+                old.copy_(torch.where(skip.to(g.device).bool(), old.double(), new))
+        self._g1 = {}
+
+    def plain_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        pairs = [(g, self.gv[p]) for p, g in zip(params, grads) if p in self.gv]
+        if not pairs:
+            return  # before the first SAM step, or a resume without LookSAM state
+        g, v = [a for a, _ in pairs], [b for _, b in pairs]
+        ng = _dot(g, g).sqrt()
+        nv = _dot(v, v).sqrt()
+        scale = torch.where(nv > 0, self.alpha * ng / nv, torch.zeros_like(nv))
+        for a, b in pairs:
+            a.copy_((a.double() + scale.to(a.device) * b.double()).to(a.dtype))
+
+    def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
+        return {"gv": {i: self.gv[p] for i, p in enumerate(params) if p in self.gv}}
+
+    def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
+        self.gv = {}
+        for i, t in state.get("gv", {}).items():
+            p = params[int(i)]
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"LookSAM state {i} has shape {tuple(t.shape)}, not {tuple(p.shape)}"
+                )
+            self.gv[p] = t.to(p.device, p.dtype).clone()
+
+    def __repr__(self) -> str:
+        return f"LookSAM(k={self.k}, alpha={self.alpha})"
