@@ -23,6 +23,7 @@ from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
 from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, SparseMasks
+from fused_sam.variants.direction import Direction
 from fused_sam.variants.schedule import PLAIN, SAM, StepSchedule
 
 __all__ = ["FusedSAM"]
@@ -90,6 +91,8 @@ _MASK_NORMS = ("full", "masked")
 SPARSE_KEY = "sparse_sam"
 #: Top-level ``state_dict()`` key holding the step count of a step schedule and its state.
 SCHEDULE_KEY = "sam_schedule"
+#: Top-level ``state_dict()`` key holding the state of a direction policy.
+DIRECTION_KEY = "sam_direction"
 
 
 def _check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
@@ -228,6 +231,8 @@ class FusedSAM(Optimizer):
         schedule: which steps are SAM steps and which plain base steps (one pass), e.g.
             :class:`fused_sam.variants.EveryK`; ``None``: every step is a SAM step.
             :attr:`next_step` says which kind comes next.
+        direction: a change of the ascent direction or of the update gradient, e.g.
+            :class:`fused_sam.variants.FriendlySAM` (F-SAM).
         allow_plain_steps: let a bare ``step()`` with no SAM step in flight take a plain
             base-optimizer step (e.g. to run a trainer's plain loop with the same optimizer for
             comparison). By default it raises: a trainer that calls ``backward(); step()``
@@ -261,6 +266,7 @@ class FusedSAM(Optimizer):
         mask_norm: str = "full",
         allow_plain_steps: bool = False,
         schedule: StepSchedule | None = None,
+        direction: Direction | None = None,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(params, Optimizer):
@@ -294,6 +300,9 @@ class FusedSAM(Optimizer):
                 f"schedule must be a fused_sam.variants.StepSchedule, got {schedule!r}"
             )
         self.schedule = schedule
+        if direction is not None and not isinstance(direction, Direction):
+            raise ValueError(f"direction must be a fused_sam.variants.Direction: {direction!r}")
+        self.direction = direction
         # Steps taken (SAM and plain), the schedule's clock: mutated in place, saved in
         # state_dict() when a schedule is set.
         self._progress = {"steps": 0}
@@ -340,9 +349,9 @@ class FusedSAM(Optimizer):
         params = self._all_params()
         self._shard_group = distributed.shard_group(params)
         _check_sparse_shards(self._sparse, self._shard_group)
-        schedule = self.schedule
-        if self._shard_group is not None and schedule is not None and not schedule.supports_shards:
-            raise ValueError(f"{schedule!r} does not support FSDP2 shards")
+        for policy in (self.schedule, getattr(self, "direction", None)):
+            if self._shard_group is not None and policy is not None and not policy.supports_shards:
+                raise ValueError(f"{policy!r} does not support FSDP2 shards")
         self._owner: dict[int, Tensor] | None = None
         if self._shard_group is not None:
             self._owner = {id(distributed.local(p)): p for p in params}
@@ -398,6 +407,8 @@ class FusedSAM(Optimizer):
         state = super().state_dict()
         if self._sparse is not None:
             state[SPARSE_KEY] = self._sparse.state_dict(self._all_params())
+        if self.direction is not None:
+            state[DIRECTION_KEY] = self.direction.state_dict(self._all_params())
         if self.schedule is not None:
             state[SCHEDULE_KEY] = {
                 "steps": self._progress["steps"],
@@ -415,6 +426,7 @@ class FusedSAM(Optimizer):
         state_dict = dict(state_dict)
         sparse = state_dict.pop(SPARSE_KEY, None)
         schedule = state_dict.pop(SCHEDULE_KEY, None)
+        direction = state_dict.pop(DIRECTION_KEY, None)
         if sparse is not None and self._sparse is None:
             raise ValueError(
                 "the checkpoint holds sparse-SAM masks but this optimizer has sparsity=0; "
@@ -437,6 +449,8 @@ class FusedSAM(Optimizer):
             if self.schedule is not None and schedule is not None:
                 self.schedule.load_state_dict(schedule["policy"], self._all_params())
             self._progress["steps"] = 0 if schedule is None else int(schedule["steps"])
+            if self.direction is not None:
+                self.direction.load_state_dict(direction or {}, self._all_params())
         except BaseException:
             # Optimizer.load_state_dict builds new group and state objects: a checkpoint that
             # is rejected leaves the optimizer with the ones it had.
@@ -531,6 +545,8 @@ class FusedSAM(Optimizer):
             eta += [float(group["eta"])] * n
         if self.schedule is not None and params:
             self.schedule.first_pass(params, grads)
+        if self.direction is not None and params:
+            self.direction.ascent(params, grads)
         # A mask refresh that is due happens here, before the perturbation, so this step
         # already uses it (an SSAM-D refresh scores with these first-pass gradients).
         masks = None if self._sparse is None else self._sparse.step(self._all_params(), params)
@@ -788,9 +804,12 @@ class FusedSAM(Optimizer):
             inf2 = F.nonfinite(sumsq2)
             found_inf = _either(found_inf, inf2)
 
-        if self.schedule is not None:
+        if self.schedule is not None or self.direction is not None:
             ps, gs, _, _ = self._with_grads(self._all_params())
-            self.schedule.second_pass(ps, gs, found_inf)
+            if self.direction is not None:
+                self.direction.update(ps, gs, found_inf)
+            if self.schedule is not None:
+                self.schedule.second_pass(ps, gs, found_inf)
 
         if fused is not None:
 

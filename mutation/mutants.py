@@ -133,6 +133,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "coef = torch.where(n2 > 0, _dot(gs, g1) / n2, torch.zeros_like(n2))",
            "coef = torch.zeros_like(n2)", "python", ("tests/test_variants.py",),
            "LookSAM keeps g_s instead of its part orthogonal to g"),
+    Mutant("friendly-sam-no-average", "fused_sam/variants/friendly_sam.py",
+           "            g.sub_(m * self.sigma)\n", "            pass\n", "python",
+           ("tests/test_variants.py",), "F-SAM perturbs along g, not g - sigma m"),
+    Mutant("friendly-sam-average-order", "fused_sam/variants/friendly_sam.py",
+           "pending[p] = m * self.lam + g * (1 - self.lam)",
+           "pending[p] = g * self.lam + m * (1 - self.lam)", "python",
+           ("tests/test_variants.py",), "F-SAM's moving average weights swapped"),
     # --- CUDA kernels (need a GPU: CUDA build + ``-m gpu``) -----------------------------------
     Mutant("cuda-perturb-sign", "csrc/cuda/sam_kernels.cu",
            "wp.v[j] = Num<T>::from_op(wj + e);", "wp.v[j] = Num<T>::from_op(wj - e);", "cuda",

@@ -260,3 +260,95 @@ def test_looksam_skipped_sam_step_keeps_its_gv() -> None:
     assert bool(opt.last_step_skipped)
     for p, v in schedule.gv.items():
         assert torch.equal(v, kept[p])
+
+
+# ---------------------------------------------------------------------------------------------
+# F-SAM
+
+
+def _friendly_rule(sigma: float, lam: float, base: str) -> list[torch.Tensor]:
+    """F-SAM as published: d = g - sigma m (d = g and m = g on the first step), e = rho d/|d|,
+    then m = lam m + (1 - lam) g; the base step uses the gradient at w + e."""
+    model = _net()
+    params = list(model.parameters())
+    opt = (
+        torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        if base == "sgd"
+        else torch.optim.AdamW(params, lr=0.01)
+    )
+    m = None
+    for step in range(STEPS):
+        x, y = _batch(step)
+        g = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+        if m is None:
+            d, m = g, g.clone()
+        else:
+            d, m = g - sigma * m, lam * m + (1 - lam) * g
+        w = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, _split(0.1 * d / (d.norm() + 1e-12), params)):
+                p.add_(e.float())
+        gs = torch.autograd.grad(nnf.cross_entropy(model(x), y), params)
+        with torch.no_grad():
+            for p, b, u in zip(params, w, gs):
+                p.copy_(b)
+                p.grad = u
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in params]
+
+
+def _friendly(model: nn.Module, backend: str | None, base: str) -> FusedSAM:
+    from fused_sam import FriendlySAM
+
+    direction = FriendlySAM(sigma=1.0, lam=0.6)
+    if base == "sgd":
+        return FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
+                        backend=backend, direction=direction)  # fmt: skip
+    return FusedSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.1, backend=backend,
+                    direction=direction)  # fmt: skip
+
+
+def _two_step(model, opt, steps, poison=None) -> None:
+    for step in steps:
+        x, y = _batch(step)
+        loss = nnf.cross_entropy(model(x), y)
+        (loss * (poison if step == 0 and poison is not None else 1.0)).backward()
+        opt.first_step(zero_grad=True)
+        nnf.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_friendly_sam_matches_the_published_rule(backend: str, base: str) -> None:
+    require_backend(backend)
+    model = _net()
+    _two_step(model, _friendly(model, backend, base), range(STEPS))
+    for a, b in zip(model.parameters(), _friendly_rule(1.0, 0.6, base)):
+        torch.testing.assert_close(a.detach(), b, atol=2e-6, rtol=2e-5)
+
+
+def test_friendly_sam_resume_and_skips() -> None:
+    model = _net()
+    opt = _friendly(model, "cpu", "sgd")
+    _two_step(model, opt, range(3))
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert len(ckpt["opt"]["sam_direction"]["m"]) == 4
+    _two_step(model, opt, range(3, STEPS))
+    resumed = _net()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = _friendly(resumed, "cpu", "sgd")
+    opt2.load_state_dict(ckpt["opt"])
+    _two_step(resumed, opt2, range(3, STEPS))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    # A skipped first step creates no moving average; a skipped later one keeps it.
+    fresh = _net()
+    opt3 = _friendly(fresh, "cpu", "sgd")
+    _two_step(fresh, opt3, range(1), poison=float("nan"))
+    assert bool(opt3.last_step_skipped) and not opt3.direction.m
+    _two_step(fresh, opt3, range(1, 2))
+    kept = {p: m.clone() for p, m in opt3.direction.m.items()}
+    _two_step(fresh, opt3, range(1), poison=float("nan"))
+    assert all(torch.equal(m, kept[p]) for p, m in opt3.direction.m.items())

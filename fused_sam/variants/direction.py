@@ -1,0 +1,43 @@
+"""Directions: policies that change the SAM ascent direction or the gradient of the update.
+
+The optimizer calls them at two fixed points of a SAM step, with the parameters that have a
+gradient and their gradients (as the kernels see them):
+
+- :meth:`Direction.ascent` in ``first_step``, before the norm: it may change the first-pass
+  gradients in place; the perturbation is then ``rho d / ||d||`` of what it leaves there;
+- :meth:`Direction.update` before the base update, with the step's skip flag: it may change
+  the second-pass gradients in place, and commits whatever state the step changes (a skipped
+  step must leave the policy's state as it was).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["Direction"]
+
+
+class Direction(abc.ABC):
+    """A change of the SAM direction; see the module docstring."""
+
+    #: whether the policy's math is right on FSDP2 shards (global reductions need all of them).
+    supports_shards: bool = True
+
+    def ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:  # noqa: B027
+        """See the module docstring."""
+
+    def update(  # noqa: B027
+        self, params: list[Tensor], grads: list[Tensor], skip: Tensor | None
+    ) -> None:
+        """See the module docstring."""
+
+    @abc.abstractmethod
+    def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
+        """What a resume needs; tensors indexed by their parameter's position in ``params``."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
