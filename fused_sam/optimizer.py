@@ -537,7 +537,10 @@ class FusedSAM(Optimizer):
             sign = -1.0 if group.get("maximize", False) else 1.0
             params += ps
             grads += gs
-            rho += [sign * float(group["rho"])] * n
+            group_rho = float(group["rho"])
+            if self.direction is not None:
+                group_rho = self.direction.rho(group, group_rho)
+            rho += [sign * group_rho] * n
             if group["adaptive"] == "weights":
                 adaptive += [p.dim() >= 2 for p in ps]
             else:

@@ -140,6 +140,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "pending[p] = m * self.lam + g * (1 - self.lam)",
            "pending[p] = g * self.lam + m * (1 - self.lam)", "python",
            ("tests/test_variants.py",), "F-SAM's moving average weights swapped"),
+    Mutant("gsam-no-radius-schedule", "fused_sam/variants/gsam.py",
+           "return self.rho_min + (rho - self.rho_min) * frac", "return rho", "python",
+           ("tests/test_variants.py",), "GSAM's radius does not follow the learning rate"),
+    Mutant("gsam-perp-sign", "fused_sam/variants/gsam.py",
+           "g.copy_((g.double() - self.alpha * perp).to(g.dtype))",
+           "g.copy_((g.double() + self.alpha * perp).to(g.dtype))", "python",
+           ("tests/test_variants.py",), "GSAM adds the orthogonal component"),
     # --- CUDA kernels (need a GPU: CUDA build + ``-m gpu``) -----------------------------------
     Mutant("cuda-perturb-sign", "csrc/cuda/sam_kernels.cu",
            "wp.v[j] = Num<T>::from_op(wj + e);", "wp.v[j] = Num<T>::from_op(wj - e);", "cuda",

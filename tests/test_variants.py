@@ -352,3 +352,75 @@ def test_friendly_sam_resume_and_skips() -> None:
     kept = {p: m.clone() for p, m in opt3.direction.m.items()}
     _two_step(fresh, opt3, range(1), poison=float("nan"))
     assert all(torch.equal(m, kept[p]) for p, m in opt3.direction.m.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# GSAM
+
+
+def _gsam_rule(alpha: float, base: str) -> list[torch.Tensor]:
+    """GSAM as published: rho_t = rho lr_t / lr_0 (rho_min = lr_min = 0); the update uses
+    g_s - alpha (g - (g . g_s / |g_s|^2) g_s)."""
+    model = _net()
+    params = list(model.parameters())
+    opt = (
+        torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        if base == "sgd"
+        else torch.optim.AdamW(params, lr=0.01)
+    )
+    lr0 = opt.param_groups[0]["lr"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    for step in range(STEPS):
+        x, y = _batch(step)
+        g = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+        rho = 0.1 * opt.param_groups[0]["lr"] / lr0
+        w = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, _split(rho * g / (g.norm() + 1e-12), params)):
+                p.add_(e.float())
+        gs = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+        perp = g - (g @ gs) / (gs @ gs) * gs
+        with torch.no_grad():
+            for p, b, u in zip(params, w, _split((gs - alpha * perp).float(), params)):
+                p.copy_(b)
+                p.grad = u
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_gsam_matches_the_published_rule(backend: str, base: str) -> None:
+    from fused_sam import GSAM
+
+    require_backend(backend)
+    model = _net()
+    if base == "sgd":
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
+                       backend=backend, direction=GSAM(alpha=0.4))  # fmt: skip
+    else:
+        opt = FusedSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.1, backend=backend,
+                       direction=GSAM(alpha=0.4))  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    for step in range(STEPS):
+        _two_step(model, opt, [step])
+        sched.step()
+    for a, b in zip(model.parameters(), _gsam_rule(0.4, base)):
+        torch.testing.assert_close(a.detach(), b, atol=2e-6, rtol=2e-5)
+
+
+def test_gsam_alpha_zero_is_sam_with_the_radius_schedule() -> None:
+    from fused_sam import GSAM
+
+    with pytest.raises(ValueError, match="alpha"):
+        GSAM(alpha=-0.1)
+    runs = []
+    for direction in (GSAM(alpha=0.0), None):
+        model = _net()
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, direction=direction)
+        _two_step(model, opt, range(3))  # constant lr: rho_t = rho
+        runs.append([p.detach() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

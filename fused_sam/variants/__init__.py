@@ -6,14 +6,15 @@ calls at fixed points of its step (no per-variant branches in the optimizer).
   :class:`EveryK` (SAM every k steps), :class:`LookSAM` (SAM every k steps, its orthogonal
   gradient reused in between).
 - :class:`Direction`: changes the ascent direction or the update gradient of a SAM step.
-  :class:`FriendlySAM` (F-SAM).
+  :class:`FriendlySAM` (F-SAM), :class:`GSAM`.
 """
 
 from __future__ import annotations
 
 from fused_sam.variants.direction import Direction
 from fused_sam.variants.friendly_sam import FriendlySAM
+from fused_sam.variants.gsam import GSAM
 from fused_sam.variants.looksam import LookSAM
 from fused_sam.variants.schedule import EveryK, StepSchedule
 
-__all__ = ["Direction", "EveryK", "FriendlySAM", "LookSAM", "StepSchedule"]
+__all__ = ["GSAM", "Direction", "EveryK", "FriendlySAM", "LookSAM", "StepSchedule"]

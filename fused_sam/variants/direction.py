@@ -3,6 +3,7 @@
 The optimizer calls them at two fixed points of a SAM step, with the parameters that have a
 gradient and their gradients (as the kernels see them):
 
+- :meth:`Direction.rho` in ``first_step``: the radius of the step, per param group;
 - :meth:`Direction.ascent` in ``first_step``, before the norm: it may change the first-pass
   gradients in place; the perturbation is then ``rho d / ||d||`` of what it leaves there;
 - :meth:`Direction.update` before the base update, with the step's skip flag: it may change
@@ -25,6 +26,10 @@ class Direction(abc.ABC):
 
     #: whether the policy's math is right on FSDP2 shards (global reductions need all of them).
     supports_shards: bool = True
+
+    def rho(self, group: dict[str, Any], rho: float) -> float:
+        """The radius of this step for a param group (``rho`` is the group's own)."""
+        return rho
 
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:  # noqa: B027
         """See the module docstring."""
