@@ -100,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_csv(str),
         default=list(DEFAULT_METHODS),
-        help=f"comma-separated, from: {', '.join(METHODS)} (default: all)",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
     )
     demo.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help="mini-batch size (default: 32)"

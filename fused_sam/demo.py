@@ -36,6 +36,7 @@ from fused_sam.data import Dataset, add_symmetric_noise, load_dataset
 from fused_sam.functional import resolve_backend
 from fused_sam.masks import FisherMask
 from fused_sam.optimizer import FusedSAM
+from fused_sam.variants import GSAM, EveryK, FriendlySAM, LookSAM
 
 __all__ = ["METHODS", "DemoConfig", "Method", "run_demo", "summarise", "write_outputs"]
 
@@ -160,6 +161,18 @@ def _sgd_kwargs(cfg: DemoConfig) -> dict[str, Any]:
     return {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
 
 
+def _variant(model: nn.Module, cfg: DemoConfig, **variant: Any) -> FusedSAM:
+    """SAM with SAM's rho and a variant (``schedule=`` or ``direction=``)."""
+    return FusedSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=cfg.rho_sam,
+        backend=cfg.backend,
+        **variant,
+        **_sgd_kwargs(cfg),
+    )
+
+
 def _ssamf(model: nn.Module, cfg: DemoConfig, train: TrainSet) -> FusedSAM:
     # Official SSAM-F recipe: Fisher from 16 single examples, mask refreshed every 5 epochs.
     steps_per_epoch = max(1, train.x.shape[0] // cfg.batch_size)
@@ -208,10 +221,32 @@ METHODS: dict[str, Method] = {
         rho=lambda cfg: cfg.rho_asam,
     ),
     "ssamf": Method("SSAM-F", _ssamf, rho=lambda cfg: cfg.rho_sam),
+    "sam5": Method(
+        "SAM every 5",
+        lambda model, cfg, _: _variant(model, cfg, schedule=EveryK(5)),
+        rho=lambda cfg: cfg.rho_sam,
+    ),
+    "looksam": Method(
+        "LookSAM",
+        lambda model, cfg, _: _variant(model, cfg, schedule=LookSAM(k=5, alpha=0.7)),
+        rho=lambda cfg: cfg.rho_sam,
+    ),
+    "fsam": Method(
+        "F-SAM",
+        lambda model, cfg, _: _variant(model, cfg, direction=FriendlySAM(sigma=1.0, lam=0.9)),
+        rho=lambda cfg: cfg.rho_sam,
+    ),
+    "gsam": Method(
+        "GSAM",
+        lambda model, cfg, _: _variant(model, cfg, direction=GSAM(alpha=0.4)),
+        rho=lambda cfg: cfg.rho_sam,
+    ),
 }
 
 #: Methods run when ``--methods`` is not given: all of them.
-DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)
+#: What ``fused-sam demo`` runs without ``--methods``; the variants (sam5, looksam, fsam, gsam)
+#: run on request.
+DEFAULT_METHODS: tuple[str, ...] = ("sgd", "sam", "asam", "ssamf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +354,7 @@ class Run:
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
-        if self.two_pass:
+        if self.two_pass and self.opt.next_step == "sam":  # a schedule may make it plain
             self.opt.first_step(zero_grad=True)
             with frozen_bn_stats(self.model):  # BN statistics from the first pass only
                 self.loss_fn(self.model(x), y).backward()

@@ -22,7 +22,7 @@ import torch
 from fused_sam import available_backends
 from fused_sam.__main__ import main
 from fused_sam.data import DataError, add_symmetric_noise, load_cifar
-from fused_sam.demo import METHODS
+from fused_sam.demo import DEFAULT_METHODS, METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,14 +121,14 @@ def test_demo_quick_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert set(results["summary"]) == set(METHODS)
+    assert set(results["summary"]) == set(DEFAULT_METHODS)
     for name, entry in results["summary"].items():
         assert entry["label"] in printed
         assert 0.0 <= entry["acc_mean"] <= 100.0
         assert entry["step_ms"] > 0
         assert len(entry["accs"]) == 2, name
     assert results["summary"]["sgd"]["time_ratio"] == pytest.approx(1.0)
-    assert len(results["runs"]) == 2 * len(METHODS)
+    assert len(results["runs"]) == 2 * len(DEFAULT_METHODS)
     for run in results["runs"]:
         assert len(run["eval_acc"]) == 2
     _assert_finite(results["summary"])
@@ -394,3 +394,15 @@ def test_bench_masks_script(tmp_path: Path) -> None:
     assert names[0].startswith("sam step") and any(n.startswith("fisher") for n in names)
     assert any(n.startswith("dynamic") for n in names), names
     assert all(r["ms"] > 0 for r in result["refresh"]) and result["first_step"] and out.stdout
+
+
+def test_demo_variant_rows(tmp_path: Path) -> None:
+    """The variants run on request (the default run keeps the four original methods)."""
+    out = tmp_path / "v"
+    argv = ["demo", "--epochs", "1", "--seeds", "0", "--subset", "320", "--no-progress"]
+    argv += ["--methods", ",".join(m for m in METHODS if m not in DEFAULT_METHODS) + ",sgd"]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert set(summary) == set(METHODS) - set(DEFAULT_METHODS) | {"sgd"}
+    for entry in summary.values():
+        assert 0.0 <= entry["acc_mean"] <= 100.0 and entry["step_ms"] > 0
