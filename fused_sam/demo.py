@@ -228,7 +228,7 @@ METHODS: dict[str, Method] = {
     ),
     "looksam": Method(
         "LookSAM",
-        lambda model, cfg, _: _variant(model, cfg, schedule=LookSAM(k=5, alpha=0.7)),
+        lambda model, cfg, _: _variant(model, cfg, schedule=LookSAM(k=5, alpha=0.2)),
         rho=lambda cfg: cfg.rho_sam,
     ),
     "fsam": Method(

@@ -37,6 +37,11 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return total
 
 
+def _norm(ts: list[Tensor]) -> Tensor:
+    """The global 2-norm of ``ts`` (float64 accumulation of float64 per-tensor norms)."""
+    return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).norm()
+
+
 class LookSAM(StepSchedule):
     """LookSAM: SAM every ``k`` steps, the stored orthogonal gradient reused in between.
 
@@ -85,12 +90,12 @@ class LookSAM(StepSchedule):
         pairs = [(g, self.gv[p]) for p, g in zip(params, grads) if p in self.gv]
         if not pairs:
             return  # before the first SAM step, or a resume without LookSAM state
+        # The hot path of LookSAM (every step but one in k): multi-tensor ops, no host sync.
         g, v = [a for a, _ in pairs], [b for _, b in pairs]
-        ng = _dot(g, g).sqrt()
-        nv = _dot(v, v).sqrt()
+        ng = _norm(g)
+        nv = _norm(v)
         scale = torch.where(nv > 0, self.alpha * ng / nv, torch.zeros_like(nv))
-        for a, b in pairs:
-            a.copy_((a.double() + scale.to(a.device) * b.double()).to(a.dtype))
+        torch._foreach_add_(g, torch._foreach_mul(v, scale.to(g[0].dtype)))
 
     def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
         return {"gv": {i: self.gv[p] for i, p in enumerate(params) if p in self.gv}}
