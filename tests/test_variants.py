@@ -145,37 +145,50 @@ def _split(flat: torch.Tensor, like) -> list[torch.Tensor]:
     return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
+def _rule_setup(base: str) -> tuple[nn.Module, list[torch.Tensor], torch.optim.Optimizer]:
+    """The model of the tests, its parameters and a plain torch base optimizer over them."""
+    model = _net()
+    params = list(model.parameters())
+    if base == "sgd":
+        return model, params, torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    return model, params, torch.optim.AdamW(params, lr=0.01)
+
+
+def _grad_at(model, params, x, y, e: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat float64 gradient of the batch loss at w (or at w + e, weights left at w)."""
+    w = [p.detach().clone() for p in params]
+    if e is not None:
+        with torch.no_grad():
+            for p, d in zip(params, _split(e, params)):
+                p.add_(d.float())
+    g = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+    with torch.no_grad():
+        for p, b in zip(params, w):
+            p.copy_(b)
+    return g
+
+
+def _base_step(opt, params, update: torch.Tensor) -> None:
+    for p, u in zip(params, _split(update.float(), params)):
+        p.grad = u
+    opt.step()
+    opt.zero_grad()
+
+
 def _looksam_rule(k: int, alpha: float, base: str) -> list[torch.Tensor]:
     """LookSAM from the paper: on steps 0, k, ... a SAM step that also keeps
     g_v = g_s - (g_s . g / |g|^2) g; between them one pass with g + alpha |g| / |g_v| g_v."""
-    model = _net()
-    params = list(model.parameters())
-    opt = (
-        torch.optim.SGD(params, lr=0.1, momentum=0.9)
-        if base == "sgd"
-        else torch.optim.AdamW(params, lr=0.01)
-    )
+    model, params, opt = _rule_setup(base)
     gv = None
     for step in range(STEPS):
         x, y = _batch(step)
-        g = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+        g = _grad_at(model, params, x, y)
         if step % k == 0:
-            w = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, e in zip(params, _split(0.1 * g / (g.norm() + 1e-12), params)):
-                    p.add_(e.float())
-            gs = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
-            with torch.no_grad():
-                for p, b in zip(params, w):
-                    p.copy_(b)
+            gs = _grad_at(model, params, x, y, 0.1 * g / (g.norm() + 1e-12))
             gv = gs - (gs @ g) / (g @ g) * g
-            use = gs
+            _base_step(opt, params, gs)
         else:
-            use = g + alpha * g.norm() / gv.norm() * gv
-        for p, u in zip(params, _split(use.float(), params)):
-            p.grad = u
-        opt.step()
-        opt.zero_grad()
+            _base_step(opt, params, g + alpha * g.norm() / gv.norm() * gv)
     return [p.detach() for p in params]
 
 
@@ -269,32 +282,16 @@ def test_looksam_skipped_sam_step_keeps_its_gv() -> None:
 def _friendly_rule(sigma: float, lam: float, base: str) -> list[torch.Tensor]:
     """F-SAM as published: d = g - sigma m (d = g and m = g on the first step), e = rho d/|d|,
     then m = lam m + (1 - lam) g; the base step uses the gradient at w + e."""
-    model = _net()
-    params = list(model.parameters())
-    opt = (
-        torch.optim.SGD(params, lr=0.1, momentum=0.9)
-        if base == "sgd"
-        else torch.optim.AdamW(params, lr=0.01)
-    )
+    model, params, opt = _rule_setup(base)
     m = None
     for step in range(STEPS):
         x, y = _batch(step)
-        g = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+        g = _grad_at(model, params, x, y)
         if m is None:
             d, m = g, g.clone()
         else:
             d, m = g - sigma * m, lam * m + (1 - lam) * g
-        w = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, _split(0.1 * d / (d.norm() + 1e-12), params)):
-                p.add_(e.float())
-        gs = torch.autograd.grad(nnf.cross_entropy(model(x), y), params)
-        with torch.no_grad():
-            for p, b, u in zip(params, w, gs):
-                p.copy_(b)
-                p.grad = u
-        opt.step()
-        opt.zero_grad()
+        _base_step(opt, params, _grad_at(model, params, x, y, 0.1 * d / (d.norm() + 1e-12)))
     return [p.detach() for p in params]
 
 
@@ -361,31 +358,16 @@ def test_friendly_sam_resume_and_skips() -> None:
 def _gsam_rule(alpha: float, base: str) -> list[torch.Tensor]:
     """GSAM as published: rho_t = rho lr_t / lr_0 (rho_min = lr_min = 0); the update uses
     g_s - alpha (g - (g . g_s / |g_s|^2) g_s)."""
-    model = _net()
-    params = list(model.parameters())
-    opt = (
-        torch.optim.SGD(params, lr=0.1, momentum=0.9)
-        if base == "sgd"
-        else torch.optim.AdamW(params, lr=0.01)
-    )
+    model, params, opt = _rule_setup(base)
     lr0 = opt.param_groups[0]["lr"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     for step in range(STEPS):
         x, y = _batch(step)
-        g = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+        g = _grad_at(model, params, x, y)
         rho = 0.1 * opt.param_groups[0]["lr"] / lr0
-        w = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, _split(rho * g / (g.norm() + 1e-12), params)):
-                p.add_(e.float())
-        gs = _flat(torch.autograd.grad(nnf.cross_entropy(model(x), y), params)).double()
+        gs = _grad_at(model, params, x, y, rho * g / (g.norm() + 1e-12))
         perp = g - (g @ gs) / (gs @ gs) * gs
-        with torch.no_grad():
-            for p, b, u in zip(params, w, _split((gs - alpha * perp).float(), params)):
-                p.copy_(b)
-                p.grad = u
-        opt.step()
-        opt.zero_grad()
+        _base_step(opt, params, gs - alpha * perp)
         sched.step()
     return [p.detach() for p in params]
 
