@@ -4,7 +4,15 @@ from fused_sam.bn import frozen_bn_stats
 from fused_sam.functional import BackendUnavailableError, available_backends
 from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, MaskRequest
 from fused_sam.optimizer import FusedSAM
-from fused_sam.variants import GSAM, Direction, EveryK, FriendlySAM, LookSAM, StepSchedule
+from fused_sam.variants import (
+    GSAM,
+    Direction,
+    EveryK,
+    FriendlySAM,
+    LookSAM,
+    MomentumSAM,
+    StepSchedule,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +28,7 @@ __all__ = [
     "LookSAM",
     "MaskPolicy",
     "MaskRequest",
+    "MomentumSAM",
     "StepSchedule",
     "__version__",
     "available_backends",

@@ -147,6 +147,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "g.copy_((g.double() - self.alpha * perp).to(g.dtype))",
            "g.copy_((g.double() + self.alpha * perp).to(g.dtype))", "python",
            ("tests/test_variants.py",), "GSAM adds the orthogonal component"),
+    Mutant("momentum-sam-sign", "fused_sam/variants/momentum_sam.py",
+           "scale = torch.where(norm > 0, -self.rho / norm, torch.zeros_like(norm))",
+           "scale = torch.where(norm > 0, self.rho / norm, torch.zeros_like(norm))", "python",
+           ("tests/test_variants.py",), "Momentum-SAM perturbs along +v"),
+    Mutant("momentum-sam-no-restore", "fused_sam/variants/momentum_sam.py",
+           "ps = [p for p in self._params() if p in self._w]\n"
+           "            torch._foreach_copy_(ps, [self._w[p] for p in ps])",
+           "pass", "python",
+           ("tests/test_variants.py",), "Momentum-SAM steps from the perturbed weights"),
     # --- CUDA kernels (need a GPU: CUDA build + ``-m gpu``) -----------------------------------
     Mutant("cuda-perturb-sign", "csrc/cuda/sam_kernels.cu",
            "wp.v[j] = Num<T>::from_op(wj + e);", "wp.v[j] = Num<T>::from_op(wj - e);", "cuda",

@@ -311,6 +311,33 @@ def test_hf_sam_trainer_with_a_step_schedule(tmp_path) -> None:
     _close(model, ref)
 
 
+def test_hf_plain_trainer_with_momentum_sam(tmp_path) -> None:
+    """Momentum-SAM needs one pass per step: the plain Trainer drives it with no glue."""
+    from transformers import Trainer
+
+    from fused_sam import MomentumSAM
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    model = Net()
+    opt = MomentumSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    trainer = InOrder(
+        model=model, args=_hf_args(tmp_path), train_dataset=_HFData(), optimizers=(opt, None)
+    )
+    trainer.train()
+    assert model.forwards == 3
+    ref = Net()
+    ref_opt = MomentumSAM(ref.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    x, y = _data()
+    for _ in range(3):
+        nnf.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    _close(model, ref)
+
+
 def test_hf_sam_trainer_bf16(tmp_path) -> None:
     model = Net()
     opt = _sam(model)

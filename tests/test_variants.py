@@ -406,3 +406,89 @@ def test_gsam_alpha_zero_is_sam_with_the_radius_schedule() -> None:
         runs.append([p.detach() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Momentum-SAM
+
+
+def _msam_rule(rho: float, base: str) -> list[torch.Tensor]:
+    """Momentum-SAM as published: the gradient at w - rho v/|v| (v: SGD's momentum buffer or
+    Adam's first moment; unperturbed before the first step), the base step at w."""
+    model, params, opt = _rule_setup(base)
+    key = "momentum_buffer" if base == "sgd" else "exp_avg"
+    for step in range(STEPS):
+        x, y = _batch(step)
+        if step == 0:
+            g = _grad_at(model, params, x, y)
+        else:
+            v = _flat([opt.state[p][key] for p in params]).double()
+            g = _grad_at(model, params, x, y, -rho * v / v.norm())
+        _base_step(opt, params, g)
+    return [p.detach() for p in params]
+
+
+def _msam(model: nn.Module, base: str):
+    from fused_sam import MomentumSAM
+
+    if base == "sgd":
+        return MomentumSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    return MomentumSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.5)
+
+
+def _one_pass(model, opt, steps) -> None:
+    for step in steps:
+        x, y = _batch(step)
+        nnf.cross_entropy(model(x), y).backward()
+        opt.step()  # one pass per step: the plain training loop
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_momentum_sam_matches_the_published_rule(base: str) -> None:
+    model = _net()
+    opt = _msam(model, base)
+    _one_pass(model, opt, range(STEPS))
+    with opt.unperturbed():
+        got = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(got, _msam_rule(0.5, base)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5)
+
+
+def test_momentum_sam_unperturbed_and_exact_resume() -> None:
+    model = _net()
+    opt = _msam(model, "sgd")
+    _one_pass(model, opt, range(3))
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    with opt.unperturbed():
+        w = [p.detach().clone() for p in model.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(w, perturbed))
+    for p, b in zip(model.parameters(), perturbed):
+        assert torch.equal(p, b)  # perturbed again, bit for bit
+    # Resume from a checkpoint whose model weights are the perturbed ones (a trainer saving
+    # outside unperturbed()) and from one saved inside it: both continue exactly.
+    ckpt_opt = copy.deepcopy(opt.state_dict())
+    saved = {"perturbed": copy.deepcopy(model.state_dict())}
+    with opt.unperturbed():
+        saved["w"] = copy.deepcopy(model.state_dict())
+    _one_pass(model, opt, range(3, STEPS))
+    for which in ("perturbed", "w"):
+        resumed = _net()
+        resumed.load_state_dict(saved[which])
+        opt2 = _msam(resumed, "sgd")
+        opt2.load_state_dict(copy.deepcopy(ckpt_opt))  # loading aliases the state tensors
+        _one_pass(resumed, opt2, range(3, STEPS))
+        for a, b in zip(model.parameters(), resumed.parameters()):
+            assert torch.equal(a, b), which
+
+
+def test_momentum_sam_refuses_what_it_cannot_drive() -> None:
+    from fused_sam import MomentumSAM
+
+    model = _net()
+    with pytest.raises(ValueError, match="momentum > 0"):
+        MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="RMSprop"):
+        MomentumSAM(model.parameters(), torch.optim.RMSprop, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        MomentumSAM(model.parameters(), torch.optim.SGD, rho=-1.0, lr=0.1, momentum=0.9)

@@ -7,6 +7,8 @@ calls at fixed points of its step (no per-variant branches in the optimizer).
   gradient reused in between).
 - :class:`Direction`: changes the ascent direction or the update gradient of a SAM step.
   :class:`FriendlySAM` (F-SAM), :class:`GSAM`.
+- :class:`MomentumSAM`: one pass per step, perturbing along the optimizer's momentum (an
+  optimizer of its own, since its weights sit at the perturbed point between steps).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fused_sam.variants.direction import Direction
 from fused_sam.variants.friendly_sam import FriendlySAM
 from fused_sam.variants.gsam import GSAM
 from fused_sam.variants.looksam import LookSAM
+from fused_sam.variants.momentum_sam import MomentumSAM
 from fused_sam.variants.schedule import EveryK, StepSchedule
 
-__all__ = ["GSAM", "Direction", "EveryK", "FriendlySAM", "LookSAM", "StepSchedule"]
+__all__ = ["GSAM", "Direction", "EveryK", "FriendlySAM", "LookSAM", "MomentumSAM", "StepSchedule"]

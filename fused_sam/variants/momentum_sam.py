@@ -1,0 +1,172 @@
+r"""Momentum-SAM (Becker et al., 2024): SAM at the cost of one forward/backward per step.
+
+Instead of an ascent step computed from an extra gradient, the perturbation follows the
+optimizer's momentum :math:`v` (SGD's ``momentum_buffer``; Adam/AdamW's first moment
+``exp_avg``). Between steps the weights sit at the perturbed point
+
+.. math:: \tilde w = w - \rho\, \frac{v}{\lVert v \rVert}
+
+and one step is: the gradient at :math:`\tilde w` (the user's one backward), :math:`w` restored
+exactly (a copy of the stored weights, not :math:`\tilde w + \rho v / \lVert v \rVert`), the base
+optimizer's update of :math:`w` with that gradient, then the perturbation again with the new
+:math:`v`. The first step has no momentum yet and starts unperturbed. The norm is global over
+every parameter, float64, on the device.
+
+Because it needs only ``backward(); step()``, it fits any trainer's optimizer slot with no glue.
+Evaluate (and save the model) at :math:`w` inside ``with opt.unperturbed():``; the optimizer's
+``state_dict()`` keeps :math:`w` too, so a resume is exact whichever weights the model checkpoint
+holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import SGD, Adam, AdamW, Optimizer
+
+__all__ = ["MomentumSAM"]
+
+#: Top-level ``state_dict()`` key: the unperturbed weights and whether they are in use.
+MSAM_KEY = "momentum_sam"
+_MOMENT = {SGD: "momentum_buffer", Adam: "exp_avg", AdamW: "exp_avg"}
+
+
+class MomentumSAM(Optimizer):
+    """Momentum-SAM around SGD (with momentum), Adam or AdamW; see the module docstring.
+
+    Args:
+        params: parameters or param groups, or an optimizer instance (SGD with momentum, Adam,
+            AdamW).
+        base_optimizer: the optimizer class when ``params`` are parameters.
+        rho: the radius (the paper uses 3.0 on CIFAR and ImageNet, against SAM's 0.2 there).
+        **base_kwargs: keyword arguments for ``base_optimizer``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: type[Optimizer] | None = SGD,
+        rho: float = 3.0,
+        **base_kwargs: Any,
+    ) -> None:
+        is_optimizer = isinstance(params, Optimizer)
+        base = params if is_optimizer else base_optimizer(params, **base_kwargs)  # type: ignore
+        key = _MOMENT.get(type(base))
+        if key is None:
+            raise ValueError(
+                f"MomentumSAM perturbs along the momentum of SGD, Adam or AdamW, not "
+                f"{type(base).__name__}"
+            )
+        if isinstance(base, SGD) and any(g["momentum"] == 0 for g in base.param_groups):
+            raise ValueError("MomentumSAM needs SGD with momentum > 0 (it perturbs along it)")
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+            raise ValueError(f"rho must be a number >= 0, got {rho!r}")
+        self.base_optimizer, self.rho, self._moment = base, float(rho), key
+        super().__init__(base.param_groups, {})
+        self.param_groups, self.state = base.param_groups, base.state
+        # The unperturbed weights; mutated in place (never rebound), shared by wrappers.
+        self._w: dict[Tensor, Tensor] = {}
+        self._flags = {"perturbed": False}
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        if self._flags["perturbed"]:
+            ps = [p for p in self._params() if p in self._w]
+            torch._foreach_copy_(ps, [self._w[p] for p in ps])
+            self._flags["perturbed"] = False
+
+    @torch.no_grad()
+    def _perturb(self) -> None:
+        pairs = [(p, self.state[p][self._moment]) for p in self._params()
+                 if self._moment in self.state.get(p, {})]  # fmt: skip
+        if not pairs or self.rho == 0:
+            return
+        ps, vs = [p for p, _ in pairs], [v for _, v in pairs]
+        norm = torch.stack(torch._foreach_norm(vs, 2, dtype=torch.float64)).norm()
+        scale = torch.where(norm > 0, -self.rho / norm, torch.zeros_like(norm))
+        for p in ps:
+            w = self._w.get(p)
+            if w is None or w.shape != p.shape:
+                w = self._w[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            w.copy_(p)
+        step = torch._foreach_mul(vs, scale.to(vs[0].dtype))
+        torch._foreach_add_(ps, step)
+        self._flags["perturbed"] = True
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One Momentum-SAM step on the gradients taken at the perturbed weights.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (called once).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._restore()
+        self.base_optimizer.step()
+        self._perturb()
+        return loss
+
+    @contextlib.contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """The weights at ``w`` inside (evaluation, checkpoints); perturbed again on exit.
+
+        The perturbation on exit is computed from the same ``w`` and momentum, so the weights
+        come back bit-identical.
+        """
+        was = self._flags["perturbed"]
+        self._restore()
+        try:
+            yield
+        finally:
+            if was:
+                self._perturb()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict, plus the unperturbed weights (key
+        ``"momentum_sam"``), so that a resume is exact whichever weights the model saved."""
+        state = super().state_dict()
+        params = self._params()
+        state[MSAM_KEY] = {
+            "perturbed": self._flags["perturbed"],
+            "weights": {i: self._w[p].clone() for i, p in enumerate(params) if p in self._w},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        msam = state_dict.pop(MSAM_KEY, None)
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups, self.state = self.base_optimizer.param_groups, self.base_optimizer.state
+        self._w.clear()
+        self._flags["perturbed"] = False
+        if msam is None:
+            return
+        params = self._params()
+        for i, w in msam["weights"].items():
+            p = params[int(i)]
+            if w.shape != p.shape:
+                raise ValueError(f"momentum_sam weights {i} have shape {tuple(w.shape)}")
+            self._w[p] = w.to(p.device, p.dtype).clone()
+        self._flags["perturbed"] = bool(msam["perturbed"])
+        if self._flags["perturbed"]:
+            # The model may hold w~ or w (saved inside unperturbed()): put w~ back from w.
+            with torch.no_grad():
+                ps = [p for p in params if p in self._w]
+                torch._foreach_copy_(ps, [self._w[p] for p in ps])
+            self._flags["perturbed"] = False
+            self._perturb()
+
+    def __repr__(self) -> str:
+        return f"MomentumSAM(rho={self.rho})\n{self.base_optimizer!r}"
