@@ -130,7 +130,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "scale = torch.zeros_like(nv)", "python", ("tests/test_variants.py",),
            "LookSAM's reuse steps drop the g_v correction (EveryK)"),
     Mutant("looksam-no-projection", "fused_sam/variants/looksam.py",
-           "coef = torch.where(n2 > 0, _dot(gs, g1) / n2, torch.zeros_like(n2))",
+           "coef = torch.where(n2 > 0, dot(gs, g1) / n2, torch.zeros_like(n2))",
            "coef = torch.zeros_like(n2)", "python", ("tests/test_variants.py",),
            "LookSAM keeps g_s instead of its part orthogonal to g"),
     Mutant("friendly-sam-no-average", "fused_sam/variants/friendly_sam.py",

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_sam.variants._reduce import dot
 from fused_sam.variants.direction import Direction
-from fused_sam.variants.looksam import _dot
 
 __all__ = ["GSAM"]
 
@@ -65,8 +65,8 @@ class GSAM(Direction):
         if not pairs or self.alpha == 0:
             return
         gs, h = [a for a, _ in pairs], [b for _, b in pairs]
-        n2 = _dot(gs, gs)
-        coef = torch.where(n2 > 0, _dot(h, gs) / n2, torch.zeros_like(n2))
+        n2 = dot(gs, gs)
+        coef = torch.where(n2 > 0, dot(h, gs) / n2, torch.zeros_like(n2))
         for g, first in pairs:
             perp = first.double() - coef.to(g.device) * g.double()
             g.copy_((g.double() - self.alpha * perp).to(g.dtype))

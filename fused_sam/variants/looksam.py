@@ -24,22 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_sam.variants._reduce import dot, norm
 from fused_sam.variants.schedule import PLAIN, SAM, StepSchedule
 
 __all__ = ["LookSAM"]
-
-
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """sum_i a_i . b_i in float64 (0-dim, on the first tensor's device)."""
-    total = torch.zeros((), dtype=torch.float64, device=a[0].device)
-    for x, y in zip(a, b):
-        total = total + torch.vdot(x.reshape(-1).double(), y.reshape(-1).double().to(x.device))
-    return total
-
-
-def _norm(ts: list[Tensor]) -> Tensor:
-    """The global 2-norm of ``ts`` (float64 accumulation of float64 per-tensor norms)."""
-    return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).norm()
 
 
 class LookSAM(StepSchedule):
@@ -73,8 +61,8 @@ class LookSAM(StepSchedule):
             return
         g1 = [self._g1[p] for p, _ in pairs]
         gs = [g for _, g in pairs]
-        n2 = _dot(g1, g1)
-        coef = torch.where(n2 > 0, _dot(gs, g1) / n2, torch.zeros_like(n2))
+        n2 = dot(g1, g1)
+        coef = torch.where(n2 > 0, dot(gs, g1) / n2, torch.zeros_like(n2))
         for (p, g), h in zip(pairs, g1):
             new = g.double() - coef.to(g.device) * h.double()
             old = self.gv.get(p)
@@ -92,8 +80,8 @@ class LookSAM(StepSchedule):
             return  # before the first SAM step, or a resume without LookSAM state
         # The hot path of LookSAM (every step but one in k): multi-tensor ops, no host sync.
         g, v = [a for a, _ in pairs], [b for _, b in pairs]
-        ng = _norm(g)
-        nv = _norm(v)
+        ng = norm(g)
+        nv = norm(v)
         scale = torch.where(nv > 0, self.alpha * ng / nv, torch.zeros_like(nv))
         torch._foreach_add_(g, torch._foreach_mul(v, scale.to(g[0].dtype)))
 

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
+from fused_sam.variants._reduce import norm as global_norm
+
 __all__ = ["MomentumSAM"]
 
 #: Top-level ``state_dict()`` key: the unperturbed weights and whether they are in use.
@@ -89,7 +91,7 @@ class MomentumSAM(Optimizer):
         if not pairs or self.rho == 0:
             return
         ps, vs = [p for p, _ in pairs], [v for _, v in pairs]
-        norm = torch.stack(torch._foreach_norm(vs, 2, dtype=torch.float64)).norm()
+        norm = global_norm(vs)
         scale = torch.where(norm > 0, -self.rho / norm, torch.zeros_like(norm))
         for p in ps:
             w = self._w.get(p)
