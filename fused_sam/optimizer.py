@@ -783,7 +783,8 @@ class FusedSAM(Optimizer):
         with_grad: list[Tensor] = []
         grads: list[Tensor] = []
         buckets = None
-        if check or (fused is not None and len(groups) == 1):
+        hooks = self.schedule is not None or self.direction is not None
+        if check or hooks or (fused is not None and len(groups) == 1):
             with_grad, grads, contiguous, sparse = self._with_grads(
                 groups[0]["params"] if len(groups) == 1 else self._all_params()
             )
@@ -807,12 +808,11 @@ class FusedSAM(Optimizer):
             inf2 = F.nonfinite(sumsq2)
             found_inf = _either(found_inf, inf2)
 
-        if self.schedule is not None or self.direction is not None:
-            ps, gs, _, _ = self._with_grads(self._all_params())
-            if self.direction is not None:
-                self.direction.update(ps, gs, found_inf)
-            if self.schedule is not None:
-                self.schedule.second_pass(ps, gs, found_inf)
+        # with_grad and grads cover every parameter (one group's are all of them).
+        if self.direction is not None:
+            self.direction.update(with_grad, grads, found_inf)
+        if self.schedule is not None:
+            self.schedule.second_pass(with_grad, grads, found_inf)
 
         if fused is not None:
 
@@ -836,7 +836,7 @@ class FusedSAM(Optimizer):
         st.perturbed = None
         st.found_inf = None
         st.zero_grad = False
-        return torch.zeros((), dtype=torch.bool) if found_inf is None else found_inf.bool()
+        return _skip_flag(found_inf)
 
     def _base_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """A plain base-optimizer step (nothing in flight), under the scaler's flags if any."""
@@ -846,9 +846,7 @@ class FusedSAM(Optimizer):
                 _raise_sparse()
             self.schedule.plain_pass(ps, gs)
         self._unfused_step(grad_scale, found_inf)
-        self._step_state.last_skipped = (
-            torch.zeros((), dtype=torch.bool) if found_inf is None else found_inf.bool()
-        )
+        self._step_state.last_skipped = _skip_flag(found_inf)
         self._progress["steps"] += 1
 
     def _unfused_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
@@ -1149,6 +1147,11 @@ def _check_base_kwargs(cls: type[Optimizer], kwargs: dict[str, Any]) -> None:
             f"eta, norm_eps, backend, skip_nonfinite, sparsity, mask, mask_update_every, "
             f"mask_norm and passes the rest to {cls.__name__}, which accepts {accepted}"
         )
+
+
+def _skip_flag(found_inf: Tensor | None) -> Tensor:
+    """The 0-dim bool ``last_step_skipped`` of a step with skip flag ``found_inf``."""
+    return torch.zeros((), dtype=torch.bool) if found_inf is None else found_inf.bool()
 
 
 def _either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
