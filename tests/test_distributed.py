@@ -35,19 +35,23 @@ def _sam(model: nn.Module) -> FusedSAM:
     return FusedSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
 
 
+def _train(module: nn.Module, opt: FusedSAM, rank: int) -> None:
+    """The plain two-step loop on this rank's batches (``module``: DDP- or FSDP-wrapped)."""
+    for step in range(STEPS):
+        x, y = _batch(rank, step)
+        nnf.cross_entropy(module(x), y).backward()
+        opt.first_step(zero_grad=True)
+        nnf.cross_entropy(module(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+
 def _worker(rank: int, out: str) -> None:
     results: dict[str, list[torch.Tensor]] = {}
 
     # Synchronised (the default): both passes all-reduced.
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = _sam(model)
-    for step in range(STEPS):
-        x, y = _batch(rank, step)
-        nnf.cross_entropy(ddp(x), y).backward()
-        opt.first_step(zero_grad=True)
-        nnf.cross_entropy(ddp(x), y).backward()
-        opt.second_step(zero_grad=True)
+    _train(ddp, _sam(model), rank)
     results["sync"] = [p.detach().clone() for p in model.parameters()]
 
     # Per replica (m-sharpness): pass 1 local, pass 2 all-reduced.
@@ -182,12 +186,7 @@ def _fsdp_worker(rank: int, out: str) -> None:
         model = _model()
         fully_shard(model, mesh=mesh)
         opt = make(model)
-        for step in range(STEPS):
-            x, y = _batch(rank, step)
-            nnf.cross_entropy(model(x), y).backward()
-            opt.first_step(zero_grad=True)
-            nnf.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
+        _train(model, opt, rank)
         results[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
         state = opt.state_dict()["state"]
         results[name + "-state"] = [

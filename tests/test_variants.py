@@ -45,8 +45,7 @@ def _every_k_rule(k: int) -> list[torch.Tensor]:
 
 
 def _sam(model: nn.Module, backend: str | None, k: int) -> FusedSAM:
-    return FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
-                    backend=backend, schedule=EveryK(k))  # fmt: skip
+    return _fused(model, backend, "sgd", schedule=EveryK(k))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -154,6 +153,15 @@ def _rule_setup(base: str) -> tuple[nn.Module, list[torch.Tensor], torch.optim.O
     return model, params, torch.optim.AdamW(params, lr=0.01)
 
 
+def _fused(model: nn.Module, backend: str | None, base: str, **variant) -> FusedSAM:
+    """FusedSAM (rho 0.1) over the base optimizer that :func:`_rule_setup` gives the rules."""
+    if base == "sgd":
+        return FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
+                        backend=backend, **variant)  # fmt: skip
+    return FusedSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.1, backend=backend,
+                    **variant)  # fmt: skip
+
+
 def _grad_at(model, params, x, y, e: torch.Tensor | None = None) -> torch.Tensor:
     """The flat float64 gradient of the batch loss at w (or at w + e, weights left at w)."""
     w = [p.detach().clone() for p in params]
@@ -195,12 +203,7 @@ def _looksam_rule(k: int, alpha: float, base: str) -> list[torch.Tensor]:
 def _looksam(model: nn.Module, backend: str | None, base: str, k: int = 3) -> FusedSAM:
     from fused_sam import LookSAM
 
-    schedule = LookSAM(k=k, alpha=0.7)
-    if base == "sgd":
-        return FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
-                        backend=backend, schedule=schedule)  # fmt: skip
-    return FusedSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.1, backend=backend,
-                    schedule=schedule)  # fmt: skip
+    return _fused(model, backend, base, schedule=LookSAM(k=k, alpha=0.7))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -298,12 +301,7 @@ def _friendly_rule(sigma: float, lam: float, base: str) -> list[torch.Tensor]:
 def _friendly(model: nn.Module, backend: str | None, base: str) -> FusedSAM:
     from fused_sam import FriendlySAM
 
-    direction = FriendlySAM(sigma=1.0, lam=0.6)
-    if base == "sgd":
-        return FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
-                        backend=backend, direction=direction)  # fmt: skip
-    return FusedSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.1, backend=backend,
-                    direction=direction)  # fmt: skip
+    return _fused(model, backend, base, direction=FriendlySAM(sigma=1.0, lam=0.6))
 
 
 def _two_step(model, opt, steps, poison=None) -> None:
@@ -379,12 +377,7 @@ def test_gsam_matches_the_published_rule(backend: str, base: str) -> None:
 
     require_backend(backend)
     model = _net()
-    if base == "sgd":
-        opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
-                       backend=backend, direction=GSAM(alpha=0.4))  # fmt: skip
-    else:
-        opt = FusedSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.1, backend=backend,
-                       direction=GSAM(alpha=0.4))  # fmt: skip
+    opt = _fused(model, backend, base, direction=GSAM(alpha=0.4))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     for step in range(STEPS):
         _two_step(model, opt, [step])
