@@ -24,7 +24,8 @@ TORCH_LIBRARY(fused_sam, m) {
   m.def("norm_sq_partials(Tensor[] grads, Tensor[] params, bool adaptive, float eta) -> Tensor");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sumsq, "
-      "float rho, float eps, bool adaptive, float eta, Tensor[] masks) -> ()");
+      "float rho, float eps, bool adaptive, float eta, Tensor[] masks, int[] salts=[], "
+      "int step_key=0, int threshold=0) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def(
       "restore_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
@@ -104,11 +105,13 @@ std::optional<at::Tensor> direct_norm_sq_partials(const Tensors& grads, const Te
 
 bool direct_perturb(const Tensors& params, const Tensors& grads, const Tensors& backups,
                     const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
-                    const Tensors& masks) {
+                    const Tensors& masks, const std::vector<int64_t>& salts, int64_t step_key,
+                    int64_t threshold) {
   if (!plain_cpu(sumsq) || !plain_cpu({&params, &grads, &backups, &masks})) {
     return false;
   }
-  fused_sam::cpu::perturb_(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks);
+  fused_sam::cpu::perturb_(params, grads, backups, sumsq, rho, eps, adaptive, eta, masks, salts,
+                           step_key, threshold);
   return true;
 }
 
@@ -232,7 +235,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_norm_partials") = fused_sam::kCudaNormPartials;
   namespace py = pybind11;
   m.def("direct_norm_sq_partials", &direct_norm_sq_partials);
-  m.def("direct_perturb_", &direct_perturb);
+  m.def("direct_perturb_", &direct_perturb, py::arg("params"), py::arg("grads"),
+        py::arg("backups"), py::arg("sumsq"), py::arg("rho"), py::arg("eps"), py::arg("adaptive"),
+        py::arg("eta"), py::arg("masks"), py::arg("salts") = std::vector<int64_t>(),
+        py::arg("step_key") = 0, py::arg("threshold") = 0);
   m.def("direct_restore_", &direct_restore);
   m.def("direct_restore_sgd_step_", &direct_restore_sgd_step, py::arg("params"),
         py::arg("grads"), py::arg("backups"), py::arg("momentum_buffers"), py::kw_only(),

@@ -58,6 +58,24 @@ inline void check_masks(at::TensorList masks, at::TensorList params) {
   }
 }
 
+// A random mask (fused_sam.masks.RandomBits): no salts (no random mask), or one 32-bit salt per
+// parameter with a 32-bit step key and a threshold in [1, 2^32), and then no bit-packed masks.
+inline void check_random(c10::IntArrayRef salts, int64_t step_key, int64_t threshold,
+                         at::TensorList masks, at::TensorList params) {
+  if (salts.empty()) {
+    return;
+  }
+  constexpr int64_t k32 = int64_t{1} << 32;
+  TORCH_CHECK(salts.size() == params.size(), "fused_sam: salts has ", salts.size(),
+              " entries, expected one per parameter (", params.size(), ")");
+  TORCH_CHECK(masks.empty(), "fused_sam: a random mask (salts) and bit masks exclude each other");
+  TORCH_CHECK(step_key >= 0 && step_key < k32 && threshold >= 1 && threshold < k32,
+              "fused_sam: step_key must be in [0, 2^32) and threshold in [1, 2^32)");
+  for (size_t i = 0; i < salts.size(); ++i) {
+    TORCH_CHECK(salts[i] >= 0 && salts[i] < k32, "fused_sam: salts[", i, "] is not 32-bit");
+  }
+}
+
 // Like an in-place ATen op, an op that writes a tensor bumps its version counter, so autograd
 // refuses a backward through a graph that saved the tensor before the write. (The dispatcher
 // does not do this for TORCH_LIBRARY ops with mutable arguments.)

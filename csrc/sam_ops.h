@@ -35,7 +35,7 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
 
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
               const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
-              at::TensorList masks);
+              at::TensorList masks, c10::IntArrayRef salts, int64_t step_key, int64_t threshold);
 
 void restore_(at::TensorList params, at::TensorList backups);
 
@@ -62,7 +62,7 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
 
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
               const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
-              at::TensorList masks);
+              at::TensorList masks, c10::IntArrayRef salts, int64_t step_key, int64_t threshold);
 
 void restore_(at::TensorList params, at::TensorList backups);
 

@@ -2,7 +2,7 @@
 
 from fused_sam.bn import frozen_bn_stats
 from fused_sam.functional import BackendUnavailableError, available_backends
-from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, MaskRequest
+from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, MaskRequest, RandomMask
 from fused_sam.optimizer import FusedSAM
 from fused_sam.variants import (
     GSAM,
@@ -29,6 +29,7 @@ __all__ = [
     "MaskPolicy",
     "MaskRequest",
     "MomentumSAM",
+    "RandomMask",
     "StepSchedule",
     "__version__",
     "available_backends",

@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from fused_sam.masks import unpack_bits
+from fused_sam.masks import RandomBits, unpack_bits
 
 __all__ = [
     "BACKENDS",
@@ -330,7 +330,7 @@ def perturb_(
     eps: float,
     adaptive: Sequence[bool],
     eta: Sequence[float],
-    masks: Sequence[Tensor] | None,
+    masks: Sequence[Tensor] | RandomBits | None,
     backend: str | None,
     *,
     buckets: Buckets | None = None,
@@ -338,6 +338,8 @@ def perturb_(
     """Backup the weights and move them to ``w + e`` (see :func:`fused_sam.reference.perturb_`).
 
     ``rho``, ``adaptive`` and ``eta`` are per tensor; ``sumsq`` comes from :func:`norm_sq`.
+    ``masks``: packed bit masks (one per tensor), a random mask drawn in the kernels, or
+    ``None``.
     All or nothing: if a bucket raises, the buckets already perturbed are restored from their
     backups before the error propagates (every backend checks its arguments before it writes).
     """
@@ -347,7 +349,10 @@ def perturb_(
     try:
         for chosen, idx in buckets:
             i0 = idx[0]
-            bucket_masks = None if masks is None else [masks[i] for i in idx]
+            if isinstance(masks, RandomBits):
+                bucket_masks: Sequence[Tensor] | RandomBits | None = masks.pick(idx)
+            else:
+                bucket_masks = None if masks is None else [masks[i] for i in idx]
             _module(chosen).perturb_(
                 _pick(params, idx),
                 _pick(grads, idx),

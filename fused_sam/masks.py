@@ -44,12 +44,17 @@ __all__ = [
     "FisherMask",
     "MaskPolicy",
     "MaskRequest",
+    "RandomBits",
+    "RandomMask",
+    "element_hash",
     "fisher_diagonal",
     "global_topk",
     "num_kept",
     "pack_bits",
     "pack_mask",
     "packed_numel",
+    "random_mask",
+    "tensor_salt",
     "topk_mask",
     "unpack_bits",
 ]
@@ -112,6 +117,11 @@ def unpack_bits(packed: Tensor, like: Tensor) -> Tensor:
         )
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     flat = ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
+    return _laid_out_like(flat, like)
+
+
+def _laid_out_like(flat: Tensor, like: Tensor) -> Tensor:
+    """A bool tensor with ``like``'s shape and layout whose memory order holds ``flat``."""
     out = torch.empty_like(like, dtype=torch.bool)
     if out.is_contiguous():
         return flat.view(like.shape)
@@ -714,3 +724,152 @@ def _broadcast_from_rank0(packed: list[Tensor]) -> None:
         dist.broadcast(flat, src=0)
         for m, part in zip(ms, flat.split([m.numel() for m in ms])):
             m.copy_(part)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random masks (ESAM's stochastic weight perturbation), drawn inside the perturbation kernels
+
+_M32 = 0xFFFFFFFF
+#: Odd 32-bit constants: the golden-ratio step of the element counter and murmur3's finaliser.
+_GOLDEN = 0x9E3779B9
+_FMIX1 = 0x85EBCA6B
+_FMIX2 = 0xC2B2AE35
+
+
+def _fmix32(x: int) -> int:
+    """murmur3's 32-bit finaliser (a bijection of ``[0, 2^32)`` with full avalanche)."""
+    x ^= x >> 16
+    x = (x * _FMIX1) & _M32
+    x ^= x >> 13
+    x = (x * _FMIX2) & _M32
+    return x ^ (x >> 16)
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    # (x * c) mod 2^32 for int64 0 <= x < 2^32 with no int64 overflow: c in 16-bit halves.
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & _M32
+
+
+def element_hash(key: int, index: Tensor) -> Tensor:
+    r"""The 32-bit hash every kernel computes for element ``index`` of a tensor with ``key``.
+
+    .. math:: h(k, j) = \mathrm{fmix32}\big((k + j \cdot \mathtt{0x9E3779B9}) \bmod 2^{32}\big)
+
+    with :math:`j` the element's position in memory order, taken modulo :math:`2^{32}`. Written
+    with int64 tensor ops whose products stay below :math:`2^{63}` (exact on every device).
+
+    Args:
+        key: the tensor's 32-bit key for this step (:meth:`RandomBits.key`).
+        index: int64 element positions (non-negative).
+    """
+    x = (_mul32(index & _M32, _GOLDEN) + key) & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, _FMIX1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, _FMIX2)
+    return x ^ (x >> 16)
+
+
+@dataclass(frozen=True)
+class RandomBits:
+    """One step's random mask, as the perturbation ops take it (nothing is materialised).
+
+    Element ``j`` (memory order) of tensor ``i`` is perturbed iff
+    ``element_hash(salts[i] ^ step_key, j) < threshold``, and its ``e`` is multiplied by
+    ``scale``.
+
+    Attributes:
+        salts: one fixed 32-bit value per tensor (from the parameter's position).
+        step_key: the 32-bit key of this step (from the seed and the draw count).
+        threshold: keep iff the hash is below it; ``round(keep * 2^32)`` in ``[1, 2^32)``.
+        scale: ``1 / keep`` (ESAM rescales the kept entries so that ``E[e]`` is SAM's ``e``).
+    """
+
+    salts: tuple[int, ...]
+    step_key: int
+    threshold: int
+    scale: float
+
+    def key(self, i: int) -> int:
+        """The 32-bit key of tensor ``i``."""
+        return self.salts[i] ^ self.step_key
+
+    def pick(self, idx: Sequence[int]) -> RandomBits:
+        """The same mask for the tensors ``idx`` of the call (a backend bucket)."""
+        salts = tuple(self.salts[i] for i in idx)
+        return RandomBits(salts, self.step_key, self.threshold, self.scale)
+
+
+def random_mask(bits: RandomBits, i: int, like: Tensor) -> Tensor:
+    """Materialise tensor ``i``'s mask of ``bits`` as a bool tensor laid out like ``like``.
+
+    What the fused kernels compute on the fly; the reference and ``foreach`` backends use it.
+    """
+    j = torch.arange(like.numel(), dtype=torch.int64, device=like.device)
+    return _laid_out_like(element_hash(bits.key(i), j) < bits.threshold, like)
+
+
+def tensor_salt(position: int) -> int:
+    """The fixed salt of the parameter at ``position`` (param-group order, from 0)."""
+    return _fmix32((position * _GOLDEN + 0x632BE5AB) & _M32)
+
+
+class RandomMask:
+    r"""ESAM's stochastic weight perturbation (Du et al., ICLR 2022): a fresh random subset.
+
+    Each SAM step perturbs every entry independently with probability ``keep`` and divides the
+    kept entries' perturbation by ``keep``:
+
+    .. math:: e_j = \frac{m_j}{\text{keep}} \cdot \frac{\rho\, g_j}{\lVert g \rVert + \epsilon},
+        \qquad m_j = [\, h(k_i, j) < \mathrm{round}(\text{keep} \cdot 2^{32}) \,]
+
+    where :math:`h` is :func:`element_hash` (a counter-based hash, not a stateful generator)
+    and :math:`k_i` mixes the seed, the number of masks drawn so far and the parameter's
+    position. The kernels compute each bit where they compute ``e``: no mask is stored or read.
+    The same seed gives the same masks on every rank and after a resume (the draw count is in
+    ``state_dict()``). The norm is that of the whole gradient, as in ESAM.
+
+    Args:
+        keep: probability of perturbing an entry, in ``(0, 1]`` (ESAM's beta; 0.5 in the
+            paper). ``1`` is plain SAM.
+        seed: an integer in ``[0, 2^64)``; the masks depend on nothing else.
+    """
+
+    def __init__(self, keep: float = 0.5, seed: int = 0) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise ValueError(f"keep must be a probability in (0, 1], got {keep!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        self.keep = float(keep)
+        self.seed = seed
+        #: masks drawn so far (one per SAM step that perturbed); part of ``state_dict()``.
+        self.draws = 0
+
+    def __repr__(self) -> str:
+        return f"RandomMask(keep={self.keep}, seed={self.seed})"
+
+    @property
+    def threshold(self) -> int:
+        """``round(keep * 2^32)``, kept in ``[1, 2^32 - 1]`` (never all or nothing)."""
+        return min(max(round(self.keep * 2.0**32), 1), _M32)
+
+    def step_key(self) -> int:
+        """The 32-bit key of the next draw."""
+        x = 0x243F6A88
+        for value in (self.seed, self.draws):
+            for word in (value & _M32, (value >> 32) & _M32):
+                x = _fmix32(((x ^ word) + _GOLDEN) & _M32)
+        return x
+
+    def bits(self, salts: Sequence[int]) -> RandomBits | None:
+        """The next draw for tensors with ``salts`` (``None`` when ``keep`` is 1: no mask)."""
+        if self.keep == 1.0:
+            return None
+        return RandomBits(tuple(salts), self.step_key(), self.threshold, 1.0 / self.keep)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "seed": self.seed, "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        loaded = RandomMask(state["keep"], int(state["seed"]))
+        self.keep, self.seed, self.draws = loaded.keep, loaded.seed, int(state["draws"])

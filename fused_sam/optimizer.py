@@ -22,7 +22,14 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
-from fused_sam.masks import DynamicMask, FisherMask, MaskPolicy, SparseMasks
+from fused_sam.masks import (
+    DynamicMask,
+    FisherMask,
+    MaskPolicy,
+    RandomMask,
+    SparseMasks,
+    tensor_salt,
+)
 from fused_sam.variants.direction import Direction
 from fused_sam.variants.schedule import PLAIN, SAM, StepSchedule
 
@@ -46,6 +53,8 @@ class _StepPlan:
     #: buckets of the step's (params, grads, backups) from :func:`functional.plan`; ``None``
     #: when a parameter is not contiguous (every op then buckets for itself).
     buckets: F.Buckets | None
+    #: per parameter of the step, its random-mask salt (``None`` without a random mask).
+    salts: tuple[int, ...] | None = None
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -93,6 +102,8 @@ SPARSE_KEY = "sparse_sam"
 SCHEDULE_KEY = "sam_schedule"
 #: Top-level ``state_dict()`` key holding the state of a direction policy.
 DIRECTION_KEY = "sam_direction"
+#: Top-level ``state_dict()`` key holding a random mask's seed, keep and draw count.
+RANDOM_MASK_KEY = "sam_random_mask"
 
 
 def _check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
@@ -117,6 +128,21 @@ def _validate_group(group: dict[str, Any]) -> None:
         )
 
 
+def _random_mask(
+    sparsity: float, mask: Any, update_every: int | None, mask_norm: str
+) -> RandomMask | None:
+    """The random mask of ``mask=RandomMask(...)`` after checking the options it excludes."""
+    if not isinstance(mask, RandomMask):
+        return None
+    if sparsity != 0 or update_every is not None or mask_norm != "full":
+        raise ValueError(
+            f"{mask!r} draws its own subset each step (keep={mask.keep}): leave sparsity=0, "
+            "mask_update_every=None and mask_norm='full' (the norm is that of the whole "
+            "gradient, as in ESAM)"
+        )
+    return mask
+
+
 def _sparse_masks(
     sparsity: float, mask: str | MaskPolicy, update_every: int | None, mask_norm: str
 ) -> SparseMasks | None:
@@ -137,7 +163,9 @@ def _sparse_masks(
     elif isinstance(mask, MaskPolicy):
         policy = mask
     else:
-        raise ValueError(f"mask must be 'fisher', 'dynamic' or a MaskPolicy, got {mask!r}")
+        raise ValueError(
+            f"mask must be 'fisher', 'dynamic', a MaskPolicy or a RandomMask, got {mask!r}"
+        )
     if update_every is not None and not policy.ready():
         raise ValueError(
             f"mask_update_every={update_every} refreshes the mask inside first_step(), but "
@@ -218,7 +246,10 @@ class FusedSAM(Optimizer):
         sparsity: fraction of entries NOT perturbed, in ``[0, 1)``; 0 is plain SAM/ASAM (no
             mask exists at all).
         mask: ``"fisher"``, ``"dynamic"`` or a :class:`fused_sam.MaskPolicy` instance (e.g.
-            ``FisherMask(loader, model, num_samples=16)`` or ``DynamicMask(total_steps=...)``).
+            ``FisherMask(loader, model, num_samples=16)`` or ``DynamicMask(total_steps=...)``)
+            for sparse SAM; or a :class:`fused_sam.RandomMask` (ESAM's stochastic weight
+            perturbation: a fresh random subset each step, drawn inside the kernels; then
+            ``sparsity`` stays 0).
         mask_update_every: refresh the mask at the start of every this-many-th ``first_step``
             (steps 0, k, 2k, ...), scoring with the first-pass gradients (SSAM-D) or the
             policy's own examples (SSAM-F). ``None``: the first mask is made at the first step
@@ -306,7 +337,11 @@ class FusedSAM(Optimizer):
         # Steps taken (SAM and plain), the schedule's clock: mutated in place, saved in
         # state_dict() when a schedule is set.
         self._progress = {"steps": 0}
-        self._sparse = _sparse_masks(sparsity, mask, mask_update_every, mask_norm)
+        self._random = _random_mask(sparsity, mask, mask_update_every, mask_norm)
+        if self._random is None:
+            self._sparse = _sparse_masks(sparsity, mask, mask_update_every, mask_norm)
+        else:
+            self._sparse = None
         self.sparsity = float(sparsity)
         self.mask_norm = mask_norm
         self.base_optimizer = base
@@ -349,6 +384,11 @@ class FusedSAM(Optimizer):
         params = self._all_params()
         self._shard_group = distributed.shard_group(params)
         _check_sparse_shards(self._sparse, self._shard_group)
+        if self._random is not None and self._shard_group is not None:
+            raise ValueError(
+                "RandomMask draws each entry from its position in the parameter, which a FSDP2 "
+                "shard does not know: it is not supported with FSDP2 shards"
+            )
         for policy in (self.schedule, getattr(self, "direction", None)):
             if self._shard_group is not None and policy is not None and not policy.supports_shards:
                 raise ValueError(f"{policy!r} does not support FSDP2 shards")
@@ -409,6 +449,8 @@ class FusedSAM(Optimizer):
             state[SPARSE_KEY] = self._sparse.state_dict(self._all_params())
         if self.direction is not None:
             state[DIRECTION_KEY] = self.direction.state_dict(self._all_params())
+        if self._random is not None:
+            state[RANDOM_MASK_KEY] = self._random.state_dict()
         if self.schedule is not None:
             state[SCHEDULE_KEY] = {
                 "steps": self._progress["steps"],
@@ -427,6 +469,12 @@ class FusedSAM(Optimizer):
         sparse = state_dict.pop(SPARSE_KEY, None)
         schedule = state_dict.pop(SCHEDULE_KEY, None)
         direction = state_dict.pop(DIRECTION_KEY, None)
+        random = state_dict.pop(RANDOM_MASK_KEY, None)
+        if random is not None and self._random is None:
+            raise ValueError(
+                "the checkpoint holds a RandomMask's state but this optimizer has none; build "
+                "it with mask=RandomMask(...)"
+            )
         if sparse is not None and self._sparse is None:
             raise ValueError(
                 "the checkpoint holds sparse-SAM masks but this optimizer has sparsity=0; "
@@ -434,6 +482,7 @@ class FusedSAM(Optimizer):
             )
         base = self.base_optimizer
         before = base.param_groups, base.state
+        random_before = None if self._random is None else self._random.state_dict()
         base.load_state_dict(state_dict)
         try:
             for group in base.param_groups:
@@ -451,10 +500,15 @@ class FusedSAM(Optimizer):
             self._progress["steps"] = 0 if schedule is None else int(schedule["steps"])
             if self.direction is not None:
                 self.direction.load_state_dict(direction or {}, self._all_params())
+            if self._random is not None:
+                # A checkpoint of a bare base optimizer starts the draws over.
+                self._random.load_state_dict(random or {**random_before, "draws": 0})
         except BaseException:
             # Optimizer.load_state_dict builds new group and state objects: a checkpoint that
             # is rejected leaves the optimizer with the ones it had.
             base.param_groups, base.state = before
+            if self._random is not None:
+                self._random.load_state_dict(random_before)
             raise
         finally:
             # Re-link the wrapper to the base optimizer's (new or kept) objects.
@@ -556,6 +610,8 @@ class FusedSAM(Optimizer):
         if params:
             plan = self._plan_for(params, rho, adaptive, eta)
             backups = plan.backups
+            if self._random is not None and plan.salts is not None:
+                masks = self._random.bits(plan.salts)
             buckets = plan.buckets if contiguous else None
             if masks is not None and self.mask_norm == "masked":
                 sumsq = F.masked_norm_sq(grads, params, adaptive, eta, masks, self.backend)
@@ -580,6 +636,8 @@ class FusedSAM(Optimizer):
                 self.backend,
                 buckets=buckets,
             )
+            if self._random is not None:
+                self._random.draws += 1
         else:
             found_inf = None
         # In flight from here: nothing above left a weight perturbed if it raised.
@@ -1080,7 +1138,13 @@ class FusedSAM(Optimizer):
         buckets = None
         if contiguous:
             buckets = F.plan(self.backend, [params, backups], list(zip(rho, adaptive, eta)))
-        st.plan = _StepPlan(key, {p.device for p in params}, backups, buckets)
+        salts = None
+        if self._random is not None:
+            # A parameter's salt comes from its position among all parameters, not among
+            # those with a gradient this step, so its mask never depends on the others.
+            position = {id(p): i for i, p in enumerate(self._all_params())}
+            salts = tuple(tensor_salt(position[id(p)]) for p in params)
+        st.plan = _StepPlan(key, {p.device for p in params}, backups, buckets, salts)
         return st.plan
 
     def _backup_for(self, p: Tensor) -> Tensor:

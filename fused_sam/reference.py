@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fused_sam.masks import unpack_bits
+from fused_sam.masks import RandomBits, random_mask, unpack_bits
 
 __all__ = [
     "norm_sq_partials",
@@ -93,7 +93,7 @@ def perturb_(
     eps: float,
     adaptive: bool,
     eta: float,
-    masks: Sequence[Tensor] | None,
+    masks: Sequence[Tensor] | RandomBits | None,
 ) -> None:
     r"""Write ``backup = w`` and move the weights to the SAM ascent point, in place.
 
@@ -114,7 +114,9 @@ def perturb_(
         eps: added to the norm.
         adaptive: ASAM scaling.
         eta: ASAM offset.
-        masks: optional bit-packed masks (1 = perturb this element), one per parameter.
+        masks: optional bit-packed masks (1 = perturb this element), one per parameter; or a
+            random mask (:class:`fused_sam.masks.RandomBits`), whose kept entries are also
+            multiplied by its ``scale`` (``1 / keep``).
     """
     norm = math.sqrt(float(sumsq.double().sum()))
     finite = math.isfinite(norm)
@@ -125,7 +127,9 @@ def perturb_(
             continue
         t = _scale_t(w, adaptive, eta)
         e = scale * t * t * g.double()
-        if masks is not None:
+        if isinstance(masks, RandomBits):
+            e = e * random_mask(masks, i, w).double() * masks.scale
+        elif masks is not None:
             e = e * unpack_bits(masks[i], w).double()
         w.copy_((w.double() + e).to(w.dtype))
 

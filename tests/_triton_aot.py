@@ -72,9 +72,12 @@ def main() -> None:
         norm_consts["ADAPTIVE"] = True
         print(json.dumps(_compile(norm_kernel, sig, norm_consts, f"norm/{name}")))
         sig = dict(_BASE, sumsq=part, n_partials="i32", rho="fp64", eps="fp64", eta="fp64")
-        sig.update(w_arg=_T, g_arg=_T, b_arg=_T, m_arg=_T, numel_arg="i32")
-        consts = dict(common, ADAPTIVE=True, HAS_MASK=True, RBLOCK=1024)
+        sig.update(step_key="i64", threshold="i64", w_arg=_T, g_arg=_T, b_arg=_T, m_arg=_T)
+        sig.update(key_arg="i64", numel_arg="i32")
+        consts = dict(common, ADAPTIVE=True, MASK=1, RBLOCK=1024)
         print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}")))
+        consts = dict(common, ADAPTIVE=False, MASK=2, RBLOCK=1024)  # random mask, in-kernel
+        print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}/random")))
         sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", weight_decay="fp64")
         sig.update(momentum="fp64", dampening="fp64", w_arg=_T, g_arg=_T, b_arg=_T, v_arg=_T)
         sig.update(numel_arg="i32")
@@ -102,8 +105,9 @@ def main() -> None:
     consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024)
     print(json.dumps(_compile(sgd_kernel, sig, consts, "sgd/bf16/direct")))
     sig = dict(_BASE, sumsq="*fp32", n_partials="i32", rho="fp64", eps="fp64", eta="fp64")
-    sig.update(w_arg="*fp32", g_arg="*fp32", b_arg="*fp32", m_arg="*u8", numel_arg="i32")
-    consts = {"DTYPE": tl.float32, "ACC": tl.float32, "ADAPTIVE": False, "HAS_MASK": True}
+    sig.update(step_key="i64", threshold="i64", w_arg="*fp32", g_arg="*fp32", b_arg="*fp32")
+    sig.update(m_arg="*u8", key_arg="i64", numel_arg="i32")
+    consts = {"DTYPE": tl.float32, "ACC": tl.float32, "ADAPTIVE": False, "MASK": 2}
     consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024, RBLOCK=1024)
     print(json.dumps(_compile(perturb_kernel, sig, consts, "perturb/fp32/direct")))
 

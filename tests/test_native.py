@@ -42,7 +42,7 @@ from test_ops import check_all
 from fused_sam import FusedSAM
 from fused_sam import functional as F
 from fused_sam.backends import native
-from fused_sam.masks import pack_bits
+from fused_sam.masks import RandomMask, pack_bits, tensor_salt
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 STEPS = 7
@@ -78,6 +78,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
         "perturb_": [
             (ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, []),
             (ps, gs, bs, sumsq, 0.5, 1e-12, True, 0.01, masks),
+            (ps, gs, bs, sumsq, 0.5, 1e-12, False, 0.0, [], [7, 2**32 - 1, 0], 2**31 + 9, 3),
         ],
         "restore_": [(ps, bs)],
         "restore_sgd_step_": [
@@ -436,16 +437,19 @@ CUDA_SHAPES = ((1,), (3,), (4097,), (65537,), (), (33, 7), (1_000_003,))
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
-def test_cuda_norm_and_perturb_outputs(dtype, adaptive, masked) -> None:
-    """The norm total, e = w_new - w_old and the backups of the CUDA ops, per op."""
+@pytest.mark.parametrize("mask", ["none", "bits", "random"])
+def test_cuda_norm_and_perturb_outputs(dtype, adaptive, mask) -> None:
+    """The norm total, e = w_new - w_old and the backups of the CUDA ops, per op; unmasked,
+    bit-packed masks, and a random mask drawn in the kernel (salts in the pointer table)."""
     _require_cuda()
     ps = op_params(dtype, "cuda", CUDA_SHAPES)
     gs = grads_like(ps)
     n = len(ps)
     ad, eta = [adaptive] * n, per_tensor(ETA, n)
     check_norm("cuda", ps, gs, ad, eta)
-    masks = mask_list(ps) if masked else None
+    masks = mask_list(ps) if mask == "bits" else None
+    if mask == "random":
+        masks = RandomMask(keep=0.3, seed=2**33 + 5).bits([tensor_salt(i) for i in range(n)])
     for eps in (1e-12, None):
         rho = per_tensor(RHO, n)
         check_perturb("cuda", ps, gs, rho=rho, eps=eps, adaptive=ad, eta=eta, masks=masks)

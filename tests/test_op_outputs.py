@@ -32,6 +32,7 @@ elements here); a systematic error of a fraction ``f`` of an ulp moves about ``f
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -50,7 +51,14 @@ from torch import Tensor, nn
 from fused_sam import FusedSAM
 from fused_sam import functional as F
 from fused_sam.backends import native
-from fused_sam.masks import DynamicMask, unpack_bits
+from fused_sam.masks import (
+    DynamicMask,
+    RandomBits,
+    RandomMask,
+    random_mask,
+    tensor_salt,
+    unpack_bits,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -244,7 +252,7 @@ def check_perturb(
     eps: float | None,
     adaptive: Sequence[bool],
     eta: Sequence[float],
-    masks: Sequence[Tensor] | None,
+    masks: Sequence[Tensor] | RandomBits | None,
 ) -> None:
     """``perturb_`` of ``backend`` against the reference on the same inputs.
 
@@ -268,7 +276,9 @@ def check_perturb(
     fixed = []
     for i, (p, g) in enumerate(zip(ps, gs)):
         keep = g == 0
-        if masks is not None:
+        if isinstance(masks, RandomBits):
+            keep = keep | ~random_mask(masks, i, p)
+        elif masks is not None:
             keep = keep | ~unpack_bits(masks[i], p)
         fixed.append(keep)
     check_stored(f"{backend} perturb e", got_w, want_w, base=ps, fixed=fixed)
@@ -483,14 +493,21 @@ def test_norm_sq_total(backend: str, dtype: torch.dtype, adaptive: bool) -> None
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
-def test_perturb_e(backend: str, dtype: torch.dtype, adaptive: bool, masked: bool) -> None:
-    """e = w_new - w_old and the backups, with a tiny norm epsilon and one as large as the norm."""
+@pytest.mark.parametrize("mask", ["none", "bits", "random"])
+def test_perturb_e(backend: str, dtype: torch.dtype, adaptive: bool, mask: str) -> None:
+    """e = w_new - w_old and the backups, with a tiny norm epsilon and one as large as the norm;
+    unmasked, with bit-packed masks and with a random mask drawn in the kernels."""
     require_backend(backend)
     ps = op_params(dtype)
     gs = grads_like(ps)
     n = len(ps)
-    masks = mask_list(ps) if masked else None
+    masks: list[Tensor] | RandomBits | None = None
+    if mask == "bits":
+        masks = mask_list(ps)
+    elif mask == "random":
+        draw = RandomMask(keep=0.3, seed=11)
+        draw.draws = 5
+        masks = draw.bits([tensor_salt(i) for i in range(n)])
     for eps in (1e-12, None):
         check_perturb(
             backend,
@@ -935,6 +952,20 @@ OPTION_CASES = {
         None,
     ),
     "complex_adamw": (complex_params, torch.optim.AdamW, ADAM_KW, dict(rho=0.5), None),
+    "random_mask": (
+        odd_params,
+        torch.optim.SGD,
+        SGD_KW,
+        dict(rho=0.5, mask=RandomMask(keep=0.4, seed=5)),
+        None,
+    ),
+    "random_mask_complex": (
+        complex_params,
+        torch.optim.AdamW,
+        ADAM_KW,
+        dict(rho=0.5, mask=RandomMask(keep=0.6, seed=2**40 + 1)),
+        None,
+    ),
 }
 
 
@@ -949,7 +980,8 @@ def test_fused_sam_option_matches_reference(backend: str, case: str) -> None:
     make_params_, base, base_kw, sam_kw, bad_at = OPTION_CASES[case]
 
     def make(ps, name):
-        return FusedSAM(ps, base, backend=name, **sam_kw, **base_kw)
+        # A copy of the options per optimizer: a RandomMask counts its own draws.
+        return FusedSAM(ps, base, backend=name, **copy.deepcopy(sam_kw), **base_kw)
 
     compare_fused_sam(backend, make, make_params_(), nonfinite_at=bad_at)
     if bad_at is not None:

@@ -14,7 +14,7 @@ import torch
 from conftest import CPU_BACKENDS, TOL, assert_close, require_backend
 
 from fused_sam import functional as F
-from fused_sam.masks import pack_bits
+from fused_sam.masks import RandomMask, pack_bits, tensor_salt
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 STEPS = 7
@@ -335,9 +335,9 @@ def test_restore_adam_step_skip(backend: str) -> None:
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("mask", ["none", "bits", "random"])
 @pytest.mark.parametrize("bad", [None, float("nan")])
-def test_foreach_device_path_on_cpu_tensors(adaptive: bool, masked: bool, bad) -> None:
+def test_foreach_device_path_on_cpu_tensors(adaptive: bool, mask: str, bad) -> None:
     """The sync-free accelerator path of the foreach perturbation, checked on CPU tensors."""
     from fused_sam.backends import foreach
 
@@ -347,13 +347,16 @@ def test_foreach_device_path_on_cpu_tensors(adaptive: bool, masked: bool, bad) -
         gs[2][5] = bad
     n = len(ps)
     ad, eta = [adaptive] * n, [0.01] * n
-    masks = masks_for(ps) if masked else None
+    masks = masks_for(ps) if mask == "bits" else None
+    if mask == "random":
+        masks = RandomMask(0.5, seed=1).bits([tensor_salt(i) for i in range(n)])
     sumsq = F.norm_sq(gs, ps, ad, eta, backend="reference")
     want = clone(ps)
     F.perturb_(want, gs, clone(ps), sumsq, [0.05] * n, 1e-12, ad, eta, masks, backend="reference")
     got = clone(ps)
     norm = sumsq.sum().sqrt()
-    foreach._add_guarded(got, gs, norm, 0.05, 1e-12, adaptive, 0.01, masks)
+    kept, rho = foreach._materialise(masks, got, 0.05)
+    foreach._add_guarded(got, gs, norm, rho, 1e-12, adaptive, 0.01, kept)
     check_all(got, want, "params")
     if bad is not None:
         assert all(torch.equal(a, b) for a, b in zip(got, ps))

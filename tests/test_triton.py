@@ -34,7 +34,7 @@ from test_op_outputs import (
 )
 
 from fused_sam import functional as F
-from fused_sam.masks import pack_bits
+from fused_sam.masks import RandomMask, pack_bits, tensor_salt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,7 +261,12 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
             found_inf=None,
         )
         tb.restore_(backups, ps)
-        results[mode] = (sumsq.double().sum(), ps, m, v, vmax, steps, bufs, backups)
+        # A random mask drawn in the kernel (the direct path gets each tensor's key as an int).
+        draw = RandomMask(keep=0.4, seed=6).bits([tensor_salt(i) for i in range(n)])
+        rps = _tensors(sizes, torch.bfloat16)
+        tb.perturb_(rps, g1, [torch.empty_like(p) for p in rps], sumsq, 0.5, 1e-12, False, 0.0,
+                    draw)  # fmt: skip
+        results[mode] = (sumsq.double().sum(), ps, m, v, vmax, steps, bufs, backups, rps)
     assert len(launched) == 5  # norm, perturb, adam, sgd, restore
     a, b = results["table"], results["direct"]
     torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=0)
@@ -400,7 +405,11 @@ def _op_args(device: str):
     adam_hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, True)
     return [
         (ops.norm_sq_partials.default, (gs, ps, True, 0.01)),
-        (ops.perturb.default, (ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, masks)),
+        (ops.perturb.default, (ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, masks, [], 0, 0)),
+        (
+            ops.perturb.default,
+            (ps, gs, bs, sumsq, 0.05, 1e-12, True, 0.01, [], [5, 2**32 - 1], 2**31 + 3, 2**30),
+        ),
         (ops.restore.default, (ps, bs)),
         (
             ops.restore_sgd_step.default,
@@ -484,7 +493,7 @@ def test_compiles_for_sm90_and_vectorises() -> None:
     )
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 20
+    assert len(rows) == 24
     for row in rows:
         if "/direct" in row["kernel"] or row["kernel"] == "steps":
             continue
@@ -511,16 +520,19 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
-def test_gpu_norm_and_perturb_outputs(dtype: torch.dtype, adaptive: bool, masked: bool) -> None:
-    """The norm total, e = w_new - w_old and the backups of the compiled kernels, per op."""
+@pytest.mark.parametrize("mask", ["none", "bits", "random"])
+def test_gpu_norm_and_perturb_outputs(dtype: torch.dtype, adaptive: bool, mask: str) -> None:
+    """The norm total, e = w_new - w_old and the backups of the compiled kernels, per op;
+    unmasked, bit-packed masks, and a random mask drawn in the kernel."""
     _cuda()
     ps = op_params(dtype, "cuda", GPU_SHAPES)
     gs = grads_like(ps)
     n = len(ps)
     ad, eta = [adaptive] * n, per_tensor(ETA, n)
     check_norm("triton", ps, gs, ad, eta)
-    masks = mask_list(ps) if masked else None
+    masks = mask_list(ps) if mask == "bits" else None
+    if mask == "random":
+        masks = RandomMask(keep=0.3, seed=2**33 + 5).bits([tensor_salt(i) for i in range(n)])
     for eps in (1e-12, None):
         rho = per_tensor(RHO, n)
         check_perturb("triton", ps, gs, rho=rho, eps=eps, adaptive=ad, eta=eta, masks=masks)
@@ -580,10 +592,16 @@ def test_gpu_steady_state_no_copy_no_recompile() -> None:
     vs = [torch.zeros_like(p) for p in ps]
     n = len(ps)
 
+    draws = RandomMask(keep=0.5, seed=1)
+
     def step(i: int) -> None:
         sumsq = F.norm_sq(gs, ps, [False] * n, [0.0] * n, backend="triton")
         rho = [0.05 + 0.01 * i] * n
         F.perturb_(ps, gs, bs, sumsq, rho, 1e-12, [False] * n, [0.0] * n, None, "triton")
+        # A random mask draws a new step key each step: a runtime argument, no recompile.
+        draws.draws = i
+        bits = draws.bits([tensor_salt(k) for k in range(n)])
+        F.perturb_(ps, gs, bs, sumsq, rho, 1e-12, [False] * n, [0.0] * n, bits, "triton")
         F.restore_sgd_step_(
             ps, gs, bs, vs, lr=0.1 / (i + 1), weight_decay=0.0, momentum=0.9, dampening=0.0,
             nesterov=False, maximize=False, first_step=[False] * n, grad_scale=None,

@@ -19,6 +19,14 @@
 
 namespace fused_sam::cpu {
 
+// The mask of one tensor's perturbation: bit-packed (bits), a random draw (threshold > 0: keep
+// element j iff element_hash(key, j) < threshold, see fused_sam.masks), or none.
+struct MaskRef {
+  const uint8_t* bits = nullptr;
+  uint32_t key = 0;
+  uint32_t threshold = 0;
+};
+
 // Hyperparameters of restore_sgd_step_, already resolved to plain numbers.
 struct SgdArgs {
   double lr, weight_decay, momentum, dampening;
@@ -41,8 +49,8 @@ template <typename T>
 struct Kernels {
   // Sum of (T(w) g)^2 over the range, T(w) = |w| + eta when adaptive, 1 otherwise.
   double (*sumsq)(const T* g, const T* w, int64_t begin, int64_t end, bool adaptive, double eta);
-  // b = w, then w = w + scale * T(w)^2 * g (* mask bit). mask may be null.
-  void (*perturb)(T* w, const T* g, T* b, const uint8_t* mask, int64_t begin, int64_t end,
+  // b = w, then w = w + scale * T(w)^2 * g (* mask bit).
+  void (*perturb)(T* w, const T* g, T* b, MaskRef mask, int64_t begin, int64_t end,
                   double scale, bool adaptive, double eta);
   // w = b, then one SGD step; buf is null without momentum.
   void (*sgd)(T* w, const T* g, const T* b, T* buf, int64_t begin, int64_t end,

@@ -299,11 +299,13 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
 
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
               const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
-              at::TensorList masks) {
+              at::TensorList masks, c10::IntArrayRef salts, int64_t step_key,
+              int64_t threshold) {
   check_cpu_params(params);
   check_list(grads, params, "grads");
   check_list(backups, params, "backups");
   check_masks(masks, params);
+  check_random(salts, step_key, threshold, masks, params);
   TORCH_CHECK(sumsq.device().is_cpu() && sumsq.dim() == 1,
               "fused_sam: sumsq must be a 1-D cpu tensor");
   // Finalise the norm: fixed-order float64 sum of the partials.
@@ -332,8 +334,15 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
         const auto b = ptrs<scalar_t>(backups);
         const auto m = ptrs<const uint8_t>(masks);
         for_each_chunk(plan, [&](int64_t, const Chunk& c) {
-          perturb(w[c.tensor], g[c.tensor], b[c.tensor], m.empty() ? nullptr : m[c.tensor],
-                  c.begin, c.end, scale, adaptive, eta);
+          MaskRef mask;
+          if (!m.empty()) {
+            mask.bits = m[c.tensor];
+          } else if (!salts.empty()) {
+            mask.key = static_cast<uint32_t>(salts[c.tensor] ^ step_key);
+            mask.threshold = static_cast<uint32_t>(threshold);
+          }
+          perturb(w[c.tensor], g[c.tensor], b[c.tensor], mask, c.begin, c.end, scale, adaptive,
+                  eta);
         });
       });
 }

@@ -104,6 +104,10 @@ struct TableView {
   __device__ __forceinline__ P* ptr(int list, int64_t t) const {
     return reinterpret_cast<P*>(data[layout.ptr_at(list) + t]);
   }
+  // Entry t of a list that holds values instead of addresses.
+  __device__ __forceinline__ int64_t value(int list, int64_t t) const {
+    return data[layout.ptr_at(list) + t];
+  }
   // The tensor that owns chunk c: the last t with chunk_begin[t] <= c (empty tensors own none).
   __device__ __forceinline__ int64_t tensor_of(int64_t c) const {
     const int64_t* begin = data + layout.chunk_begin_at();

@@ -152,10 +152,12 @@ TableCache& cache() {
 }
 
 // One list of the table: its tensors (empty = null pointers) and whether it takes part in the
-// 16-byte alignment decision (the lists in the storage dtype do; masks and counters do not).
+// 16-byte alignment decision (the lists in the storage dtype do; masks and counters do not);
+// or, with no tensors, per-tensor values stored as they are (a random mask's salts).
 struct ListSpec {
   at::TensorList tensors;
   bool vectorised;
+  c10::IntArrayRef values = {};
 };
 
 // A table ready to launch with, and the storage that keeps it alive meanwhile.
@@ -180,6 +182,8 @@ LaunchTable make_table(at::TensorList params, std::initializer_list<ListSpec> sp
         const auto addr = reinterpret_cast<int64_t>(s.tensors[t].data_ptr());
         host[layout.ptr_at(l) + t] = addr;
         aligned = aligned && (!s.vectorised || addr % 16 == 0);
+      } else if (!s.values.empty()) {
+        host[layout.ptr_at(l) + t] = s.values[t];
       }
       ++l;
     }
@@ -225,25 +229,33 @@ at::Tensor norm_sq_partials(at::TensorList grads, at::TensorList params, bool ad
 
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups,
               const at::Tensor& sumsq, double rho, double eps, bool adaptive, double eta,
-              at::TensorList masks) {
+              at::TensorList masks, c10::IntArrayRef salts, int64_t step_key,
+              int64_t threshold) {
   check_params(params);
   check_list(grads, params, "grads");
   check_list(backups, params, "backups");
   check_masks(masks, params);
+  check_random(salts, step_key, threshold, masks, params);
   TORCH_CHECK(sumsq.device() == params[0].device() && sumsq.dim() == 1 &&
                   (sumsq.scalar_type() == at::kFloat || sumsq.scalar_type() == at::kDouble),
               "fused_sam: sumsq must be a 1-D float32/float64 tensor on ", params[0].device());
   bump_versions({params, backups});
   const c10::cuda::CUDAGuard guard(params[0].device());
   const at::Tensor s = sumsq.contiguous();
+  // The salts are fixed per parameter, so a random mask keeps the table cached; the step key
+  // changes every step and goes to the kernel as an argument.
   const LaunchTable t = make_table(
-      params, {{params, true}, {grads, true}, {backups, true}, {masks, false}});
+      params, {{params, true}, {grads, true}, {backups, true}, {masks, false, salts}});
   if (t.chunks == 0) {
     return;
   }
-  check(ck::launch_perturb(kernel_dtype(params[0].scalar_type()), t, !masks.empty(),
-                           s.data_ptr(), s.scalar_type() == at::kDouble, s.numel(), rho, eps,
-                           adaptive, eta, grid_for(t, params[0].get_device()), stream()));
+  const ck::MaskKind kind = !masks.empty()   ? ck::MaskKind::kBits
+                            : !salts.empty() ? ck::MaskKind::kRandom
+                                             : ck::MaskKind::kNone;
+  const ck::RandomMask random{static_cast<uint32_t>(step_key), static_cast<uint32_t>(threshold)};
+  check(ck::launch_perturb(kernel_dtype(params[0].scalar_type()), t, kind, random, s.data_ptr(),
+                           s.scalar_type() == at::kDouble, s.numel(), rho, eps, adaptive, eta,
+                           grid_for(t, params[0].get_device()), stream()));
 }
 
 void restore_(at::TensorList params, at::TensorList backups) {

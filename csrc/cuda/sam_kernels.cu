@@ -33,6 +33,17 @@ __device__ __forceinline__ bool mask_bit(const uint8_t* mask, int64_t k) {
   return (mask[k >> 3] >> (k & 7)) & 1;
 }
 
+// The random-mask hash of fused_sam.masks.element_hash: fmix32(k + j * 0x9E3779B9), uint32
+// arithmetic, j the element's position modulo 2^32.
+__device__ __forceinline__ uint32_t element_hash(uint32_t key, int64_t j) {
+  uint32_t x = key + static_cast<uint32_t>(j) * 0x9E3779B9u;
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
 // ---------------------------------------------------------------------------------------------
 // norm_sq
 
@@ -90,10 +101,10 @@ __device__ double reduce_sumsq(const S* sumsq, int64_t len) {
   return total;
 }
 
-template <typename T, bool kAdaptive, bool kMasked, typename S>
+template <typename T, bool kAdaptive, MaskKind kMask, typename S>
 __global__ void __launch_bounds__(kThreads)
-    perturb_kernel(TableView tab, int64_t chunks, const S* sumsq, int64_t sumsq_len, double rho,
-                   double eps, typename Num<T>::Op eta) {
+    perturb_kernel(TableView tab, int64_t chunks, RandomMask random, const S* sumsq,
+                   int64_t sumsq_len, double rho, double eps, typename Num<T>::Op eta) {
   using Op = typename Num<T>::Op;
   const double norm = sqrt(reduce_sumsq(sumsq, sumsq_len));
   const bool finite = isfinite(norm);
@@ -102,7 +113,12 @@ __global__ void __launch_bounds__(kThreads)
     T* w = tab.ptr<T>(kPW, c.tensor);
     const T* g = tab.ptr<const T>(kPG, c.tensor);
     T* b = tab.ptr<T>(kPB, c.tensor);
-    const uint8_t* mask = kMasked ? tab.ptr<const uint8_t>(kPMask, c.tensor) : nullptr;
+    const uint8_t* mask =
+        kMask == MaskKind::kBits ? tab.ptr<const uint8_t>(kPMask, c.tensor) : nullptr;
+    const uint32_t key =
+        kMask == MaskKind::kRandom
+            ? static_cast<uint32_t>(tab.value(kPMask, c.tensor)) ^ random.step_key
+            : 0u;
     for_each_pack<T>(c, [&](int64_t i, int n) {
       Pack<T> wp = load_pack(w, i, n, c.vec);
       store_pack(b, i, wp, n, c.vec);  // exact backup: the stored bits, not a conversion
@@ -119,8 +135,10 @@ __global__ void __launch_bounds__(kThreads)
           e = e * t * t;
         }
         e = e * Num<T>::to_op(gp.v[j]);
-        if (kMasked) {
+        if (kMask == MaskKind::kBits) {
           e = e * static_cast<Op>(j < n && mask_bit(mask, i + j));
+        } else if (kMask == MaskKind::kRandom) {
+          e = e * static_cast<Op>(element_hash(key, i + j) < random.threshold);
         }
         wp.v[j] = Num<T>::from_op(wj + e);
       }
@@ -349,23 +367,27 @@ cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, doubl
   });
 }
 
-cudaError_t launch_perturb(DType dtype, const Table& table, bool masked, const void* sumsq,
-                           bool sumsq_double, int64_t sumsq_len, double rho, double eps,
-                           bool adaptive, double eta, int grid, cudaStream_t stream) {
+cudaError_t launch_perturb(DType dtype, const Table& table, MaskKind mask, RandomMask random,
+                           const void* sumsq, bool sumsq_double, int64_t sumsq_len, double rho,
+                           double eps, bool adaptive, double eta, int grid, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Op = typename Num<T>::Op;
-    const auto launch = [&](auto s_tag, auto adaptive_tag, auto masked_tag) {
+    const auto launch = [&](auto s_tag, auto adaptive_tag, auto mask_tag) {
       using S = decltype(s_tag);
-      perturb_kernel<T, decltype(adaptive_tag)::value, decltype(masked_tag)::value, S>
-          <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, static_cast<const S*>(sumsq),
-                                          sumsq_len, rho, eps, static_cast<Op>(eta));
+      perturb_kernel<T, decltype(adaptive_tag)::value, decltype(mask_tag)::value, S>
+          <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, random,
+                                          static_cast<const S*>(sumsq), sumsq_len, rho, eps,
+                                          static_cast<Op>(eta));
     };
     const auto by_mask = [&](auto s_tag, auto adaptive_tag) {
-      if (masked) {
-        launch(s_tag, adaptive_tag, std::true_type{});
+      using Kind = MaskKind;
+      if (mask == Kind::kBits) {
+        launch(s_tag, adaptive_tag, std::integral_constant<Kind, Kind::kBits>{});
+      } else if (mask == Kind::kRandom) {
+        launch(s_tag, adaptive_tag, std::integral_constant<Kind, Kind::kRandom>{});
       } else {
-        launch(s_tag, adaptive_tag, std::false_type{});
+        launch(s_tag, adaptive_tag, std::integral_constant<Kind, Kind::kNone>{});
       }
     };
     const auto by_adaptive = [&](auto s_tag) {

@@ -30,7 +30,8 @@ constexpr int kThreads = 512;
 //   [0, n)                  numel of tensor t
 //   [n, 2n + 1)             first chunk of tensor t (prefix sum; entry n is the chunk total)
 //   [2n + 1, 3n + 1)        1 when every pointer of tensor t is 16-byte aligned (vector path)
-//   [3n + 1 + l n, ...)     address of tensor t in list l, for l in [0, lists)
+//   [3n + 1 + l n, ...)     address of tensor t in list l, for l in [0, lists) (or a per-tensor
+//                           value, e.g. the salts of a random mask)
 //
 // plus one trailing int64 used as a grid-completion counter (see the Adam kernel).
 struct TableLayout {
@@ -85,11 +86,21 @@ struct AdamArgs {
 cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, double eta,
                            double* partials, int num_partials, int grid, cudaStream_t stream);
 
+// What list kPMask of a perturb table holds: nothing, mask addresses (bit-packed masks), or
+// per-tensor 32-bit salts of a random mask (keep element j of tensor t iff
+// element_hash(salt_t ^ step_key, j) < threshold; see fused_sam.masks).
+enum class MaskKind : int { kNone = 0, kBits = 1, kRandom = 2 };
+
+struct RandomMask {
+  uint32_t step_key;
+  uint32_t threshold;
+};
+
 // Reduces sumsq (float, or double when sumsq_double) in a fixed order inside every block,
 // then backup = w and w += e where the norm is finite.
-cudaError_t launch_perturb(DType dtype, const Table& table, bool masked, const void* sumsq,
-                           bool sumsq_double, int64_t sumsq_len, double rho, double eps,
-                           bool adaptive, double eta, int grid, cudaStream_t stream);
+cudaError_t launch_perturb(DType dtype, const Table& table, MaskKind mask, RandomMask random,
+                           const void* sumsq, bool sumsq_double, int64_t sumsq_len, double rho,
+                           double eps, bool adaptive, double eta, int grid, cudaStream_t stream);
 
 cudaError_t launch_restore(DType dtype, const Table& table, int grid, cudaStream_t stream);
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fused_sam.masks import unpack_bits
+from fused_sam.masks import RandomBits, random_mask, unpack_bits
 
 __all__ = [
     "FLAT",
@@ -87,10 +87,11 @@ def perturb_(
     eps: float,
     adaptive: bool,
     eta: float,
-    masks: Sequence[Tensor] | None,
+    masks: Sequence[Tensor] | RandomBits | None,
 ) -> None:
     """See :func:`fused_sam.reference.perturb_`."""
     params, grads = list(params), list(grads)
+    keep, rho = _materialise(masks, params, rho)
     torch._foreach_copy_(list(backups), params)
     norm = sumsq.double().sum().sqrt()
     if params[0].device.type == "cpu":
@@ -98,9 +99,21 @@ def perturb_(
         # a Python scale lets one in-place multi-tensor op apply e with no temporaries.
         value = float(norm)
         if math.isfinite(value):
-            _add_scaled(params, grads, rho / (value + eps), adaptive, eta, masks)
+            _add_scaled(params, grads, rho / (value + eps), adaptive, eta, keep)
     else:
-        _add_guarded(params, grads, norm, rho, eps, adaptive, eta, masks)
+        _add_guarded(params, grads, norm, rho, eps, adaptive, eta, keep)
+
+
+def _materialise(
+    masks: Sequence[Tensor] | RandomBits | None, params: list[Tensor], rho: float
+) -> tuple[list[Tensor] | None, float]:
+    """The masks as bool tensors laid out like the params, and rho times a random mask's
+    ``1 / keep`` (this backend computes the bits with tensor ops instead of in a kernel)."""
+    if masks is None:
+        return None, rho
+    if isinstance(masks, RandomBits):
+        return [random_mask(masks, i, w) for i, w in enumerate(params)], rho * masks.scale
+    return [unpack_bits(m, w) for m, w in zip(masks, params)], rho
 
 
 def _add_guarded(
@@ -111,7 +124,7 @@ def _add_guarded(
     eps: float,
     adaptive: bool,
     eta: float,
-    masks: Sequence[Tensor] | None,
+    masks: list[Tensor] | None,
 ) -> None:
     """``w += e`` with the scale and the non-finite decision on the device (no host sync)."""
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
@@ -126,7 +139,7 @@ def _add_guarded(
         t = torch.cat([w.reshape(-1).to(acc) for w in params]).abs_().add_(eta)
         flat.mul_(t).mul_(t)
     if masks is not None:
-        flat.mul_(torch.cat([unpack_bits(m, w).reshape(-1) for m, w in zip(masks, params)]))
+        flat.mul_(torch.cat([m.reshape(-1) for m in masks]))
     # scale is 0 when the norm is not finite, but 0 * inf = nan where a gradient itself is not
     # finite: zero those so a skipped perturbation leaves the weights bit-identical.
     flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -140,7 +153,7 @@ def _add_scaled(
     scale: float,
     adaptive: bool,
     eta: float,
-    masks: Sequence[Tensor] | None,
+    masks: list[Tensor] | None,
 ) -> None:
     """``w += scale * T(w)^2 * g * m`` with a host scale (the CPU path of :func:`perturb_`).
 
@@ -159,7 +172,7 @@ def _add_scaled(
     else:
         e = _f32_copy(grads)
     if masks is not None:
-        torch._foreach_mul_(e, [unpack_bits(m, w) for m, w in zip(masks, params)])
+        torch._foreach_mul_(e, masks)
     if low:
         torch._foreach_mul_(e, scale)
         torch._foreach_add_(params, e)  # computed in float32, rounded once to the params' dtype

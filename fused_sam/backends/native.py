@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_sam.masks import RandomBits
+
 __all__ = [
     "FLAT",
     "build_info",
@@ -104,6 +106,9 @@ if _C is not None:
         adaptive: bool,
         eta: float,
         masks: list[Tensor],
+        salts: Sequence[int] = (),
+        step_key: int = 0,
+        threshold: int = 0,
     ) -> None:
         return None
 
@@ -192,9 +197,15 @@ def perturb_(
     eps: float,
     adaptive: bool,
     eta: float,
-    masks: Sequence[Tensor] | None,
+    masks: Sequence[Tensor] | RandomBits | None,
 ) -> None:
-    """See :func:`fused_sam.reference.perturb_`; the norm is finalised inside the kernel."""
+    """See :func:`fused_sam.reference.perturb_`; the norm is finalised inside the kernel, a
+    random mask's bits are computed in it (the op takes the salts, the step key and the
+    threshold; ``1 / keep`` is folded into ``rho`` here)."""
+    if isinstance(masks, RandomBits):
+        args = (params, grads, backups, sumsq, rho * masks.scale, eps, adaptive, eta, [])
+        _run("direct_perturb_", _perturb, *args, list(masks.salts), masks.step_key, masks.threshold)
+        return
     args = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
     _run("direct_perturb_", _perturb, *args)
 

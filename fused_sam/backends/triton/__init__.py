@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from fused_sam.masks import RandomBits
+
 __all__ = [
     "FLAT",
     "norm_sq_partials",
@@ -240,8 +242,12 @@ def _perturb_impl(
     adaptive: bool,
     eta: float,
     masks: list[Tensor],
+    salts: list[int],
+    step_key: int,
+    threshold: int,
 ) -> None:
-    # ``masks`` is empty for an unmasked step (the op schema has no optional tensor lists).
+    # ``masks`` is empty for an unmasked step (the op schema has no optional tensor lists);
+    # ``salts`` is empty unless the step has a random mask (then ``masks`` is empty).
     w0 = params[0]
     numels = [w.numel() for w in params]
     geo = _table.geometry(sum(numels))
@@ -249,7 +255,7 @@ def _perturb_impl(
         **_common(w0.dtype),
         "ACC": _table.acc_dtype(w0.dtype),
         "ADAPTIVE": adaptive,
-        "HAS_MASK": bool(masks),
+        "MASK": 1 if masks else 2 if salts else 0,
         "BLOCK": geo.block,
         "RBLOCK": _RBLOCK,
     }
@@ -263,19 +269,20 @@ def _perturb_impl(
             chunks = triton.cdiv(n, geo.chunk)
             if chunks:
                 m = masks[i] if masks else _dummy(w0)
+                key = salts[i] ^ step_key if salts else 0
                 launch[(chunks,)](
                     _dummy(w0), 1, chunks, geo.chunk, sumsq, n_partials, rho, eps, eta,
-                    w, g, b, m, n,
+                    step_key, threshold, w, g, b, m, key, n,
                     ALIGNED=False, DIRECT=True, **const,
                 )  # fmt: skip
         return
-    lists = [params, grads, backups] + ([masks] if masks else [])
+    lists = [params, grads, backups] + ([masks] if masks else [salts] if salts else [])
     table = _table.pointer_table(lists, numels, geo.chunk, w0.device)
     if table.n_chunks == 0:
         return
     perturb_kernel[(table.n_chunks,)](
         table.data, table.n_tensors, table.n_chunks, geo.chunk, sumsq, n_partials, rho, eps, eta,
-        table.data, table.data, table.data, table.data, 0,
+        step_key, threshold, table.data, table.data, table.data, table.data, 0, 0,
         ALIGNED=table.aligned, DIRECT=False, **const,
     )  # fmt: skip
 
@@ -541,9 +548,10 @@ def perturb_(
     eps: float,
     adaptive: bool,
     eta: float,
-    masks: Sequence[Tensor] | None,
+    masks: Sequence[Tensor] | RandomBits | None,
 ) -> None:
-    """See :func:`fused_sam.reference.perturb_`. The scale is computed on the device."""
+    """See :func:`fused_sam.reference.perturb_`. The scale is computed on the device, and so
+    are a random mask's bits (``1 / keep`` is folded into ``rho`` here)."""
     if not params:
         return
     _check_like(params, grads=grads, backups=backups)
@@ -552,7 +560,12 @@ def perturb_(
             params, grads, backups, sumsq, rho, eps, adaptive, eta, masks
         )
         return
-    if masks is not None and not all(_mask_ok(m, p) for m, p in zip(masks, params)):
+    random = masks if isinstance(masks, RandomBits) else None
+    if (
+        random is None
+        and masks is not None
+        and not all(_mask_ok(m, p) for m, p in zip(masks, params))
+    ):
         _fallback("perturb", "mask layout").perturb_(
             params, grads, backups, sumsq, rho, eps, adaptive, eta, masks
         )
@@ -563,11 +576,14 @@ def perturb_(
         list(grads),
         list(backups),
         sumsq,
-        float(rho),
+        float(rho if random is None else rho * random.scale),
         float(eps),
         adaptive,
         float(eta),
-        [] if masks is None else list(masks),
+        [] if masks is None or random is not None else list(masks),
+        [] if random is None else list(random.salts),
+        0 if random is None else random.step_key,
+        0 if random is None else random.threshold,
     )
 
 

@@ -156,19 +156,24 @@ def cache_info() -> tuple[int, int]:
 
 
 def pointer_table(
-    lists: Sequence[Sequence[Tensor]], numels: Sequence[int], chunk: int, device: torch.device
+    lists: Sequence[Sequence[Tensor] | Sequence[int]],
+    numels: Sequence[int],
+    chunk: int,
+    device: torch.device,
 ) -> Table:
     """The (cached) table of ``lists`` split into programs of ``chunk`` elements.
 
     Args:
         lists: tensor lists of one call; ``lists[j][i]`` is the ``i``-th tensor of list ``j``
-            (an element count of ``numels[i]``, except mask lists, which hold bytes).
+            (an element count of ``numels[i]``, except mask lists, which hold bytes). A list
+            of ints is stored as it is (per-tensor values, e.g. a random mask's salts) and
+            takes no part in the alignment decision.
         numels: elements per index; the schedule covers ``ceil(numels[i] / chunk)`` programs
             for index ``i`` (none for an empty tensor).
         chunk: elements per program.
         device: where the table lives (the tensors' device).
     """
-    addrs = tuple(tuple(t.data_ptr() for t in lst) for lst in lists)
+    addrs = tuple(tuple(t if isinstance(t, int) else t.data_ptr() for t in lst) for lst in lists)
     key = (device, chunk, tuple(numels), addrs)
     table = _CACHE.get(key)
     if table is not None:
@@ -184,7 +189,12 @@ def pointer_table(
     for row in addrs:
         flat.extend(row)
     data = torch.tensor(flat, dtype=torch.int64).to(device)
-    aligned = all(a % 16 == 0 for row in addrs for a in row)
+    aligned = all(
+        a % 16 == 0
+        for lst, row in zip(lists, addrs)
+        if lst and not isinstance(lst[0], int)
+        for a in row
+    )
     table = Table(data, len(numels), len(owner), aligned)
     _CACHE[key] = table
     if len(_CACHE) > _CACHE_SIZE:
@@ -220,6 +230,12 @@ def address(
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def entry(table, n_tensors, n_chunks, t, row: tl.constexpr):
+    """The raw int64 of tensor ``t`` in list ``row`` (a list of values, not addresses)."""
+    return tl.load(table + 2 * n_chunks + (1 + row) * n_tensors + t)
 
 
 @triton.jit

@@ -6,7 +6,7 @@
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import address, f64, locate, to_storage
+from fused_sam.backends.triton._table import address, entry, f64, locate, to_storage
 
 
 @triton.jit
@@ -31,6 +31,23 @@ def finalize(sumsq, n_partials, rho, eps, RBLOCK: tl.constexpr):
 
 
 @triton.jit
+def element_hash(key, j):
+    r"""The random-mask hash of :func:`fused_sam.masks.element_hash`, in uint32 arithmetic.
+
+    .. math:: h(k, j) = \mathrm{fmix32}\big((k + j \cdot \mathtt{0x9E3779B9}) \bmod 2^{32}\big)
+
+    ``key`` is a uint32 scalar and ``j`` the elements' positions in their tensor (int64, taken
+    modulo :math:`2^{32}`); products wrap like the C++ and CUDA kernels'.
+    """
+    x = key + j.to(tl.uint32) * 0x9E3779B9
+    x ^= x >> 16
+    x = x * 0x85EBCA6B
+    x ^= x >> 13
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
 def _perturb(
     w_ptr,
     g_ptr,
@@ -41,8 +58,11 @@ def _perturb(
     scale,
     eta,
     finite,
+    first,
+    key,
+    threshold,
     ADAPTIVE: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    MASK: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
     # ``inb`` is None for a full block: unmasked, vectorisable accesses.
@@ -56,15 +76,18 @@ def _perturb(
     else:
         e = scale * g
     new = to_storage(w + e, DTYPE)
-    if HAS_MASK:
+    if MASK == 1:
         byte = tl.load(m_ptr + (offs >> 3), mask=inb)
         new = tl.where(((byte.to(tl.int32) >> (offs & 7)) & 1) != 0, new, w_raw)
+    elif MASK == 2:
+        # Computed, not read: element first + offs of the tensor is kept iff its hash is small.
+        new = tl.where(element_hash(key, first + offs) < threshold, new, w_raw)
     # Where nothing moves, the loaded bits go back untouched (w + 0 would turn -0.0 into +0.0).
     # (Two selects: the interpreter cannot AND a scalar flag into a block of flags.)
     tl.store(w_ptr + offs, tl.where(finite, new, w_raw), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step_key", "threshold", "key_arg"])
 def perturb_kernel(
     table,
     n_tensors,
@@ -75,15 +98,18 @@ def perturb_kernel(
     rho: tl.float64,
     eps: tl.float64,
     eta: tl.float64,
+    step_key: tl.int64,
+    threshold: tl.int64,
     w_arg,
     g_arg,
     b_arg,
     m_arg,
+    key_arg: tl.int64,
     numel_arg,
     DTYPE: tl.constexpr,
     ACC: tl.constexpr,
     ADAPTIVE: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    MASK: tl.constexpr,
     ALIGNED: tl.constexpr,
     DIRECT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -94,18 +120,26 @@ def perturb_kernel(
     .. math:: e = \mathrm{scale} \cdot T(w)^2\, g \odot m,
         \qquad T(w) = |w| + \eta \ \text{(ASAM) or } 1
 
+    where :math:`m` is read from bit-packed masks (``MASK == 1``), computed from the hash of
+    the element's position (``MASK == 2``: kept iff ``element_hash(salt ^ step_key, j) <
+    threshold``), or 1 (``MASK == 0``).
+
     computed in ``ACC`` and rounded once on store. When the norm is not finite the weights
     keep their exact bits (the backup is written either way); a zero gradient gives
     ``e = 0`` exactly, because the scale is finite (``rho / eps`` at worst).
 
     Args:
-        table: pointer table (lists: params, grads, backups[, masks]); unused when ``DIRECT``.
+        table: pointer table (lists: params, grads, backups[, mask addresses or salts]);
+            unused when ``DIRECT``.
         n_tensors, n_chunks, chunk: table dimensions and elements per program.
         sumsq, n_partials: the norm partials of the whole step (all buckets).
         rho, eps, eta: signed radius, norm epsilon, ASAM offset (runtime, float64).
-        w_arg, g_arg, b_arg, m_arg, numel_arg: the tensors of a ``DIRECT`` launch.
+        step_key, threshold: the random mask's key of this step and its keep threshold.
+        w_arg, g_arg, b_arg, m_arg, key_arg, numel_arg: the tensors of a ``DIRECT`` launch
+            (``key_arg``: the tensor's random-mask key, ``salt ^ step_key``).
         DTYPE, ACC: storage and compute types.
-        ADAPTIVE, HAS_MASK: ASAM scaling; bit-packed masks (bit ``k % 8`` of byte ``k // 8``).
+        ADAPTIVE: ASAM scaling.
+        MASK: 0 none, 1 bit-packed masks (bit ``k % 8`` of byte ``k // 8``), 2 random mask.
         ALIGNED: every address is 16-byte aligned.
         DIRECT: per-tensor launch with tensor arguments (traceable by torch.compile).
         BLOCK, RBLOCK: elements per vector step; partials per finalize step.
@@ -121,27 +155,34 @@ def perturb_kernel(
         g_ptr = g_arg + start
         b_ptr = b_arg + start
         m_ptr = m_arg + start // 8
+        key = key_arg.to(tl.uint32)
     else:
         t, start, count = locate(table, n_chunks)
         w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
         g_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
         b_ptr = address(table, n_tensors, n_chunks, t, start, 2, DTYPE, ALIGNED)
-        if HAS_MASK:
+        if MASK == 1:
             # Chunks start on a multiple of BLOCK (>= 8) elements: a whole mask byte.
             m_ptr = address(table, n_tensors, n_chunks, t, start // 8, 3, tl.uint8, False)
         else:
             m_ptr = w_ptr  # never read
+        if MASK == 2:
+            # Row 3 holds the salts of a random mask.
+            key = (entry(table, n_tensors, n_chunks, t, 3) ^ step_key).to(tl.uint32)
+        else:
+            key = step_key.to(tl.uint32)  # never used
+    threshold_u32 = threshold.to(tl.uint32)
     count = tl.minimum(count, chunk).to(tl.int32)
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
     for i in range(0, full, BLOCK):
         _perturb(
-            w_ptr, g_ptr, b_ptr, m_ptr, i + lanes, None, scale, eta_c, finite,
-            ADAPTIVE, HAS_MASK, DTYPE,
+            w_ptr, g_ptr, b_ptr, m_ptr, i + lanes, None, scale, eta_c, finite, start, key,
+            threshold_u32, ADAPTIVE, MASK, DTYPE,
         )  # fmt: skip
     if full < count:
         offs = full + lanes
         _perturb(
-            w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < count, scale, eta_c, finite,
-            ADAPTIVE, HAS_MASK, DTYPE,
+            w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < count, scale, eta_c, finite, start, key,
+            threshold_u32, ADAPTIVE, MASK, DTYPE,
         )  # fmt: skip
