@@ -87,6 +87,12 @@ def test_accelerate_example_runs() -> None:
     assert scope["sam"].state and not scope["sam"].in_flight
 
 
+def test_esam_example_runs() -> None:
+    scope: dict = {}
+    exec(compile(_block("esam"), str(README), "exec"), scope)
+    assert scope["opt"].state_dict()["sam_random_mask"] == {"keep": 0.5, "seed": 0, "draws": 10}
+
+
 def test_every_k_example_runs() -> None:
     scope: dict = {}
     exec(compile(_block("every-k"), str(README), "exec"), scope)
