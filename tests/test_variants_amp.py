@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import CPU_BACKENDS, assert_close, require_backend
 from torch import nn
 from torch.nn import functional as nnf
 
@@ -147,6 +147,27 @@ def test_constant_scale_equals_the_unscaled_run(name: str) -> None:
         for step in range(STEPS):
             _step(model, opt, step, scaler)
             assert not isinstance(opt, FusedSAM) or not bool(opt.last_step_skipped)
+        runs.append(_snapshot(model, opt))
+    _assert_same(runs[1], runs[0], exact=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
+@pytest.mark.parametrize("variant", ["schedule", "direction"])
+def test_growing_scale_on_every_backend(backend: str, variant: str) -> None:
+    """The unscaling for the hooks on every backend: the fused restore+step kernels (cpu,
+    triton) and the base optimizer's own step() (reference, foreach) must not unscale again."""
+    require_backend(backend)
+    kw: dict[str, Any] = {"backend": backend}
+    if variant == "schedule":
+        kw["schedule"] = LookSAM(k=2, alpha=0.7)
+    else:
+        kw["direction"] = GSAM(alpha=0.4)
+    runs = []
+    for scaler in (None, _scaler(2.0**4, 1)):
+        model = _net()
+        opt = _sgd(model, **kw)
+        for step in range(4):
+            _step(model, opt, step, scaler)
         runs.append(_snapshot(model, opt))
     _assert_same(runs[1], runs[0], exact=False)
 
