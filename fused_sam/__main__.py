@@ -158,7 +158,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Time one SAM step (first_step + second_step, gradients pre-filled) for the "
             "per-tensor-loop SAM, FusedSAM on every usable backend, and plain SGD/AdamW, on the "
-            "same parameters; or, with --e2e, whole training steps of a small CNN."
+            "same parameters; or, with --e2e, whole training steps of a small CNN: SGD, SAM and "
+            "each variant (every 5, LookSAM, F-SAM, GSAM, Momentum-SAM) with its ratio to SGD."
         ),
     )
     what = bench.add_mutually_exclusive_group()
@@ -179,7 +180,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--device", default=_default_device(), help="torch device (default: cuda if available)"
     )
     bench.add_argument(
-        "--repeat", type=int, help="timed steps per provider (default: 50 GPU, 20 CPU)"
+        "--repeat",
+        type=int,
+        help="timed steps per provider (default: 50 GPU, 20 CPU; --e2e: samples of 5 steps)",
     )
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     bench.add_argument(
@@ -192,7 +195,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also time each backend with a Sparse SAM mask of this sparsity (e.g. 0.5)",
     )
     bench.add_argument(
-        "--e2e", action="store_true", help="time whole training steps (forward+backward) instead"
+        "--e2e",
+        action="store_true",
+        help="time whole training steps (forward+backward) of SGD, SAM and the variants instead",
     )
     bench.add_argument(
         "--batch-size", type=int, default=128, help="--e2e batch size (default: 128)"

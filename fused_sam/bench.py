@@ -10,7 +10,8 @@ Two modes:
   ``foreach`` backend, and every other backend that :func:`fused_sam.available_backends` reports
   usable on the device, plus plain SGD and AdamW steps as the denominators of the SAM/SGD ratio.
 * end to end (``e2e``): whole training steps (forward, backward and optimizer) of a small CNN
-  with BatchNorm at a given batch size, SGD against SAM.
+  with BatchNorm at a given batch size: SGD against SAM and its variants (SAM every 5 steps,
+  LookSAM, F-SAM, GSAM, Momentum-SAM), each driven the way its users drive it.
 
 Timing: on CUDA each step is timed with CUDA events, on CPU with ``time.perf_counter``; the
 median of the repetitions is reported. The copy bandwidth is measured in the same run with a
@@ -503,6 +504,35 @@ def e2e_model(width: int = 64, classes: int = 10) -> nn.Module:
     return make_model(3, classes, width)
 
 
+#: Training steps per timed sample of the end-to-end benchmark: one whole period of the
+#: k = 5 schedules (four plain or reuse steps and one SAM step), so that every sample of every
+#: row holds the same mix of step kinds.
+E2E_CYCLE = 5
+
+
+def _e2e_variants(device: torch.device, kw: dict[str, Any]) -> dict[str, tuple[str, Callable]]:
+    """The SAM variants of the end-to-end benchmark: name -> (how users drive it, builder),
+    on the fastest usable backend (the one ``FusedSAM`` picks by default)."""
+    from fused_sam.functional import resolve_backend
+    from fused_sam.variants import GSAM, EveryK, FriendlySAM, LookSAM, MomentumSAM
+
+    tag = f"[{resolve_backend(None, device)}]"
+
+    def sam(**variant: Any) -> Callable[[Any], FusedSAM]:
+        return lambda ps: FusedSAM(ps, torch.optim.SGD, rho=0.05, foreach=True, **kw, **variant)
+
+    return {
+        f"SAM every 5 {tag}": ("closure", sam(schedule=EveryK(5))),
+        f"LookSAM k=5 {tag}": ("closure", sam(schedule=LookSAM(k=5, alpha=0.7))),
+        f"F-SAM {tag}": ("two-step", sam(direction=FriendlySAM())),
+        f"GSAM {tag}": ("two-step", sam(direction=GSAM())),
+        "Momentum-SAM (foreach)": (
+            "one-pass",
+            lambda ps: MomentumSAM(ps, torch.optim.SGD, rho=0.5, foreach=True, **kw),
+        ),
+    }
+
+
 def bench_e2e(
     device: torch.device | str = "cpu",
     batch_size: int = 128,
@@ -512,11 +542,18 @@ def bench_e2e(
     warmup: int = 3,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Whole training steps (forward, backward, optimizer) of SGD against SAM on a small CNN.
+    """Whole training steps (forward, backward, optimizer) of SGD, SAM and its variants on a
+    small CNN, side by side in one run.
 
     The model is the demo's CNN (four conv+BatchNorm blocks) on random CIFAR-shaped inputs; SAM
     runs on the ``foreach`` backend and on every other usable one, with BatchNorm statistics
-    frozen in its second pass as in the demo.
+    frozen in its second pass as in the demo. Each variant runs on the default backend, driven
+    the way its users drive it: the schedules (SAM every 5 steps, LookSAM) through
+    ``step(closure)``, which takes one pass on their plain/reuse steps; F-SAM and GSAM through
+    ``first_step``/``second_step``; Momentum-SAM through ``backward(); step()``.
+
+    Each timed sample is :data:`E2E_CYCLE` consecutive steps; times are per step (the median
+    sample over its steps). ``passes_per_step`` counts the forward/backward passes taken.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -524,39 +561,62 @@ def bench_e2e(
     y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
     loss_fn = nn.CrossEntropyLoss()
     kw = {"lr": 0.01, "momentum": 0.9}
-    variants: dict[str, Callable[[Any], Any]] = {
-        "SGD (foreach)": lambda ps: torch.optim.SGD(ps, foreach=True, **kw)
+    variants: dict[str, tuple[str, Callable[[Any], Any]]] = {
+        "SGD (foreach)": ("one-pass", lambda ps: torch.optim.SGD(ps, foreach=True, **kw))
     }
     for backend, reason in available_backends(device).items():
         if reason is None and backend != "reference":
-            variants[f"FusedSAM[{backend}]"] = lambda ps, b=backend: FusedSAM(
-                ps, torch.optim.SGD, rho=0.05, backend=b, foreach=True, **kw
+            variants[f"FusedSAM[{backend}]"] = (
+                "two-step",
+                lambda ps, b=backend: FusedSAM(
+                    ps, torch.optim.SGD, rho=0.05, backend=b, foreach=True, **kw
+                ),
             )
+    variants.update(_e2e_variants(device, kw))
     rows = []
-    for name, build in variants.items():
+    for name, (drive, build) in variants.items():
         if progress is not None:
             progress(name)
         torch.manual_seed(0)
         model = e2e_model(width).to(device)
         opt = build(model.parameters())
+        passes = [0]
 
-        def step(model: nn.Module = model, opt: Any = opt) -> None:
-            loss_fn(model(x), y).backward()
-            if isinstance(opt, FusedSAM):
-                opt.first_step(zero_grad=True)
-                with frozen_bn_stats(model):
-                    loss_fn(model(x), y).backward()
-                opt.second_step(zero_grad=True)
-            else:
-                opt.step()
-                opt.zero_grad()
+        def loss(model: nn.Module = model, passes: list[int] = passes) -> Tensor:
+            passes[0] += 1
+            out = loss_fn(model(x), y)
+            out.backward()
+            return out
 
-        times = time_step(step, device, repeat, warmup)
+        def cycle(model=model, opt=opt, drive=drive, loss=loss) -> None:
+            for _ in range(E2E_CYCLE):
+                if drive == "one-pass":  # SGD, Momentum-SAM: the plain loop
+                    loss()
+                    opt.step()
+                    opt.zero_grad()
+                elif drive == "two-step":
+                    loss()
+                    opt.first_step(zero_grad=True)
+                    with frozen_bn_stats(model):
+                        loss()
+                    opt.second_step(zero_grad=True)
+                else:
+
+                    def closure(model=model, opt=opt, loss=loss) -> Tensor:
+                        opt.zero_grad()
+                        # BN statistics from the first pass only, as in the two-step loop.
+                        with frozen_bn_stats(model) if opt.in_flight else contextlib.nullcontext():
+                            return loss()
+
+                    opt.step(closure)
+
+        times = [t / E2E_CYCLE for t in time_step(cycle, device, repeat, warmup)]
         rows.append(
             {
                 "provider": name,
                 "median_ms": 1e3 * statistics.median(times),
                 "min_ms": 1e3 * min(times),
+                "passes_per_step": passes[0] / (E2E_CYCLE * (repeat + warmup)),
             }
         )
     sgd = rows[0]["median_ms"]
@@ -567,6 +627,7 @@ def bench_e2e(
         "model": f"CNN, 4 conv+BN blocks, width {width}, {params} params",
         "batch_size": batch_size,
         "input": [3, image_size, image_size],
+        "steps_per_sample": E2E_CYCLE,
         "rows": rows,
     }
 
@@ -671,9 +732,15 @@ def optimizer_table(res: dict[str, Any]) -> Table:
 def e2e_table(res: dict[str, Any]) -> Table:
     """The end-to-end rows as ``(headers, rows)`` of strings."""
     rows = [
-        [r["provider"], f"{r['median_ms']:.2f}", f"{r['ratio_to_sgd']:.2f}x"] for r in res["rows"]
+        [
+            r["provider"],
+            f"{r['passes_per_step']:.1f}",
+            f"{r['median_ms']:.2f}",
+            f"{r['ratio_to_sgd']:.2f}x",
+        ]
+        for r in res["rows"]
     ]
-    return ["training step", "median ms", "ratio to SGD"], rows
+    return ["training step", "passes / step", "median ms", "ratio to SGD"], rows
 
 
 def markdown(table: Table) -> str:

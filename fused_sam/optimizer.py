@@ -86,6 +86,14 @@ class _StepState:
     losses: tuple[Any, Any] | None = None
     #: the next first pass ran on this replica's own batch (``distributed.per_replica_pass``).
     replica_local: bool = False
+    #: the loss scale a GradScaler handed to the last ``step()`` (0-dim tensor; ``None``: no
+    #: scaler). A schedule's or direction's first-pass hooks see gradients divided by it: the
+    #: scaler says the scale only in ``step()``, after the first pass.
+    loss_scale: Tensor | None = None
+    #: the scale the first-pass gradients of the step in flight were divided by before the
+    #: hooks (``None``: not at all), and whether the caller told it (then it is exact).
+    first_scale: Tensor | None = None
+    first_scale_told: bool = False
 
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -553,14 +561,30 @@ class FusedSAM(Optimizer):
         return self._step_state.perturbed is not None
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(
+        self, zero_grad: bool = False, *, grad_scale: Tensor | float | None = None
+    ) -> None:
         """Save the weights and move them to the ascent point ``w + e``.
 
         Parameters without a gradient are not perturbed. Non-finite gradients leave every weight
         bit-identical and mark the step skipped (its base update is skipped too).
 
+        Under a ``torch.amp.GradScaler`` the gradients here are scaled. The SAM direction does
+        not depend on the scale, but a :attr:`schedule` or :attr:`direction` keeps or combines
+        them: their hooks get them unscaled (in place), by ``grad_scale`` when given, else by
+        the scale the scaler handed to the last ``step()`` (exact while the scale does not
+        change; a scaler changes it after an overflow and every ``growth_interval`` steps).
+        Whatever a policy stores is corrected to the exact scale at ``step()``; only
+        F-SAM's ascent direction uses the scale here, so it is off on the step after a change
+        unless ``grad_scale`` is given. Without a schedule or direction the gradients are left
+        as they are.
+
         Args:
             zero_grad: zero the gradients afterwards (``set_to_none`` as ``zero_grad()``).
+            grad_scale: the loss scale of these gradients (e.g. ``scaler.get_scale()``, which
+                syncs a GPU; or a 0-dim tensor). Needed by a direction when the second pass is
+                unscaled by ``scaler.unscale_(opt)`` (to clip it), since ``scaler.step`` then
+                hands no scale to ``step()``.
 
         Raises:
             RuntimeError: a SAM step is already in flight, or a gradient is sparse.
@@ -600,6 +624,14 @@ class FusedSAM(Optimizer):
             else:
                 adaptive += [bool(group["adaptive"])] * n
             eta += [float(group["eta"])] * n
+        st = self._step_state
+        st.first_scale, st.first_scale_told = None, grad_scale is not None
+        hooks = self.schedule is not None or self.direction is not None
+        scale = st.loss_scale if grad_scale is None else grad_scale
+        if hooks and params and scale is not None:
+            scale = torch.as_tensor(scale, dtype=torch.float32, device=grads[0].device)
+            _unscale(grads, scale)
+            st.first_scale = scale
         if self.schedule is not None and params:
             self.schedule.first_pass(params, grads)
         if self.direction is not None and params:
@@ -641,7 +673,6 @@ class FusedSAM(Optimizer):
         else:
             found_inf = None
         # In flight from here: nothing above left a weight perturbed if it raised.
-        st = self._step_state
         st.perturbed, st.found_inf, st.zero_grad = params, found_inf, False
         st.replica_local = False
         if zero_grad:
@@ -751,6 +782,10 @@ class FusedSAM(Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         scaler_inf: Tensor | None = getattr(self, "found_inf", None)
         st = self._step_state
+        if grad_scale is not None:
+            st.loss_scale = grad_scale
+        elif scaler_inf is None:
+            st.loss_scale = None  # no scaler (after scaler.unscale_ the last scale still holds)
         if closure is None:
             if self.in_flight:
                 self._finish(grad_scale, scaler_inf)
@@ -867,10 +902,12 @@ class FusedSAM(Optimizer):
             found_inf = _either(found_inf, inf2)
 
         # with_grad and grads cover every parameter (one group's are all of them).
-        if self.direction is not None:
-            self.direction.update(with_grad, grads, found_inf)
-        if self.schedule is not None:
-            self.schedule.second_pass(with_grad, grads, found_inf)
+        if hooks:
+            grad_scale, first = self._unscale_for_hooks(grads, grad_scale, scaler_inf)
+            if self.direction is not None:
+                self.direction.update(with_grad, grads, found_inf, scale=first)
+            if self.schedule is not None:
+                self.schedule.second_pass(with_grad, grads, found_inf, scale=first)
 
         if fused is not None:
 
@@ -896,12 +933,53 @@ class FusedSAM(Optimizer):
         st.zero_grad = False
         return _skip_flag(found_inf)
 
+    def _unscale_for_hooks(
+        self, grads: list[Tensor], grad_scale: Tensor | None, scaler_inf: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Unscale the second-pass gradients in place for the hooks, and say by how much the
+        first-pass gradients the hooks saw were off.
+
+        Returns:
+            The scale left for the base step (``None``: unscaled here), and the factor
+            ``first`` such that the first-pass gradients the hooks saw were ``first`` times the
+            unscaled ones (``None``: exact, or unknown, which only a schedule may meet: its
+            math uses their direction only).
+        """
+        st = self._step_state
+        if grad_scale is not None:
+            this = grad_scale.to(grads[0].device) if grads else grad_scale
+            if grads:
+                _unscale(grads, this)
+        elif scaler_inf is not None and not st.first_scale_told:
+            # scaler.unscale_(opt) ran (to clip): the scaler hands no scale to step(), and the
+            # first pass's is not known. A direction would combine gradients of two scales.
+            if self.direction is not None:
+                raise RuntimeError(
+                    f"{self.direction!r} under a GradScaler whose second pass was unscaled by "
+                    "scaler.unscale_(opt) needs the scale of the first pass: call "
+                    "opt.first_step(zero_grad=True, grad_scale=scaler.get_scale())"
+                )
+            return None, None
+        else:
+            this = st.first_scale if st.first_scale_told else None
+        first = st.first_scale
+        if this is None and first is None:
+            return None, None
+        if first is None:
+            return None, this
+        if this is None:
+            return None, first.reciprocal()
+        return None, this.to(first.device) / first
+
     def _base_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """A plain base-optimizer step (nothing in flight), under the scaler's flags if any."""
         if self.schedule is not None:
             ps, gs, _, sparse = self._with_grads(self._all_params())
             if sparse:
                 _raise_sparse()
+            if grad_scale is not None and gs:
+                _unscale(gs, grad_scale.to(gs[0].device))  # the hooks see unscaled gradients
+                grad_scale = None
             self.schedule.plain_pass(ps, gs)
         self._unfused_step(grad_scale, found_inf)
         self._step_state.last_skipped = _skip_flag(found_inf)
@@ -1237,6 +1315,11 @@ def _unscale_grads(params: list[Tensor], grad_scale: Tensor) -> None:
     grads = [distributed.local(p.grad) for p in params if p.grad is not None]
     if any(g.is_sparse for g in grads):
         _raise_sparse()
+    _unscale(grads, grad_scale)
+
+
+def _unscale(grads: list[Tensor], grad_scale: Tensor) -> None:
+    """:func:`_unscale_grads` on the gradient tensors themselves (inf/nan stay non-finite)."""
     inv = grad_scale.double().reciprocal().float()
     groups = torch._C._group_tensors_by_device_and_dtype([grads], False)
     for (device, _dtype), ([gs], _) in groups.items():

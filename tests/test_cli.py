@@ -255,13 +255,35 @@ def test_bench_quick_csv_sizes_and_model(tmp_path: Path) -> None:
     assert result["numel"] == numel and result["rows"]
 
 
-def test_bench_quick_e2e(tmp_path: Path) -> None:
+def test_bench_quick_e2e(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SGD, SAM on every usable backend and a row per variant, each with the passes it took
+    per step and its time ratio to SGD (timings are not asserted, only their shape)."""
+    from fused_sam.functional import resolve_backend
+
     path = tmp_path / "e2e.json"
     assert main(["bench", "--quick", "--e2e", "--threads", "1", "--out", str(path)]) == 0
-    rows = json.loads(path.read_text())["e2e"]["rows"]
-    assert [r["provider"] for r in rows][:2] == ["SGD (foreach)", "FusedSAM[foreach]"]
+    res = json.loads(path.read_text())["e2e"]
+    rows = res["rows"]
+    backends = [n for n, why in available_backends("cpu").items() if why is None]
+    sam_rows = [f"FusedSAM[{b}]" for b in backends if b != "reference"]
+    tag = f"[{resolve_backend(None, torch.device('cpu'))}]"
+    variant_rows = [f"SAM every 5 {tag}", f"LookSAM k=5 {tag}", f"F-SAM {tag}", f"GSAM {tag}",
+                    "Momentum-SAM (foreach)"]  # fmt: skip
+    assert [r["provider"] for r in rows] == ["SGD (foreach)", *sam_rows, *variant_rows]
+    # Passes per step: one for the one-pass optimizers, two for SAM and the directions, one
+    # SAM step in five for the schedules (step(closure) took one pass on the others).
+    passes = {r["provider"]: r["passes_per_step"] for r in rows}
+    assert passes["SGD (foreach)"] == passes["Momentum-SAM (foreach)"] == 1.0
+    assert all(passes[n] == 2.0 for n in [*sam_rows, f"F-SAM {tag}", f"GSAM {tag}"])
+    assert passes[f"SAM every 5 {tag}"] == passes[f"LookSAM k=5 {tag}"] == pytest.approx(1.2)
     assert rows[0]["ratio_to_sgd"] == pytest.approx(1.0)
+    for r in rows:
+        assert r["ratio_to_sgd"] == pytest.approx(r["median_ms"] / rows[0]["median_ms"])
+        assert r["ratio_to_sgd"] > 0
     _assert_finite(rows)
+    out = capsys.readouterr().out
+    assert "ratio to SGD" in out and "passes / step" in out
+    assert all(name in out for name in variant_rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Directions: policies that change the SAM ascent direction or the gradient of the update.
 
 The optimizer calls them at two fixed points of a SAM step, with the parameters that have a
-gradient and their gradients (as the kernels see them):
+gradient and their gradients (as the kernels see them, unscaled under a GradScaler):
 
 - :meth:`Direction.rho` in ``first_step``: the radius of the step, per param group;
 - :meth:`Direction.ascent` in ``first_step``, before the norm: it may change the first-pass
   gradients in place; the perturbation is then ``rho d / ||d||`` of what it leaves there;
 - :meth:`Direction.update` before the base update, with the step's skip flag: it may change
   the second-pass gradients in place, and commits whatever state the step changes (a skipped
-  step must leave the policy's state as it was).
+  step must leave the policy's state as it was). Its ``scale``: the first-pass gradients
+  :meth:`Direction.ascent` was given were ``scale`` times the unscaled ones (0-dim tensor;
+  ``None``: exactly them). A GradScaler says its scale only at ``step()``, so ``first_step``
+  divides by the last known one; whatever the policy stored from them must be corrected.
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ class Direction(abc.ABC):
         """See the module docstring."""
 
     def update(  # noqa: B027
-        self, params: list[Tensor], grads: list[Tensor], skip: Tensor | None
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        skip: Tensor | None,
+        *,
+        scale: Tensor | None = None,
     ) -> None:
         """See the module docstring."""
 

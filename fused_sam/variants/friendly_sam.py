@@ -46,29 +46,38 @@ class FriendlySAM(Direction):
         self.sigma = _check("sigma", sigma, 0.0)
         self.lam = _check("lam", lam, 0.0, 1.0)
         self.m: dict[Tensor, Tensor] = {}
-        self._pending: dict[Tensor, Tensor] = {}
+        # The first-pass gradients of the step in flight: m is updated in update(), where the
+        # loss scale they carried is known exactly (see the Direction interface).
+        self._g1: dict[Tensor, Tensor] = {}
 
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        pending = {}
+        self._g1 = {p: g.detach().clone() for p, g in zip(params, grads)}
         for p, g in zip(params, grads):
             m = self.m.get(p)
-            if m is None:
-                pending[p] = g.detach().clone()  # first step: m = g, d = g
-                continue
-            pending[p] = m * self.lam + g * (1 - self.lam)
-            g.sub_(m * self.sigma)
-        self._pending = pending
+            if m is not None:  # first step: d = g
+                g.sub_(m * self.sigma)
 
-    def update(self, params: list[Tensor], grads: list[Tensor], skip: Tensor | None) -> None:
-        pending, self._pending = self._pending, {}
-        if skip is not None and any(p not in self.m for p in pending) and bool(skip):
+    def update(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        skip: Tensor | None,
+        *,
+        scale: Tensor | None = None,
+    ) -> None:
+        g1, self._g1 = self._g1, {}
+        if skip is not None and any(p not in self.m for p in g1) and bool(skip):
             # A skipped first step creates no state (one host read, on such steps only).
-            pending = {p: v for p, v in pending.items() if p in self.m}
-        for p, new in pending.items():
+            g1 = {p: v for p, v in g1.items() if p in self.m}
+        for p, g in g1.items():
+            if scale is not None:
+                g = g / scale.to(g.device)
             old = self.m.get(p)
             if old is None:
-                self.m[p] = new
-            elif skip is None:
+                self.m[p] = g  # first step: m = g
+                continue
+            new = old * self.lam + g * (1 - self.lam)
+            if skip is None:
                 old.copy_(new)
             else:
                 old.copy_(torch.where(skip.to(old.device).bool(), old, new))

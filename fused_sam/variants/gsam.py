@@ -59,12 +59,22 @@ class GSAM(Direction):
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
         self._g1 = {p: g.detach().clone() for p, g in zip(params, grads)}
 
-    def update(self, params: list[Tensor], grads: list[Tensor], skip: Tensor | None) -> None:
+    def update(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        skip: Tensor | None,
+        *,
+        scale: Tensor | None = None,
+    ) -> None:
         g1, self._g1 = self._g1, {}
         pairs = [(g, g1[p]) for p, g in zip(params, grads) if p in g1]
         if not pairs or self.alpha == 0:
             return
         gs, h = [a for a, _ in pairs], [b for _, b in pairs]
+        if scale is not None:  # g_perp is linear in g: it needs g in the units of g_s
+            h = torch._foreach_div(h, scale.to(h[0].device))
+            pairs = list(zip(gs, h))
         n2 = dot(gs, gs)
         coef = torch.where(n2 > 0, dot(h, gs) / n2, torch.zeros_like(n2))
         for g, first in pairs:

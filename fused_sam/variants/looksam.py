@@ -55,7 +55,17 @@ class LookSAM(StepSchedule):
     def first_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:
         self._g1 = {p: g.detach().clone() for p, g in zip(params, grads)}
 
-    def second_pass(self, params: list[Tensor], grads: list[Tensor], skip: Tensor | None) -> None:
+    def second_pass(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        skip: Tensor | None,
+        *,
+        scale: Tensor | None = None,
+    ) -> None:
+        # ``scale`` is not needed: coef * g1 below does not depend on the scale of g1, so g_v
+        # has the units of g_s, which the optimizer unscales. (The reuse step only needs the
+        # direction of g_v, and |g| / |g_v| of gradients in the same units.)
         pairs = [(p, g) for p, g in zip(params, grads) if p in self._g1]
         if not pairs:
             return

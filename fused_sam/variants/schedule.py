@@ -24,13 +24,22 @@ class StepSchedule(abc.ABC):
     """Decides the kind of each step, ``"sam"`` or ``"plain"``, and may act on the gradients.
 
     The optimizer calls the hooks at fixed points of a step, with the parameters that have a
-    gradient and their gradients (as the kernels see them); the defaults do nothing:
+    gradient and their gradients (as the kernels see them, unscaled under a GradScaler); the
+    defaults do nothing:
 
     - :meth:`first_pass` in ``first_step``, before the perturbation (the gradients at ``w``);
     - :meth:`second_pass` before the base update of a SAM step (the gradients at ``w + e``),
-      with the step's skip flag (a non-finite gradient; 0-dim device tensor or ``None``);
+      with the step's skip flag (a non-finite gradient; 0-dim device tensor or ``None``) and
+      ``scale``: the first-pass gradients it was given were ``scale`` times the unscaled ones
+      (0-dim tensor; ``None``: exactly them, or unknown after ``scaler.unscale_(opt)``). The
+      loss scale is known only at ``step()``, so ``first_step`` divides by the last known one;
+      ``scale`` corrects whatever the schedule stored from them;
     - :meth:`plain_pass` before a plain step's base update; it may change the gradients in
       place (they are what the base optimizer then uses).
+
+    A skipped step (non-finite gradient) still counts in the step number given to :meth:`kind`,
+    as a skipped step still counts for an LR scheduler: the kind of the next step is then known
+    on the host without reading the device's skip flag.
     """
 
     #: whether the hooks' math is right on FSDP2 shards (global reductions need all of them).
@@ -44,7 +53,12 @@ class StepSchedule(abc.ABC):
         """See the class docstring."""
 
     def second_pass(  # noqa: B027
-        self, params: list[Tensor], grads: list[Tensor], skip: Tensor | None
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        skip: Tensor | None,
+        *,
+        scale: Tensor | None = None,
     ) -> None:
         """See the class docstring."""
 
