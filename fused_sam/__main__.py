@@ -123,6 +123,18 @@ def _build_parser() -> argparse.ArgumentParser:
         default=defaults.rho_asam,
         help=f"ASAM's rho (default: {defaults.rho_asam})",
     )
+    demo.add_argument(
+        "--rho-msam",
+        type=float,
+        default=defaults.rho_msam,
+        help=f"Momentum-SAM's rho (default: {defaults.rho_msam})",
+    )
+    demo.add_argument(
+        "--keep-esam",
+        type=float,
+        default=defaults.keep_esam,
+        help=f"ESAM's probability of perturbing an entry (default: {defaults.keep_esam})",
+    )
     demo.add_argument("--subset", type=int, help="train on the first N training examples only")
     demo.add_argument(
         "--validation",
@@ -244,6 +256,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         lr=args.lr,
         rho_sam=args.rho_sam,
         rho_asam=args.rho_asam,
+        rho_msam=args.rho_msam,
+        keep_esam=args.keep_esam,
         subset=args.subset,
         validation=args.validation,
         device=args.device,

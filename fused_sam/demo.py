@@ -19,6 +19,7 @@ where they are used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -34,9 +35,9 @@ from torch import Tensor, nn
 from fused_sam.bn import frozen_bn_stats
 from fused_sam.data import Dataset, add_symmetric_noise, load_dataset
 from fused_sam.functional import resolve_backend
-from fused_sam.masks import FisherMask
+from fused_sam.masks import FisherMask, RandomMask
 from fused_sam.optimizer import FusedSAM
-from fused_sam.variants import GSAM, EveryK, FriendlySAM, LookSAM
+from fused_sam.variants import GSAM, EveryK, FriendlySAM, LookSAM, MomentumSAM
 
 __all__ = ["METHODS", "DemoConfig", "Method", "run_demo", "summarise", "write_outputs"]
 
@@ -76,6 +77,9 @@ class DemoConfig:
         width: channels of the first conv layer of the CNN (doubled in the second block).
         rho_sam: SAM's rho.
         rho_asam: ASAM's rho (official ASAM: ``adaptive="weights"``, ``eta=0.01``).
+        rho_msam: Momentum-SAM's rho (a radius along the momentum direction; the paper uses
+            3.0 on CIFAR against SAM's 0.2 there).
+        keep_esam: ESAM's probability of perturbing an entry (its beta).
         eta_asam: ASAM's eta.
         subset: use only the first ``subset`` training examples (``None``: all); for tests.
         validation: evaluate on 20% of the (noisy) training split instead of the test split;
@@ -97,6 +101,8 @@ class DemoConfig:
     width: int = 16
     rho_sam: float = 0.5
     rho_asam: float = 2.0
+    rho_msam: float = 1.0
+    keep_esam: float = 0.5
     eta_asam: float = 0.01
     ssam_sparsity: float = 0.5
     ssam_samples: int = 16
@@ -241,11 +247,25 @@ METHODS: dict[str, Method] = {
         lambda model, cfg, _: _variant(model, cfg, direction=GSAM(alpha=0.4)),
         rho=lambda cfg: cfg.rho_sam,
     ),
+    "esam": Method(
+        "ESAM (random half)",
+        lambda model, cfg, train: _variant(
+            model, cfg, mask=RandomMask(keep=cfg.keep_esam, seed=train.seed)
+        ),
+        rho=lambda cfg: cfg.rho_sam,
+    ),
+    "msam": Method(
+        "Momentum-SAM",
+        lambda model, cfg, _: MomentumSAM(
+            model.parameters(), torch.optim.SGD, rho=cfg.rho_msam, **_sgd_kwargs(cfg)
+        ),
+        rho=lambda cfg: cfg.rho_msam,
+    ),
 }
 
 #: Methods run when ``--methods`` is not given: all of them.
-#: What ``fused-sam demo`` runs without ``--methods``; the variants (sam5, looksam, fsam, gsam)
-#: run on request.
+#: What ``fused-sam demo`` runs without ``--methods``; the variants (sam5, looksam, fsam, gsam,
+#: esam, msam) run on request.
 DEFAULT_METHODS: tuple[str, ...] = ("sgd", "sam", "asam", "ssamf")
 
 
@@ -365,6 +385,12 @@ class Run:
         self.sched.step()
         return loss.detach()
 
+    def _evaluated_weights(self) -> contextlib.AbstractContextManager[Any]:
+        """Evaluate at ``w``: a one-pass Momentum-SAM keeps the weights perturbed between
+        steps and restores them inside its ``unperturbed()`` context."""
+        unperturbed = getattr(self.opt, "unperturbed", None)
+        return unperturbed() if unperturbed is not None else contextlib.nullcontext()
+
     def epoch(self) -> float:
         """Train one epoch, evaluate, record; returns the evaluation accuracy (percent)."""
         n, bs = self.x_train.shape[0], self.cfg.batch_size
@@ -378,7 +404,8 @@ class Run:
             loss_sum += self._step(self.x_train[idx], self.y_train[idx])
         _sync(self.device)
         seconds = time.perf_counter() - start
-        acc = accuracy(self.model, self.x_eval, self.y_eval)
+        with self._evaluated_weights():
+            acc = accuracy(self.model, self.x_eval, self.y_eval)
         h = self.history
         h["eval_acc"].append(acc)
         h["train_loss"].append(float(loss_sum) / self.steps_per_epoch)
@@ -393,9 +420,12 @@ class Run:
         with their *wrong* training label: how much of the noise it memorised.
         """
         wrong = self.corrupted
-        fit = (
-            accuracy(self.model, self.x_train[wrong], self.y_train[wrong]) if wrong.any() else None
-        )
+        with self._evaluated_weights():
+            fit = (
+                accuracy(self.model, self.x_train[wrong], self.y_train[wrong])
+                if wrong.any()
+                else None
+            )
         return {
             "method": self.method,
             "seed": self.seed,
@@ -420,6 +450,8 @@ def validate_config(cfg: DemoConfig) -> None:
         raise ValueError(f"batch size must be >= 2 (BatchNorm), got {cfg.batch_size}")
     if not 0.0 <= cfg.noise < 1.0:
         raise ValueError(f"noise rate must be in [0, 1), got {cfg.noise}")
+    if not 0.0 < cfg.keep_esam <= 1.0:
+        raise ValueError(f"ESAM's keep must be in (0, 1], got {cfg.keep_esam}")
     if cfg.subset is not None and cfg.subset < cfg.batch_size:
         raise ValueError(f"subset ({cfg.subset}) must be at least the batch size")
     device = torch.device(cfg.device)

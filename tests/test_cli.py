@@ -22,7 +22,7 @@ import torch
 from fused_sam import available_backends
 from fused_sam.__main__ import main
 from fused_sam.data import DataError, add_symmetric_noise, load_cifar
-from fused_sam.demo import DEFAULT_METHODS, METHODS
+from fused_sam.demo import DEFAULT_METHODS, METHODS, DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -428,3 +428,26 @@ def test_demo_variant_rows(tmp_path: Path) -> None:
     assert set(summary) == set(METHODS) - set(DEFAULT_METHODS) | {"sgd"}
     for entry in summary.values():
         assert 0.0 <= entry["acc_mean"] <= 100.0 and entry["step_ms"] > 0
+
+
+def test_demo_evaluates_momentum_sam_at_w(monkeypatch) -> None:
+    """Momentum-SAM's weights sit at a perturbed point between steps: the demo must evaluate
+    (accuracy, noisy-label fit) inside ``unperturbed()``, at ``w``."""
+    from fused_sam import demo as demo_module
+
+    cfg = DemoConfig(methods=["msam"], epochs=1, seeds=[0], subset=320)
+    run = demo_module.Run("msam", 0, demo_module.load_dataset(cfg.data, cfg.data_dir), cfg)
+    seen: list[bool] = []
+    real = demo_module.accuracy
+
+    def spy(model, x, y, batch_size=1024):
+        stored = run.opt._w  # the weights w that MomentumSAM restores
+        seen.append(all(torch.equal(p, stored[p]) for p in model.parameters() if p in stored))
+        return real(model, x, y, batch_size)
+
+    monkeypatch.setattr(demo_module, "accuracy", spy)
+    run.epoch()
+    run.result()
+    assert seen == [True, True]
+    # ... and the training itself runs at the perturbed point again afterwards.
+    assert any(not torch.equal(p, run.opt._w[p]) for p in run.model.parameters())
