@@ -101,7 +101,7 @@ class DemoConfig:
     width: int = 16
     rho_sam: float = 0.5
     rho_asam: float = 2.0
-    rho_msam: float = 1.0
+    rho_msam: float = 3.0
     keep_esam: float = 0.5
     eta_asam: float = 0.01
     ssam_sparsity: float = 0.5

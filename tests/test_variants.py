@@ -421,12 +421,14 @@ def _msam_rule(rho: float, base: str) -> list[torch.Tensor]:
     return [p.detach() for p in params]
 
 
-def _msam(model: nn.Module, base: str):
+def _msam(model: nn.Module, base: str, backend: str | None = None):
     from fused_sam import MomentumSAM
 
     if base == "sgd":
-        return MomentumSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
-    return MomentumSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.5)
+        return MomentumSAM(
+            model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, backend=backend
+        )
+    return MomentumSAM(torch.optim.AdamW(model.parameters(), lr=0.01), rho=0.5, backend=backend)
 
 
 def _one_pass(model, opt, steps) -> None:
@@ -437,10 +439,12 @@ def _one_pass(model, opt, steps) -> None:
         opt.zero_grad()
 
 
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_momentum_sam_matches_the_published_rule(base: str) -> None:
+def test_momentum_sam_matches_the_published_rule(base: str, backend: str) -> None:
+    require_backend(backend)
     model = _net()
-    opt = _msam(model, base)
+    opt = _msam(model, base, backend)
     _one_pass(model, opt, range(STEPS))
     with opt.unperturbed():
         got = [p.detach().clone() for p in model.parameters()]

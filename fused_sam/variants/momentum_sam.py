@@ -12,6 +12,11 @@ optimizer's update of :math:`w` with that gradient, then the perturbation again 
 :math:`v`. The first step has no momentum yet and starts unperturbed. The norm is global over
 every parameter, float64, on the device.
 
+The perturbation and the restore run on FusedSAM's ops (``backend=``): the norm of :math:`v`,
+then one launch that writes the backup :math:`w` and :math:`\tilde w` (the SAM perturbation op
+with :math:`v` for the gradient and :math:`-\rho` for the radius), and one exact copy back; the
+update between them is the base optimizer's own ``step()``.
+
 Because it needs only ``backward(); step()``, it fits any trainer's optimizer slot with no glue.
 Evaluate (and save the model) at :math:`w` inside ``with opt.unperturbed():``; the optimizer's
 ``state_dict()`` keeps :math:`w` too, so a resume is exact whichever weights the model checkpoint
@@ -28,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
-from fused_sam.variants._reduce import norm as global_norm
+from fused_sam import functional as F
 
 __all__ = ["MomentumSAM"]
 
@@ -45,6 +50,8 @@ class MomentumSAM(Optimizer):
             AdamW).
         base_optimizer: the optimizer class when ``params`` are parameters.
         rho: the radius (the paper uses 3.0 on CIFAR and ImageNet, against SAM's 0.2 there).
+        backend: the backend of the perturbation and restore ops, as ``FusedSAM``'s
+            (``None``: the fastest available; a named one must be able to run or it raises).
         **base_kwargs: keyword arguments for ``base_optimizer``.
     """
 
@@ -53,6 +60,8 @@ class MomentumSAM(Optimizer):
         params: Any,
         base_optimizer: type[Optimizer] | None = SGD,
         rho: float = 3.0,
+        *,
+        backend: str | None = None,
         **base_kwargs: Any,
     ) -> None:
         is_optimizer = isinstance(params, Optimizer)
@@ -68,6 +77,9 @@ class MomentumSAM(Optimizer):
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
             raise ValueError(f"rho must be a number >= 0, got {rho!r}")
         self.base_optimizer, self.rho, self._moment = base, float(rho), key
+        self.backend = backend
+        for device in {p.device for g in base.param_groups for p in g["params"]}:
+            F.resolve_backend(backend, device)  # a named backend that cannot run fails now
         super().__init__(base.param_groups, {})
         self.param_groups, self.state = base.param_groups, base.state
         # The unperturbed weights; mutated in place (never rebound), shared by wrappers.
@@ -81,7 +93,8 @@ class MomentumSAM(Optimizer):
     def _restore(self) -> None:
         if self._flags["perturbed"]:
             ps = [p for p in self._params() if p in self._w]
-            torch._foreach_copy_(ps, [self._w[p] for p in ps])
+            if ps:
+                F.restore_(ps, [self._w[p] for p in ps], self.backend)
             self._flags["perturbed"] = False
 
     @torch.no_grad()
@@ -91,15 +104,17 @@ class MomentumSAM(Optimizer):
         if not pairs or self.rho == 0:
             return
         ps, vs = [p for p, _ in pairs], [v for _, v in pairs]
-        norm = global_norm(vs)
-        scale = torch.where(norm > 0, -self.rho / norm, torch.zeros_like(norm))
+        ws = []
         for p in ps:
             w = self._w.get(p)
-            if w is None or w.shape != p.shape:
+            if w is None or w.shape != p.shape or w.dtype != p.dtype or w.stride() != p.stride():
                 w = self._w[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            w.copy_(p)
-        step = torch._foreach_mul(vs, scale.to(vs[0].dtype))
-        torch._foreach_add_(ps, step)
+            ws.append(w)
+        n = len(ps)
+        flat, zero = [False] * n, [0.0] * n
+        # e = -rho v / (|v| + 1e-12): zero for v = 0, and nothing moves when |v| is not finite.
+        sumsq = F.norm_sq(vs, ps, flat, zero, self.backend)
+        F.perturb_(ps, vs, ws, sumsq, [-self.rho] * n, 1e-12, flat, zero, None, self.backend)
         self._flags["perturbed"] = True
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
