@@ -13,10 +13,11 @@ Rows:
   global top-k, packing), per path (``vmap`` in chunks, ``loop``).
 * ``dynamic``: one SSAM-D refresh (drop by |g|, grow at random).
 * ``first_step + restore`` (best of ``4 * repeat``): norm, perturb and restore over a flat
-  parameter set on the ``foreach`` backend, without and with a mask, in GB/s of the bytes model
-  (fp32: norm reads g, 4 B; perturb reads w, g and writes w, backup, 16 B; restore 8 B; a mask
-  adds N/8 B to each pass that reads it) and in percent of the floor that a measured copy
-  bandwidth sets.
+  parameter set, on the ``foreach`` backend and on the device's native kernels, without a mask,
+  with a bit-packed mask and with ESAM's random mask (``RandomMask``), in GB/s of the bytes model
+  (fp32: norm reads g, 4 B; perturb reads w, g and writes w, backup, 16 B; restore 8 B; a packed
+  mask adds N/8 B to each pass that reads it; a random mask adds nothing, the native kernels
+  compute its bits) and in percent of the floor that a measured copy bandwidth sets.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fused_sam import DynamicMask, FisherMask, FusedSAM
+from fused_sam import DynamicMask, FisherMask, FusedSAM, RandomMask
+from fused_sam.functional import resolve_backend
 
 
 def cnn() -> nn.Module:
@@ -129,37 +131,38 @@ def first_step_rows(device: torch.device, repeat: int, numel: int) -> list[dict]
     copy_bw = 2 * 4 * numel / copy_s  # read + write
 
     rows = [dict(row=f"copy {numel / 1e6:.0f}M fp32", ms=copy_s * 1e3, gbps=copy_bw / 1e9)]
-    for label, kwargs in (
-        ("first_step+restore, no mask", {}),
-        ("first_step+restore, mask", dict(sparsity=0.5, mask=DynamicMask(seed=0))),
-        (
-            "first_step+restore, masked norm",
-            dict(sparsity=0.5, mask=DynamicMask(seed=0), mask_norm="masked"),
-        ),
-    ):
-        params = [torch.randn(s, device=device, requires_grad=True) for s in sizes]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt = FusedSAM(params, torch.optim.SGD, lr=0.1, backend="foreach", **kwargs)
+    # (label, options, passes that read a packed mask)
+    configs = (
+        ("no mask", {}, 0),
+        ("mask", dict(sparsity=0.5, mask=DynamicMask(seed=0)), 1),
+        ("masked norm", dict(sparsity=0.5, mask=DynamicMask(seed=0), mask_norm="masked"), 2),
+        ("random mask", dict(mask=RandomMask(keep=0.5, seed=0)), 0),
+    )
+    for backend in dict.fromkeys(["foreach", resolve_backend(None, device)]):
+        for label, kwargs, passes_reading_mask in configs:
+            params = [torch.randn(s, device=device, requires_grad=True) for s in sizes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = FusedSAM(params, torch.optim.SGD, lr=0.1, backend=backend, **kwargs)
 
-        def cycle(opt: FusedSAM = opt) -> None:
-            opt.first_step()
-            opt.restore()
+            def cycle(opt: FusedSAM = opt) -> None:
+                opt.first_step()
+                opt.restore()
 
-        t = timed(cycle, device, 4 * repeat, best=True)
-        # norm 4 + perturb 16 + restore 8 B/param, plus N/8 per pass that reads the mask.
-        passes_reading_mask = 0 if not kwargs else 1 + (kwargs.get("mask_norm") == "masked")
-        nbytes = 28 * numel + passes_reading_mask * numel / 8
-        floor = nbytes / copy_bw
-        rows.append(
-            dict(
-                row=label,
-                ms=t * 1e3,
-                gbps=nbytes / t / 1e9,
-                pct_floor=100 * floor / t,
-                bytes_per_param=nbytes / numel,
+            t = timed(cycle, device, 4 * repeat, best=True)
+            # norm 4 + perturb 16 + restore 8 B/param, plus N/8 per pass reading a packed mask.
+            nbytes = 28 * numel + passes_reading_mask * numel / 8
+            floor = nbytes / copy_bw
+            rows.append(
+                dict(
+                    row=f"[{backend}] first_step+restore, {label}",
+                    backend=backend,
+                    ms=t * 1e3,
+                    gbps=nbytes / t / 1e9,
+                    pct_floor=100 * floor / t,
+                    bytes_per_param=nbytes / numel,
+                )
             )
-        )
     return rows
 
 
@@ -181,11 +184,11 @@ def main() -> None:
     print(f"{'refresh':34s} {'params':>9s} {'ms':>9s} {'SAM steps':>10s}")
     for r in refresh:
         print(f"{r['row']:34s} {r['params']:9d} {r['ms']:9.1f} {r['steps']:10.2f}")
-    print(f"\n{'optimizer side (foreach)':34s} {'ms':>9s} {'GB/s':>7s} {'% floor':>8s} {'B/p':>8s}")
+    print(f"\n{'optimizer side':44s} {'ms':>9s} {'GB/s':>7s} {'% floor':>8s} {'B/p':>8s}")
     for r in perturb:
         pct = f"{r['pct_floor']:8.1f}" if "pct_floor" in r else f"{'':8s}"
         bpp = f"{r['bytes_per_param']:8.3f}" if "bytes_per_param" in r else ""
-        print(f"{r['row']:34s} {r['ms']:9.2f} {r['gbps']:7.2f} {pct} {bpp}")
+        print(f"{r['row']:44s} {r['ms']:9.2f} {r['gbps']:7.2f} {pct} {bpp}")
 
     sha = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False

@@ -514,6 +514,7 @@ def _e2e_variants(device: torch.device, kw: dict[str, Any]) -> dict[str, tuple[s
     """The SAM variants of the end-to-end benchmark: name -> (how users drive it, builder),
     on the fastest usable backend (the one ``FusedSAM`` picks by default)."""
     from fused_sam.functional import resolve_backend
+    from fused_sam.masks import RandomMask
     from fused_sam.variants import GSAM, EveryK, FriendlySAM, LookSAM, MomentumSAM
 
     tag = f"[{resolve_backend(None, device)}]"
@@ -526,7 +527,8 @@ def _e2e_variants(device: torch.device, kw: dict[str, Any]) -> dict[str, tuple[s
         f"LookSAM k=5 {tag}": ("closure", sam(schedule=LookSAM(k=5, alpha=0.7))),
         f"F-SAM {tag}": ("two-step", sam(direction=FriendlySAM())),
         f"GSAM {tag}": ("two-step", sam(direction=GSAM())),
-        "Momentum-SAM (foreach)": (
+        f"ESAM keep 0.5 {tag}": ("two-step", sam(mask=RandomMask(keep=0.5))),
+        f"Momentum-SAM {tag}": (
             "one-pass",
             lambda ps: MomentumSAM(ps, torch.optim.SGD, rho=0.5, foreach=True, **kw),
         ),

@@ -268,13 +268,14 @@ def test_bench_quick_e2e(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     sam_rows = [f"FusedSAM[{b}]" for b in backends if b != "reference"]
     tag = f"[{resolve_backend(None, torch.device('cpu'))}]"
     variant_rows = [f"SAM every 5 {tag}", f"LookSAM k=5 {tag}", f"F-SAM {tag}", f"GSAM {tag}",
-                    "Momentum-SAM (foreach)"]  # fmt: skip
+                    f"ESAM keep 0.5 {tag}", f"Momentum-SAM {tag}"]  # fmt: skip
     assert [r["provider"] for r in rows] == ["SGD (foreach)", *sam_rows, *variant_rows]
     # Passes per step: one for the one-pass optimizers, two for SAM and the directions, one
     # SAM step in five for the schedules (step(closure) took one pass on the others).
     passes = {r["provider"]: r["passes_per_step"] for r in rows}
-    assert passes["SGD (foreach)"] == passes["Momentum-SAM (foreach)"] == 1.0
-    assert all(passes[n] == 2.0 for n in [*sam_rows, f"F-SAM {tag}", f"GSAM {tag}"])
+    assert passes["SGD (foreach)"] == passes[f"Momentum-SAM {tag}"] == 1.0
+    two = [*sam_rows, f"F-SAM {tag}", f"GSAM {tag}", f"ESAM keep 0.5 {tag}"]
+    assert all(passes[n] == 2.0 for n in two)
     assert passes[f"SAM every 5 {tag}"] == passes[f"LookSAM k=5 {tag}"] == pytest.approx(1.2)
     assert rows[0]["ratio_to_sgd"] == pytest.approx(1.0)
     for r in rows:
@@ -416,6 +417,11 @@ def test_bench_masks_script(tmp_path: Path) -> None:
     assert names[0].startswith("sam step") and any(n.startswith("fisher") for n in names)
     assert any(n.startswith("dynamic") for n in names), names
     assert all(r["ms"] > 0 for r in result["refresh"]) and result["first_step"] and out.stdout
+    # Both the foreach backend and the native kernels, each with every kind of mask.
+    rows = [r["row"] for r in result["first_step"][1:]]
+    for backend in ("foreach", "cpu"):
+        for label in ("no mask", "mask", "masked norm", "random mask"):
+            assert f"[{backend}] first_step+restore, {label}" in rows, rows
 
 
 def test_demo_variant_rows(tmp_path: Path) -> None:
