@@ -130,7 +130,8 @@ def uses_fused_base_step(name: str | None, devices: Iterable[torch.device]) -> b
     Backends that do not (``reference``, ``foreach``) restore and then call the base
     optimizer's own ``step()``, which keeps a ``rho = 0`` run bit-identical to the base alone.
     """
-    return all(_resolve(name, torch.device(d)) in _FUSED_BASE_STEP for d in devices)
+    resolve = _resolve_traced if torch.compiler.is_compiling() else _resolve
+    return all(resolve(name, torch.device(d)) in _FUSED_BASE_STEP for d in devices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +205,8 @@ def plan(
     assert first is not None
     if not first:
         return []
+    if torch.compiler.is_compiling():
+        return _traced_buckets(backend, columns, extras)
     cols = [c for c in columns if c is not None]
     all_contiguous = all(all(map(Tensor.is_contiguous, c)) for c in cols)
     if extras is not None and extras.count(extras[0]) != len(extras):
@@ -241,6 +244,33 @@ def _buckets_by_extras(
             chosen = "foreach"
         groups.setdefault((chosen, device, t.dtype, extras[i]), []).append(i)
     return [(key[0], idx) for key, idx in groups.items()]
+
+
+def _traced_buckets(
+    backend: str | None,
+    columns: Sequence[Sequence[Tensor] | None],
+    extras: Sequence[Hashable] | None,
+) -> Buckets:
+    """:func:`plan` under ``torch.compile``: plain Python over the tensors, which Dynamo traces.
+
+    Devices, dtypes and strides are static while tracing (guarded), so the grouping costs
+    nothing at run time; torch's C++ grouping and the cached backend lookup are not traceable.
+    """
+    cols = [c for c in columns if c is not None]
+    groups: dict[Hashable, list[int]] = {}
+    for i, t in enumerate(cols[0]):
+        chosen = _resolve_traced(backend, t.device)
+        if _module(chosen).FLAT and not _flat_ok([c[i] for c in cols]):
+            chosen = "foreach"
+        extra = None if extras is None else extras[i]
+        groups.setdefault((chosen, t.device, t.dtype, extra), []).append(i)
+    return [(key[0], idx) for key, idx in groups.items()]
+
+
+@torch.compiler.assume_constant_result
+def _resolve_traced(name: str | None, device: torch.device) -> str:
+    """:func:`resolve_backend` as a constant of the traced program (it depends on the build)."""
+    return _resolve(name, device)
 
 
 def _pick(seq: Sequence[Tensor] | None, idx: list[int]) -> list[Tensor] | None:
@@ -326,7 +356,7 @@ def perturb_(
     grads: Sequence[Tensor],
     backups: Sequence[Tensor],
     sumsq: Tensor,
-    rho: Sequence[float],
+    rho: Sequence[float | Tensor],
     eps: float,
     adaptive: Sequence[bool],
     eta: Sequence[float],
@@ -353,12 +383,13 @@ def perturb_(
                 bucket_masks: Sequence[Tensor] | RandomBits | None = masks.pick(idx)
             else:
                 bucket_masks = None if masks is None else [masks[i] for i in idx]
-            _module(chosen).perturb_(
+            mod = _module(chosen)
+            mod.perturb_(
                 _pick(params, idx),
                 _pick(grads, idx),
                 _pick(backups, idx),
                 _on(sumsq, params[i0].device),
-                rho[i0],
+                _hyper(mod, rho[i0]),
                 eps,
                 adaptive[i0],
                 eta[i0],
@@ -391,7 +422,7 @@ def restore_sgd_step_(
     backups: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor] | None,
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
@@ -411,12 +442,13 @@ def restore_sgd_step_(
         buckets = plan(backend, [params, grads, backups, momentum_buffers], first_step)
     for chosen, idx in buckets:
         dev = params[idx[0]].device
-        _module(chosen).restore_sgd_step_(
+        mod = _module(chosen)
+        mod.restore_sgd_step_(
             _pick(params, idx),
             _pick(grads, idx),
             _pick(backups, idx),
             _pick(momentum_buffers, idx) or [],
-            lr=lr,
+            lr=_hyper(mod, lr),
             weight_decay=weight_decay,
             momentum=momentum,
             dampening=dampening,
@@ -437,7 +469,7 @@ def restore_adam_step_(
     max_exp_avg_sqs: Sequence[Tensor] | None,
     state_steps: Sequence[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -459,7 +491,8 @@ def restore_adam_step_(
         buckets = plan(backend, cols)
     for chosen, idx in buckets:
         dev = params[idx[0]].device
-        _module(chosen).restore_adam_step_(
+        mod = _module(chosen)
+        mod.restore_adam_step_(
             _pick(params, idx),
             _pick(grads, idx),
             _pick(backups, idx),
@@ -467,7 +500,7 @@ def restore_adam_step_(
             _pick(exp_avg_sqs, idx),
             _pick(max_exp_avg_sqs, idx) or [],
             [state_steps[i] for i in idx],
-            lr=lr,
+            lr=_hyper(mod, lr),
             beta1=beta1,
             beta2=beta2,
             eps=eps,
@@ -478,6 +511,15 @@ def restore_adam_step_(
             grad_scale=_on(grad_scale, dev),
             found_inf=_on(found_inf, dev),
         )
+
+
+def _hyper(mod: ModuleType, value: float | Tensor) -> float | Tensor:
+    """``rho`` or ``lr`` for backend ``mod``: a one-element tensor stays one for a backend that
+    takes it (``TENSOR_HYPERPARAMS``, so that torch.compile does not guard on its value); the
+    others get its value (a host read)."""
+    if isinstance(value, Tensor) and not getattr(mod, "TENSOR_HYPERPARAMS", False):
+        return float(value)
+    return value
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:

@@ -124,8 +124,32 @@ def _check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
     return value
 
 
+def _check_rho(value: Any) -> None:
+    """``rho``: a real number, or a one-element float tensor (so that torch.compile does not
+    guard on its value); its value is checked too except while traced (no host reads there)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
+            raise ValueError(
+                "rho as a tensor must be a one-element float tensor without grad, e.g. "
+                f"torch.tensor(0.05), got {value!r}"
+            )
+        if torch.compiler.is_compiling():
+            return
+        value = float(value)
+    _check_nonneg("rho", value)
+
+
+def _hyper(value: Any) -> float | Tensor:
+    """A hyperparameter (``rho``, ``lr``) for the ops: a tensor stays one while traced (a new
+    value then reruns the graph instead of recompiling it); eagerly its value (a host read,
+    free for a CPU tensor)."""
+    if isinstance(value, Tensor) and torch.compiler.is_compiling():
+        return value
+    return float(value)
+
+
 def _validate_group(group: dict[str, Any]) -> None:
-    _check_nonneg("rho", group["rho"])
+    _check_rho(group["rho"])
     _check_nonneg("eta", group["eta"])
     if group["adaptive"] not in _ADAPTIVE_CHOICES or (
         isinstance(group["adaptive"], int) and not (isinstance(group["adaptive"], bool))
@@ -409,6 +433,19 @@ class FusedSAM(Optimizer):
         return t if self._owner is None else self._owner[id(t)]
 
     @property
+    def _opt_called(self) -> bool:
+        """Set by an LR scheduler's step() wrapper, read by its first step() (torch's protocol).
+
+        Kept in a mutated dict rather than as an attribute: Dynamo drops attribute writes on an
+        optimizer, and a compiled ``second_step`` sets it itself (see there).
+        """
+        return self._progress.get("opt_called", False)
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._progress["opt_called"] = value
+
+    @property
     def last_step_skipped(self) -> Tensor:
         """0-dim bool tensor: ``True`` when the last SAM step skipped its base update because a
         gradient was not finite (read it with ``bool()``; that syncs the device)."""
@@ -598,12 +635,16 @@ class FusedSAM(Optimizer):
             )
         params: list[Tensor] = []
         grads: list[Tensor] = []
-        rho: list[float] = []
+        rho: list[float | Tensor] = []
         adaptive: list[bool] = []
         eta: list[float] = []
+        # Traced (torch.compile): the group of each tensor, which stands for its rho when
+        # tensors are bucketed (a tensor rho has no value to compare while traced).
+        traced = torch.compiler.is_compiling()
+        group_of: list[int] = []
         contiguous = True
         # Whole-group list operations: this runs every step over every parameter.
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             _validate_group(group)  # rho may have been scheduled since the last step
             ps, gs, group_contiguous, sparse = self._with_grads(group["params"])
             if sparse:
@@ -615,10 +656,14 @@ class FusedSAM(Optimizer):
             sign = -1.0 if group.get("maximize", False) else 1.0
             params += ps
             grads += gs
-            group_rho = float(group["rho"])
+            group_rho = group["rho"]
+            if not (traced and isinstance(group_rho, Tensor)):
+                group_rho = float(group_rho)
             if self.direction is not None:
                 group_rho = self.direction.rho(group, group_rho)
-            rho += [sign * group_rho] * n
+            rho += [group_rho if sign > 0 else -group_rho] * n
+            if traced:
+                group_of += [index] * n
             if group["adaptive"] == "weights":
                 adaptive += [p.dim() >= 2 for p in ps]
             else:
@@ -640,11 +685,22 @@ class FusedSAM(Optimizer):
         # already uses it (an SSAM-D refresh scores with these first-pass gradients).
         masks = None if self._sparse is None else self._sparse.step(self._all_params(), params)
         if params:
-            plan = self._plan_for(params, rho, adaptive, eta)
-            backups = plan.backups
-            if self._random is not None and plan.salts is not None:
-                masks = self._random.bits(plan.salts)
-            buckets = plan.buckets if contiguous else None
+            if traced:
+                # No step plan (it is keyed on addresses, which a graph does not have): the
+                # backups by parameter, the buckets from a traceable grouping (static while
+                # traced, so free when the graph runs).
+                self._step_state.plan = None
+                backups = [self._backup_for(p) for p in params]
+                extras = list(zip(group_of, adaptive, eta))
+                buckets = F.plan(self.backend, [params, grads, backups], extras)
+                if self._random is not None:
+                    masks = _draw(self._random, self._all_params(), params)
+            else:
+                plan = self._plan_for(params, rho, adaptive, eta)
+                backups = plan.backups
+                buckets = plan.buckets if contiguous else None
+                if self._random is not None and plan.salts is not None:
+                    masks = self._random.bits(plan.salts)
             if masks is not None and self.mask_norm == "masked":
                 sumsq = F.masked_norm_sq(grads, params, adaptive, eta, masks, self.backend)
             else:
@@ -676,7 +732,7 @@ class FusedSAM(Optimizer):
         st.perturbed, st.found_inf, st.zero_grad = params, found_inf, False
         st.replica_local = False
         if zero_grad:
-            self.zero_grad()
+            self._zero_grad()
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights exactly and take the base optimizer's step with the new grads.
@@ -693,6 +749,12 @@ class FusedSAM(Optimizer):
         if not self.in_flight:
             raise RuntimeError("second_step() called without a preceding first_step()")
         self._step_state.zero_grad = zero_grad
+        if torch.compiler.is_compiling():
+            # An LR scheduler replaces the instance's step() with a wrapper in a file that
+            # torch.compile refuses to trace; it records the call, as here, then calls this.
+            self._opt_called = True
+            type(self).step(self)
+            return
         self.step()
 
     def update_mask(
@@ -852,7 +914,7 @@ class FusedSAM(Optimizer):
         st.last_skipped = skipped
         self._progress["steps"] += 1
         if zero_grad:
-            self.zero_grad()
+            self._zero_grad()
 
     def _restore_and_step(self, grad_scale: Tensor | None, scaler_inf: Tensor | None) -> Tensor:
         """Restore the perturbed weights, then the base update unless a skip flag is set.
@@ -1022,6 +1084,16 @@ class FusedSAM(Optimizer):
         for hook in list(base._optimizer_step_post_hooks.values()):
             hook(base, (), {})
 
+    def _zero_grad(self) -> None:
+        """``zero_grad()`` (``set_to_none``) for ``first_step``/``second_step(zero_grad=True)``;
+        traced, the same in plain Python (torch's ``Optimizer.zero_grad`` is not traceable)."""
+        if not torch.compiler.is_compiling():
+            self.zero_grad()
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def _with_grads(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], bool, bool]:
         """:func:`_collect_grads`, as the kernels see them: local shards under FSDP2."""
         if self._owner is None:
@@ -1041,7 +1113,8 @@ class FusedSAM(Optimizer):
         if kind is None or not F.uses_fused_base_step(self.backend, devices):
             return None
         for group in self.param_groups:
-            if group.get("differentiable") or isinstance(group["lr"], Tensor):
+            lr = group["lr"]
+            if group.get("differentiable") or (isinstance(lr, Tensor) and lr.requires_grad):
                 return None
             if kind == "adam" and any(isinstance(b, Tensor) for b in group["betas"]):
                 return None
@@ -1082,7 +1155,11 @@ class FusedSAM(Optimizer):
         state is not created on a skipped one. The flag lives on the device; it is read on the
         host only here, on steps that create state (a parameter's first step).
         """
-        if found_inf is None or not bool(found_inf.item()):
+        if found_inf is None or torch.compiler.is_compiling():
+            # Traced, the flag has no value to branch on: the state is created and the kernel
+            # skips the update, leaving it as created (zeros; see the README, torch.compile).
+            return False
+        if not bool(found_inf.item()):
             return False
         for p in owners:
             if p in self.state and not self.state[p]:
@@ -1122,7 +1199,7 @@ class FusedSAM(Optimizer):
             grads,
             backups,
             bufs,
-            lr=float(group["lr"]),
+            lr=_hyper(group["lr"]),
             weight_decay=group["weight_decay"],
             momentum=momentum,
             dampening=group["dampening"],
@@ -1173,7 +1250,7 @@ class FusedSAM(Optimizer):
             exp_avg_sqs,
             max_sqs if amsgrad else None,
             steps,
-            lr=float(group["lr"]),
+            lr=_hyper(group["lr"]),
             beta1=float(beta1),
             beta2=float(beta2),
             eps=group["eps"],
@@ -1252,6 +1329,17 @@ _IS_SPARSE = operator.attrgetter("is_sparse")
 _DTYPE = operator.attrgetter("dtype")
 
 
+@torch.compiler.disable
+def _draw(random: RandomMask, all_params: list[Tensor], params: list[Tensor]) -> Any:
+    """The random mask of a traced step, drawn outside the graph.
+
+    Its step key changes every step; a Python int computed while traced would be a constant of
+    the graph (a recompile per step), so the draw is a graph break instead.
+    """
+    position = {id(p): i for i, p in enumerate(all_params)}
+    return random.bits([tensor_salt(position[id(p)]) for p in params])
+
+
 def _contiguous(tensors: list[Tensor] | None) -> bool:
     """Every tensor contiguous (one C-level pass); ``None`` counts as contiguous."""
     return tensors is None or all(map(Tensor.is_contiguous, tensors))
@@ -1260,6 +1348,8 @@ def _contiguous(tensors: list[Tensor] | None) -> bool:
 def _collect_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], bool, bool]:
     """The parameters that have a gradient, their gradients, whether all those are contiguous,
     and whether one is sparse (one C++ pass with the extension, Python passes without)."""
+    if torch.compiler.is_compiling():
+        return _collect_grads_traced(params)
     fast = native.collect_grads(params)
     if fast is not None:
         return fast
@@ -1268,6 +1358,18 @@ def _collect_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], bo
     if any(map(_IS_SPARSE, gs)):
         return ps, gs, False, True
     return ps, gs, _contiguous(gs), False
+
+
+def _collect_grads_traced(
+    params: list[Tensor],
+) -> tuple[list[Tensor], list[Tensor], bool, bool]:
+    """:func:`_collect_grads` in plain Python for torch.compile (the extension's pass is a
+    pybind call, opaque to it); what it reads is static while traced."""
+    ps = [p for p in params if p.grad is not None]
+    gs = [p.grad for p in ps]
+    if any(g.is_sparse for g in gs):
+        return ps, gs, False, True
+    return ps, gs, all(g.is_contiguous() for g in gs), False
 
 
 def _raise_sparse() -> None:

@@ -73,7 +73,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
     scalar = lambda v: torch.tensor(v, device=device)  # noqa: E731
     sgd = dict(lr=0.1, weight_decay=1e-4, momentum=0.9, dampening=0.1, nesterov=True)
     adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
-    return {
+    cases = {
         "norm_sq_partials": [(gs, ps, False, 0.0), (gs, ps, True, 0.01)],
         "perturb_": [
             (ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, []),
@@ -128,6 +128,29 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
             ),
         ],
     }
+    # The tensor-hyperparameter twins (torch.compile): rho / lr as a CPU scalar tensor, as an
+    # LR scheduler keeps a tensor lr.
+    cases["perturb_tensor_rho_"] = [
+        (*c[:4], torch.tensor(c[4]), *c[5:9], *(c[9:] or ([], 0, 0))) for c in cases["perturb_"]
+    ]
+    for op in ("restore_sgd_step_", "restore_adam_step_"):
+        cases[op.rstrip("_") + "_tensor_lr_"] = [
+            (args, {**kwargs, "lr": torch.tensor(kwargs["lr"])}) for args, kwargs in cases[op]
+        ]
+    return cases
+
+
+#: Every op of the extension, and the tensor-hyperparameter ops registered beside them.
+OPS = [
+    "norm_sq_partials",
+    "perturb_",
+    "restore_",
+    "restore_sgd_step_",
+    "restore_adam_step_",
+    "perturb_tensor_rho_",
+    "restore_sgd_step_tensor_lr_",
+    "restore_adam_step_tensor_lr_",
+]
 
 
 def _normalise(case):
@@ -135,9 +158,7 @@ def _normalise(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "op", ["norm_sq_partials", "perturb_", "restore_", "restore_sgd_step_", "restore_adam_step_"]
-)
+@pytest.mark.parametrize("op", OPS)
 def test_opcheck_cpu(op: str, dtype: torch.dtype) -> None:
     require_backend("cpu")
     for case in _opcheck_cases("cpu", dtype)[op]:
@@ -147,9 +168,7 @@ def test_opcheck_cpu(op: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "op", ["norm_sq_partials", "perturb_", "restore_", "restore_sgd_step_", "restore_adam_step_"]
-)
+@pytest.mark.parametrize("op", OPS)
 def test_opcheck_cuda(op: str, dtype: torch.dtype) -> None:
     _require_cuda()
     for case in _opcheck_cases("cuda", dtype)[op]:

@@ -98,3 +98,25 @@ def test_every_k_example_runs() -> None:
     exec(compile(_block("every-k"), str(README), "exec"), scope)
     opt = scope["opt"]
     assert opt.state_dict()["sam_schedule"]["steps"] == 20 and not opt.in_flight
+
+
+def test_compile_example_runs_without_recompiles(monkeypatch) -> None:
+    """The torch.compile section's loop: both halves one graph each (fullgraph), compiled for
+    the first two steps only although lr and rho change every step. Traced with aot_eager to
+    keep the test quick (test_compile.py runs inductor)."""
+    import functools
+
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    torch._dynamo.reset()
+    scope: dict = {}
+    try:
+        exec(compile(_block("compile"), str(README), "exec"), scope)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 4
+    assert not scope["opt"].in_flight and scope["opt"].state
+    assert float(scope["opt"].param_groups[0]["lr"]) < 0.1

@@ -36,6 +36,8 @@ __all__ = [
 
 #: The kernels index ``p[i]``, ``g[i]``, ``b[i]`` alike over each tensor's storage.
 FLAT = True
+#: ``rho`` and ``lr`` may be one-element tensors (kept as tensors under torch.compile).
+TENSOR_HYPERPARAMS = True
 
 _BUILD = "pip install --no-build-isolation -e ."
 _CUDA_BUILD = f"FUSED_SAM_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 {_BUILD}"
@@ -131,6 +133,110 @@ if _C is not None:
     _restore_sgd_step = _ops.restore_sgd_step_.default
     _restore_adam_step = _ops.restore_adam_step_.default
 
+    # -----------------------------------------------------------------------------------------
+    # Tensor hyperparameters (torch.compile). A Python float that changes between steps (a
+    # scheduled lr or rho) is a constant of a compiled graph, guarded on, so every new value
+    # recompiles; torch's optimizers take ``lr`` as a 0-dim tensor for that reason. These three
+    # ops are the C++ ops with ``rho``/``lr`` as a tensor: the graph passes the tensor, and the
+    # op reads its value when it runs (free for a CPU tensor, one sync for a device one). The
+    # kernels and every other argument are those of the float ops, so results are identical.
+
+    @torch.library.custom_op("fused_sam::perturb_tensor_rho_", mutates_args=("params", "backups"))
+    def _perturb_tensor_rho(
+        params: list[Tensor],
+        grads: list[Tensor],
+        backups: list[Tensor],
+        sumsq: Tensor,
+        rho: Tensor,
+        eps: float,
+        adaptive: bool,
+        eta: float,
+        masks: list[Tensor],
+        salts: list[int],
+        step_key: int,
+        threshold: int,
+    ) -> None:
+        _check_scalar("rho", rho)
+        args = (params, grads, backups, sumsq, float(rho), eps, adaptive, eta, masks)
+        _run("direct_perturb_", _perturb, *args, salts, step_key, threshold)
+
+    @_perturb_tensor_rho.register_fake
+    def _perturb_tensor_rho_fake(*args: object) -> None:
+        _check_scalar("rho", args[4])
+
+    @torch.library.custom_op(
+        "fused_sam::restore_sgd_step_tensor_lr_", mutates_args=("params", "momentum_buffers")
+    )
+    def _restore_sgd_step_tensor_lr(
+        params: list[Tensor],
+        grads: list[Tensor],
+        backups: list[Tensor],
+        momentum_buffers: list[Tensor],
+        lr: Tensor,
+        weight_decay: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        maximize: bool,
+        first_step: bool,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        _check_scalar("lr", lr)
+        restore_sgd_step_(
+            params, grads, backups, momentum_buffers, lr=float(lr), weight_decay=weight_decay,
+            momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
+            first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+
+    @_restore_sgd_step_tensor_lr.register_fake
+    def _restore_sgd_step_tensor_lr_fake(*args: object) -> None:
+        _check_scalar("lr", args[4])
+
+    @torch.library.custom_op(
+        "fused_sam::restore_adam_step_tensor_lr_",
+        mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+    )
+    def _restore_adam_step_tensor_lr(
+        params: list[Tensor],
+        grads: list[Tensor],
+        backups: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        lr: Tensor,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        amsgrad: bool,
+        maximize: bool,
+        decoupled_weight_decay: bool,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        _check_scalar("lr", lr)
+        restore_adam_step_(
+            params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+            lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+            grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+
+    @_restore_adam_step_tensor_lr.register_fake
+    def _restore_adam_step_tensor_lr_fake(*args: object) -> None:
+        _check_scalar("lr", args[7])
+
+    _perturb_t = _ops.perturb_tensor_rho_.default
+    _restore_sgd_step_t = _ops.restore_sgd_step_tensor_lr_.default
+    _restore_adam_step_t = _ops.restore_adam_step_tensor_lr_.default
+
+
+def _check_scalar(name: str, value: object) -> None:
+    if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+        raise ValueError(f"{name} as a tensor must be a one-element float tensor, got {value!r}")
+
 
 def collect_grads(
     params: Sequence[Tensor],
@@ -193,21 +299,33 @@ def perturb_(
     grads: Sequence[Tensor],
     backups: Sequence[Tensor],
     sumsq: Tensor,
-    rho: float,
+    rho: float | Tensor,
     eps: float,
     adaptive: bool,
     eta: float,
     masks: Sequence[Tensor] | RandomBits | None,
 ) -> None:
-    """See :func:`fused_sam.reference.perturb_`; the norm is finalised inside the kernel, a
-    random mask's bits are computed in it (the op takes the salts, the step key and the
-    threshold; ``1 / keep`` is folded into ``rho`` here)."""
+    """See :func:`fused_sam.reference.perturb_`; the norm is finalised inside the kernel, and
+    so are a random mask's bits (the op takes the salts, the step key and the threshold;
+    ``1 / keep`` is folded into ``rho`` here).
+
+    ``rho`` may be a one-element tensor: traced, it stays one (the ``perturb_tensor_rho_`` op),
+    so a new value does not recompile; eagerly its value is read here.
+    """
+    salts: list[int] = []
+    step_key = threshold = 0
     if isinstance(masks, RandomBits):
-        args = (params, grads, backups, sumsq, rho * masks.scale, eps, adaptive, eta, [])
-        _run("direct_perturb_", _perturb, *args, list(masks.salts), masks.step_key, masks.threshold)
-        return
+        rho = rho * masks.scale
+        salts, step_key, threshold = list(masks.salts), masks.step_key, masks.threshold
+        masks = None
+    if isinstance(rho, Tensor):
+        if torch.compiler.is_compiling():
+            args_t = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
+            _perturb_t(*args_t, salts, step_key, threshold)
+            return
+        rho = float(rho)
     args = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
-    _run("direct_perturb_", _perturb, *args)
+    _run("direct_perturb_", _perturb, *args, salts, step_key, threshold)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
@@ -221,7 +339,7 @@ def restore_sgd_step_(
     backups: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
@@ -231,7 +349,16 @@ def restore_sgd_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """See :func:`fused_sam.reference.restore_sgd_step_`."""
+    """See :func:`fused_sam.reference.restore_sgd_step_`; ``lr`` may be a one-element tensor
+    (see :func:`perturb_`)."""
+    if isinstance(lr, Tensor):
+        if torch.compiler.is_compiling():
+            _restore_sgd_step_t(
+                params, grads, backups, momentum_buffers, lr, weight_decay, momentum, dampening,
+                nesterov, maximize, first_step, grad_scale, found_inf,
+            )  # fmt: skip
+            return
+        lr = float(lr)
     _run(
         "direct_restore_sgd_step_",
         _restore_sgd_step,
@@ -260,7 +387,7 @@ def restore_adam_step_(
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -271,7 +398,17 @@ def restore_adam_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """See :func:`fused_sam.reference.restore_adam_step_`; step counters advance in the op."""
+    """See :func:`fused_sam.reference.restore_adam_step_`; step counters advance in the op.
+    ``lr`` may be a one-element tensor (see :func:`perturb_`)."""
+    if isinstance(lr, Tensor):
+        if torch.compiler.is_compiling():
+            _restore_adam_step_t(
+                params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+                grad_scale, found_inf,
+            )  # fmt: skip
+            return
+        lr = float(lr)
     _run(
         "direct_restore_adam_step_",
         _restore_adam_step,
