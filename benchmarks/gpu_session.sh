@@ -4,13 +4,15 @@
 # a run that is cut off still returns what it measured.
 #
 #   benchmarks/gpu_session.sh OUT_DIR 1    # <= 5 min: facts, build, fast gpu tests, ResNet-50 rows
-#   benchmarks/gpu_session.sh OUT_DIR 2    # <= 5 min: the >2^31-element tests, the full record
+#   benchmarks/gpu_session.sh OUT_DIR 2    # <= 5 min: CUDA graph replay, the >2^31-element
+#                                          #   tests, the full record
 #   benchmarks/gpu_session.sh OUT_DIR 3    # compute-sanitizer memcheck/racecheck on a smoke run
 #   benchmarks/gpu_session.sh OUT_DIR all  # 1, 2 and 3 in a row
 #
 # Stage 1 builds the package; later stages expect that build (run them on the same warm
 # machine, or run stage 1 again). Files written (the GPU machine returns at most 8):
-#   env.txt  build.log  stage1.log  bench-resnet50.json  stage2.log  bench-full.json  sanitizer.log
+#   env.txt  build.log  stage1.log  bench-resnet50.json  stage2.log  cuda-graphs.json
+#   bench-full.json  sanitizer.log
 # Copy them to benchmarks/results/<date>_<gpu>_<sha>/ and commit: results that are not
 # committed did not happen.
 set -uo pipefail
@@ -50,6 +52,7 @@ stage1() {
 }
 
 stage2() {
+  run 60 "$out/stage2.log" "$py" benchmarks/cuda_graphs.py --out "$out/cuda-graphs.json"
   run 90 "$out/stage2.log" "$py" -m pytest -m gpu -q -p no:cacheprovider -k "2_pow_31" -ra
   run 200 "$out/stage2.log" "$py" benchmarks/record.py --device cuda \
     --sets resnet18,resnet50,vit_b,small1000 --bases sgd,adamw --sparsity 0.5 \

@@ -30,6 +30,7 @@ __all__ = [
     "BackendUnavailableError",
     "Buckets",
     "available_backends",
+    "building_graph",
     "masked_norm_sq",
     "nonfinite",
     "norm_sq",
@@ -122,6 +123,16 @@ def _resolve(name: str | None, device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
     return name
+
+
+def building_graph() -> bool:
+    """Whether the step is being recorded rather than run: ``torch.compile`` is tracing it, or
+    a CUDA graph is capturing it. Then nothing may be read on the host (a traced value has none
+    yet; a device read would sync inside the capture) and hyperparameters given as tensors
+    stay tensors."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def uses_fused_base_step(name: str | None, devices: Iterable[torch.device]) -> bool:

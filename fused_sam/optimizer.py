@@ -124,26 +124,40 @@ def _check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
     return value
 
 
+_CAPTURE = (
+    "a CUDA graph can capture a SAM step only where nothing is read on the host: "
+    "backend='triton' (its kernels read lr and rho from one-element tensors on the GPU and "
+    "decide a skip on the device) with SGD, Adam or AdamW, whose update it fuses with the "
+    "restore; see the README, CUDA graphs"
+)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _check_rho(value: Any) -> None:
     """``rho``: a real number, or a one-element float tensor (so that torch.compile does not
-    guard on its value); its value is checked too except while traced (no host reads there)."""
+    guard on its value, and a CUDA graph reads its current value); its value is checked too
+    except while the step is recorded (no host reads there)."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
             raise ValueError(
                 "rho as a tensor must be a one-element float tensor without grad, e.g. "
                 f"torch.tensor(0.05), got {value!r}"
             )
-        if torch.compiler.is_compiling():
+        if F.building_graph():
             return
         value = float(value)
     _check_nonneg("rho", value)
 
 
 def _hyper(value: Any) -> float | Tensor:
-    """A hyperparameter (``rho``, ``lr``) for the ops: a tensor stays one while traced (a new
-    value then reruns the graph instead of recompiling it); eagerly its value (a host read,
-    free for a CPU tensor)."""
-    if isinstance(value, Tensor) and torch.compiler.is_compiling():
+    """A hyperparameter (``rho``, ``lr``) for the ops: a tensor stays one while the step is
+    recorded (traced: a new value reruns the graph instead of recompiling it; captured: the
+    kernels read it at each replay) and when it lives on an accelerator (the backend reads it
+    where it can, on the device); a CPU tensor's value is read here, which costs nothing."""
+    if isinstance(value, Tensor) and (F.building_graph() or value.device.type != "cpu"):
         return value
     return float(value)
 
@@ -627,6 +641,10 @@ class FusedSAM(Optimizer):
             RuntimeError: a SAM step is already in flight, or a gradient is sparse.
         """
         self._check_not_in_flight("first_step()")
+        if _capturing() and any(
+            F.resolve_backend(self.backend, d) != "triton" for d in self._devices()
+        ):
+            raise RuntimeError(_CAPTURE)
         if self.next_step == PLAIN:
             raise RuntimeError(
                 f"the schedule ({self.schedule!r}) makes step {self._progress['steps']} a plain "
@@ -640,7 +658,7 @@ class FusedSAM(Optimizer):
         eta: list[float] = []
         # Traced (torch.compile): the group of each tensor, which stands for its rho when
         # tensors are bucketed (a tensor rho has no value to compare while traced).
-        traced = torch.compiler.is_compiling()
+        traced = F.building_graph()
         group_of: list[int] = []
         contiguous = True
         # Whole-group list operations: this runs every step over every parameter.
@@ -927,6 +945,8 @@ class FusedSAM(Optimizer):
         plan = st.plan
         groups = self.param_groups
         fused = self._fused_kind()
+        if fused is None and _capturing():
+            raise RuntimeError(_CAPTURE)
         # The skip flag: the first pass's, OR the scaler's (it has checked the second-pass
         # gradients), OR our own check of them when no scaler did.
         found_inf = _either(st.found_inf, scaler_inf)
@@ -1155,7 +1175,7 @@ class FusedSAM(Optimizer):
         state is not created on a skipped one. The flag lives on the device; it is read on the
         host only here, on steps that create state (a parameter's first step).
         """
-        if found_inf is None or torch.compiler.is_compiling():
+        if found_inf is None or F.building_graph():
             # Traced, the flag has no value to branch on: the state is created and the kernel
             # skips the update, leaving it as created (zeros; see the README, torch.compile).
             return False

@@ -71,23 +71,26 @@ def main() -> None:
         norm_consts = {k: v for k, v in common.items() if k != "ACC"}
         norm_consts["ADAPTIVE"] = True
         print(json.dumps(_compile(norm_kernel, sig, norm_consts, f"norm/{name}")))
-        sig = dict(_BASE, sumsq=part, n_partials="i32", rho="fp64", eps="fp64", eta="fp64")
-        sig.update(step_key="i64", threshold="i64", w_arg=_T, g_arg=_T, b_arg=_T, m_arg=_T)
+        sig = dict(_BASE, sumsq=part, n_partials="i32", rho="fp64", rho_t="*fp32", eps="fp64")
+        sig.update(eta="fp64", step_key="i64", threshold="i64", w_arg=_T, g_arg=_T, b_arg=_T)
+        sig.update(m_arg=_T)
         sig.update(key_arg="i64", numel_arg="i32")
-        consts = dict(common, ADAPTIVE=True, MASK=1, RBLOCK=1024)
+        consts = dict(common, ADAPTIVE=True, MASK=1, RHO_T=False, RBLOCK=1024)
         print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}")))
-        consts = dict(common, ADAPTIVE=False, MASK=2, RBLOCK=1024)  # random mask, in-kernel
+        # A random mask computed in the kernel, and the radius read on the device.
+        consts = dict(common, ADAPTIVE=False, MASK=2, RHO_T=True, RBLOCK=1024)
         print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}/random")))
-        sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", weight_decay="fp64")
-        sig.update(momentum="fp64", dampening="fp64", w_arg=_T, g_arg=_T, b_arg=_T, v_arg=_T)
-        sig.update(numel_arg="i32")
-        consts = dict(common, HAS_INF=True, HAS_SCALE=True, MAXIMIZE=True, USE_WD=True)
+        sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", lr_t="*fp32")
+        sig.update(weight_decay="fp64", momentum="fp64", dampening="fp64", w_arg=_T, g_arg=_T)
+        sig.update(b_arg=_T, v_arg=_T, numel_arg="i32")
+        consts = dict(common, HAS_INF=True, HAS_SCALE=True, LR_T=True, MAXIMIZE=True, USE_WD=True)
         consts.update(MOMENTUM=True, FIRST=False, NESTEROV=True)
         print(json.dumps(_compile(sgd_kernel, sig, consts, f"sgd/{name}")))
-        sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", beta1="fp64")
+        sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", lr_t="*fp32")
+        sig.update(beta1="fp64")
         sig.update(beta2="fp64", eps="fp64", weight_decay="fp64", w_arg=_T, g_arg=_T, b_arg=_T)
         sig.update(m_arg=_T, v_arg=_T, s_arg=_T, vmax_arg=_T, numel_arg="i32")
-        consts = dict(common, HAS_INF=True, HAS_SCALE=True, MAXIMIZE=True, USE_WD=True)
+        consts = dict(common, HAS_INF=True, HAS_SCALE=True, LR_T=True, MAXIMIZE=True, USE_WD=True)
         consts.update(DECOUPLED=True, AMSGRAD=True)
         print(json.dumps(_compile(adam_kernel, sig, consts, f"adam/{name}")))
     sig = dict(_BASE, w_arg=_T, b_arg=_T, numel_arg="i32")
@@ -97,17 +100,18 @@ def main() -> None:
     consts = {"HAS_INF": True, "ROW": 5, "BLOCK": 128}
     print(json.dumps(_compile(steps_kernel, sig, consts, "steps")))
     # The per-tensor (torch.compile) variants take typed tensor arguments.
-    sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", weight_decay="fp64")
-    sig.update(momentum="fp64", dampening="fp64", w_arg="*bf16", g_arg="*bf16", b_arg="*bf16")
-    sig.update(v_arg="*bf16", numel_arg="i32")
+    sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", lr_t="*fp32")
+    sig.update(weight_decay="fp64", momentum="fp64", dampening="fp64", w_arg="*bf16")
+    sig.update(g_arg="*bf16", b_arg="*bf16", v_arg="*bf16", numel_arg="i32")
     consts = {"DTYPE": tl.bfloat16, "ACC": tl.float32, "HAS_INF": False, "HAS_SCALE": False}
+    consts["LR_T"] = False
     consts.update(MAXIMIZE=False, USE_WD=False, MOMENTUM=True, FIRST=True, NESTEROV=False)
     consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024)
     print(json.dumps(_compile(sgd_kernel, sig, consts, "sgd/bf16/direct")))
-    sig = dict(_BASE, sumsq="*fp32", n_partials="i32", rho="fp64", eps="fp64", eta="fp64")
-    sig.update(step_key="i64", threshold="i64", w_arg="*fp32", g_arg="*fp32", b_arg="*fp32")
-    sig.update(m_arg="*u8", key_arg="i64", numel_arg="i32")
-    consts = {"DTYPE": tl.float32, "ACC": tl.float32, "ADAPTIVE": False, "MASK": 2}
+    sig = dict(_BASE, sumsq="*fp32", n_partials="i32", rho="fp64", rho_t="*fp32", eps="fp64")
+    sig.update(eta="fp64", step_key="i64", threshold="i64", w_arg="*fp32", g_arg="*fp32")
+    sig.update(b_arg="*fp32", m_arg="*u8", key_arg="i64", numel_arg="i32")
+    consts = {"DTYPE": tl.float32, "ACC": tl.float32, "ADAPTIVE": False, "MASK": 2, "RHO_T": True}
     consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024, RBLOCK=1024)
     print(json.dumps(_compile(perturb_kernel, sig, consts, "perturb/fp32/direct")))
 

@@ -403,21 +403,26 @@ def _op_args(device: str):
     like = [torch.zeros_like(p) for p in ps]
     moments = [x.clone() for x in like], [x.clone() for x in like]
     adam_hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, True)
+    salts, rt = [5, 2**32 - 1], torch.tensor(0.05, device=device)
     return [
         (ops.norm_sq_partials.default, (gs, ps, True, 0.01)),
-        (ops.perturb.default, (ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, masks, [], 0, 0)),
         (
             ops.perturb.default,
-            (ps, gs, bs, sumsq, 0.05, 1e-12, True, 0.01, [], [5, 2**32 - 1], 2**31 + 3, 2**30),
+            (ps, gs, bs, sumsq, 0.05, 1e-12, False, 0.0, masks, [], 0, 0, None),
+        ),
+        # A random mask computed in the kernel, the radius read on the device (rho * rho_t).
+        (
+            ops.perturb.default,
+            (ps, gs, bs, sumsq, -1.0, 1e-12, True, 0.01, [], salts, 7, 2**30, rt),
         ),
         (ops.restore.default, (ps, bs)),
         (
             ops.restore_sgd_step.default,
-            (ps, gs, bs, like, 0.1, 0.0, 0.9, 0.0, False, False, True, scale, fi),
+            (ps, gs, bs, like, 0.1, 0.0, 0.9, 0.0, False, False, True, scale, fi, None),
         ),
         (
             ops.restore_adam_step.default,
-            (ps, gs, bs, like, *moments, st, *adam_hyper, scale, fi),
+            (ps, gs, bs, like, *moments, st, *adam_hyper, scale, fi, torch.ones((), device=device)),
         ),
     ]
 
@@ -619,3 +624,42 @@ def test_gpu_steady_state_no_copy_no_recompile() -> None:
     assert _table.cache_info()[0] == entries
     assert sum(len(c[0]) for c in sgd_kernel.device_caches.values()) == compiled
     assert not any("HtoD" in e.name for e in prof.events()), "host-to-device copy in steady state"
+
+
+def test_hyperparameters_read_on_the_device(tb) -> None:
+    """rho and lr given as one-element tensors on the parameters' device are read by the kernels
+    (what a CUDA graph replay needs: a scheduler changes the tensor, not the captured launch).
+    Each result equals the one with the same value as a float, and a new value in the same
+    tensor takes effect at the next call."""
+    sizes = [5, 3000]
+    gs = _tensors(sizes, torch.float32)
+    rho_t = torch.tensor(0.3, dtype=torch.float64)
+    lr_t = torch.tensor(0.1, dtype=torch.float64)
+    for value in (0.3, 0.7):
+        rho_t.fill_(value)
+        lr_t.fill_(value / 3)
+        runs = []
+        for rho, lr in ((value, value / 3), (rho_t, lr_t)):
+            torch.manual_seed(0)
+            ps = _tensors(sizes, torch.float32)
+            bs = [torch.empty_like(p) for p in ps]
+            sumsq = tb.norm_sq_partials(gs, ps, False, 0.0)
+            tb.perturb_(ps, gs, bs, sumsq, rho, 1e-12, False, 0.0, None)
+            perturbed = [p.clone() for p in ps]
+            bufs = [torch.zeros_like(p) for p in ps]
+            sgd = dict(weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=True)
+            tb.restore_sgd_step_(
+                ps, gs, bs, bufs, lr=lr, **sgd, maximize=False, first_step=True,
+                grad_scale=None, found_inf=None,
+            )  # fmt: skip
+            m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+            steps = [torch.zeros(()) for _ in ps]
+            adam_ps = [b.clone() for b in bs]
+            tb.restore_adam_step_(
+                adam_ps, gs, bs, m, v, [], steps, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=1e-2, amsgrad=False, maximize=False, decoupled_weight_decay=True,
+                grad_scale=None, found_inf=None,
+            )  # fmt: skip
+            runs.append(perturbed + ps + bufs + adam_ps + m + v)
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)

@@ -233,6 +233,17 @@ if _C is not None:
     _restore_adam_step_t = _ops.restore_adam_step_tensor_lr_.default
 
 
+def _number(value: Tensor, name: str) -> float:
+    """A tensor hyperparameter's value for the kernels, which take numbers (a host read)."""
+    if value.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"the native CUDA kernels take {name} as a number, which a CUDA graph would freeze "
+            "at its captured value: capture with backend='triton', whose kernels read "
+            f"{name} on the device"
+        )
+    return float(value)
+
+
 def _check_scalar(name: str, value: object) -> None:
     if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
         raise ValueError(f"{name} as a tensor must be a one-element float tensor, got {value!r}")
@@ -323,7 +334,7 @@ def perturb_(
             args_t = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
             _perturb_t(*args_t, salts, step_key, threshold)
             return
-        rho = float(rho)
+        rho = _number(rho, "rho")
     args = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
     _run("direct_perturb_", _perturb, *args, salts, step_key, threshold)
 
@@ -358,7 +369,7 @@ def restore_sgd_step_(
                 nesterov, maximize, first_step, grad_scale, found_inf,
             )  # fmt: skip
             return
-        lr = float(lr)
+        lr = _number(lr, "lr")
     _run(
         "direct_restore_sgd_step_",
         _restore_sgd_step,
@@ -408,7 +419,7 @@ def restore_adam_step_(
                 grad_scale, found_inf,
             )  # fmt: skip
             return
-        lr = float(lr)
+        lr = _number(lr, "lr")
     _run(
         "direct_restore_adam_step_",
         _restore_adam_step,

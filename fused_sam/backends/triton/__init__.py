@@ -245,9 +245,11 @@ def _perturb_impl(
     salts: list[int],
     step_key: int,
     threshold: int,
+    rho_t: Tensor | None,
 ) -> None:
     # ``masks`` is empty for an unmasked step (the op schema has no optional tensor lists);
-    # ``salts`` is empty unless the step has a random mask (then ``masks`` is empty).
+    # ``salts`` is empty unless the step has a random mask (then ``masks`` is empty). With
+    # ``rho_t`` the radius is ``rho * rho_t``, read on the device.
     w0 = params[0]
     numels = [w.numel() for w in params]
     geo = _table.geometry(sum(numels))
@@ -256,9 +258,11 @@ def _perturb_impl(
         "ACC": _table.acc_dtype(w0.dtype),
         "ADAPTIVE": adaptive,
         "MASK": 1 if masks else 2 if salts else 0,
+        "RHO_T": rho_t is not None,
         "BLOCK": geo.block,
         "RBLOCK": _RBLOCK,
     }
+    rho_arg = _hyper_arg(w0, rho_t)
     sumsq = sumsq.reshape(-1).contiguous()  # the kernel reads the partials as flat memory
     n_partials = sumsq.numel()
     if _traced(w0):
@@ -271,7 +275,7 @@ def _perturb_impl(
                 m = masks[i] if masks else _dummy(w0)
                 key = salts[i] ^ step_key if salts else 0
                 launch[(chunks,)](
-                    _dummy(w0), 1, chunks, geo.chunk, sumsq, n_partials, rho, eps, eta,
+                    _dummy(w0), 1, chunks, geo.chunk, sumsq, n_partials, rho, rho_arg, eps, eta,
                     step_key, threshold, w, g, b, m, key, n,
                     ALIGNED=False, DIRECT=True, **const,
                 )  # fmt: skip
@@ -281,8 +285,8 @@ def _perturb_impl(
     if table.n_chunks == 0:
         return
     perturb_kernel[(table.n_chunks,)](
-        table.data, table.n_tensors, table.n_chunks, geo.chunk, sumsq, n_partials, rho, eps, eta,
-        step_key, threshold, table.data, table.data, table.data, table.data, 0, 0,
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, sumsq, n_partials, rho, rho_arg,
+        eps, eta, step_key, threshold, table.data, table.data, table.data, table.data, 0, 0,
         ALIGNED=table.aligned, DIRECT=False, **const,
     )  # fmt: skip
 
@@ -332,6 +336,28 @@ def _amp_args(
     return found, scale, flags
 
 
+def _hyper_arg(like: Tensor, t: Tensor | None) -> Tensor:
+    """The pointer argument of a hyperparameter read on the device, or a placeholder that the
+    kernel never reads (its flag is off; traced, a tensor of its own, as in :func:`_amp_args`)."""
+    if t is not None:
+        return t
+    return _dummy(like) if _traced(like) else like
+
+
+def _device_hyper(value: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    """``(multiplier, tensor)`` of a hyperparameter for the kernels.
+
+    A one-element float tensor on the tensors' device is read by the kernels on the device
+    (no host read: what CUDA graph capture needs, and a new value needs no recompile); any
+    other value is a runtime float (a CPU tensor's value is read here, which costs nothing).
+    """
+    if isinstance(value, Tensor):
+        if value.device == device and value.numel() == 1 and value.is_floating_point():
+            return 1.0, value.reshape(())
+        value = float(value)
+    return float(value), None
+
+
 def _sgd_impl(
     params: list[Tensor],
     grads: list[Tensor],
@@ -346,6 +372,7 @@ def _sgd_impl(
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    lr_t: Tensor | None,
 ) -> None:
     w0 = params[0]
     numels = [w.numel() for w in params]
@@ -361,9 +388,10 @@ def _sgd_impl(
         "MOMENTUM": has_momentum,
         "FIRST": first_step,
         "NESTEROV": nesterov,
+        "LR_T": lr_t is not None,
         "BLOCK": geo.block,
     }
-    hyper = (lr, weight_decay, momentum, dampening)
+    hyper = (lr, _hyper_arg(w0, lr_t), weight_decay, momentum, dampening)
     if _traced(w0):
         launch = _direct_launcher(sgd_kernel, w0)
         if launch is None:
@@ -406,6 +434,7 @@ def _adam_impl(
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    lr_t: Tensor | None,
 ) -> None:
     w0 = params[0]
     numels = [w.numel() for w in params]
@@ -419,9 +448,10 @@ def _adam_impl(
         "USE_WD": weight_decay != 0,
         "DECOUPLED": decoupled_weight_decay,
         "AMSGRAD": amsgrad,
+        "LR_T": lr_t is not None,
         "BLOCK": geo.block,
     }
-    hyper = (lr, beta1, beta2, eps, weight_decay)
+    hyper = (lr, _hyper_arg(w0, lr_t), beta1, beta2, eps, weight_decay)
     if _traced(w0):
         launch = _direct_launcher(adam_kernel, w0)
         if launch is None:
@@ -544,14 +574,16 @@ def perturb_(
     grads: Sequence[Tensor],
     backups: Sequence[Tensor],
     sumsq: Tensor,
-    rho: float,
+    rho: float | Tensor,
     eps: float,
     adaptive: bool,
     eta: float,
     masks: Sequence[Tensor] | RandomBits | None,
 ) -> None:
     """See :func:`fused_sam.reference.perturb_`. The scale is computed on the device, and so
-    are a random mask's bits (``1 / keep`` is folded into ``rho`` here)."""
+    are a random mask's bits (``1 / keep`` is folded into ``rho`` here). ``rho`` may be a
+    one-element tensor on the parameters' device, read by the kernel (see :func:`_device_hyper`).
+    """
     if not params:
         return
     _check_like(params, grads=grads, backups=backups)
@@ -570,13 +602,14 @@ def perturb_(
             params, grads, backups, sumsq, rho, eps, adaptive, eta, masks
         )
         return
+    rho_mult, rho_t = _device_hyper(rho, params[0].device)
     _call(
         "perturb",
         list(params),
         list(grads),
         list(backups),
         sumsq,
-        float(rho if random is None else rho * random.scale),
+        rho_mult if random is None else rho_mult * random.scale,
         float(eps),
         adaptive,
         float(eta),
@@ -584,6 +617,7 @@ def perturb_(
         [] if random is None else list(random.salts),
         0 if random is None else random.step_key,
         0 if random is None else random.threshold,
+        rho_t,
     )
 
 
@@ -604,7 +638,7 @@ def restore_sgd_step_(
     backups: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
@@ -614,7 +648,8 @@ def restore_sgd_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """See :func:`fused_sam.reference.restore_sgd_step_`. The skip is decided on the device."""
+    """See :func:`fused_sam.reference.restore_sgd_step_`. The skip is decided on the device;
+    ``lr`` may be a one-element tensor on the parameters' device, read by the kernel."""
     if not params:
         return
     bufs = list(momentum_buffers) if momentum != 0 else []
@@ -636,13 +671,14 @@ def restore_sgd_step_(
             params, grads, backups, momentum_buffers, **kw
         )
         return
+    lr_mult, lr_t = _device_hyper(lr, params[0].device)
     _call(
         "restore_sgd_step",
         list(params),
         list(grads),
         list(backups),
         bufs,
-        float(lr),
+        lr_mult,
         float(weight_decay),
         float(momentum),
         float(dampening),
@@ -651,6 +687,7 @@ def restore_sgd_step_(
         bool(first_step),
         grad_scale,
         found_inf,
+        lr_t,
     )
 
 
@@ -663,7 +700,7 @@ def restore_adam_step_(
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -674,7 +711,8 @@ def restore_adam_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """See :func:`fused_sam.reference.restore_adam_step_`. The skip is decided on the device."""
+    """See :func:`fused_sam.reference.restore_adam_step_`. The skip is decided on the device;
+    ``lr`` may be a one-element tensor on the parameters' device, read by the kernel."""
     if not params:
         return
     vmax = list(max_exp_avg_sqs) if amsgrad else []
@@ -714,6 +752,7 @@ def restore_adam_step_(
             found_inf=found_inf,
         )
         return
+    lr_mult, lr_t = _device_hyper(lr, params[0].device)
     _call(
         "restore_adam_step",
         list(params),
@@ -723,7 +762,7 @@ def restore_adam_step_(
         list(exp_avg_sqs),
         vmax,
         list(state_steps),
-        float(lr),
+        lr_mult,
         float(beta1),
         float(beta2),
         float(eps),
@@ -733,4 +772,5 @@ def restore_adam_step_(
         bool(decoupled_weight_decay),
         grad_scale,
         found_inf,
+        lr_t,
     )

@@ -139,10 +139,15 @@ class Table:
     n_tensors: int
     n_chunks: int
     aligned: bool
+    #: the pinned host copy a table made during CUDA graph capture is uploaded from (each
+    #: replay copies it again, so it must outlive the graph); ``None`` otherwise.
+    host: Tensor | None = None
 
 
 _CACHE: OrderedDict[tuple, Table] = OrderedDict()
 _CACHE_SIZE = 64
+#: Tables made during CUDA graph capture, kept for the life of the process.
+_CAPTURED: list[Table] = []
 
 
 def clear_cache() -> None:
@@ -188,14 +193,24 @@ def pointer_table(
     flat = [*owner, *starts, *numels]
     for row in addrs:
         flat.extend(row)
-    data = torch.tensor(flat, dtype=torch.int64).to(device)
+    host = None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A blocking upload is not allowed while a CUDA graph captures (the tensors it
+        # allocates get new addresses, hence a new table): an asynchronous copy from pinned
+        # memory is, and the graph repeats it at each replay from the kept host copy.
+        host = torch.tensor(flat, dtype=torch.int64).pin_memory()
+        data = host.to(device, non_blocking=True)
+    else:
+        data = torch.tensor(flat, dtype=torch.int64).to(device)
     aligned = all(
         a % 16 == 0
         for lst, row in zip(lists, addrs)
         if lst and not isinstance(lst[0], int)
         for a in row
     )
-    table = Table(data, len(numels), len(owner), aligned)
+    table = Table(data, len(numels), len(owner), aligned, host)
+    if host is not None:
+        _CAPTURED.append(table)  # the graph reads it at every replay: never evicted
     _CACHE[key] = table
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -236,6 +251,17 @@ def address(
 def entry(table, n_tensors, n_chunks, t, row: tl.constexpr):
     """The raw int64 of tensor ``t`` in list ``row`` (a list of values, not addresses)."""
     return tl.load(table + 2 * n_chunks + (1 + row) * n_tensors + t)
+
+
+@triton.jit
+def device_scalar(x, x_t, FROM_TENSOR: tl.constexpr):
+    """A float64 hyperparameter: ``x``, times the value of the one-element tensor ``x_t`` when
+    ``FROM_TENSOR`` (read on the device, so a new value needs neither a recompile nor, in a
+    CUDA graph, a new capture)."""
+    value = f64(x)
+    if FROM_TENSOR:
+        value = value * tl.load(x_t).to(tl.float64)
+    return value
 
 
 @triton.jit

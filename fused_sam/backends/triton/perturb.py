@@ -6,7 +6,14 @@
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import address, entry, f64, locate, to_storage
+from fused_sam.backends.triton._table import (
+    address,
+    device_scalar,
+    entry,
+    f64,
+    locate,
+    to_storage,
+)
 
 
 @triton.jit
@@ -96,6 +103,7 @@ def perturb_kernel(
     sumsq,
     n_partials,
     rho: tl.float64,
+    rho_t,
     eps: tl.float64,
     eta: tl.float64,
     step_key: tl.int64,
@@ -110,6 +118,7 @@ def perturb_kernel(
     ACC: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     MASK: tl.constexpr,
+    RHO_T: tl.constexpr,
     ALIGNED: tl.constexpr,
     DIRECT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -134,17 +143,20 @@ def perturb_kernel(
         n_tensors, n_chunks, chunk: table dimensions and elements per program.
         sumsq, n_partials: the norm partials of the whole step (all buckets).
         rho, eps, eta: signed radius, norm epsilon, ASAM offset (runtime, float64).
+        rho_t: with ``RHO_T``, a one-element tensor read on the device (radius ``rho * rho_t``).
         step_key, threshold: the random mask's key of this step and its keep threshold.
         w_arg, g_arg, b_arg, m_arg, key_arg, numel_arg: the tensors of a ``DIRECT`` launch
             (``key_arg``: the tensor's random-mask key, ``salt ^ step_key``).
         DTYPE, ACC: storage and compute types.
         ADAPTIVE: ASAM scaling.
         MASK: 0 none, 1 bit-packed masks (bit ``k % 8`` of byte ``k // 8``), 2 random mask.
+        RHO_T: read the radius from ``rho_t``.
         ALIGNED: every address is 16-byte aligned.
         DIRECT: per-tensor launch with tensor arguments (traceable by torch.compile).
         BLOCK, RBLOCK: elements per vector step; partials per finalize step.
     """
-    scale64, finite = finalize(sumsq, n_partials, f64(rho), f64(eps), RBLOCK)
+    rho64 = device_scalar(rho, rho_t, RHO_T)
+    scale64, finite = finalize(sumsq, n_partials, rho64, f64(eps), RBLOCK)
     scale = scale64.to(ACC)
     eta_c = f64(eta).to(ACC)
     pid = tl.program_id(0)

@@ -15,7 +15,14 @@ being skipped (a select rather than an AND, see :func:`._table.block_flag`).
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import address, block_flag, f64, locate, to_storage
+from fused_sam.backends.triton._table import (
+    address,
+    block_flag,
+    device_scalar,
+    f64,
+    locate,
+    to_storage,
+)
 
 
 @triton.jit
@@ -136,6 +143,7 @@ def sgd_kernel(
     found_inf,
     grad_scale,
     lr: tl.float64,
+    lr_t,
     weight_decay: tl.float64,
     momentum: tl.float64,
     dampening: tl.float64,
@@ -148,6 +156,7 @@ def sgd_kernel(
     ACC: tl.constexpr,
     HAS_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    LR_T: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     USE_WD: tl.constexpr,
     MOMENTUM: tl.constexpr,
@@ -172,9 +181,12 @@ def sgd_kernel(
         n_tensors, n_chunks, chunk: table dimensions and elements per program.
         found_inf, grad_scale: 0-dim float32 AMP tensors (read only with their flags).
         lr, weight_decay, momentum, dampening: hyperparameters (runtime, float64).
+        lr_t: with ``LR_T``, a one-element tensor read on the device; the learning rate is
+            then ``lr * lr_t`` (so a scheduler may change it between CUDA graph replays).
         w_arg, g_arg, b_arg, v_arg, numel_arg: the tensors of a ``DIRECT`` launch.
         DTYPE, ACC: storage and compute types.
         HAS_INF, HAS_SCALE: read ``found_inf`` / ``grad_scale``.
+        LR_T: read the learning rate from ``lr_t``.
         MAXIMIZE, USE_WD, MOMENTUM, FIRST, NESTEROV: which terms of the update exist
             (``USE_WD``: ``weight_decay != 0``; ``MOMENTUM``: ``momentum != 0``; ``FIRST``: the
             buffers hold no history yet and are only written).
@@ -182,7 +194,7 @@ def sgd_kernel(
     """
     live, inv = _live_and_unscale(found_inf, grad_scale, HAS_INF, HAS_SCALE)
     inv_scale = inv.to(ACC)
-    lr_c = f64(lr).to(ACC)
+    lr_c = device_scalar(lr, lr_t, LR_T).to(ACC)
     wd_c = f64(weight_decay).to(ACC)
     mom_c = f64(momentum).to(ACC)
     damp1 = (1.0 - f64(dampening)).to(ACC)
@@ -326,6 +338,7 @@ def adam_kernel(
     found_inf,
     grad_scale,
     lr: tl.float64,
+    lr_t,
     beta1: tl.float64,
     beta2: tl.float64,
     eps: tl.float64,
@@ -342,6 +355,7 @@ def adam_kernel(
     ACC: tl.constexpr,
     HAS_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    LR_T: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     USE_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
@@ -370,15 +384,17 @@ def adam_kernel(
         n_tensors, n_chunks, chunk: table dimensions and elements per program.
         found_inf, grad_scale: 0-dim float32 AMP tensors (read only with their flags).
         lr, beta1, beta2, eps, weight_decay: hyperparameters (runtime, float64).
+        lr_t: with ``LR_T``, a one-element tensor read on the device (``lr * lr_t``).
         w_arg, g_arg, b_arg, m_arg, v_arg, s_arg, vmax_arg, numel_arg: the tensors of a
             ``DIRECT`` launch.
         DTYPE, ACC: storage and compute types.
         HAS_INF, HAS_SCALE: read ``found_inf`` / ``grad_scale``.
+        LR_T: read the learning rate from ``lr_t``.
         MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD: which terms of the update exist.
         ALIGNED, DIRECT, BLOCK: as in the other kernels of this package.
     """
     live, inv = _live_and_unscale(found_inf, grad_scale, HAS_INF, HAS_SCALE)
-    lr = f64(lr)
+    lr = device_scalar(lr, lr_t, LR_T)
     beta1 = f64(beta1)
     beta2 = f64(beta2)
     weight_decay = f64(weight_decay)
