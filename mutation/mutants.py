@@ -132,7 +132,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "found_inf = _either(st.found_inf, scaler_inf)", "found_inf = scaler_inf", "python",
            _OPT, "a non-finite first pass does not skip the base step"),
     Mutant("optimizer-skip-creates-state", "fused_sam/optimizer.py",
-           "if found_inf is None or not bool(found_inf.item()):", "if True:", "python", _OPT,
+           "if not bool(found_inf.item()):", "if True:", "python", _OPT,
            "a skipped first step creates optimizer state"),
     Mutant("foreach-random-scale-dropped", "fused_sam/backends/foreach.py",
            "return [random_mask(masks, i, w) for i, w in enumerate(params)], rho * masks.scale",
