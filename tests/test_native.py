@@ -12,6 +12,7 @@ extension).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -637,3 +638,55 @@ def test_cuda_vector_path_stores_16_bytes(tmp_path) -> None:
         # Every other global store is a tail store of at most one pack (scalar lanes).
         assert not re.search(r"\n\s*st\.(?:global\.)?(?:\w+\.)?v2\.", body), name[-60:]
     assert seen == set(_VECTOR_STORES)
+
+
+def _cuda_include(nvcc: str) -> Path:
+    """The CUDA toolkit's include folder (nvcc may be a wrapper script: ask it)."""
+    dryrun = subprocess.run(
+        [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    found = re.findall(r'INCLUDES="(?:-I)?"?([^"\s]+)', dryrun.stdout + dryrun.stderr)
+    for folder in [*found, os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]:
+        path = Path(folder)
+        if path.name != "include":
+            path = path / "include"
+        if (path / "cuda_runtime.h").exists():
+            return path
+    pytest.fail(f"nvcc is at {nvcc} but cuda_runtime.h was not found")
+
+
+def test_cuda_glue_compiles(tmp_path) -> None:
+    """The torch-facing CUDA glue (sam_cuda.cpp) and the CUDA registrations of bindings.cpp
+    compile (syntax and types) against this torch's headers and the CUDA toolkit's: a CPU-only
+    torch cannot build them, and the GPU machine would otherwise be the first to try."""
+    import sysconfig
+
+    import pybind11
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found (CI has it: .ci/run refuses to run without it)")
+    cuda_include = _cuda_include(nvcc)
+    root = Path(__file__).resolve().parents[1]
+    torch_include = Path(torch.__file__).parent / "include"
+    # A CPU wheel ships c10/cuda's headers but not the one its CMake build generates.
+    (tmp_path / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    includes = [
+        root / "csrc",
+        torch_include,
+        torch_include / "torch" / "csrc" / "api" / "include",
+        tmp_path,
+        cuda_include,
+        sysconfig.get_paths()["include"],
+        pybind11.get_include(),
+    ]
+    for source in ("cuda/sam_cuda.cpp", "bindings.cpp"):
+        out = subprocess.run(
+            ["c++", "-std=c++20", "-fsyntax-only", "-DFUSED_SAM_WITH_CUDA",
+             "-DTORCH_EXTENSION_NAME=_C", *(f"-I{i}" for i in includes),
+             str(root / "csrc" / source)],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-4000:]
