@@ -148,6 +148,16 @@ def esam_sgd(params: list[Tensor], keep: float, seed: int, rho: float, steps: in
 SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
 
 
+def _train(opt: FusedSAM, ps: list[Tensor], steps: range) -> None:
+    for step in steps:
+        for p, g in zip(ps, _grads(ps, step, 0)):
+            p.grad = g
+        opt.first_step(zero_grad=True)
+        for p, g in zip(ps, _grads(ps, step, 1)):
+            p.grad = g
+        opt.second_step(zero_grad=True)
+
+
 @pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_sam_matches_esam(backend: str, dtype: torch.dtype) -> None:
@@ -160,13 +170,7 @@ def test_fused_sam_matches_esam(backend: str, dtype: torch.dtype) -> None:
     opt = FusedSAM(
         ps, torch.optim.SGD, rho=0.5, mask=RandomMask(0.3, seed=123), backend=backend, **SGD
     )
-    for step in range(4):
-        for p, g in zip(ps, _grads(ps, step, 0)):
-            p.grad = g
-        opt.first_step(zero_grad=True)
-        for p, g in zip(ps, _grads(ps, step, 1)):
-            p.grad = g
-        opt.second_step(zero_grad=True)
+    _train(opt, ps, range(4))
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
     for i, p in enumerate(ps):
         torch.testing.assert_close(p.detach().double(), want_w[i], **tol, msg=f"param {i}")
@@ -184,26 +188,10 @@ def test_keep_one_is_plain_sam(backend: str) -> None:
         torch.manual_seed(0)
         ps = odd_params()
         opt = FusedSAM(ps, torch.optim.SGD, rho=0.5, mask=mask, backend=backend, **SGD)
-        for step in range(2):
-            for p, g in zip(ps, _grads(ps, step, 0)):
-                p.grad = g
-            opt.first_step(zero_grad=True)
-            for p, g in zip(ps, _grads(ps, step, 1)):
-                p.grad = g
-            opt.second_step(zero_grad=True)
+        _train(opt, ps, range(2))
         runs.append(ps)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-
-
-def _train(opt: FusedSAM, ps: list[Tensor], steps: range) -> None:
-    for step in steps:
-        for p, g in zip(ps, _grads(ps, step, 0)):
-            p.grad = g
-        opt.first_step(zero_grad=True)
-        for p, g in zip(ps, _grads(ps, step, 1)):
-            p.grad = g
-        opt.second_step(zero_grad=True)
 
 
 def _twin(p: Tensor) -> nn.Parameter:
