@@ -1313,12 +1313,7 @@ class FusedSAM(Optimizer):
         buckets = None
         if contiguous:
             buckets = F.plan(self.backend, [params, backups], list(zip(rho, adaptive, eta)))
-        salts = None
-        if self._random is not None:
-            # A parameter's salt comes from its position among all parameters, not among
-            # those with a gradient this step, so its mask never depends on the others.
-            position = {id(p): i for i, p in enumerate(self._all_params())}
-            salts = tuple(tensor_salt(position[id(p)]) for p in params)
+        salts = None if self._random is None else _salts(self._all_params(), params)
         st.plan = _StepPlan(key, {p.device for p in params}, backups, buckets, salts)
         return st.plan
 
@@ -1356,8 +1351,14 @@ def _draw(random: RandomMask, all_params: list[Tensor], params: list[Tensor]) ->
     Its step key changes every step; a Python int computed while traced would be a constant of
     the graph (a recompile per step), so the draw is a graph break instead.
     """
+    return random.bits(_salts(all_params, params))
+
+
+def _salts(all_params: list[Tensor], params: list[Tensor]) -> tuple[int, ...]:
+    """The random-mask salt of each of ``params``: from its position among all parameters,
+    not among those with a gradient this step, so its mask never depends on the others."""
     position = {id(p): i for i, p in enumerate(all_params)}
-    return random.bits([tensor_salt(position[id(p)]) for p in params])
+    return tuple(tensor_salt(position[id(p)]) for p in params)
 
 
 def _contiguous(tensors: list[Tensor] | None) -> bool:
