@@ -23,6 +23,20 @@ def state_tensors(opt: torch.optim.Optimizer, params) -> list[torch.Tensor]:
     return out
 
 
+def flat_state(obj) -> list[torch.Tensor]:
+    """Every tensor and number of a (nested) state dict, in a fixed order (None and strings
+    are left out)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj.detach().clone()]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in flat_state(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in flat_state(v)]
+    if isinstance(obj, (bool, int, float)):
+        return [torch.tensor(float(obj), dtype=torch.float64)]
+    return []
+
+
 def odd_params(dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
     """Parameters with odd sizes, a 0-dim one, a non-dense view and a channels_last tensor."""
     ps = [torch.randn(s, dtype=dtype) for s in [(1,), (3,), (4097,), (), (33, 7)]]

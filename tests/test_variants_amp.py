@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import CPU_BACKENDS, assert_close, require_backend
+from helpers import flat_state
 from torch import nn
 from torch.nn import functional as nnf
 
@@ -98,24 +99,11 @@ def _step(
     opt.zero_grad()
 
 
-def _flatten(obj: Any) -> list[torch.Tensor]:
-    """Every tensor and number of a (nested) state dict, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj.detach().clone()]
-    if isinstance(obj, dict):
-        return [t for k in sorted(obj, key=str) for t in _flatten(obj[k])]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _flatten(v)]
-    if isinstance(obj, (bool, int, float)):
-        return [torch.tensor(float(obj), dtype=torch.float64)]
-    return []
-
-
 def _snapshot(model: nn.Module, opt: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The weights and every state tensor/number except the schedule's clock (see _clock)."""
     state = opt.state_dict()
     state.get("sam_schedule", {}).pop("steps", None)
-    return [p.detach().clone() for p in model.parameters()], _flatten(state)
+    return [p.detach().clone() for p in model.parameters()], flat_state(state)
 
 
 def _clock(opt: Any) -> int | None:

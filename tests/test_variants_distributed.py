@@ -16,23 +16,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import spawn_gloo
+from helpers import flat_state, spawn_gloo
+from test_distributed import _batch, _model
 from torch import nn
 from torch.nn import functional as nnf
 
 from fused_sam import GSAM, EveryK, FriendlySAM, FusedSAM, LookSAM, MomentumSAM
 
 WORLD, STEPS = 2, 5
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)  # the same initial weights everywhere
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-
-
-def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)  # every rank has its own data
-    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
 
 
 def _full_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,23 +83,10 @@ def _train(drive: str, module: nn.Module, opt: Any, batch: Callable[[int], Any])
     return kinds
 
 
-def _flatten(obj: Any) -> list[torch.Tensor]:
-    """Every tensor and number of a (nested) state dict, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj.detach().clone()]
-    if isinstance(obj, dict):
-        return [t for k in sorted(obj, key=str) for t in _flatten(obj[k])]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _flatten(v)]
-    if isinstance(obj, (bool, int, float)):
-        return [torch.tensor(float(obj), dtype=torch.float64)]
-    return []  # None, strings
-
-
 def _result(model: nn.Module, opt: Any, kinds: list[str]) -> dict[str, Any]:
     return {
         "params": [p.detach().clone() for p in model.parameters()],
-        "state": _flatten(opt.state_dict()),
+        "state": flat_state(opt.state_dict()),
         "kinds": kinds,
     }
 
