@@ -489,3 +489,28 @@ def test_momentum_sam_refuses_what_it_cannot_drive() -> None:
         MomentumSAM(model.parameters(), torch.optim.RMSprop, lr=0.1)
     with pytest.raises(ValueError, match="rho"):
         MomentumSAM(model.parameters(), torch.optim.SGD, rho=-1.0, lr=0.1, momentum=0.9)
+
+
+def test_variant_state_of_another_model_is_refused() -> None:
+    """A checkpoint whose per-parameter variant state (LookSAM's g_v, F-SAM's m, Momentum-SAM's
+    w) has another parameter's shape is refused with the shapes named, not loaded."""
+    cases = {
+        "LookSAM state gv": lambda m: _looksam(m, None, "sgd", k=2),
+        "FriendlySAM state m": lambda m: _friendly(m, None, "sgd"),
+        "momentum_sam weights": lambda m: _msam(m, "sgd"),
+    }
+    for what, make in cases.items():
+        model = _net()
+        opt = make(model)
+        if what == "momentum_sam weights":
+            _one_pass(model, opt, range(2))
+        else:
+            _two_step(model, opt, range(1))
+        ckpt = copy.deepcopy(opt.state_dict())
+        inner = ckpt.get("momentum_sam", {}).get("weights") or next(
+            v for v in (ckpt.get("sam_schedule", {}).get("policy", {}).get("gv"),
+                        ckpt.get("sam_direction", {}).get("m")) if v
+        )  # fmt: skip
+        inner[0] = torch.zeros(5, 5)
+        with pytest.raises(ValueError, match=rf"{what}\[0\] has shape \(5, 5\), not \(12, 6\)"):
+            make(_net()).load_state_dict(ckpt)

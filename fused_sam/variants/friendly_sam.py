@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_sam.variants._state import load_per_param
 from fused_sam.variants.direction import Direction
 
 __all__ = ["FriendlySAM"]
@@ -86,12 +87,7 @@ class FriendlySAM(Direction):
         return {"m": {i: self.m[p] for i, p in enumerate(params) if p in self.m}}
 
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
-        self.m = {}
-        for i, t in state.get("m", {}).items():
-            p = params[int(i)]
-            if t.shape != p.shape:
-                raise ValueError(f"FriendlySAM state {i} has shape {tuple(t.shape)}")
-            self.m[p] = t.to(p.device, p.dtype).clone()
+        self.m = load_per_param(state.get("m", {}), params, "FriendlySAM state m")
 
     def __repr__(self) -> str:
         return f"FriendlySAM(sigma={self.sigma}, lam={self.lam})"

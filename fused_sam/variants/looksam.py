@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fused_sam.variants._reduce import dot, norm
+from fused_sam.variants._state import load_per_param
 from fused_sam.variants.schedule import PLAIN, SAM, StepSchedule
 
 __all__ = ["LookSAM"]
@@ -99,14 +100,7 @@ class LookSAM(StepSchedule):
         return {"gv": {i: self.gv[p] for i, p in enumerate(params) if p in self.gv}}
 
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
-        self.gv = {}
-        for i, t in state.get("gv", {}).items():
-            p = params[int(i)]
-            if t.shape != p.shape:
-                raise ValueError(
-                    f"LookSAM state {i} has shape {tuple(t.shape)}, not {tuple(p.shape)}"
-                )
-            self.gv[p] = t.to(p.device, p.dtype).clone()
+        self.gv = load_per_param(state.get("gv", {}), params, "LookSAM state gv")
 
     def __repr__(self) -> str:
         return f"LookSAM(k={self.k}, alpha={self.alpha})"

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from fused_sam import functional as F
+from fused_sam.variants._state import load_per_param
 
 __all__ = ["MomentumSAM"]
 
@@ -171,11 +172,7 @@ class MomentumSAM(Optimizer):
         if msam is None:
             return
         params = self._params()
-        for i, w in msam["weights"].items():
-            p = params[int(i)]
-            if w.shape != p.shape:
-                raise ValueError(f"momentum_sam weights {i} have shape {tuple(w.shape)}")
-            self._w[p] = w.to(p.device, p.dtype).clone()
+        self._w.update(load_per_param(msam["weights"], params, "momentum_sam weights"))
         self._flags["perturbed"] = bool(msam["perturbed"])
         if self._flags["perturbed"]:
             # The model may hold w~ or w (saved inside unperturbed()): put w~ back from w.
