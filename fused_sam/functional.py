@@ -30,7 +30,9 @@ __all__ = [
     "BackendUnavailableError",
     "Buckets",
     "available_backends",
+    "axpby_",
     "building_graph",
+    "dot",
     "masked_norm_sq",
     "nonfinite",
     "norm_sq",
@@ -411,6 +413,50 @@ def perturb_(
         for chosen, idx in done:
             _module(chosen).restore_(_pick(params, idx), _pick(backups, idx))
         raise
+
+
+def dot(a: Sequence[Tensor], b: Sequence[Tensor], backend: str | None) -> Tensor:
+    """Partial sums of ``sum_i a_i . b_i`` over every tensor pair given, in float64.
+
+    Args:
+        a, b: tensors of equal shapes, index for index (one device and dtype per index).
+        backend: the backend request (a name, or ``None`` for auto), resolved per device.
+
+    Returns:
+        A 1-D float64 tensor on ``a[0]``'s device whose sum is the dot product (see
+        :func:`fused_sam.reference.dot_partials`).
+    """
+    parts = [
+        _module(chosen).dot_partials(_pick(a, idx), _pick(b, idx))
+        for chosen, idx in plan(backend, [a, b])
+    ]
+    device = a[0].device
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([_on(p, device) for p in parts])
+
+
+def axpby_(
+    out: Sequence[Tensor],
+    x: Sequence[Tensor],
+    y: Sequence[Tensor],
+    coefs: Tensor,
+    skip: Tensor | None,
+    backend: str | None,
+) -> None:
+    """``out = a x + b y`` for every tensor given (see :func:`fused_sam.reference.axpby_`).
+
+    Args:
+        out, x, y: one device and dtype per index; ``out[i]`` may be ``x[i]`` or ``y[i]``.
+        coefs: 1-D float64 ``(a, b)``, on any device (copied to each bucket's, asynchronously).
+        skip: optional 0-dim flag; nonzero writes nothing.
+        backend: the backend request (a name, or ``None`` for auto), resolved per device.
+    """
+    for chosen, idx in plan(backend, [out, x, y]):
+        device = out[idx[0]].device
+        _module(chosen).axpby_(
+            _pick(out, idx), _pick(x, idx), _pick(y, idx), _on(coefs, device), _on(skip, device)
+        )
 
 
 def restore_(

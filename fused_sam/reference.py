@@ -35,6 +35,8 @@ from torch import Tensor
 from fused_sam.masks import RandomBits, random_mask, unpack_bits
 
 __all__ = [
+    "axpby_",
+    "dot_partials",
     "norm_sq_partials",
     "perturb_",
     "restore_",
@@ -132,6 +134,59 @@ def perturb_(
         elif masks is not None:
             e = e * unpack_bits(masks[i], w).double()
         w.copy_((w.double() + e).to(w.dtype))
+
+
+def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    r"""Partial sums of the dot product of two tensor lists (the global products of the SAM
+    variants: LookSAM's and GSAM's projections).
+
+    .. math:: s = \sum_i \sum_j a_{ij}\, b_{ij}
+
+    Products and sums are float64: a product of two float32 (or lower) values is exact there,
+    so only the sum rounds.
+
+    Args:
+        a, b: tensors of equal shapes, index for index.
+
+    Returns:
+        A 1-D float64 tensor on ``a``'s device whose sum is ``s`` (one partial here; a kernel
+        may return several). Non-finite entries make it non-finite.
+    """
+    device = a[0].device if a else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in zip(a, b):
+        total = total + (x.double() * y.double()).sum()
+    return total.reshape(1)
+
+
+def axpby_(
+    out: Sequence[Tensor],
+    x: Sequence[Tensor],
+    y: Sequence[Tensor],
+    coefs: Tensor,
+    skip: Tensor | None,
+) -> None:
+    r"""``out = a x + b y`` over tensor lists, with the coefficients read on the device.
+
+    .. math:: out_{ij} \leftarrow a\, x_{ij} + b\, y_{ij}, \qquad (a, b) = (c_0, c_1)
+
+    computed in float64 and rounded once to ``out``'s dtype. The coefficients are a device
+    tensor because the variants derive them from global dot products and norms, which must
+    not be read on the host (that would synchronise an accelerator).
+
+    Args:
+        out: written; ``out[i]`` may be ``x[i]`` or ``y[i]`` itself (the math is elementwise),
+            otherwise it must not overlap them.
+        x, y: read; every list has one dtype and ``out``'s shapes.
+        coefs: 1-D float64 tensor ``(a, b)`` on the tensors' device.
+        skip: optional flag; when nonzero nothing is written (a skipped step leaves a
+            variant's state as it was, whatever non-finite values ``x`` or ``y`` hold).
+    """
+    if _skip(skip):
+        return
+    a, b = (float(c) for c in coefs.double().cpu())
+    for o, u, v in zip(out, x, y):
+        o.copy_((a * u.double() + b * v.double()).to(o.dtype))
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:

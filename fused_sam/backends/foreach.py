@@ -18,10 +18,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fused_sam.backends._checks import check_axpby, check_lists
 from fused_sam.masks import RandomBits, random_mask, unpack_bits
 
 __all__ = [
     "FLAT",
+    "axpby_",
+    "dot_partials",
     "norm_sq_partials",
     "perturb_",
     "restore_",
@@ -178,6 +181,42 @@ def _add_scaled(
         torch._foreach_add_(params, e)  # computed in float32, rounded once to the params' dtype
     else:
         torch._foreach_add_(params, e, alpha=scale)
+
+
+def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """See :func:`fused_sam.reference.dot_partials`; one partial.
+
+    Each list is flattened into one float64 vector (one concatenation, in each tensor's logical
+    order, so the lists pair up whatever their strides) and one ``dot`` takes the products, exact
+    in float64 for inputs of float32 or less: a few launches whatever the number of tensors, at
+    the price of two float64 copies.
+    """
+    check_lists("dot_partials", a, b=b)
+    flat_a = torch.cat([t.reshape(-1) for t in a]).double()
+    flat_b = torch.cat([t.reshape(-1) for t in b]).double()
+    return torch.dot(flat_a, flat_b).reshape(1)
+
+
+def axpby_(
+    out: Sequence[Tensor],
+    x: Sequence[Tensor],
+    y: Sequence[Tensor],
+    coefs: Tensor,
+    skip: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.axpby_`: float64 multi-tensor ops, one rounding into
+    ``out``; on accelerators the skip flag and the coefficients stay on the device."""
+    check_axpby(out, x, y, coefs, skip)
+    out = list(out)
+    if skip is not None and out[0].device.type == "cpu" and bool(skip):
+        return
+    c = coefs.double()
+    new = torch._foreach_mul([t.double() for t in x], c[0])
+    torch._foreach_add_(new, torch._foreach_mul([t.double() for t in y], c[1]))
+    if skip is not None and out[0].device.type != "cpu":
+        flag = skip.ne(0)
+        new = [torch.where(flag, o.double(), n) for o, n in zip(out, new)]
+    torch._foreach_copy_(out, new)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
