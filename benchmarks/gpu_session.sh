@@ -4,15 +4,15 @@
 # a run that is cut off still returns what it measured.
 #
 #   benchmarks/gpu_session.sh OUT_DIR 1    # <= 5 min: facts, build, fast gpu tests, ResNet-50 rows
-#   benchmarks/gpu_session.sh OUT_DIR 2    # <= 5 min: CUDA graph replay, the >2^31-element
-#                                          #   tests, the full record
+#   benchmarks/gpu_session.sh OUT_DIR 2    # <= 6 min: CUDA graph replay, the variants' hooks,
+#                                          #   the >2^31-element tests, the full record
 #   benchmarks/gpu_session.sh OUT_DIR 3    # compute-sanitizer memcheck/racecheck on a smoke run
 #   benchmarks/gpu_session.sh OUT_DIR all  # 1, 2 and 3 in a row
 #
 # Stage 1 builds the package; later stages expect that build (run them on the same warm
 # machine, or run stage 1 again). Files written (the GPU machine returns at most 8):
-#   env.txt  build.log  stage1.log  bench-resnet50.json  stage2.log  cuda-graphs.json
-#   bench-full.json  sanitizer.log
+#   build.log (environment facts first)  stage1.log  bench-resnet50.json  stage2.log
+#   cuda-graphs.json  *_variants-cuda_*.json  bench-full.json  sanitizer.log
 # Copy them to benchmarks/results/<date>_<gpu>_<sha>/ and commit: results that are not
 # committed did not happen.
 set -uo pipefail
@@ -40,10 +40,10 @@ stage1() {
     git rev-parse HEAD 2>/dev/null || echo "no git sha"
     "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     nvcc --version | tail -1
-  } >"$out/env.txt" 2>&1
+  } >"$out/build.log" 2>&1
   run 180 "$out/build.log" env FUSED_SAM_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
     "$py" -m pip install -q --no-build-isolation --no-deps -e .
-  "$py" -m fused_sam info >>"$out/env.txt" 2>&1
+  "$py" -m fused_sam info >>"$out/build.log" 2>&1
   run 150 "$out/stage1.log" "$py" -m pytest -m gpu -q -p no:cacheprovider -k "not 2_pow_31" -ra
   run 40 "$out/stage1.log" "$py" -m pytest -q -p no:cacheprovider tests/test_integrations.py -k timm -ra
   run 60 "$out/stage1.log" "$py" benchmarks/record.py --device cuda --sets resnet50 --bases sgd \
@@ -53,6 +53,8 @@ stage1() {
 
 stage2() {
   run 60 "$out/stage2.log" "$py" benchmarks/cuda_graphs.py --out "$out/cuda-graphs.json"
+  run 60 "$out/stage2.log" "$py" benchmarks/bench_variants.py --device cuda --threads 0 \
+    --repeat 20 --out "$out"
   run 90 "$out/stage2.log" "$py" -m pytest -m gpu -q -p no:cacheprovider -k "2_pow_31" -ra
   run 200 "$out/stage2.log" "$py" benchmarks/record.py --device cuda \
     --sets resnet18,resnet50,vit_b,small1000 --bases sgd,adamw --sparsity 0.5 \

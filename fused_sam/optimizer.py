@@ -696,9 +696,9 @@ class FusedSAM(Optimizer):
             _unscale(grads, scale)
             st.first_scale = scale
         if self.schedule is not None and params:
-            self.schedule.first_pass(params, grads)
+            self.schedule.first_pass(params, grads, backend=self.backend)
         if self.direction is not None and params:
-            self.direction.ascent(params, grads)
+            self.direction.ascent(params, grads, backend=self.backend)
         # A mask refresh that is due happens here, before the perturbation, so this step
         # already uses it (an SSAM-D refresh scores with these first-pass gradients).
         masks = None if self._sparse is None else self._sparse.step(self._all_params(), params)
@@ -987,9 +987,13 @@ class FusedSAM(Optimizer):
         if hooks:
             grad_scale, first = self._unscale_for_hooks(grads, grad_scale, scaler_inf)
             if self.direction is not None:
-                self.direction.update(with_grad, grads, found_inf, scale=first)
+                self.direction.update(
+                    with_grad, grads, found_inf, scale=first, backend=self.backend
+                )
             if self.schedule is not None:
-                self.schedule.second_pass(with_grad, grads, found_inf, scale=first)
+                self.schedule.second_pass(
+                    with_grad, grads, found_inf, scale=first, backend=self.backend
+                )
 
         if fused is not None:
 
@@ -1062,7 +1066,7 @@ class FusedSAM(Optimizer):
             if grad_scale is not None and gs:
                 _unscale(gs, grad_scale.to(gs[0].device))  # the hooks see unscaled gradients
                 grad_scale = None
-            self.schedule.plain_pass(ps, gs)
+            self.schedule.plain_pass(ps, gs, backend=self.backend)
         self._unfused_step(grad_scale, found_inf)
         self._step_state.last_skipped = _skip_flag(found_inf)
         self._progress["steps"] += 1

@@ -457,3 +457,20 @@ def test_demo_evaluates_momentum_sam_at_w(monkeypatch) -> None:
     assert seen == [True, True]
     # ... and the training itself runs at the perturbed point again afterwards.
     assert any(not torch.equal(p, run.opt._w[p]) for p in run.model.parameters())
+
+
+def test_bench_variants_script(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_variants.py", "--repeat", "1", "--params", "tiny",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    (written,) = tmp_path.glob("*_variants-cpu_*.json")
+    result = json.loads(written.read_text())
+    assert result["git_sha"] and result["device_name"] and out.stdout
+    timed = [r for r in result["rows"] if "ms" in r]
+    # Every hook set on the per-tensor loop, foreach and the native CPU kernels.
+    for row in ("looksam reuse", "looksam sam", "fsam", "gsam"):
+        for backend in ("loop", "foreach", "cpu"):
+            (r,) = [r for r in timed if r["row"] == row and r["backend"] == backend]
+            assert r["ms"] > 0 and r["ops"] > 0 and r["pct_floor"] > 0, r

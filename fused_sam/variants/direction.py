@@ -12,6 +12,9 @@ gradient and their gradients (as the kernels see them, unscaled under a GradScal
   :meth:`Direction.ascent` was given were ``scale`` times the unscaled ones (0-dim tensor;
   ``None``: exactly them). A GradScaler says its scale only at ``step()``, so ``first_step``
   divides by the last known one; whatever the policy stored from them must be corrected.
+
+The hooks also get the optimizer's ``backend`` request, for the fused ops of
+:mod:`fused_sam.functional` (``dot``, ``norm_sq``, ``axpby_``) that do their math.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ class Direction(abc.ABC):
         """The radius of this step for a param group (``rho`` is the group's own)."""
         return rho
 
-    def ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:  # noqa: B027
+    def ascent(  # noqa: B027
+        self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
+    ) -> None:
         """See the module docstring."""
 
     def update(  # noqa: B027
@@ -44,6 +49,7 @@ class Direction(abc.ABC):
         skip: Tensor | None,
         *,
         scale: Tensor | None = None,
+        backend: str | None = None,
     ) -> None:
         """See the module docstring."""
 

@@ -9,8 +9,8 @@ With :math:`g` the first-pass gradient and :math:`m` the moving average of past 
     m \leftarrow \lambda m + (1 - \lambda) g
 
 On a parameter's first step :math:`m = g` and :math:`d = g` (as the official code). The update
-of :math:`m` takes effect only when the step is not skipped. One gradient-sized buffer per
-parameter.
+of :math:`m` takes effect only when the step is not skipped. Both are one fused
+``out = a x + b y`` launch per bucket. One gradient-sized buffer per parameter.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_sam import functional as F
+from fused_sam.variants._ops import coefs, copies
 from fused_sam.variants._state import load_per_param
 from fused_sam.variants.direction import Direction
 
@@ -51,12 +53,14 @@ class FriendlySAM(Direction):
         # loss scale they carried is known exactly (see the Direction interface).
         self._g1: dict[Tensor, Tensor] = {}
 
-    def ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        self._g1 = {p: g.detach().clone() for p, g in zip(params, grads)}
-        for p, g in zip(params, grads):
-            m = self.m.get(p)
-            if m is not None:  # first step: d = g
-                g.sub_(m * self.sigma)
+    def ascent(
+        self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
+    ) -> None:
+        self._g1 = dict(zip(params, copies(grads)))
+        pairs = [(g, self.m[p]) for p, g in zip(params, grads) if p in self.m]
+        if pairs:  # a parameter's first step: d = g
+            g, m = [a for a, _ in pairs], [b for _, b in pairs]
+            F.axpby_(g, g, m, coefs(1.0, -self.sigma, g[0].device), None, backend)
 
     def update(
         self,
@@ -65,23 +69,25 @@ class FriendlySAM(Direction):
         skip: Tensor | None,
         *,
         scale: Tensor | None = None,
+        backend: str | None = None,
     ) -> None:
         g1, self._g1 = self._g1, {}
         if skip is not None and any(p not in self.m for p in g1) and bool(skip):
             # A skipped first step creates no state (one host read, on such steps only).
             g1 = {p: v for p, v in g1.items() if p in self.m}
+        old = [(p, g) for p, g in g1.items() if p in self.m]
         for p, g in g1.items():
-            if scale is not None:
-                g = g / scale.to(g.device)
-            old = self.m.get(p)
-            if old is None:
-                self.m[p] = g  # first step: m = g
-                continue
-            new = old * self.lam + g * (1 - self.lam)
-            if skip is None:
-                old.copy_(new)
-            else:
-                old.copy_(torch.where(skip.to(old.device).bool(), old, new))
+            if p not in self.m:  # first step: m = g
+                self.m[p] = g if scale is None else g / scale.to(g.device)
+        if not old:
+            return
+        m, g = [self.m[p] for p, _ in old], [v for _, v in old]
+        device = m[0].device
+        # m = lam m + (1 - lam) g, with g unscaled here: the stored g is ``scale`` times it.
+        b = 1 - self.lam
+        if scale is not None:
+            b = scale.to(device, torch.float64).reciprocal() * b
+        F.axpby_(m, m, g, coefs(self.lam, b, device), skip, backend)
 
     def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
         return {"m": {i: self.m[p] for i, p in enumerate(params) if p in self.m}}

@@ -15,7 +15,13 @@ and its radius follows the learning rate, as in the paper's runs:
 
 with :math:`\rho` the group's ``rho``, :math:`\eta_t` its learning rate, :math:`\eta_{max}` its
 ``initial_lr`` (set by any torch LR scheduler; else the learning rate of its first step).
-Dot products are global, in float64, on the device. One gradient-sized buffer per parameter.
+Dot products are global, in float64, on the device, and the update is one fused
+``out = a x + b y`` launch per bucket:
+
+.. math:: g_{update} = (1 + \alpha c)\, g_s - \alpha\, g, \qquad
+    c = \frac{g \cdot g_s}{\lVert g_s \rVert^2}
+
+One gradient-sized buffer per parameter.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_sam.variants._reduce import dot
+from fused_sam import functional as F
+from fused_sam.variants._ops import coefs, copies, dot, norm_sq, ratio
 from fused_sam.variants.direction import Direction
 
 __all__ = ["GSAM"]
@@ -56,8 +63,10 @@ class GSAM(Direction):
         frac = (float(group["lr"]) - self.lr_min) / (lr_max - self.lr_min)
         return self.rho_min + (rho - self.rho_min) * frac
 
-    def ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        self._g1 = {p: g.detach().clone() for p, g in zip(params, grads)}
+    def ascent(
+        self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
+    ) -> None:
+        self._g1 = dict(zip(params, copies(grads)))
 
     def update(
         self,
@@ -66,20 +75,18 @@ class GSAM(Direction):
         skip: Tensor | None,
         *,
         scale: Tensor | None = None,
+        backend: str | None = None,
     ) -> None:
         g1, self._g1 = self._g1, {}
         pairs = [(g, g1[p]) for p, g in zip(params, grads) if p in g1]
         if not pairs or self.alpha == 0:
             return
         gs, h = [a for a, _ in pairs], [b for _, b in pairs]
-        if scale is not None:  # g_perp is linear in g: it needs g in the units of g_s
-            h = torch._foreach_div(h, scale.to(h[0].device))
-            pairs = list(zip(gs, h))
-        n2 = dot(gs, gs)
-        coef = torch.where(n2 > 0, dot(h, gs) / n2, torch.zeros_like(n2))
-        for g, first in pairs:
-            perp = first.double() - coef.to(g.device) * g.double()
-            g.copy_((g.double() - self.alpha * perp).to(g.dtype))
+        device = gs[0].device
+        # g_perp is linear in g: the stored h is ``scale`` times g, so divide its terms by it.
+        inv = 1.0 if scale is None else scale.to(device, torch.float64).reciprocal()
+        coef = ratio(dot(h, gs, backend) * inv, norm_sq(gs, backend))
+        F.axpby_(gs, gs, h, coefs(1 + self.alpha * coef, -self.alpha * inv, device), None, backend)
 
     def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
         return {}  # nothing outlives a step

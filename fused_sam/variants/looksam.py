@@ -13,7 +13,8 @@ On a SAM step (steps 0, k, 2k, ...), with :math:`g` the gradient at :math:`w` an
 .. math:: g \leftarrow g + \alpha\, \frac{\lVert g \rVert}{\lVert g_v \rVert}\, g_v
 
 then the base step with that :math:`g`. Norms and dot products are global over every
-parameter with a gradient, in float64, on the device (no host sync). Costs about
+parameter with a gradient, in float64, on the device (no host sync), and both updates are one
+fused ``out = a x + b y`` launch per bucket with the coefficients on the device. Costs about
 ``(1 + 1/k)x`` the base optimizer in passes, and two gradient-sized buffers per parameter.
 """
 
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_sam.variants._reduce import dot, norm
+from fused_sam import functional as F
+from fused_sam.variants._ops import coefs, copies, dot, norm_sq, ratio
 from fused_sam.variants._state import load_per_param
 from fused_sam.variants.schedule import PLAIN, SAM, StepSchedule
 
@@ -53,8 +55,10 @@ class LookSAM(StepSchedule):
     def kind(self, step: int) -> str:
         return SAM if step % self.k == 0 else PLAIN
 
-    def first_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        self._g1 = {p: g.detach().clone() for p, g in zip(params, grads)}
+    def first_pass(
+        self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
+    ) -> None:
+        self._g1 = dict(zip(params, copies(grads)))
 
     def second_pass(
         self,
@@ -63,6 +67,7 @@ class LookSAM(StepSchedule):
         skip: Tensor | None,
         *,
         scale: Tensor | None = None,
+        backend: str | None = None,
     ) -> None:
         # ``scale`` is not needed: coef * g1 below does not depend on the scale of g1, so g_v
         # has the units of g_s, which the optimizer unscales. (The reuse step only needs the
@@ -72,29 +77,22 @@ class LookSAM(StepSchedule):
             return
         g1 = [self._g1[p] for p, _ in pairs]
         gs = [g for _, g in pairs]
-        n2 = dot(g1, g1)
-        coef = torch.where(n2 > 0, dot(gs, g1) / n2, torch.zeros_like(n2))
-        for (p, g), h in zip(pairs, g1):
-            new = g.double() - coef.to(g.device) * h.double()
-            old = self.gv.get(p)
-            if old is None:
-                old = self.gv[p] = torch.zeros_like(g)
-            if skip is None:
-                old.copy_(new)
-            else:  # a skipped step leaves g_v as it was
-                old.copy_(torch.where(skip.to(g.device).bool(), old.double(), new))
+        coef = ratio(dot(gs, g1, backend), norm_sq(g1, backend))
+        gv = [self.gv.setdefault(p, torch.zeros_like(g)) for p, g in pairs]
+        # g_v = g_s - coef g1; a skipped step leaves g_v as it was.
+        F.axpby_(gv, gs, g1, coefs(1.0, -coef, gs[0].device), skip, backend)
         self._g1 = {}
 
-    def plain_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:
+    def plain_pass(
+        self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
+    ) -> None:
         pairs = [(g, self.gv[p]) for p, g in zip(params, grads) if p in self.gv]
         if not pairs:
             return  # before the first SAM step, or a resume without LookSAM state
-        # The hot path of LookSAM (every step but one in k): multi-tensor ops, no host sync.
+        # The hot path of LookSAM (every step but one in k): two norms and one fused update.
         g, v = [a for a, _ in pairs], [b for _, b in pairs]
-        ng = norm(g)
-        nv = norm(v)
-        scale = torch.where(nv > 0, self.alpha * ng / nv, torch.zeros_like(nv))
-        torch._foreach_add_(g, torch._foreach_mul(v, scale.to(g[0].dtype)))
+        scale = ratio(self.alpha * norm_sq(g, backend).sqrt(), norm_sq(v, backend).sqrt())
+        F.axpby_(g, g, v, coefs(1.0, scale, g[0].device), None, backend)
 
     def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
         return {"gv": {i: self.gv[p] for i, p in enumerate(params) if p in self.gv}}

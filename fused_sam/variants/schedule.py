@@ -37,6 +37,9 @@ class StepSchedule(abc.ABC):
     - :meth:`plain_pass` before a plain step's base update; it may change the gradients in
       place (they are what the base optimizer then uses).
 
+    Every hook also gets the optimizer's ``backend`` request, for the fused ops of
+    :mod:`fused_sam.functional` (``dot``, ``norm_sq``, ``axpby_``) that do its math.
+
     A skipped step (non-finite gradient) still counts in the step number given to :meth:`kind`,
     as a skipped step still counts for an LR scheduler: the kind of the next step is then known
     on the host without reading the device's skip flag.
@@ -49,7 +52,9 @@ class StepSchedule(abc.ABC):
     def kind(self, step: int) -> str:
         """The kind of step number ``step`` (0 for the first step of training)."""
 
-    def first_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:  # noqa: B027
+    def first_pass(  # noqa: B027
+        self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
+    ) -> None:
         """See the class docstring."""
 
     def second_pass(  # noqa: B027
@@ -59,10 +64,13 @@ class StepSchedule(abc.ABC):
         skip: Tensor | None,
         *,
         scale: Tensor | None = None,
+        backend: str | None = None,
     ) -> None:
         """See the class docstring."""
 
-    def plain_pass(self, params: list[Tensor], grads: list[Tensor]) -> None:  # noqa: B027
+    def plain_pass(  # noqa: B027
+        self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
+    ) -> None:
         """See the class docstring."""
 
     def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
