@@ -9,7 +9,7 @@ buckets a backend can take in one call:
   dense, or with unequal strides) go to the ``foreach`` backend, which is stride-correct;
 * complex tensors are processed through their real view.
 
-Backends are modules with the five functions of :mod:`fused_sam.reference` and the same
+Backends are modules with the functions of :mod:`fused_sam.reference` and the same
 signatures, plus ``unavailable_reason(device) -> str | None`` and a ``FLAT`` flag.
 """
 
