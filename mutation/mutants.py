@@ -29,6 +29,7 @@ _OPS = ("tests/test_op_outputs.py", "tests/test_ops.py")
 _OPT = ("tests/test_optimizer.py", "tests/test_faults.py", "tests/test_amp.py")
 _NATIVE = ("tests/test_op_outputs.py", "tests/test_native.py", "tests/test_ops.py")
 _GPU = ("tests/test_native.py", "tests/test_triton.py", "tests/test_amp.py")
+_VARIANT_TRITON = ("tests/test_variant_ops.py", "tests/test_triton.py")
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- C++ CPU kernels (kernels.inc is compiled into both builds) --------------------------
@@ -99,6 +100,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "tl.store(out + pid, tl.sum(acc, axis=0))",
            "tl.store(out + pid, tl.sum(tl.sqrt(acc), axis=0))",
            "triton", _OPS, "partials of the norm, not of its square"),
+    Mutant("triton-dot-product-rounded", "fused_sam/backends/triton/combine.py",
+           "return a.to(tl.float64) * b.to(tl.float64)", "return (a * b).to(tl.float64)",
+           "triton", _VARIANT_TRITON, "dot products rounded in the storage type, not exact"),
+    Mutant("triton-axpby-skip-ignored", "fused_sam/backends/triton/combine.py",
+           "live = tl.load(skip) == 0", "live = tl.full([], 1, tl.int1)", "triton",
+           _VARIANT_TRITON, "axpby_ writes when the skip flag is set"),
     # --- Python: foreach backend, oracle, optimizer, masks -----------------------------------
     Mutant("foreach-scale-dropped", "fused_sam/backends/foreach.py",
            "        torch._foreach_add_(params, grads, alpha=scale)\n",

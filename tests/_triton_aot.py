@@ -23,6 +23,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from fused_sam.backends.triton.combine import axpby_kernel, dot_kernel  # noqa: E402
 from fused_sam.backends.triton.norm import norm_kernel  # noqa: E402
 from fused_sam.backends.triton.perturb import perturb_kernel  # noqa: E402
 from fused_sam.backends.triton.step import (  # noqa: E402
@@ -93,6 +94,13 @@ def main() -> None:
         consts = dict(common, HAS_INF=True, HAS_SCALE=True, LR_T=True, MAXIMIZE=True, USE_WD=True)
         consts.update(DECOUPLED=True, AMSGRAD=True)
         print(json.dumps(_compile(adam_kernel, sig, consts, f"adam/{name}")))
+        # The variant ops: float64 dot partials, and a x + b y with the skip flag read.
+        plain = {k: v for k, v in common.items() if k != "ACC"}
+        sig = dict(_BASE, out=part, a_arg=_T, b_arg=_T, numel_arg="i32")
+        print(json.dumps(_compile(dot_kernel, sig, plain, f"dot/{name}")))
+        sig = dict(_BASE, coefs=part, skip="*fp32", o_arg=_T, x_arg=_T, y_arg=_T, numel_arg="i32")
+        consts = dict(plain, HAS_SKIP=True)
+        print(json.dumps(_compile(axpby_kernel, sig, consts, f"axpby/{name}")))
     sig = dict(_BASE, w_arg=_T, b_arg=_T, numel_arg="i32")
     consts = {"DTYPE": tl.float32, "ALIGNED": True, "DIRECT": False, "BLOCK": 1024}
     print(json.dumps(_compile(restore_kernel, sig, consts, "restore/fp32")))
@@ -114,6 +122,14 @@ def main() -> None:
     consts = {"DTYPE": tl.float32, "ACC": tl.float32, "ADAPTIVE": False, "MASK": 2, "RHO_T": True}
     consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024, RBLOCK=1024)
     print(json.dumps(_compile(perturb_kernel, sig, consts, "perturb/fp32/direct")))
+    sig = dict(_BASE, out="*fp64", a_arg="*fp32", b_arg="*fp32", numel_arg="i32")
+    consts = {"DTYPE": tl.float32, "ALIGNED": False, "DIRECT": True, "BLOCK": 1024}
+    print(json.dumps(_compile(dot_kernel, sig, consts, "dot/fp32/direct")))
+    sig = dict(_BASE, coefs="*fp64", skip="*i64", o_arg="*bf16", x_arg="*bf16", y_arg="*bf16")
+    sig.update(numel_arg="i32")
+    consts = {"DTYPE": tl.bfloat16, "HAS_SKIP": False, "ALIGNED": False, "DIRECT": True}
+    consts.update(BLOCK=1024)
+    print(json.dumps(_compile(axpby_kernel, sig, consts, "axpby/bf16/direct")))
 
 
 if __name__ == "__main__":

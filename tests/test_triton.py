@@ -2,7 +2,10 @@
 ``test_op_outputs.py``.
 
 On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest);
-the ``gpu`` tests run the same comparisons on CUDA tensors with compiled kernels. An
+the ``gpu`` tests run the same comparisons on CUDA tensors with compiled kernels. The variant
+ops (``dot_partials``, ``axpby_``) are compared with the reference on every backend by
+``test_variant_ops.py``; here are their launch-level checks (many tensors in one launch,
+determinism, the per-tensor traced path, the registered ops, fallbacks). An
 ahead-of-time compile for sm_90 (no GPU needed) checks that every kernel family compiles and
 that the aligned variants issue 16-byte vector accesses.
 """
@@ -32,6 +35,7 @@ from test_op_outputs import (
     op_params,
     per_tensor,
 )
+from test_variant_ops import COEFS, check_axpby
 
 from fused_sam import functional as F
 from fused_sam.masks import RandomMask, pack_bits, tensor_salt
@@ -113,6 +117,18 @@ def test_many_tensors_one_launch(tb, offset: int, masked: bool) -> None:
     assert partials.numel() == sum(-(-n // chunk) for n in sizes)
     table = _table.pointer_table([g1, g1], sizes, chunk, torch.device("cpu"))
     assert table.aligned == (offset == 0)
+    # The variant ops over the same 32 tensors, one launch each.
+    parts = tb.dot_partials(g1, g2)
+    assert parts.numel() == sum(-(-n // chunk) for n in sizes)
+    want = F.dot(g1, g2, "reference").sum()
+    torch.testing.assert_close(parts.sum(), want, atol=1e-12, rtol=1e-14)
+    coefs = torch.tensor([0.75, -1.5], dtype=torch.float64)
+    for out in ([torch.empty_like(p) for p in ps], g1):  # a new list, and x itself
+        want = [torch.empty_like(p) for p in ps]
+        F.axpby_(want, g1, g2, coefs, None, "reference")
+        x0 = [t.clone() for t in g1]
+        tb.axpby_(out, g1, g2, coefs, None)
+        check_axpby(out, want, x0, g2, 0.75, -1.5)
 
 
 def test_norm_partials_deterministic(tb) -> None:
@@ -121,6 +137,31 @@ def test_norm_partials_deterministic(tb) -> None:
     first = tb.norm_sq_partials(g, g, True, 0.1)
     for _ in range(2):
         assert torch.equal(tb.norm_sq_partials(g, g, True, 0.1), first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dot_partials_one_per_program_deterministic(tb, dtype: torch.dtype) -> None:
+    """One float64 partial per chunk of every tensor (an empty tensor has none), bit-identical
+    from run to run, each the float64 sum of its chunk's exact products."""
+    from fused_sam.backends.triton import _table
+
+    sizes = [5, 70000, 0, 4096, 1]
+    a, b = _tensors(sizes, dtype), _tensors(sizes, dtype)
+    first = tb.dot_partials(a, b)
+    assert first.dtype == torch.float64
+    chunk = _table.geometry(sum(sizes)).chunk
+    want = torch.stack(
+        [
+            (s.double() * t.double()).sum()
+            for u, v in zip(a, b)
+            if u.numel()
+            for s, t in zip(u.split(chunk), v.split(chunk))
+        ]
+    )
+    torch.testing.assert_close(first, want, atol=1e-12, rtol=1e-13)
+    for _ in range(2):
+        assert torch.equal(tb.dot_partials(a, b), first)
+    assert torch.equal(tb.dot_partials([torch.zeros(0)], [torch.zeros(0)]), torch.zeros(1).double())
 
 
 def test_short_mask_is_refused(tb) -> None:
@@ -266,8 +307,20 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
         rps = _tensors(sizes, torch.bfloat16)
         tb.perturb_(rps, g1, [torch.empty_like(p) for p in rps], sumsq, 0.5, 1e-12, False, 0.0,
                     draw)  # fmt: skip
-        results[mode] = (sumsq.double().sum(), ps, m, v, vmax, steps, bufs, backups, rps)
-    assert len(launched) == 5  # norm, perturb, adam, sgd, restore
+        # The variant ops: dot partials; a x + b y into x itself, into a new list with a zero
+        # skip flag, and with a set flag (nothing written).
+        parts = tb.dot_partials(g1, g2)
+        coefs = torch.tensor([0.3, -2.0], dtype=torch.float64)
+        ax = [p.clone() for p in rps]
+        tb.axpby_(ax, ax, g1, coefs, None)
+        combo = [torch.zeros_like(p) for p in ps]
+        tb.axpby_(combo, g1, ax, coefs, torch.tensor(0.0))
+        kept = [torch.zeros_like(p) for p in ps]
+        tb.axpby_(kept, g1, ax, coefs, torch.tensor(1.0))
+        assert all(not k.any() for k in kept)
+        written = (ps, m, v, vmax, steps, bufs, backups, rps, [parts], ax, combo)
+        results[mode] = (sumsq.double().sum(), *written)
+    assert len(launched) == 7  # norm, perturb, adam, sgd, restore, dot, axpby
     a, b = results["table"], results["direct"]
     torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=0)
     for xs, ys in zip(a[1:], b[1:]):
@@ -329,6 +382,14 @@ def test_eager_calls_bump_the_versions_of_what_they_write(tb) -> None:
                          dampening=0.0, nesterov=False, maximize=False, first_step=True,
                          grad_scale=None, found_inf=None)  # fmt: skip
     assert all(a > b for a, b in zip(versions(ps + bufs), before))
+    before = versions(bs + ps + gs)
+    tb.axpby_(bs, ps, gs, torch.tensor([1.0, -0.5], dtype=torch.float64), None)
+    after = versions(bs + ps + gs)
+    assert all(a > b for a, b in zip(after[:2], before[:2]))  # out written
+    assert after[2:] == before[2:]  # x and y only read
+    before = versions(ps)
+    tb.dot_partials(ps, gs)
+    assert versions(ps) == before
     w = torch.randn(5, requires_grad=True)
     p = torch.randn(5)
     y = (w * p).sum()  # saves p for the backward
@@ -378,6 +439,34 @@ def test_fallbacks_are_counted_or_refused(tb, monkeypatch) -> None:
     tb.FALLBACKS.clear()
 
 
+def test_variant_ops_fall_back_on_layouts_and_dtypes(tb, monkeypatch) -> None:
+    """Tensors the flat kernels cannot pair index for index (a transposed ``y`` against a
+    contiguous ``out``), or of a dtype they do not take, go to the foreach backend: counted,
+    with the reference's results, and refused in strict mode."""
+    from fused_sam import reference
+
+    x = [torch.randn(6, 4), torch.randn(300)]
+    y = [torch.randn(4, 6).t(), torch.randn(300)]
+    coefs = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    tb.FALLBACKS.clear()
+    out, want = [torch.empty_like(t) for t in x], [torch.empty_like(t) for t in x]
+    tb.axpby_(out, x, y, coefs, None)
+    reference.axpby_(want, x, y, coefs, None)
+    check_axpby(out, want, x, y, 0.5, 2.0)
+    torch.testing.assert_close(tb.dot_partials(x, y).sum(), reference.dot_partials(x, y).sum())
+    ints = [torch.arange(5), torch.arange(7)]
+    assert int(tb.dot_partials(ints, ints).sum()) == 30 + 91
+    assert tb.FALLBACKS == {
+        ("axpby", "layout"): 1,
+        ("dot_partials", "layout"): 1,
+        ("dot_partials", "dtype"): 1,
+    }
+    monkeypatch.setenv("FUSED_SAM_TRITON_STRICT", "1")
+    with pytest.raises(RuntimeError, match="foreach backend: layout"):
+        tb.axpby_(out, x, y, coefs, None)
+    tb.FALLBACKS.clear()
+
+
 def test_opcheck(tb) -> None:
     """Schema, declared mutations and fake (meta) behaviour of the registered ops.
 
@@ -404,6 +493,8 @@ def _op_args(device: str):
     moments = [x.clone() for x in like], [x.clone() for x in like]
     adam_hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, True)
     salts, rt = [5, 2**32 - 1], torch.tensor(0.05, device=device)
+    coefs = torch.tensor([0.5, -2.0], dtype=torch.float64, device=device)
+    xs = [g.clone() for g in gs]
     return [
         (ops.norm_sq_partials.default, (gs, ps, True, 0.01)),
         (
@@ -424,6 +515,11 @@ def _op_args(device: str):
             ops.restore_adam_step.default,
             (ps, gs, bs, like, *moments, st, *adam_hyper, scale, fi, torch.ones((), device=device)),
         ),
+        (ops.dot_partials.default, (gs, ps)),
+        # a x + b y into a new list, with and without the skip flag, and into x itself.
+        (ops.axpby.default, (bs, ps, gs, coefs, None)),
+        (ops.axpby.default, (bs, ps, gs, coefs, fi)),
+        (ops.axpby.default, (xs, xs, gs, coefs, fi)),
     ]
 
 
@@ -498,12 +594,12 @@ def test_compiles_for_sm90_and_vectorises() -> None:
     )
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 24
+    assert len(rows) == 34
     for row in rows:
         if "/direct" in row["kernel"] or row["kernel"] == "steps":
             continue
         assert row["vector_loads"] > 0, row
-        if not row["kernel"].startswith("norm"):
+        if not row["kernel"].startswith(("norm", "dot")):  # they store one partial per program
             assert row["vector_stores"] > 0, row
 
 
@@ -554,6 +650,76 @@ def test_gpu_step_outputs(dtype: torch.dtype, amp: bool) -> None:
         check_sgd_steps("triton", op_params(dtype, "cuda", GPU_SHAPES), cfg, amp)
     for cfg in ADAM_CONFIGS:
         check_adam_steps("triton", op_params(dtype, "cuda", GPU_SHAPES), cfg, amp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_variant_ops(dtype: torch.dtype) -> None:
+    """The dot total and ``a x + b y`` (into a new list and into ``x``; skipped) of the compiled
+    kernels against the reference, at the tolerances of ``test_variant_ops.py``."""
+    _cuda()
+    xs = op_params(dtype, "cuda", GPU_SHAPES)
+    a, b = grads_like(xs), grads_like(xs, scale=3.0)
+    got = F.dot(a, b, "triton")
+    assert got.dtype == torch.float64 and got.device == a[0].device
+    want = float(F.dot(a, b, "reference").sum())
+    magnitude = sum(float((u.double() * v.double()).abs().sum()) for u, v in zip(a, b))
+    assert abs(float(got.sum()) - want) <= 64 * torch.finfo(torch.float64).eps * magnitude
+    for coefs in COEFS:
+        c = torch.tensor(coefs, dtype=torch.float64, device="cuda")
+        want = [torch.empty_like(t) for t in a]
+        F.axpby_(want, a, b, c, None, "reference")
+        out = [torch.empty_like(t) for t in a]
+        F.axpby_(out, a, b, c, torch.zeros((), device="cuda"), "triton")
+        check_axpby(out, want, a, b, *coefs)
+        x = [t.clone() for t in a]
+        F.axpby_(x, x, b, c, None, "triton")
+        check_axpby(x, want, a, b, *coefs)
+        before = [t.clone() for t in out]
+        F.axpby_(out, a, b, c, torch.ones((), device="cuda"), "triton")
+        assert all(torch.equal(u, v) for u, v in zip(out, before))
+
+
+@pytest.mark.gpu
+def test_gpu_variant_ops_in_a_cuda_graph() -> None:
+    """``dot_partials`` and ``axpby_`` captured in a CUDA graph: each replay reads the
+    coefficients and the skip flag from their device tensors (new values need no new capture)
+    and gives what an eager call with those values gives."""
+    _cuda()
+    from fused_sam.backends import triton as tb
+
+    sizes = [7, 5000, 70000]
+    x = _tensors(sizes, torch.float32, "cuda")
+    y = _tensors(sizes, torch.float32, "cuda")
+    out = [torch.zeros_like(t) for t in x]
+    coefs = torch.zeros(2, dtype=torch.float64, device="cuda")
+    skip = torch.zeros((), device="cuda")
+
+    def body() -> torch.Tensor:
+        parts = tb.dot_partials(x, y)
+        tb.axpby_(out, x, y, coefs, skip)
+        return parts
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()  # compiles the kernels before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        parts = body()
+    for a, b, flag in ((0.5, -1.0, 0.0), (2.0, 0.25, 0.0), (3.0, 3.0, 1.0), (-1.0, 1.0, 0.0)):
+        before = [t.clone() for t in out]
+        coefs.copy_(torch.tensor([a, b], dtype=torch.float64))
+        skip.fill_(flag)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(parts, tb.dot_partials(x, y))
+        want = before
+        if not flag:
+            want = [torch.empty_like(t) for t in x]
+            tb.axpby_(want, x, y, coefs, None)
+        assert all(torch.equal(u, v) for u, v in zip(out, want)), (a, b, flag)
 
 
 @pytest.mark.gpu

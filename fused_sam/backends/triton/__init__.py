@@ -4,7 +4,8 @@ Each op is one launch over every tensor of its ``(device, dtype)`` bucket (Adam:
 first a tiny step-counter update), driven by a cached int64 pointer table
 (:mod:`._table`). Hyperparameters are runtime float64 arguments, so changing ``lr`` or ``rho``
 never recompiles; only block sizes and feature flags (ASAM, mask, momentum, ...) are
-compile-time constants. Kernel families live in :mod:`.norm`, :mod:`.perturb` and :mod:`.step`.
+compile-time constants. Kernel families live in :mod:`.norm`, :mod:`.perturb` and :mod:`.step`;
+the variant ops (``dot_partials``, ``axpby_``) in :mod:`.combine`.
 
 The ops are registered with ``torch.library.triton_op`` in the ``fused_sam_triton`` namespace,
 so ``torch.compile`` traces into them (eager calls go straight to the op bodies, see
@@ -20,6 +21,7 @@ in the environment before this package is imported; that is how CI checks them.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,10 +31,13 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from fused_sam.backends._checks import check_axpby, check_lists
 from fused_sam.masks import RandomBits
 
 __all__ = [
     "FLAT",
+    "axpby_",
+    "dot_partials",
     "norm_sq_partials",
     "perturb_",
     "restore_",
@@ -53,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 if _IMPORT_ERROR is None:
     from fused_sam.backends.triton import _table
+    from fused_sam.backends.triton.combine import axpby_kernel, dot_kernel
     from fused_sam.backends.triton.norm import norm_kernel
     from fused_sam.backends.triton.perturb import perturb_kernel
     from fused_sam.backends.triton.step import (
@@ -145,6 +151,20 @@ def _check_like(params: Sequence[Tensor], **lists: Sequence[Tensor]) -> None:
 
 def _uniform(dtype: torch.dtype, *lists: Sequence[Tensor]) -> bool:
     return dtype in _SUPPORTED and all(t.dtype == dtype for lst in lists for t in lst)
+
+
+def _flat(*lists: Sequence[Tensor]) -> bool:
+    """Whether the kernels may index the tensors of each index alike over flat memory.
+
+    The public ops of :mod:`fused_sam.functional` only hand this backend such buckets (see
+    :func:`fused_sam.functional.plan`); a direct call with, say, a transposed ``y`` against a
+    contiguous ``out`` would otherwise pair the wrong elements.
+    """
+    if all(map(Tensor.is_contiguous, itertools.chain(*lists))):
+        return True
+    from fused_sam.functional import _flat_ok
+
+    return all(_flat_ok(ts) for ts in zip(*lists))
 
 
 def _mask_ok(mask: Tensor, param: Tensor) -> bool:
@@ -486,6 +506,70 @@ def _adam_impl(
     )  # fmt: skip
 
 
+def _dot_impl(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    a0 = a[0]
+    acc = torch.float64  # products and partials in float64 for every storage type
+    numels = [t.numel() for t in a]
+    geo = _table.geometry(sum(numels))
+    const = {**_common(a0.dtype), "BLOCK": geo.block}
+    if _traced(a0):
+        # The same partials as the table launch below: one per chunk, (1,) when all are empty.
+        launch = _direct_launcher(dot_kernel, a0)
+        parts = []
+        for u, v, n in zip(a, b, numels):
+            chunks = triton.cdiv(n, geo.chunk)
+            if chunks:
+                out = torch.zeros(chunks, dtype=acc, device=a0.device)
+                if launch is not None:
+                    launch[(chunks,)](
+                        _dummy(a0), 1, chunks, geo.chunk, out, u, v, n,
+                        ALIGNED=False, DIRECT=True, **const,
+                    )  # fmt: skip
+                parts.append(out)
+        return torch.cat(parts) if parts else torch.zeros(1, dtype=acc, device=a0.device)
+    table = _table.pointer_table([a, b], numels, geo.chunk, a0.device)
+    if table.n_chunks == 0:
+        return torch.zeros(1, dtype=acc, device=a0.device)
+    out = torch.empty(table.n_chunks, dtype=acc, device=a0.device)
+    dot_kernel[(table.n_chunks,)](
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, out, table.data, table.data, 0,
+        ALIGNED=table.aligned, DIRECT=False, **const,
+    )  # fmt: skip
+    return out
+
+
+def _axpby_impl(
+    out: list[Tensor], x: list[Tensor], y: list[Tensor], coefs: Tensor, skip: Tensor | None
+) -> None:
+    # ``coefs`` and ``skip`` are read by the kernel on the device, never here.
+    o0 = out[0]
+    numels = [t.numel() for t in out]
+    geo = _table.geometry(sum(numels))
+    const = {**_common(o0.dtype), "HAS_SKIP": skip is not None, "BLOCK": geo.block}
+    coefs = coefs.contiguous()  # the kernel reads (a, b) as two consecutive float64 values
+    flag = _hyper_arg(o0, skip)
+    if _traced(o0):
+        launch = _direct_launcher(axpby_kernel, o0)
+        if launch is None:
+            return
+        for o, u, v, n in zip(out, x, y, numels):
+            chunks = triton.cdiv(n, geo.chunk)
+            if chunks:
+                launch[(chunks,)](
+                    _dummy(o0), 1, chunks, geo.chunk, coefs, flag, o, u, v, n,
+                    ALIGNED=False, DIRECT=True, **const,
+                )  # fmt: skip
+        return
+    table = _table.pointer_table([out, x, y], numels, geo.chunk, o0.device)
+    if table.n_chunks == 0:
+        return
+    axpby_kernel[(table.n_chunks,)](
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, coefs, flag,
+        table.data, table.data, table.data, 0,
+        ALIGNED=table.aligned, DIRECT=False, **const,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration with torch.library
 
@@ -500,6 +584,8 @@ _SPECS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
         _adam_impl,
         ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
     ),
+    "dot_partials": (_dot_impl, ()),
+    "axpby": (_axpby_impl, ("out",)),
 }
 
 
@@ -774,3 +860,35 @@ def restore_adam_step_(
         found_inf,
         lr_t,
     )
+
+
+def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """See :func:`fused_sam.reference.dot_partials`: one float64 partial per program, in one
+    launch over every tensor pair (float64 products and sums for every storage type)."""
+    check_lists("dot_partials", a, b=b)
+    if a[0].dtype not in _SUPPORTED:
+        return _fallback("dot_partials", "dtype").dot_partials(a, b)
+    if not _flat(a, b):
+        return _fallback("dot_partials", "layout").dot_partials(a, b)
+    return _call("dot_partials", list(a), list(b))
+
+
+def axpby_(
+    out: Sequence[Tensor],
+    x: Sequence[Tensor],
+    y: Sequence[Tensor],
+    coefs: Tensor,
+    skip: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.axpby_`: one launch, float64 math stored into ``out`` as
+    the reference's ``.to(dtype)`` stores it (:func:`.combine.to_out`). The coefficients and
+    the skip flag are read by the kernel on the device (nothing is read on the host, so the
+    call can be captured in a CUDA graph)."""
+    check_axpby(out, x, y, coefs, skip)
+    if out[0].dtype not in _SUPPORTED:
+        _fallback("axpby", "dtype").axpby_(out, x, y, coefs, skip)
+        return
+    if not _flat(out, x, y):
+        _fallback("axpby", "layout").axpby_(out, x, y, coefs, skip)
+        return
+    _call("axpby", list(out), list(x), list(y), coefs, skip)
