@@ -146,7 +146,8 @@ class Table:
 
 _CACHE: OrderedDict[tuple, Table] = OrderedDict()
 _CACHE_SIZE = 64
-#: Tables made during CUDA graph capture, kept for the life of the process.
+#: Tables a CUDA graph captured (made or reused during its capture), kept for the life of the
+#: process: every replay reads them.
 _CAPTURED: list[Table] = []
 
 
@@ -180,9 +181,14 @@ def pointer_table(
     """
     addrs = tuple(tuple(t if isinstance(t, int) else t.data_ptr() for t in lst) for lst in lists)
     key = (device, chunk, tuple(numels), addrs)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     table = _CACHE.get(key)
     if table is not None:
         _CACHE.move_to_end(key)
+        if capturing and not any(kept is table for kept in _CAPTURED):
+            # Made before the capture, read by the graph at every replay: eviction from the
+            # cache must not free it.
+            _CAPTURED.append(table)
         return table
     owner: list[int] = []
     starts: list[int] = []
@@ -194,7 +200,7 @@ def pointer_table(
     for row in addrs:
         flat.extend(row)
     host = None
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         # A blocking upload is not allowed while a CUDA graph captures (the tensors it
         # allocates get new addresses, hence a new table): an asynchronous copy from pinned
         # memory is, and the graph repeats it at each replay from the kept host copy.
@@ -209,7 +215,7 @@ def pointer_table(
         for a in row
     )
     table = Table(data, len(numels), len(owner), aligned, host)
-    if host is not None:
+    if capturing:
         _CAPTURED.append(table)  # the graph reads it at every replay: never evicted
     _CACHE[key] = table
     if len(_CACHE) > _CACHE_SIZE:
