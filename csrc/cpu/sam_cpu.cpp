@@ -457,8 +457,7 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
 }
 
 at::Tensor dot_partials(at::TensorList a, at::TensorList b) {
-  TORCH_CHECK(a.size() == b.size(), "fused_sam: b has ", b.size(), " tensors, expected ",
-              a.size());
+  TORCH_CHECK(a.size() == b.size(), "fused_sam: b has ", b.size(), " tensors, expected ", a.size());
   if (a.empty()) {
     return at::zeros({1}, at::TensorOptions().dtype(at::kDouble));
   }

@@ -419,8 +419,7 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
 }
 
 at::Tensor dot_partials(at::TensorList a, at::TensorList b) {
-  TORCH_CHECK(a.size() == b.size(), "fused_sam: b has ", b.size(), " tensors, expected ",
-              a.size());
+  TORCH_CHECK(a.size() == b.size(), "fused_sam: b has ", b.size(), " tensors, expected ", a.size());
   check_params(a);
   check_list(b, a, "b");
   const c10::cuda::CUDAGuard guard(a[0].device());

@@ -520,17 +520,17 @@ cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const Adam
 cudaError_t launch_dot(DType dtype, const Table& table, double* partials, int num_partials,
                        int grid, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    dot_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, partials,
-                                                             num_partials);
+    dot_kernel<decltype(tag)>
+        <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, partials, num_partials);
     return cudaGetLastError();
   });
 }
 
-cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs,
-                         int64_t coefs_stride, const float* skip, int grid, cudaStream_t stream) {
+cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs, int64_t coefs_stride,
+                         const float* skip, int grid, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    axpby_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, coefs,
-                                                               coefs_stride, skip);
+    axpby_kernel<decltype(tag)>
+        <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, coefs, coefs_stride, skip);
     return cudaGetLastError();
   });
 }

@@ -119,7 +119,7 @@ cudaError_t launch_dot(DType dtype, const Table& table, double* partials, int nu
 // out = c[0] x + c[stride] y in float64, converted to the storage type, with the coefficients
 // read on the device (c: float64, device memory); nothing is written where *skip (nullable,
 // device) is nonzero.
-cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs,
-                         int64_t coefs_stride, const float* skip, int grid, cudaStream_t stream);
+cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs, int64_t coefs_stride,
+                         const float* skip, int grid, cudaStream_t stream);
 
 }  // namespace fused_sam::cuda_kernels
