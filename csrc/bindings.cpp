@@ -38,6 +38,10 @@ TORCH_LIBRARY(fused_sam, m) {
       "Tensor(e!)[] state_steps, *, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // The two ops of the SAM variants (fused_sam/variants): float64 dot products and
+  // out = a x + b y with (a, b) read from a device tensor.
+  m.def("dot_partials(Tensor[] a, Tensor[] b) -> Tensor");
+  m.def("axpby_(Tensor(a!)[] out, Tensor[] x, Tensor[] y, Tensor coefs, Tensor? skip) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_sam, CPU, m) {
@@ -46,6 +50,8 @@ TORCH_LIBRARY_IMPL(fused_sam, CPU, m) {
   m.impl("restore_", &fused_sam::cpu::restore_);
   m.impl("restore_sgd_step_", &fused_sam::cpu::restore_sgd_step_);
   m.impl("restore_adam_step_", &fused_sam::cpu::restore_adam_step_);
+  m.impl("dot_partials", &fused_sam::cpu::dot_partials);
+  m.impl("axpby_", &fused_sam::cpu::axpby_);
 }
 
 #ifdef FUSED_SAM_WITH_CUDA
@@ -55,6 +61,8 @@ TORCH_LIBRARY_IMPL(fused_sam, CUDA, m) {
   m.impl("restore_", &fused_sam::cuda::restore_);
   m.impl("restore_sgd_step_", &fused_sam::cuda::restore_sgd_step_);
   m.impl("restore_adam_step_", &fused_sam::cuda::restore_adam_step_);
+  m.impl("dot_partials", &fused_sam::cuda::dot_partials);
+  m.impl("axpby_", &fused_sam::cuda::axpby_);
 }
 #endif
 
@@ -66,7 +74,8 @@ TORCH_LIBRARY_IMPL(fused_sam, CUDA, m) {
 // kernels themselves take on small tensors. fused_sam/backends/native.py therefore calls these
 // functions when nothing needs the dispatcher: no grad mode, no torch.compile, no dispatch mode
 // (fake tensors, profilers' modes) and, checked here, only plain CPU tensors. They return
-// false (norm: None) without doing anything otherwise, and the caller takes the registered op.
+// false (norm and dot: None) without doing anything otherwise, and the caller takes the
+// registered op.
 // The ops themselves bump the version counter of every tensor they write (sam_cpu.cpp).
 
 namespace {
@@ -154,6 +163,22 @@ bool direct_restore_adam_step(const Tensors& params, const Tensors& grads, const
                                      max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                                      weight_decay, amsgrad, maximize, decoupled_weight_decay,
                                      grad_scale, found_inf);
+  return true;
+}
+
+std::optional<at::Tensor> direct_dot_partials(const Tensors& a, const Tensors& b) {
+  if (!plain_cpu({&a, &b})) {
+    return std::nullopt;
+  }
+  return fused_sam::cpu::dot_partials(a, b);
+}
+
+bool direct_axpby(const Tensors& out, const Tensors& x, const Tensors& y, const at::Tensor& coefs,
+                  const std::optional<at::Tensor>& skip) {
+  if (!plain_cpu(coefs) || !plain_cpu({&out, &x, &y}, {&skip})) {
+    return false;
+  }
+  fused_sam::cpu::axpby_(out, x, y, coefs, skip);
   return true;
 }
 
@@ -251,6 +276,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"),
         py::arg("grad_scale"), py::arg("found_inf"));
+  m.def("direct_dot_partials", &direct_dot_partials, py::arg("a"), py::arg("b"));
+  m.def("direct_axpby_", &direct_axpby, py::arg("out"), py::arg("x"), py::arg("y"),
+        py::arg("coefs"), py::arg("skip"));
   m.def("collect_grads", &collect_grads, py::arg("params"),
         "(params with a grad, their grads, all grads contiguous, any grad sparse) or None");
   m.def("layout_key", &layout_key, py::arg("tensors"),

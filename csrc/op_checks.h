@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <initializer_list>
+#include <optional>
 
 namespace fused_sam {
 
@@ -74,6 +75,19 @@ inline void check_random(c10::IntArrayRef salts, int64_t step_key, int64_t thres
   for (size_t i = 0; i < salts.size(); ++i) {
     TORCH_CHECK(salts[i] >= 0 && salts[i] < k32, "fused_sam: salts[", i, "] is not 32-bit");
   }
+}
+
+// The scalars of axpby_: `coefs` (a, b) as one 1-D float64 tensor of two elements, and an
+// optional one-element `skip` flag, both on the device of the tensors (a kernel reads them there,
+// so a device never waits for the host).
+inline void check_axpby_scalars(const at::Tensor& coefs, const std::optional<at::Tensor>& skip,
+                                at::Device device) {
+  TORCH_CHECK(coefs.scalar_type() == at::kDouble && coefs.dim() == 1 && coefs.numel() == 2 &&
+                  coefs.device() == device,
+              "fused_sam: coefs must be a 1-D float64 tensor of 2 elements on ", device, ", got ",
+              coefs.scalar_type(), " of shape ", coefs.sizes(), " on ", coefs.device());
+  TORCH_CHECK(!skip.has_value() || (skip->numel() == 1 && skip->device() == device),
+              "fused_sam: skip must be a one-element tensor on ", device);
 }
 
 // Like an in-place ATen op, an op that writes a tensor bumps its version counter, so autograd

@@ -14,8 +14,9 @@
 
 namespace fused_sam {
 
-// Number of partial sums the CUDA norm kernel writes (its grid never exceeds this). A constant,
-// so the output shape is known without running the kernel (fake tensors, torch.compile).
+// Number of partial sums the CUDA norm and dot kernels write (their grid never exceeds this). A
+// constant, so the output shape is known without running the kernel (fake tensors,
+// torch.compile).
 constexpr int64_t kCudaNormPartials = 1024;
 
 namespace cpu {
@@ -53,6 +54,11 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
                         const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf);
 
+at::Tensor dot_partials(at::TensorList a, at::TensorList b);
+
+void axpby_(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coefs,
+            const std::optional<at::Tensor>& skip);
+
 }  // namespace cpu
 
 #ifdef FUSED_SAM_WITH_CUDA
@@ -79,6 +85,11 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
                         bool maximize, bool decoupled_weight_decay,
                         const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf);
+
+at::Tensor dot_partials(at::TensorList a, at::TensorList b);
+
+void axpby_(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coefs,
+            const std::optional<at::Tensor>& skip);
 
 }  // namespace cuda
 #endif  // FUSED_SAM_WITH_CUDA

@@ -30,6 +30,7 @@ _OPT = ("tests/test_optimizer.py", "tests/test_faults.py", "tests/test_amp.py")
 _NATIVE = ("tests/test_op_outputs.py", "tests/test_native.py", "tests/test_ops.py")
 _GPU = ("tests/test_native.py", "tests/test_triton.py", "tests/test_amp.py")
 _VARIANT_TRITON = ("tests/test_variant_ops.py", "tests/test_triton.py")
+_VARIANT_OPS = ("tests/test_variant_ops.py", "tests/test_native.py")
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- C++ CPU kernels (kernels.inc is compiled into both builds) --------------------------
@@ -72,6 +73,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("cpp-skip-flag-ignored", "csrc/cpu/sam_cpu.cpp",
            "return flag.has_value() && flag->item<double>() != 0.0;", "return false;",
            "cpp", (*_NATIVE, "tests/test_amp.py"), "found_inf never skips the step"),
+    Mutant("cpp-dot-sign", "csrc/cpu/kernels.inc", "acc[k] = acc[k] + xd[k] * yd[k];",
+           "acc[k] = acc[k] - xd[k] * yd[k];", "cpp", _VARIANT_OPS,
+           "the dot product accumulates -a b"),
+    Mutant("cpp-axpby-skip-ignored", "csrc/cpu/sam_cpu.cpp", "if (flag_set(skip)) {",
+           "if (false && flag_set(skip)) {", "cpp", _VARIANT_OPS,
+           "axpby_ writes out although its skip flag is set"),
     # --- Triton kernels (run interpreted on the CPU) -----------------------------------------
     Mutant("triton-perturb-sign", "fused_sam/backends/triton/perturb.py",
            "new = to_storage(w + e, DTYPE)", "new = to_storage(w - e, DTYPE)", "triton", _OPS,
@@ -197,4 +204,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "? random.step_key", "cuda", _GPU, "every tensor draws the same random mask"),
     Mutant("cuda-sgd-nesterov", "csrc/cuda/sam_kernels.cu", "d = a.nesterov ? d + mu * v : v;",
            "d = v;", "cuda", _GPU, "SGD nesterov ignored"),
+    Mutant("cuda-axpby-skip-ignored", "csrc/cuda/sam_kernels.cu",
+           "if (skip != nullptr && *skip != 0.0f) {", "if (skip != nullptr && false) {", "cuda",
+           _GPU, "axpby_ writes out although the device skip flag is set"),
 )  # fmt: skip

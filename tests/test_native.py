@@ -28,17 +28,21 @@ from test_op_outputs import (
     ODD_SIZES,
     RHO,
     SGD_CONFIGS,
+    bits_equal,
     check_adam_steps,
     check_norm,
     check_perturb,
     check_sgd_steps,
     grads_like,
     mask_list,
+    odd_size_params,
     op_params,
     per_tensor,
+    twin,
     use_build,
 )
 from test_ops import check_all
+from test_variant_ops import check_axpby
 
 from fused_sam import FusedSAM
 from fused_sam import functional as F
@@ -72,6 +76,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
     bufs = [torch.randn_like(p) for p in ps]
     steps = [torch.tensor(float(i), device=device) for i in range(len(ps))]
     scalar = lambda v: torch.tensor(v, device=device)  # noqa: E731
+    coefs = torch.tensor([0.5, -2.0], dtype=torch.float64, device=device)
     sgd = dict(lr=0.1, weight_decay=1e-4, momentum=0.9, dampening=0.1, nesterov=True)
     adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
     cases = {
@@ -129,6 +134,15 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
             ),
         ],
     }
+    # The ops of the SAM variants: a dot of two lists and of a list with itself; out = a x + b y
+    # into a third list without and with a zero / nonzero skip flag, and into x itself.
+    cases["dot_partials"] = [(gs, ps), (ps, ps)]
+    cases["axpby_"] = [
+        (bs, ps, gs, coefs, None),
+        (bs, ps, gs, coefs, scalar(0.0)),
+        (bs, ps, gs, coefs, scalar(1.0)),
+        (ps, ps, gs, coefs, None),
+    ]
     # The tensor-hyperparameter twins (torch.compile): rho / lr as a CPU scalar tensor, as an
     # LR scheduler keeps a tensor lr.
     cases["perturb_tensor_rho_"] = [
@@ -148,6 +162,8 @@ OPS = [
     "restore_",
     "restore_sgd_step_",
     "restore_adam_step_",
+    "dot_partials",
+    "axpby_",
     "perturb_tensor_rho_",
     "restore_sgd_step_tensor_lr_",
     "restore_adam_step_tensor_lr_",
@@ -196,6 +212,57 @@ def test_norm_is_independent_of_thread_count() -> None:
     assert torch.equal(one, many)
     want = sum(((p.double().abs() + 0.01) * g.double()).square().sum() for g, p in zip(gs, ps))
     torch.testing.assert_close(one.double().sum(), want, atol=0, rtol=1e-6)
+
+
+def _dot_error_bound(a, b) -> float:
+    """A few float64 roundings of the sum of ``|a_j b_j|`` (the products themselves are exact)."""
+    magnitude = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(a, b))
+    return 64 * torch.finfo(torch.float64).eps * magnitude
+
+
+def _dot_want(a, b) -> float:
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+
+
+def test_dot_is_independent_of_thread_count() -> None:
+    """Per-chunk float64 partials added in chunk order: the same bits on one thread or many."""
+    require_backend("cpu")
+    a = _tensors([1_000_003, 7, 300_001], torch.float32)
+    b = _tensors([1_000_003, 7, 300_001], torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.dot_partials(a, b)
+        torch.set_num_threads(max(2, before))
+        many = native.dot_partials(a, b)
+    finally:
+        torch.set_num_threads(before)
+    assert one.shape == (1,) and one.dtype == torch.float64
+    assert torch.equal(one, many)
+    assert abs(float(one.sum()) - _dot_want(a, b)) <= _dot_error_bound(a, b)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_build_dot_and_axpby(build: str, dtype: torch.dtype, restore_kernels) -> None:
+    """dot_partials and axpby_ of each CPU build on the sixteen sizes around the chunk and vector
+    boundaries: the dot total at float64 accuracy, and a x + b y into a new list, into x and into
+    y bit for bit equal to the reference's (both compute in float64 and convert to the storage
+    dtype as torch does)."""
+    use_build(build)
+    x = odd_size_params(dtype)
+    y = grads_like(x, scale=3.0)
+    got = native.dot_partials(x, y)
+    assert abs(float(got.sum()) - _dot_want(x, y)) <= _dot_error_bound(x, y)
+    coefs = torch.tensor([0.9, -1.0 / 3.0], dtype=torch.float64)
+    for target in ("new", "x", "y"):
+        runs = []
+        for backend in ("reference", "cpu"):
+            xs, ys = [t.clone() for t in x], [t.clone() for t in y]
+            out = {"new": [torch.empty_like(t) for t in x], "x": xs, "y": ys}[target]
+            F.axpby_(out, xs, ys, coefs, None, backend)
+            runs.append(out)
+        assert all(bits_equal(a, b) for a, b in zip(*runs)), target
 
 
 def test_param_as_its_own_backup_is_a_plain_sgd_step() -> None:
@@ -256,6 +323,19 @@ def test_type_errors_are_clear() -> None:
         with pytest.raises(RuntimeError, match="empty tensor list"):
             native.restore_([], [])
         assert torch.equal(native.norm_sq_partials([], [], False, 0.0), torch.zeros(1))
+        # The variant ops: an empty dot is zero like the norm; axpby_, like perturb_, refuses.
+        zero = torch.zeros(1, dtype=torch.float64)
+        assert torch.equal(native.dot_partials([], []), zero)
+        with pytest.raises(RuntimeError, match="empty tensor list"):
+            native.axpby_([], [], [], torch.zeros(2, dtype=torch.float64), None)
+    coefs = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    strided = torch.randn(10, 4)[:, ::2]
+    with pytest.raises(RuntimeError, match="not dense"):
+        native.axpby_([strided], [strided], [strided], coefs, None)
+    with pytest.raises(RuntimeError, match="coefs must be a 1-D float64 tensor of 2 elements"):
+        native.axpby_([p], [p], [p], coefs.reshape(1, 2), None)
+    with pytest.raises(RuntimeError, match="shape and strides"):
+        native.dot_partials([p], [p.reshape(2, 5)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +414,43 @@ def test_direct_calls_match_the_registered_ops() -> None:
         results.append([*ps, *bufs, s])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_direct_variant_ops_match_the_registered_ops(monkeypatch) -> None:
+    """Eager no-grad dot_partials and axpby_ take the dispatcher-free calls and give the bits of
+    torch.ops; axpby_ bumps the version counter of out either way."""
+    require_backend("cpu")
+    calls = []
+
+    def spy(name: str):
+        real = getattr(native._C, name)
+
+        def call(*args):
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    for name in ("direct_dot_partials", "direct_axpby_"):
+        monkeypatch.setattr(native._C, name, spy(name))
+    a, b = _tensors(ODD_SIZES, torch.float32), _tensors(ODD_SIZES, torch.float32)
+    coefs = torch.tensor([0.75, -1.5], dtype=torch.float64)
+    results = []
+    for direct in (True, False):
+        out = [torch.empty_like(t) for t in a]
+        versions = [t._version for t in out]
+        with torch.no_grad():
+            if direct:
+                s = native.dot_partials(a, b)
+                native.axpby_(out, a, b, coefs, None)
+            else:
+                s = _ops().dot_partials(a, b)
+                _ops().axpby_(out, a, b, coefs, None)
+        assert all(t._version >= v + 1 for t, v in zip(out, versions))
+        results.append([s, *out])
+    assert calls == ["direct_dot_partials", "direct_axpby_"]
+    for x, y in zip(*results):
+        assert bits_equal(x, y)
 
 
 def test_direct_calls_only_when_nothing_needs_the_dispatcher(monkeypatch) -> None:
@@ -499,6 +616,44 @@ def test_cuda_adam_step_outputs(dtype, cfg, amp, steps_on) -> None:
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_dot_and_axpby_outputs(dtype: torch.dtype) -> None:
+    """The variant ops on CUDA tensors: the dot's partials (one per block slot), their total at
+    float64 accuracy and the same bits on every call; a x + b y into a new list, into x and into
+    y against the reference; a nonzero skip flag on the device writes nothing, even over
+    non-finite inputs; coefficients rewritten on the device are read by the next launch."""
+    _require_cuda()
+    x = op_params(dtype, "cuda", CUDA_SHAPES)
+    y = grads_like(x, scale=3.0)
+    dense = [i for i, t in enumerate(x) if t.is_non_overlapping_and_dense()]
+    xd, yd = [x[i] for i in dense], [y[i] for i in dense]
+    got = native.dot_partials(xd, yd)
+    assert got.shape == (native._C.cuda_norm_partials,) and got.dtype == torch.float64
+    assert got.is_cuda and torch.equal(native.dot_partials(xd, yd), got)
+    assert abs(float(got.sum()) - _dot_want(xd, yd)) <= _dot_error_bound(xd, yd)
+    coefs = torch.tensor([0.9, -1.0 / 3.0], dtype=torch.float64, device="cuda")
+    for target in ("new", "x", "y"):
+        runs = []
+        for backend in ("reference", "cuda"):
+            xs, ys = [twin(t) for t in x], [twin(t) for t in y]
+            out = {"new": [torch.empty_like(t) for t in x], "x": xs, "y": ys}[target]
+            F.axpby_(out, xs, ys, coefs, None, backend)
+            runs.append(out)
+        check_axpby(runs[1], runs[0], x, y, 0.9, -1.0 / 3.0)
+    out = [torch.zeros_like(t) for t in xd]
+    bad = [twin(t) for t in yd]
+    bad[0].reshape(-1)[0] = float("nan")
+    native.axpby_(out, xd, bad, coefs, torch.ones((), device="cuda"))
+    assert all(int(t.count_nonzero()) == 0 for t in out)
+    for a, b, flag in ((0.9, -1.0 / 3.0, torch.zeros((), device="cuda")), (-1.0, 0.25, None)):
+        coefs.copy_(torch.tensor([a, b], dtype=torch.float64))  # new values, same tensor
+        native.axpby_(out, xd, yd, coefs, flag)
+        want = [torch.empty_like(t) for t in xd]
+        F.axpby_(want, xd, yd, coefs, None, "reference")
+        check_axpby(out, want, xd, yd, a, b)
+
+
+@gpu
 def test_cuda_nonfinite_and_zero_gradients_leave_weights_bit_identical() -> None:
     _require_cuda()
     ps = _tensors(ODD_SIZES, torch.float32, "cuda")
@@ -610,8 +765,14 @@ def test_cuda_ops_bump_versions() -> None:
 
 #: 16-byte stores each kernel family's vector path must issue: perturb writes the backup and
 #: w; restore w; restore+SGD w and the momentum buffer (plus the restore of a skipped step);
-#: restore+Adam w, m, v, max v (plus the restore of a skipped step).
-_VECTOR_STORES = {"perturb_kernel": 2, "restore_kernel": 1, "sgd_kernel": 3, "adam_kernel": 5}
+#: restore+Adam w, m, v, max v (plus the restore of a skipped step); axpby out.
+_VECTOR_STORES = {
+    "perturb_kernel": 2,
+    "restore_kernel": 1,
+    "sgd_kernel": 3,
+    "adam_kernel": 5,
+    "axpby_kernel": 1,
+}
 
 
 def test_cuda_vector_path_stores_16_bytes(tmp_path) -> None:

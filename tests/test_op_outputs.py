@@ -768,13 +768,18 @@ def _build_outputs(dtype: torch.dtype) -> list[Tensor]:
             **cfg,
         )
         out += w + m + v + vmax + steps
+    out.append(native.dot_partials(gs, ps))
+    ax = [torch.empty_like(p) for p in ps]
+    native.axpby_(ax, ps, gs, torch.tensor([0.9, -1.0 / 3.0], dtype=torch.float64), None)
+    out += ax
     return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_builds_are_bitwise_identical(dtype: torch.dtype, restore_kernels) -> None:
     """Every build evaluates the same expressions in the same order: the same bits from each
-    op (norm partials, perturbation with ASAM and masks, SGD and Adam steps)."""
+    op (norm partials, perturbation with ASAM and masks, SGD and Adam steps, dot partials and
+    a x + b y)."""
     require_backend("cpu")
     builds = native._C.cpu_kernel_builds()
     if len(builds) < 2:

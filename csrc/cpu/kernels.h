@@ -58,6 +58,10 @@ struct Kernels {
   // w = b, then one Adam/AdamW step with this tensor's bias corrections; vmax null unless amsgrad.
   void (*adam)(T* w, const T* g, const T* b, T* m, T* v, T* vmax, int64_t begin, int64_t end,
                const AdamArgs& a, double step_size, double bias_c2_sqrt);
+  // Sum of x y over the range, products and sums in float64.
+  double (*dot)(const T* x, const T* y, int64_t begin, int64_t end);
+  // out = a x + b y in float64, converted to T as torch converts; out may be x or y.
+  void (*axpby)(T* out, const T* x, const T* y, int64_t begin, int64_t end, double a, double b);
 };
 
 struct KernelTable {

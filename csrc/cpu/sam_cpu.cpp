@@ -6,9 +6,10 @@
 // small tensors therefore cost one parallel region, not a thousand, and one huge tensor is shared
 // by all threads.
 //
-// Norm partial sums are float64 (squares included, whatever the storage type), accumulated per
-// chunk and then added in chunk order, so the result does not depend on the number of threads. Copies (backup, restore) are byte copies and
-// therefore exact for every value, NaN payloads included.
+// Norm and dot partial sums are float64 (squares and products included, whatever the storage
+// type), accumulated per chunk and then added in chunk order, so the result does not depend on
+// the number of threads. Copies (backup, restore) are byte copies and therefore exact for every
+// value, NaN payloads included.
 
 #include "sam_ops.h"
 
@@ -451,6 +452,60 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
           const int64_t t = c.tensor;
           adam(w[t], g[t], b[t], m[t], v[t], amsgrad ? vmax[t] : nullptr, c.begin, c.end, args,
                step_size[t], bias_c2_sqrt[t]);
+        });
+      });
+}
+
+at::Tensor dot_partials(at::TensorList a, at::TensorList b) {
+  TORCH_CHECK(a.size() == b.size(), "fused_sam: b has ", b.size(), " tensors, expected ", a.size());
+  if (a.empty()) {
+    return at::zeros({1}, at::TensorOptions().dtype(at::kDouble));
+  }
+  check_cpu_params(a);
+  check_list(b, a, "b");
+  at::Tensor out = at::empty({1}, at::TensorOptions().dtype(at::kDouble));
+  const Plan plan = make_plan(a);
+  // As in norm_sq_partials: one partial per chunk, then a sequential sum.
+  std::vector<double> partial(plan.chunks.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a[0].scalar_type(), "fused_sam_dot_partials", [&] {
+        const auto dot = kernels_for<scalar_t>(active_kernels()).dot;
+        const auto x = ptrs<const scalar_t>(a);
+        const auto y = ptrs<const scalar_t>(b);
+        for_each_chunk(plan, [&](int64_t idx, const Chunk& c) {
+          partial[idx] = dot(x[c.tensor], y[c.tensor], c.begin, c.end);
+        });
+      });
+  double total = 0.0;
+  for (const double p : partial) {
+    total += p;
+  }
+  out.data_ptr<double>()[0] = total;
+  return out;
+}
+
+void axpby_(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coefs,
+            const std::optional<at::Tensor>& skip) {
+  check_cpu_params(out);
+  check_list(x, out, "x");
+  check_list(y, out, "y");
+  check_axpby_scalars(coefs, skip, out[0].device());
+  bump_versions({out});
+  if (flag_set(skip)) {
+    return;
+  }
+  const double* c = coefs.const_data_ptr<double>();
+  const double a = c[0];
+  const double b = c[coefs.stride(0)];
+  const Plan plan = make_plan(out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, out[0].scalar_type(), "fused_sam_axpby_", [&] {
+        const auto axpby = kernels_for<scalar_t>(active_kernels()).axpby;
+        const auto o = ptrs<scalar_t>(out);
+        const auto u = ptrs<const scalar_t>(x);
+        const auto v = ptrs<const scalar_t>(y);
+        for_each_chunk(plan, [&](int64_t, const Chunk& ch) {
+          axpby(o[ch.tensor], u[ch.tensor], v[ch.tensor], ch.begin, ch.end, a, b);
         });
       });
 }

@@ -418,6 +418,42 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
   }
 }
 
+at::Tensor dot_partials(at::TensorList a, at::TensorList b) {
+  TORCH_CHECK(a.size() == b.size(), "fused_sam: b has ", b.size(), " tensors, expected ", a.size());
+  check_params(a);
+  check_list(b, a, "b");
+  const c10::cuda::CUDAGuard guard(a[0].device());
+  const auto opts = a[0].options().dtype(at::kDouble);
+  const LaunchTable t = make_table(a, {{a, true}, {b, true}});
+  if (t.chunks == 0) {
+    return at::zeros({kCudaNormPartials}, opts);
+  }
+  at::Tensor out = at::empty({kCudaNormPartials}, opts);
+  const int grid = grid_for(t, a[0].get_device(), kCudaNormPartials);
+  check(ck::launch_dot(kernel_dtype(a[0].scalar_type()), t, out.data_ptr<double>(),
+                       static_cast<int>(kCudaNormPartials), grid, stream()));
+  return out;
+}
+
+void axpby_(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coefs,
+            const std::optional<at::Tensor>& skip) {
+  check_params(out);
+  check_list(x, out, "x");
+  check_list(y, out, "y");
+  check_axpby_scalars(coefs, skip, out[0].device());
+  bump_versions({out});
+  const c10::cuda::CUDAGuard guard(out[0].device());
+  std::vector<at::Tensor> keep;
+  // The kernel reads the coefficients and the flag from device memory: no host synchronisation.
+  const float* flag = device_scalar(skip, out[0], keep, "skip");
+  const LaunchTable t = make_table(out, {{out, true}, {x, true}, {y, true}});
+  if (t.chunks == 0) {
+    return;
+  }
+  check(ck::launch_axpby(kernel_dtype(out[0].scalar_type()), t, coefs.const_data_ptr<double>(),
+                         coefs.stride(0), flag, grid_for(t, out[0].get_device()), stream()));
+}
+
 }  // namespace fused_sam::cuda
 
 #endif  // FUSED_SAM_WITH_CUDA

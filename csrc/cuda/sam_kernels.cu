@@ -8,9 +8,16 @@
 //               writes b, w)
 //   restore+step  w = b, then the SGD or Adam/AdamW update with the second-pass gradient
 //
+// and the two ops of the SAM variants, one launch each:
+//
+//   dot         s_b = sum over the chunks of block b of a b                   (reads a, b)
+//   axpby       out = c0 x + c1 y, (c0, c1) and the skip flag read on the device (reads x, y;
+//               writes out, which may be x or y)
+//
 // Math is float32 for half/bfloat16/float32 storage and float64 for float64, rounded once on
-// store; norms are float64 for every storage type (squares included, so a finite gradient gives a
-// finite norm), and blocks reduce with a fixed shuffle tree, so results are bitwise reproducible on one GPU model.
+// store; norms and dot products are float64 for every storage type (squares included, so a
+// finite gradient gives a finite norm), and so is a x + b y (stored as torch converts float64).
+// Blocks reduce with a fixed shuffle tree, so results are bitwise reproducible on one GPU model.
 // Build with --fmad=false (setup.py does) so that no multiply-add is contracted behind our back.
 
 #include <cmath>
@@ -28,6 +35,38 @@ __device__ __forceinline__ float op_abs(float x) { return fabsf(x); }
 __device__ __forceinline__ double op_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float op_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double op_sqrt(double x) { return sqrt(x); }
+
+// Float64 value of a stored element (exact for every storage type).
+template <typename T>
+__device__ __forceinline__ double to_double(T x) {
+  return static_cast<double>(Num<T>::to_op(x));
+}
+
+// A float64 result stored in T the way torch converts a float64 tensor (the reference's
+// .to(dtype)): float32 and float64 round once; half and bfloat16 round to float32 first, then to
+// T. (Rounding once, __double2bfloat16, differs where a value lies within float32 rounding of a
+// tie of T, which a x + b y often does: a product of two short mantissas ends just above one.)
+template <typename T>
+__device__ __forceinline__ T from_double(double x) {
+  if constexpr (std::is_same_v<T, double>) {
+    return x;
+  } else {
+    return Num<T>::from_op(static_cast<float>(x));
+  }
+}
+
+// Block b's partial sum (in thread 0 after block_sum) to partials[b]; block 0 also zeroes the
+// entries past the grid, so that every one of the num_partials entries is defined.
+__device__ __forceinline__ void write_partials(double total, double* partials, int num_partials) {
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = total;
+  }
+  if (blockIdx.x == 0) {
+    for (int k = gridDim.x + threadIdx.x; k < num_partials; k += blockDim.x) {
+      partials[k] = 0.0;
+    }
+  }
+}
 
 __device__ __forceinline__ bool mask_bit(const uint8_t* mask, int64_t k) {
   return (mask[k >> 3] >> (k & 7)) & 1;
@@ -72,15 +111,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     });
   });
-  total = block_sum(total);
-  if (threadIdx.x == 0) {
-    partials[blockIdx.x] = total;
-  }
-  if (blockIdx.x == 0) {
-    for (int k = gridDim.x + threadIdx.x; k < num_partials; k += blockDim.x) {
-      partials[k] = 0.0;
-    }
-  }
+  write_partials(block_sum(total), partials, num_partials);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,6 +362,63 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// dot: s_b = sum of a b over the chunks of block b, products and sums in float64 (a product of
+// two float32 or lower values is exact there). Each thread adds its packs in chunk order, the
+// block reduces with the fixed tree of block_sum, and the host-side total adds the partials in
+// index order: the same bits on every run with the same grid.
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dot_kernel(TableView tab, int64_t chunks, double* partials, int num_partials) {
+  double total = 0.0;
+  for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
+    const T* a = tab.ptr<const T>(kDotA, c.tensor);
+    const T* b = tab.ptr<const T>(kDotB, c.tensor);
+    for_each_pack<T>(c, [&](int64_t i, int n) {
+      const Pack<T> ap = load_pack(a, i, n, c.vec);  // lanes past n are zero
+      const Pack<T> bp = load_pack(b, i, n, c.vec);
+#pragma unroll
+      for (int j = 0; j < Pack<T>::kSize; ++j) {
+        total = total + to_double(ap.v[j]) * to_double(bp.v[j]);
+      }
+    });
+  });
+  write_partials(block_sum(total), partials, num_partials);
+}
+
+// ---------------------------------------------------------------------------------------------
+// axpby: out = c0 x + c1 y in float64, stored as torch converts (from_double). The coefficients
+// and the skip flag are read here, on the device, so that a caller never waits for them; a
+// nonzero flag returns before anything is written (a skipped step of a variant). out may be x
+// or y: every thread loads its pack of both before it stores that pack.
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    axpby_kernel(TableView tab, int64_t chunks, const double* coefs, int64_t coefs_stride,
+                 const float* skip) {
+  if (skip != nullptr && *skip != 0.0f) {
+    return;  // skipped: out keeps its bits
+  }
+  const double c0 = coefs[0];
+  const double c1 = coefs[coefs_stride];
+  for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
+    T* out = tab.ptr<T>(kXOut, c.tensor);
+    const T* x = tab.ptr<const T>(kXX, c.tensor);
+    const T* y = tab.ptr<const T>(kXY, c.tensor);
+    for_each_pack<T>(c, [&](int64_t i, int n) {
+      const Pack<T> xp = load_pack(x, i, n, c.vec);
+      const Pack<T> yp = load_pack(y, i, n, c.vec);
+      Pack<T> op;
+#pragma unroll
+      for (int j = 0; j < Pack<T>::kSize; ++j) {
+        op.v[j] = from_double<T>(c0 * to_double(xp.v[j]) + c1 * to_double(yp.v[j]));
+      }
+      store_pack(out, i, op, n, c.vec);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // dtype dispatch
 
 template <typename F>
@@ -425,6 +513,24 @@ cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const Adam
                                      int grid, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     adam_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, args);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_dot(DType dtype, const Table& table, double* partials, int num_partials,
+                       int grid, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    dot_kernel<decltype(tag)>
+        <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, partials, num_partials);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs, int64_t coefs_stride,
+                         const float* skip, int grid, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    axpby_kernel<decltype(tag)>
+        <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, coefs, coefs_stride, skip);
     return cudaGetLastError();
   });
 }

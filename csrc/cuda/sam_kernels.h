@@ -61,6 +61,8 @@ enum Sgd : int { kSW = 0, kSG = 1, kSB = 2, kSBuf = 3, kSgdLists = 4 };
 enum Adam : int {
   kAW = 0, kAG = 1, kAB = 2, kAM = 3, kAV = 4, kAVmax = 5, kAStep = 6, kAdamLists = 7
 };
+enum Dot : int { kDotA = 0, kDotB = 1, kDotLists = 2 };
+enum Axpby : int { kXOut = 0, kXX = 1, kXY = 2, kAxpbyLists = 3 };
 }  // namespace lists
 
 struct SgdArgs {
@@ -109,5 +111,15 @@ cudaError_t launch_restore_sgd_step(DType dtype, const Table& table, const SgdAr
 
 cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const AdamArgs& args,
                                      int grid, cudaStream_t stream);
+
+// Writes `num_partials` float64 partial sums of a b (products in float64), like launch_norm_sq.
+cudaError_t launch_dot(DType dtype, const Table& table, double* partials, int num_partials,
+                       int grid, cudaStream_t stream);
+
+// out = c[0] x + c[stride] y in float64, converted to the storage type, with the coefficients
+// read on the device (c: float64, device memory); nothing is written where *skip (nullable,
+// device) is nonzero.
+cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs, int64_t coefs_stride,
+                         const float* skip, int grid, cudaStream_t stream);
 
 }  // namespace fused_sam::cuda_kernels

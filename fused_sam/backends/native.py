@@ -23,8 +23,10 @@ from fused_sam.masks import RandomBits
 
 __all__ = [
     "FLAT",
+    "axpby_",
     "build_info",
     "collect_grads",
+    "dot_partials",
     "layout_key",
     "norm_sq_partials",
     "perturb_",
@@ -126,12 +128,26 @@ if _C is not None:
     def _restore_adam_step_fake(*args: object, **kwargs: object) -> None:
         return None
 
+    @torch.library.register_fake("fused_sam::dot_partials")
+    def _dot_partials_fake(a: list[Tensor], b: list[Tensor]) -> Tensor:
+        device = a[0].device if a else torch.device("cpu")
+        n = _C.cuda_norm_partials if device.type == "cuda" else 1
+        return torch.empty(n, dtype=torch.float64, device=device)
+
+    @torch.library.register_fake("fused_sam::axpby_")
+    def _axpby_fake(
+        out: list[Tensor], x: list[Tensor], y: list[Tensor], coefs: Tensor, skip: Tensor | None
+    ) -> None:
+        return None
+
     _ops = torch.ops.fused_sam
     _norm_sq_partials = _ops.norm_sq_partials.default
     _perturb = _ops.perturb_.default
     _restore = _ops.restore_.default
     _restore_sgd_step = _ops.restore_sgd_step_.default
     _restore_adam_step = _ops.restore_adam_step_.default
+    _dot_partials = _ops.dot_partials.default
+    _axpby = _ops.axpby_.default
 
     # -----------------------------------------------------------------------------------------
     # Tensor hyperparameters (torch.compile). A Python float that changes between steps (a
@@ -291,7 +307,7 @@ def _run(direct: str, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# The five ops, with the signatures of fused_sam.reference. Kept thin: they sit on the hot path.
+# The ops, with the signatures of fused_sam.reference. Kept thin: they sit on the hot path.
 
 
 def norm_sq_partials(
@@ -299,8 +315,8 @@ def norm_sq_partials(
 ) -> Tensor:
     """See :func:`fused_sam.reference.norm_sq_partials`.
 
-    One float32 (float64) partial on CPU, ``_C.cuda_norm_partials`` on CUDA, in both cases
-    reduced in a fixed order (deterministic).
+    One float64 partial on CPU, ``_C.cuda_norm_partials`` on CUDA, in both cases reduced in a
+    fixed order (deterministic).
     """
     return _run("direct_norm_sq_partials", _norm_sq_partials, grads, params, adaptive, eta)
 
@@ -441,3 +457,29 @@ def restore_adam_step_(
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
+
+
+def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """See :func:`fused_sam.reference.dot_partials`.
+
+    Products and sums in float64 for every storage dtype. One partial on CPU (per-chunk sums
+    added in chunk order, whatever the thread count), ``_C.cuda_norm_partials`` on CUDA (one per
+    block, each block reduced in a fixed order); deterministic in both cases.
+    """
+    return _run("direct_dot_partials", _dot_partials, a, b)
+
+
+def axpby_(
+    out: Sequence[Tensor],
+    x: Sequence[Tensor],
+    y: Sequence[Tensor],
+    coefs: Tensor,
+    skip: Tensor | None,
+) -> None:
+    """See :func:`fused_sam.reference.axpby_`: ``out = a x + b y`` in float64, rounded once to
+    ``out``'s dtype.
+
+    ``coefs`` and ``skip`` must be on the tensors' device; the CUDA kernel reads both there
+    (no host synchronisation), and a nonzero ``skip`` writes nothing.
+    """
+    _run("direct_axpby_", _axpby, out, x, y, coefs, skip)
