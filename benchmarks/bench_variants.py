@@ -22,7 +22,9 @@ form of the variants' code before the fused ops, and of the peer implementations
 
 Columns: milliseconds (the minimum of the runs: the least disturbed on a shared machine),
 launches or ATen calls per hook set (``torch.profiler``), GB/s of the bytes model, and percent
-of the floor that a copy of the same size sets, measured in the same run.
+of the floor that a copy of the same size sets, measured in the same run. The norms and dot
+products only read, and a read-only pass streams faster than a copy (which also writes), so a
+row whose bytes are mostly reads can exceed 100%.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def axpby_(
 
     .. math:: out_{ij} \leftarrow a\, x_{ij} + b\, y_{ij}, \qquad (a, b) = (c_0, c_1)
 
-    computed in float64 and rounded once to ``out``'s dtype. The coefficients are a device
+    computed in float64 and converted to ``out``'s dtype as torch converts float64 (one
+    rounding; to bfloat16/float16 through float32, so two). The coefficients are a device
     tensor because the variants derive them from global dot products and norms, which must
     not be read on the host (that would synchronise an accelerator).
 

@@ -10,8 +10,9 @@ than the float32 ones of the SAM step ops:
   sums round, so the total may differ from the reference's by a few float64 roundings of the
   sum of ``|a_j b_j|`` (a float32 accumulation misses by 1e8 times more);
 * ``axpby_``: both sides compute ``a x + b y`` in float64 (a kernel may fuse one multiply-add)
-  and round once to the storage dtype, so they differ by at most one unit in the last place of
-  the stored result, and in bfloat16/float16 on a handful of elements at most.
+  and convert it to the storage dtype as torch does (bfloat16/float16 through float32), so they
+  differ by at most one unit in the last place of the stored result, and in bfloat16/float16
+  on a handful of elements at most.
 """
 
 from __future__ import annotations

@@ -476,8 +476,8 @@ def axpby_(
     coefs: Tensor,
     skip: Tensor | None,
 ) -> None:
-    """See :func:`fused_sam.reference.axpby_`: ``out = a x + b y`` in float64, rounded once to
-    ``out``'s dtype.
+    """See :func:`fused_sam.reference.axpby_`: ``out = a x + b y`` in float64, converted to
+    ``out``'s dtype as torch converts (bfloat16/float16 through float32).
 
     ``coefs`` and ``skip`` must be on the tensors' device; the CUDA kernel reads both there
     (no host synchronisation), and a nonzero ``skip`` writes nothing.
