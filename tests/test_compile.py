@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 from conftest import require_backend
+from helpers import flat_state
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -311,3 +312,44 @@ def test_random_mask_compiles_with_a_graph_break_and_matches_eager() -> None:
     with pytest.raises(Exception, match=r"(?i)graph break|skip|disable"):
         torch.compile(opt.first_step, backend="aot_eager", fullgraph=True)()
     assert not opt.in_flight and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", ["looksam", "fsam", "gsam"])
+def test_variants_compile_and_match_eager(variant: str) -> None:
+    """The variants' hooks (fused dot, norm and ``axpby_`` ops, device coefficients) trace:
+    compiled halves and the compiled plain ``step()`` of LookSAM's reuse steps equal the eager
+    optimizer, weights and variant state. (Graph breaks are allowed: F-SAM reads the skip flag
+    on a step that would create its state.)"""
+    from fused_sam import GSAM, FriendlySAM, LookSAM
+
+    def policy() -> dict:
+        return {
+            "looksam": dict(schedule=LookSAM(k=2, alpha=0.5)),
+            "fsam": dict(direction=FriendlySAM(sigma=1.0, lam=0.6)),
+            "gsam": dict(direction=GSAM(alpha=0.3)),
+        }[variant]
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9,
+                       **policy())  # fmt: skip
+        first, step = opt.first_step, opt.step
+        if compiled:
+            first = torch.compile(first, backend="aot_eager")
+            step = torch.compile(step, backend="aot_eager")
+        for _ in range(4):
+            _backward(model)
+            if opt.next_step == "sam":
+                first(zero_grad=True)
+                _backward(model)
+            step()
+            opt.zero_grad()
+        state = opt.state_dict()
+        extra = state.get("sam_schedule", {}).get("policy", state.get("sam_direction", {}))
+        runs.append([p.detach().clone() for p in model.parameters()] + flat_state(extra))
+    # The variant's state is compared too: LookSAM's g_v, F-SAM's m (GSAM keeps none).
+    assert len(runs[0]) == (4 if variant == "gsam" else 8)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
