@@ -331,10 +331,7 @@ def norm_sq(
         parts.append(
             mod.norm_sq_partials(_pick(grads, idx), _pick(params, idx), adaptive[i0], eta[i0])
         )
-    device = grads[0].device
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([_on(p, device) for p in parts])
+    return _gather(parts, grads[0].device)
 
 
 def masked_norm_sq(
@@ -430,10 +427,7 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor], backend: str | None) -> Tensor
         _module(chosen).dot_partials(_pick(a, idx), _pick(b, idx))
         for chosen, idx in plan(backend, [a, b])
     ]
-    device = a[0].device
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([_on(p, device) for p in parts])
+    return _gather(parts, a[0].device)
 
 
 def axpby_(
@@ -577,6 +571,13 @@ def _hyper(mod: ModuleType, value: float | Tensor) -> float | Tensor:
     if isinstance(value, Tensor) and not getattr(mod, "TENSOR_HYPERPARAMS", False):
         return float(value)
     return value
+
+
+def _gather(parts: list[Tensor], device: torch.device) -> Tensor:
+    """The partial sums of every bucket as one 1-D tensor on ``device`` (the first tensor's)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([_on(p, device) for p in parts])
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
