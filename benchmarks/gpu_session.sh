@@ -12,7 +12,7 @@
 # Stage 1 builds the package; later stages expect that build (run them on the same warm
 # machine, or run stage 1 again). Files written (the GPU machine returns at most 8):
 #   build.log (environment facts first)  stage1.log  bench-resnet50.json  stage2.log
-#   cuda-graphs.json  *_variants-cuda_*.json  bench-full.json  sanitizer.log
+#   cuda-graphs.json  variants-resnet50.json  bench-full.json  sanitizer.log
 # Copy them to benchmarks/results/<date>_<gpu>_<sha>/ and commit: results that are not
 # committed did not happen.
 set -uo pipefail
@@ -53,8 +53,8 @@ stage1() {
 
 stage2() {
   run 60 "$out/stage2.log" "$py" benchmarks/cuda_graphs.py --out "$out/cuda-graphs.json"
-  run 60 "$out/stage2.log" "$py" benchmarks/bench_variants.py --device cuda --threads 0 \
-    --repeat 20 --out "$out"
+  run 60 "$out/stage2.log" "$py" -m fused_sam bench --variants --device cuda --params resnet50 \
+    --out "$out/variants-resnet50.json"
   run 90 "$out/stage2.log" "$py" -m pytest -m gpu -q -p no:cacheprovider -k "2_pow_31" -ra
   run 200 "$out/stage2.log" "$py" benchmarks/record.py --device cuda \
     --sets resnet18,resnet50,vit_b,small1000 --bases sgd,adamw --sparsity 0.5 \

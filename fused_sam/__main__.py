@@ -171,7 +171,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "Time one SAM step (first_step + second_step, gradients pre-filled) for the "
             "per-tensor-loop SAM, FusedSAM on every usable backend, and plain SGD/AdamW, on the "
             "same parameters; or, with --e2e, whole training steps of a small CNN: SGD, SAM and "
-            "each variant (every 5, LookSAM, F-SAM, GSAM, Momentum-SAM) with its ratio to SGD."
+            "each variant (every 5, LookSAM, F-SAM, GSAM, Momentum-SAM) with its ratio to SGD; "
+            "or, with --variants, the gradient math of LookSAM, F-SAM and GSAM per backend."
         ),
     )
     what = bench.add_mutually_exclusive_group()
@@ -210,6 +211,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--e2e",
         action="store_true",
         help="time whole training steps (forward+backward) of SGD, SAM and the variants instead",
+    )
+    bench.add_argument(
+        "--variants",
+        action="store_true",
+        help="time the gradient math of LookSAM, F-SAM and GSAM per backend instead",
     )
     bench.add_argument(
         "--batch-size", type=int, default=128, help="--e2e batch size (default: 128)"
@@ -304,6 +310,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 # bench
 
 
+def _bench_shapes(args: argparse.Namespace) -> tuple[str, list[tuple[int, ...]]]:
+    from fused_sam import bench
+
+    preset = args.params or (
+        None if args.sizes or args.model else ("tiny" if args.quick else "resnet18")
+    )
+    return bench.param_shapes(preset, args.sizes, args.model)
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from fused_sam import bench
 
@@ -328,6 +343,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         if sys.stderr.isatty()
         else None
     )
+    if args.e2e and args.variants:
+        raise ValueError("--e2e and --variants are two modes: give one")
     if args.e2e:
         if args.batch_size < 2:
             raise ValueError(f"--batch-size must be >= 2 (BatchNorm), got {args.batch_size}")
@@ -340,11 +357,18 @@ def _run_bench(args: argparse.Namespace) -> int:
             f"end to end: {res['model']}, batch {res['batch_size']}, on {results['device_name']}"
         )
         table = bench.e2e_table(res)
-    else:
-        preset = args.params or (
-            None if args.sizes or args.model else ("tiny" if args.quick else "resnet18")
+    elif args.variants:
+        desc, shapes = _bench_shapes(args)
+        res = bench.bench_variants(shapes, device, repeat, warmup, progress=say)
+        res["param_set"] = desc
+        results["variants"] = res
+        title = (
+            f"variant hooks, {desc}: {res['numel']:,} params in {res['tensors']} tensors, on "
+            f"{results['device_name']}; copy bandwidth {res['copy_bandwidth_gbps']:.1f} GB/s"
         )
-        desc, shapes = bench.param_shapes(preset, args.sizes, args.model)
+        table = bench.variants_table(res)
+    else:
+        desc, shapes = _bench_shapes(args)
         res = bench.bench_optimizer(
             shapes,
             device,

@@ -459,18 +459,25 @@ def test_demo_evaluates_momentum_sam_at_w(monkeypatch) -> None:
     assert any(not torch.equal(p, run.opt._w[p]) for p in run.model.parameters())
 
 
-def test_bench_variants_script(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "benchmarks/bench_variants.py", "--repeat", "1", "--params", "tiny",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
-    (written,) = tmp_path.glob("*_variants-cpu_*.json")
-    result = json.loads(written.read_text())
-    assert result["git_sha"] and result["device_name"] and out.stdout
-    timed = [r for r in result["rows"] if "ms" in r]
+def test_bench_variants(tmp_path: Path) -> None:
+    out = tmp_path / "variants.json"
+    assert main(["bench", "--variants", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["git_sha"] and result["device_name"] and "--variants" in result["command"]
+    rows = result["variants"]["rows"]
     # Every hook set on the per-tensor loop, foreach and the native CPU kernels.
-    for row in ("looksam reuse", "looksam sam", "fsam", "gsam"):
-        for backend in ("loop", "foreach", "cpu"):
-            (r,) = [r for r in timed if r["row"] == row and r["backend"] == backend]
-            assert r["ms"] > 0 and r["ops"] > 0 and r["pct_floor"] > 0, r
+    for hooks in ("LookSAM reuse step", "LookSAM SAM step", "F-SAM", "GSAM"):
+        for provider in ("loop", "foreach", "cpu"):
+            (r,) = [r for r in rows if r["hooks"] == hooks and r["provider"] == provider]
+            assert r["median_ms"] > 0 and r["ops_per_step"] > 0 and r["pct_of_floor"] > 0, r
+            assert r["ratio_to_loop"] == 1.0 if provider == "loop" else r["ratio_to_loop"] > 0
+    csv_out = tmp_path / "variants.csv"
+    assert main(["bench", "--variants", "--quick", "--device", "cpu", "--out", str(csv_out)]) == 0
+    assert csv_out.read_text().count("variants,") == len(rows)
+
+
+def test_bench_refuses_two_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--variants", "--e2e", "--quick", "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2 and "two modes" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
