@@ -412,12 +412,19 @@ def perturb_(
         raise
 
 
-def dot(a: Sequence[Tensor], b: Sequence[Tensor], backend: str | None) -> Tensor:
+def dot(
+    a: Sequence[Tensor],
+    b: Sequence[Tensor],
+    backend: str | None,
+    *,
+    buckets: Buckets | None = None,
+) -> Tensor:
     """Partial sums of ``sum_i a_i . b_i`` over every tensor pair given, in float64.
 
     Args:
         a, b: tensors of equal shapes, index for index (one device and dtype per index).
         backend: the backend request (a name, or ``None`` for auto), resolved per device.
+        buckets: from :func:`plan`, to skip bucketing.
 
     Returns:
         A 1-D float64 tensor on ``a[0]``'s device whose sum is the dot product (see
@@ -425,7 +432,7 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor], backend: str | None) -> Tensor
     """
     parts = [
         _module(chosen).dot_partials(_pick(a, idx), _pick(b, idx))
-        for chosen, idx in plan(backend, [a, b])
+        for chosen, idx in (plan(backend, [a, b]) if buckets is None else buckets)
     ]
     return _gather(parts, a[0].device)
 
@@ -437,6 +444,8 @@ def axpby_(
     coefs: Tensor,
     skip: Tensor | None,
     backend: str | None,
+    *,
+    buckets: Buckets | None = None,
 ) -> None:
     """``out = a x + b y`` for every tensor given (see :func:`fused_sam.reference.axpby_`).
 
@@ -445,8 +454,11 @@ def axpby_(
         coefs: 1-D float64 ``(a, b)``, on any device (copied to each bucket's, asynchronously).
         skip: optional 0-dim flag; nonzero writes nothing.
         backend: the backend request (a name, or ``None`` for auto), resolved per device.
+        buckets: from :func:`plan`, to skip bucketing.
     """
-    for chosen, idx in plan(backend, [out, x, y]):
+    if buckets is None:
+        buckets = plan(backend, [out, x, y])
+    for chosen, idx in buckets:
         device = out[idx[0]].device
         _module(chosen).axpby_(
             _pick(out, idx), _pick(x, idx), _pick(y, idx), _on(coefs, device), _on(skip, device)

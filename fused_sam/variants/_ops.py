@@ -22,15 +22,18 @@ def copies(ts: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def dot(a: list[Tensor], b: list[Tensor], backend: str | None) -> Tensor:
-    """``sum_i a_i . b_i`` in float64 (0-dim, on ``a[0]``'s device)."""
-    return F.dot(a, b, backend).sum()
+def dot(
+    a: list[Tensor], b: list[Tensor], backend: str | None, buckets: F.Buckets | None = None
+) -> Tensor:
+    """``sum_i a_i . b_i`` in float64 (0-dim, on ``a[0]``'s device); ``buckets`` from
+    :func:`fused_sam.functional.plan` over lists of the same layouts, to plan a hook once."""
+    return F.dot(a, b, backend, buckets=buckets).sum()
 
 
-def norm_sq(ts: list[Tensor], backend: str | None) -> Tensor:
+def norm_sq(ts: list[Tensor], backend: str | None, buckets: F.Buckets | None = None) -> Tensor:
     """The squared global 2-norm of ``ts`` in float64 (0-dim, on ``ts[0]``'s device)."""
     n = len(ts)
-    return F.norm_sq(ts, ts, [False] * n, [0.0] * n, backend).sum()
+    return F.norm_sq(ts, ts, [False] * n, [0.0] * n, backend, buckets=buckets).sum()
 
 
 def ratio(num: Tensor, den: Tensor) -> Tensor:

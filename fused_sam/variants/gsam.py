@@ -85,8 +85,10 @@ class GSAM(Direction):
         device = gs[0].device
         # g_perp is linear in g: the stored h is ``scale`` times g, so divide its terms by it.
         inv = 1.0 if scale is None else scale.to(device, torch.float64).reciprocal()
-        coef = ratio(dot(h, gs, backend) * inv, norm_sq(gs, backend))
-        F.axpby_(gs, gs, h, coefs(1 + self.alpha * coef, -self.alpha * inv, device), None, backend)
+        plan = F.plan(backend, [gs, h])  # one bucketing for the three ops
+        coef = ratio(dot(h, gs, backend, plan) * inv, norm_sq(gs, backend, plan))
+        update = coefs(1 + self.alpha * coef, -self.alpha * inv, device)
+        F.axpby_(gs, gs, h, update, None, backend, buckets=plan)
 
     def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
         return {}  # nothing outlives a step

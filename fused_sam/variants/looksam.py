@@ -77,10 +77,11 @@ class LookSAM(StepSchedule):
             return
         g1 = [self._g1[p] for p, _ in pairs]
         gs = [g for _, g in pairs]
-        coef = ratio(dot(gs, g1, backend), norm_sq(g1, backend))
         gv = [self.gv.setdefault(p, torch.zeros_like(g)) for p, g in pairs]
+        plan = F.plan(backend, [gv, gs, g1])  # one bucketing for the three ops
+        coef = ratio(dot(gs, g1, backend, plan), norm_sq(g1, backend, plan))
         # g_v = g_s - coef g1; a skipped step leaves g_v as it was.
-        F.axpby_(gv, gs, g1, coefs(1.0, -coef, gs[0].device), skip, backend)
+        F.axpby_(gv, gs, g1, coefs(1.0, -coef, gs[0].device), skip, backend, buckets=plan)
         self._g1 = {}
 
     def plain_pass(
@@ -91,8 +92,10 @@ class LookSAM(StepSchedule):
             return  # before the first SAM step, or a resume without LookSAM state
         # The hot path of LookSAM (every step but one in k): two norms and one fused update.
         g, v = [a for a, _ in pairs], [b for _, b in pairs]
-        scale = ratio(self.alpha * norm_sq(g, backend).sqrt(), norm_sq(v, backend).sqrt())
-        F.axpby_(g, g, v, coefs(1.0, scale, g[0].device), None, backend)
+        plan = F.plan(backend, [g, v])  # one bucketing for the three ops
+        ng, nv = norm_sq(g, backend, plan).sqrt(), norm_sq(v, backend, plan).sqrt()
+        scale = ratio(self.alpha * ng, nv)
+        F.axpby_(g, g, v, coefs(1.0, scale, g[0].device), None, backend, buckets=plan)
 
     def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
         return {"gv": {i: self.gv[p] for i, p in enumerate(params) if p in self.gv}}
