@@ -77,7 +77,10 @@ class LookSAM(StepSchedule):
             return
         g1 = [self._g1[p] for p, _ in pairs]
         gs = [g for _, g in pairs]
-        gv = [self.gv.setdefault(p, torch.zeros_like(g)) for p, g in pairs]
+        for p, g in pairs:
+            if p not in self.gv:  # the first SAM step (a skipped one leaves zeros)
+                self.gv[p] = torch.zeros_like(g)
+        gv = [self.gv[p] for p, _ in pairs]
         plan = F.plan(backend, [gv, gs, g1])  # one bucketing for the three ops
         coef = ratio(dot(gs, g1, backend, plan), norm_sq(g1, backend, plan))
         # g_v = g_s - coef g1; a skipped step leaves g_v as it was.
