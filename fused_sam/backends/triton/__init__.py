@@ -213,43 +213,58 @@ def _common(dtype: torch.dtype) -> dict[str, Any]:
 # Implementations (the bodies of the registered ops)
 
 
-def _norm_impl(grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float) -> Tensor:
-    g0 = grads[0]
-    acc = torch.float64  # squares and partials in float64 for every storage type
-    numels = [g.numel() for g in grads]
+def _partials(
+    kernel: Any,
+    lists: list[list[Tensor]],
+    scalars: tuple[Any, ...],
+    const: dict[str, Any],
+    table_lists: list[list[Tensor]] | None = None,
+) -> Tensor:
+    """Float64 partial sums of a reduction kernel (norm, dot) over a pair of tensor lists.
+
+    One partial per chunk, from one launch over the pointer table of ``table_lists`` (default
+    ``lists``), or, traced, from one launch per tensor pair (the same partials); ``(1,)`` zeros
+    when every tensor is empty. The kernel takes ``(table, n_tensors, n_chunks, chunk, out,
+    *scalars, u, v, numel)`` and the constants ``const`` plus ``DTYPE``, ``ALIGNED``,
+    ``DIRECT`` and ``BLOCK``.
+    """
+    t0 = lists[0][0]
+    acc = torch.float64  # partials in float64 for every storage type
+    numels = [t.numel() for t in lists[0]]
     geo = _table.geometry(sum(numels))
-    const = {
-        **_common(g0.dtype),
-        "ADAPTIVE": adaptive,
-        "BLOCK": geo.block,
-    }
-    if _traced(g0):
-        # The same partials as the table launch below: one per chunk, (1,) when all are empty.
-        launch = _direct_launcher(norm_kernel, g0)
+    const = {**_common(t0.dtype), **const, "BLOCK": geo.block}
+    if _traced(t0):
+        launch = _direct_launcher(kernel, t0)
         parts = []
-        for g, w, n in zip(grads, params, numels):
+        for u, v, n in zip(*lists, numels):
             chunks = triton.cdiv(n, geo.chunk)
             if chunks:
-                out = torch.zeros(chunks, dtype=acc, device=g0.device)
+                out = torch.zeros(chunks, dtype=acc, device=t0.device)
                 if launch is not None:
                     launch[(chunks,)](
-                        _dummy(g0), 1, chunks, geo.chunk, out, eta, g, w, n,
+                        _dummy(t0), 1, chunks, geo.chunk, out, *scalars, u, v, n,
                         ALIGNED=False, DIRECT=True, **const,
                     )  # fmt: skip
                 parts.append(out)
-        return torch.cat(parts) if parts else torch.zeros(1, dtype=acc, device=g0.device)
-    # Params are read only by ASAM; without it the table does not depend on them.
-    lists = [grads, params if adaptive else grads]
-    table = _table.pointer_table(lists, numels, geo.chunk, g0.device)
+        return torch.cat(parts) if parts else torch.zeros(1, dtype=acc, device=t0.device)
+    table = _table.pointer_table(table_lists or lists, numels, geo.chunk, t0.device)
     if table.n_chunks == 0:
-        return torch.zeros(1, dtype=acc, device=g0.device)
-    out = torch.empty(table.n_chunks, dtype=acc, device=g0.device)
-    norm_kernel[(table.n_chunks,)](
-        table.data, table.n_tensors, table.n_chunks, geo.chunk, out, eta,
+        return torch.zeros(1, dtype=acc, device=t0.device)
+    out = torch.empty(table.n_chunks, dtype=acc, device=t0.device)
+    kernel[(table.n_chunks,)](
+        table.data, table.n_tensors, table.n_chunks, geo.chunk, out, *scalars,
         table.data, table.data, 0,
         ALIGNED=table.aligned, DIRECT=False, **const,
     )  # fmt: skip
     return out
+
+
+def _norm_impl(grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float) -> Tensor:
+    # Squares in float64. Params are read only by ASAM; without it the table does not
+    # depend on them.
+    table_lists = [grads, params if adaptive else grads]
+    const = {"ADAPTIVE": adaptive}
+    return _partials(norm_kernel, [grads, params], (eta,), const, table_lists)
 
 
 def _perturb_impl(
@@ -507,35 +522,7 @@ def _adam_impl(
 
 
 def _dot_impl(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    a0 = a[0]
-    acc = torch.float64  # products and partials in float64 for every storage type
-    numels = [t.numel() for t in a]
-    geo = _table.geometry(sum(numels))
-    const = {**_common(a0.dtype), "BLOCK": geo.block}
-    if _traced(a0):
-        # The same partials as the table launch below: one per chunk, (1,) when all are empty.
-        launch = _direct_launcher(dot_kernel, a0)
-        parts = []
-        for u, v, n in zip(a, b, numels):
-            chunks = triton.cdiv(n, geo.chunk)
-            if chunks:
-                out = torch.zeros(chunks, dtype=acc, device=a0.device)
-                if launch is not None:
-                    launch[(chunks,)](
-                        _dummy(a0), 1, chunks, geo.chunk, out, u, v, n,
-                        ALIGNED=False, DIRECT=True, **const,
-                    )  # fmt: skip
-                parts.append(out)
-        return torch.cat(parts) if parts else torch.zeros(1, dtype=acc, device=a0.device)
-    table = _table.pointer_table([a, b], numels, geo.chunk, a0.device)
-    if table.n_chunks == 0:
-        return torch.zeros(1, dtype=acc, device=a0.device)
-    out = torch.empty(table.n_chunks, dtype=acc, device=a0.device)
-    dot_kernel[(table.n_chunks,)](
-        table.data, table.n_tensors, table.n_chunks, geo.chunk, out, table.data, table.data, 0,
-        ALIGNED=table.aligned, DIRECT=False, **const,
-    )  # fmt: skip
-    return out
+    return _partials(dot_kernel, [a, b], (), {})  # products and sums in float64
 
 
 def _axpby_impl(
