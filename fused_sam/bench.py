@@ -430,6 +430,21 @@ def count_ops(step: Callable[[], None], device: torch.device) -> int:
     )
 
 
+def _summary(
+    shapes: Sequence[Shape], device: torch.device, bandwidth: float, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The result of an optimizer-side run: its rows and what they were measured against."""
+    return {
+        "numel": sum(math.prod(s) for s in shapes),
+        "tensors": len(shapes),
+        "copy_bandwidth_gbps": bandwidth,
+        "ops_meaning": "CUDA kernel launches"
+        if device.type == "cuda"
+        else "top-level ATen ops (CPU)",
+        "rows": rows,
+    }
+
+
 def bench_optimizer(
     shapes: Sequence[Shape],
     device: torch.device | str = "cpu",
@@ -489,15 +504,7 @@ def bench_optimizer(
     for r in rows:
         denom = base_ms.get(r["base"])
         r["ratio_to_base"] = r["median_ms"] / denom if denom else None
-    return {
-        "numel": numel,
-        "tensors": len(shapes),
-        "copy_bandwidth_gbps": bandwidth,
-        "ops_meaning": "CUDA kernel launches"
-        if device.type == "cuda"
-        else "top-level ATen ops (CPU)",
-        "rows": rows,
-    }
+    return _summary(shapes, device, bandwidth, rows)
 
 
 #: Bytes per fp32 parameter of each variant hook set timed by :func:`bench_variants`.
@@ -621,8 +628,9 @@ def bench_variants(
         for provider in providers:
             if progress is not None:
                 progress(f"{name} [{provider}]")
-            ps, gs, state = (make_params(shapes, device, seed) for seed in (0, 1, 2))
-            gs = [p.grad for p in gs]
+            ps = make_params(shapes, device, seed=0)
+            gs = [p.grad for p in ps]
+            state = [p.grad for p in make_params(shapes, device, seed=1)]  # g_v or m
             if provider == "loop":
                 fn = _variant_hooks_by_tensor(name, gs, state)
             else:
@@ -645,15 +653,7 @@ def bench_variants(
                     "ratio_to_loop": 1e3 * median / loop_ms if loop_ms else None,
                 }
             )
-    return {
-        "numel": numel,
-        "tensors": len(shapes),
-        "copy_bandwidth_gbps": bandwidth,
-        "ops_meaning": "CUDA kernel launches"
-        if device.type == "cuda"
-        else "top-level ATen ops (CPU)",
-        "rows": rows,
-    }
+    return _summary(shapes, device, bandwidth, rows)
 
 
 def e2e_model(width: int = 64, classes: int = 10) -> nn.Module:
