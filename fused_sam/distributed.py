@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from fused_sam.optimizer import FusedSAM
+
+class ReplicaLocal(Protocol):
+    """An optimizer whose next first pass can be told to be replica-local (``FusedSAM``)."""
+
+    def mark_replica_local(self) -> None: ...
+
 
 __all__ = ["agree_nonfinite", "local", "per_replica_pass", "shard_group", "sum_over"]
 
@@ -33,7 +37,7 @@ def _world() -> int:
 
 
 @contextlib.contextmanager
-def per_replica_pass(model: nn.Module, optimizer: FusedSAM) -> Iterator[None]:
+def per_replica_pass(model: nn.Module, optimizer: ReplicaLocal) -> Iterator[None]:
     """Run the first SAM pass of this replica on its own batch (m-sharpness).
 
     Wrap the forward AND the backward of pass 1; the second pass runs outside, synchronised::
@@ -51,7 +55,7 @@ def per_replica_pass(model: nn.Module, optimizer: FusedSAM) -> Iterator[None]:
             local gradients; it agrees with the other replicas on a skip.
     """
     no_sync = getattr(model, "no_sync", None)
-    optimizer._step_state.replica_local = True
+    optimizer.mark_replica_local()
     with no_sync() if no_sync is not None else contextlib.nullcontext():
         yield
 

@@ -19,6 +19,7 @@ import functools
 import importlib
 from collections.abc import Hashable, Iterable, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,7 +33,11 @@ __all__ = [
     "available_backends",
     "axpby_",
     "building_graph",
+    "capturable",
+    "capturing",
+    "collect_grads",
     "dot",
+    "layout_key",
     "masked_norm_sq",
     "nonfinite",
     "norm_sq",
@@ -145,6 +150,61 @@ def uses_fused_base_step(name: str | None, devices: Iterable[torch.device]) -> b
     """
     resolve = _resolve_traced if torch.compiler.is_compiling() else _resolve
     return all(resolve(name, torch.device(d)) in _FUSED_BASE_STEP for d in devices)
+
+
+#: Backends whose kernels read every hyperparameter and flag on the device, so that a CUDA
+#: graph can capture a whole SAM step (see the README, CUDA graphs).
+_CAPTURABLE = frozenset({"triton"})
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def capturable(name: str | None, devices: Iterable[torch.device]) -> bool:
+    """Whether the backend chosen for every device can run inside a CUDA graph capture."""
+    return all(_resolve(name, torch.device(d)) in _CAPTURABLE for d in devices)
+
+
+def collect_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], bool, bool]:
+    """The parameters that have a gradient, their gradients, whether all those are contiguous,
+    and whether one is sparse (one C++ pass with the extension, Python passes without; plain
+    Python while traced, where a pybind call is opaque and what it reads is static)."""
+    if not torch.compiler.is_compiling():
+        fast = _native_fast("collect_grads", params)
+        if fast is not None:
+            return fast
+    ps = [p for p in params if p.grad is not None]
+    gs = [p.grad for p in ps]
+    if any(g.is_sparse for g in gs):
+        return ps, gs, False, True
+    return ps, gs, all(g.is_contiguous() for g in gs), False
+
+
+def layout_key(tensors: list[Tensor]) -> tuple[Hashable, bool]:
+    """Every tensor's address, sizes, strides and dtype as one comparable value, and whether
+    all are contiguous (one C++ pass with the extension; the key is ``None`` for sparse
+    tensors, which have no strides)."""
+    fast = _native_fast("layout_key", tensors)
+    if fast is not None:
+        return fast
+    layout = (
+        tuple(t.data_ptr() for t in tensors),
+        tuple(t.size() for t in tensors),
+        tuple(t.stride() for t in tensors),
+        tuple(t.dtype for t in tensors),
+    )
+    return layout, all(t.is_contiguous() for t in tensors)
+
+
+def _native_fast(name: str, tensors: list[Tensor]) -> Any:
+    """``native.<name>(tensors)``: ``None`` without the extension."""
+    try:
+        mod = _module("cpu")
+    except ImportError:  # pragma: no cover - the module imports without the extension
+        return None
+    return getattr(mod, name)(tensors)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ def test_random_mask_compiles_with_a_graph_break_and_matches_eager() -> None:
             _backward(model)
             second(zero_grad=True)
         runs.append([p.detach().clone() for p in model.parameters()])
-        assert opt._random.draws == 3
+        assert opt._policies.random.draws == 3
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     model = Net()

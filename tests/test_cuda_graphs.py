@@ -132,7 +132,7 @@ def test_building_graph_is_false_eagerly() -> None:
 def test_capture_without_a_fused_step_raises_clearly(monkeypatch) -> None:
     """Pretending a capture is in progress: a backend without a fused restore+step refuses
     (the base optimizer's own step would read lr on the host), and the weights are restored."""
-    import fused_sam.optimizer as optimizer_module
+    import fused_sam.functional as functional_module
 
     model = nn.Linear(4, 3)
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="foreach")
@@ -141,7 +141,7 @@ def test_capture_without_a_fused_step_raises_clearly(monkeypatch) -> None:
     model(x).square().sum().backward()
     opt.first_step(zero_grad=True)
     model(x).square().sum().backward()
-    monkeypatch.setattr(optimizer_module, "_capturing", lambda: True)
+    monkeypatch.setattr(functional_module, "capturing", lambda: True)
     with pytest.raises(RuntimeError, match="backend='triton'"):
         opt.second_step()
     assert not opt.in_flight
@@ -152,13 +152,13 @@ def test_capture_without_a_fused_step_raises_clearly(monkeypatch) -> None:
 def test_capture_refuses_backends_that_read_the_host(monkeypatch) -> None:
     """Pretending a capture is in progress: first_step refuses a backend other than Triton
     before touching anything (the native kernels take lr and rho as numbers)."""
-    import fused_sam.optimizer as optimizer_module
+    import fused_sam.functional as functional_module
 
     model = nn.Linear(4, 3)
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(8, 4)).square().sum().backward()
-    monkeypatch.setattr(optimizer_module, "_capturing", lambda: True)
+    monkeypatch.setattr(functional_module, "capturing", lambda: True)
     with pytest.raises(RuntimeError, match="backend='triton'"):
         opt.first_step()
     assert not opt.in_flight

@@ -214,7 +214,7 @@ def test_resume_is_bit_identical_and_rejects_foreign_checkpoints() -> None:
     resumed = [_twin(w) for w in saved]
     opt2 = FusedSAM(resumed, torch.optim.SGD, rho=0.5, mask=RandomMask(0.5, seed=77), **SGD)
     opt2.load_state_dict(ckpt)
-    assert (opt2._random.seed, opt2._random.draws) == (4, 3)
+    assert (opt2._policies.random.seed, opt2._policies.random.draws) == (4, 3)
     _train(opt2, resumed, range(3, 6))
     for a, b in zip(ps, resumed):
         assert torch.equal(a, b)
@@ -224,7 +224,7 @@ def test_resume_is_bit_identical_and_rejects_foreign_checkpoints() -> None:
         plain.load_state_dict(ckpt)
     # A bare base optimizer's checkpoint restarts the draws (and keeps the seed).
     opt2.load_state_dict(opt2.base_optimizer.state_dict())
-    assert (opt2._random.seed, opt2._random.draws) == (4, 0)
+    assert (opt2._policies.random.seed, opt2._policies.random.draws) == (4, 0)
 
 
 def test_masks_do_not_depend_on_which_params_have_grads() -> None:

@@ -61,7 +61,7 @@ class SAMTrainer(Trainer):
         except BaseException:
             sam.restore()
             raise
-        sam._step_state.losses = (loss, loss_perturbed)
+        sam.record_losses(loss, loss_perturbed)
         if not self.accelerator.sync_gradients:
             # Not the window's last micro-batch: no optimizer step follows, so go back to w
             # (the accumulated second-pass gradients stay in .grad).
