@@ -233,14 +233,21 @@ def grads_like(ps: Sequence[Tensor], scale: float = 1.0) -> list[Tensor]:
 # The op checks (shared with the gpu tests of test_native.py and test_triton.py)
 
 
+#: Relative tolerance of a float64 sum of squares against another order of summation. Every
+#: backend widens each element to float64 before squaring (and ``T(w) g`` is formed there), so
+#: the only difference from the reference is the order of the float64 additions: a sum of
+#: positive terms in chains of at most k additions is off by at most about k * 2**-53
+#: relative, ~1e-13 for the chunked sums of the backends. Dropping one element in a million
+#: moves the total by ~1e-6, a million times this.
+NORM_RTOL = 1e-12
+
+
 def check_norm(backend: str, ps: Sequence[Tensor], gs: Sequence[Tensor], adaptive, eta) -> None:
-    """The total of ``norm_sq``'s partials against the reference's, at an rtol far below 1%."""
+    """The total of ``norm_sq``'s partials against the reference's at :data:`NORM_RTOL`."""
     want = F.norm_sq(gs, ps, adaptive, eta, backend="reference").double().sum()
     got = F.norm_sq(gs, ps, adaptive, eta, backend=backend)
-    assert got.dim() == 1 and got.dtype.is_floating_point and got.device == gs[0].device
-    # Float32 sums of squares in blocks: a relative error ~1e-7 (1e-15 in float64).
-    rtol = 1e-12 if ps[0].dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got.double().sum(), want, atol=0, rtol=rtol)
+    assert got.dim() == 1 and got.dtype == torch.float64 and got.device == gs[0].device
+    torch.testing.assert_close(got.sum(), want, atol=0, rtol=NORM_RTOL)
 
 
 def check_perturb(
@@ -660,6 +667,54 @@ def test_checks_reject_wrong_results(
             check_sgd_steps("mutant", ps, SGD_CONFIGS[2], amp=True)
         else:
             check_adam_steps("mutant", ps, ADAM_CONFIGS[2], amp=True)
+
+
+#: The sizes of the gpu norm tests: a million-element tensor beside small ones.
+BIG_SHAPES = ((1,), (3,), (4097,), (65537,), (), (33, 7), (1_000_003,))
+
+
+def _drop_small(gs: list[Tensor]) -> list[Tensor]:
+    return [g * 0 if g.numel() <= 3 else g for g in gs]  # the (1,), (3,) and () tensors
+
+
+def _drop_tail(gs: list[Tensor]) -> list[Tensor]:
+    big = max(range(len(gs)), key=lambda i: gs[i].numel())
+    cut = gs[big].clone()
+    cut.reshape(-1)[-3:] = 0
+    return [cut if i == big else g for i, g in enumerate(gs)]
+
+
+@pytest.mark.parametrize("drop", [_drop_small, _drop_tail], ids=["3-small-tensors", "3-tail"])
+def test_check_norm_catches_a_dropped_small_tensor_or_tail(
+    drop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A norm that leaves out three small tensors, or the last 3 elements of a million-element
+    one (a kernel's missed tail), is off by a few parts in a million: inside a float32-style
+    rtol of 1e-5, far outside :data:`NORM_RTOL`. Every backend sums in float64, so the check
+    must reject it."""
+    import types
+
+    from fused_sam import reference
+
+    def norm_sq_partials(grads, params, adaptive, eta):
+        return reference.norm_sq_partials(drop(list(grads)), params, adaptive, eta)
+
+    module = types.SimpleNamespace(**{k: getattr(reference, k) for k in reference.__all__})
+    module.FLAT = False
+    module.unavailable_reason = reference.unavailable_reason
+    module.norm_sq_partials = norm_sq_partials
+    monkeypatch.setitem(F.BACKENDS, "mutant", "not imported: registered below")
+    monkeypatch.setitem(F._MODULES, "mutant", module)
+    ps = op_params(torch.float32, "cpu", BIG_SHAPES)
+    gs = grads_like(ps)
+    n = len(ps)
+    ad, eta = [False] * n, [0.0] * n
+    want = float(F.norm_sq(gs, ps, ad, eta, backend="reference").sum())
+    got = float(F.norm_sq(gs, ps, ad, eta, backend="mutant").sum())
+    assert 0 < 1 - got / want < 1e-5  # what the old tolerance let through
+    check_norm("reference", ps, gs, ad, eta)
+    with pytest.raises(AssertionError):
+        check_norm("mutant", ps, gs, ad, eta)
 
 
 # ---------------------------------------------------------------------------------------------
