@@ -625,7 +625,7 @@ def test_cuda_dot_and_axpby_outputs(dtype: torch.dtype) -> None:
     _require_cuda()
     x = op_params(dtype, "cuda", CUDA_SHAPES)
     y = grads_like(x, scale=3.0)
-    dense = [i for i, t in enumerate(x) if t.is_non_overlapping_and_dense()]
+    dense = [i for i, t in enumerate(x) if F.is_dense(t)]  # (no Tensor method for it)
     xd, yd = [x[i] for i in dense], [y[i] for i in dense]
     got = native.dot_partials(xd, yd)
     assert got.shape == (native._C.cuda_norm_partials,) and got.dtype == torch.float64

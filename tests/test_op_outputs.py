@@ -480,6 +480,109 @@ def check_adam_steps(
 
 
 # ---------------------------------------------------------------------------------------------
+# Pointer-table hits, misses and evictions
+
+
+def _same_bits(what: str, got: Sequence[Tensor], want: Sequence[Tensor]) -> None:
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert bits_equal(a, b), f"{what}[{i}] shape={tuple(b.shape)}: not the same bits"
+
+
+def check_table_misses(backend: str, ps: Sequence[Tensor], flood: int = 80) -> None:
+    """Every op's outputs while its pointer tables hit, miss and are evicted.
+
+    The Triton and CUDA backends cache a device-side table of addresses per call signature
+    (64 entries each). Over persistent tensors (weights, backups, momentum buffers, Adam state
+    and the ``axpby_`` output stay where they are), four rounds of every op:
+
+    0. the first call (misses: tables built);
+    1. the same tensors, new values written in place (hits: cached tables, new data);
+    2. new gradient tensors, allocated while the old ones are alive (so at new addresses), the
+       other lists unchanged: a miss in one list only (``zero_grad(set_to_none=True)``);
+    3. as 2 after ``flood`` calls on other tensors evicted every cached table (rebuilt).
+
+    After each op its outputs must be the same bits as those of the same op of ``backend`` on
+    fresh copies of its inputs (new tables; the op tests compare those with the reference),
+    and the norm total must match the reference at :data:`NORM_RTOL`.
+    """
+    n = len(ps)
+    device = ps[0].device
+    ad, eta = [False] * n, [0.0] * n
+    rho = per_tensor(RHO, n)
+    w = [twin(p) for p in ps]
+    b = [torch.empty_like(p) for p in ps]
+    bufs = [torch.zeros_like(p) for p in ps]
+    adam_w = [twin(p) for p in ps]
+    m, v, mx = ([torch.zeros_like(p) for p in ps] for _ in range(3))
+    steps = [torch.zeros((), device=device) for _ in ps]
+    out = [torch.empty_like(p) for p in ps]
+    masks = mask_list(ps)
+    coefs = torch.tensor([0.75, -1.5], dtype=torch.float64, device=device)
+    sgd = dict(lr=SGD_LR, **SGD_CONFIGS[2])
+    adam = dict(**ADAM, **ADAM_CONFIGS[2], grad_scale=None, found_inf=None)
+    gs = grads_like(ps)
+    keep: list[list[Tensor]] = []
+    for rnd in range(4):
+        if rnd == 1:
+            for g, new in zip(gs, grads_like(ps)):
+                g.copy_(new)
+        elif rnd == 2:
+            keep.append(gs)
+            gs = grads_like(ps)
+        elif rnd == 3:
+            others = [grads_like(ps[:1]) for _ in range(flood)]  # all alive: distinct tables
+            for o in others:
+                F.norm_sq(o, o, [False], [0.0], backend=backend)
+        label = f"{backend} round {rnd}"
+
+        got = F.norm_sq(gs, w, ad, eta, backend=backend)
+        fresh = F.norm_sq([twin(g) for g in gs], [twin(x) for x in w], ad, eta, backend=backend)
+        assert bits_equal(got, fresh), f"{label} norm partials"
+        want = F.norm_sq(gs, w, ad, eta, backend="reference").double().sum()
+        torch.testing.assert_close(got.sum(), want, atol=0, rtol=NORM_RTOL)
+
+        sumsq = F.norm_sq(gs, w, ad, eta, backend="reference")
+        w_in = [x.clone() for x in w]
+        fw, fb = [twin(x) for x in w], [twin(x) for x in b]
+        F.perturb_(w, gs, b, sumsq, rho, 1e-12, ad, eta, masks, backend)
+        F.perturb_(fw, [twin(g) for g in gs], fb, sumsq, rho, 1e-12, ad, eta, masks, backend)
+        _same_bits(f"{label} perturb w", w, fw)
+        _same_bits(f"{label} perturb backup", b, fb)
+        _same_bits(f"{label} backup = w before", b, w_in)
+
+        fw, fv = [twin(x) for x in w], [twin(x) for x in bufs]
+        first = [rnd == 0] * n
+        common = dict(first_step=first, grad_scale=None, found_inf=None, backend=backend)
+        F.restore_sgd_step_(w, gs, b, bufs, **sgd, **common)
+        F.restore_sgd_step_(fw, [twin(g) for g in gs], [twin(x) for x in b], fv, **sgd, **common)
+        _same_bits(f"{label} sgd w", w, fw)
+        _same_bits(f"{label} sgd momentum", bufs, fv)
+
+        fa, fm, fv, fx, fs = [[twin(x) for x in lst] for lst in (adam_w, m, v, mx, steps)]
+        F.restore_adam_step_(adam_w, gs, b, m, v, mx, steps, **adam, backend=backend)
+        fg = [twin(g) for g in gs]
+        F.restore_adam_step_(fa, fg, b, fm, fv, fx, fs, **adam, backend=backend)
+        _same_bits(f"{label} adam w", adam_w, fa)
+        _same_bits(f"{label} adam exp_avg", m, fm)
+        _same_bits(f"{label} adam exp_avg_sq", v, fv)
+        _same_bits(f"{label} adam max_exp_avg_sq", mx, fx)
+        assert [float(t) for t in steps] == [rnd + 1.0] * n == [float(t) for t in fs], label
+
+        got = F.dot(gs, w, backend)
+        assert bits_equal(got, F.dot([twin(x) for x in gs], [twin(x) for x in w], backend)), label
+        want = F.dot(gs, w, "reference").double().sum()
+        mag = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(gs, w))
+        assert abs(float(got.sum()) - float(want)) <= 64 * torch.finfo(torch.float64).eps * mag
+
+        fo = [twin(x) for x in out]
+        F.axpby_(out, gs, w, coefs, None, backend)
+        F.axpby_(fo, [twin(g) for g in gs], [twin(x) for x in w], coefs, None, backend)
+        _same_bits(f"{label} axpby out", out, fo)
+        coefs.mul_(-0.5)  # new values in the same tensor: read at the next launch
+
+
+# ---------------------------------------------------------------------------------------------
 # Every op, every CPU backend, every dtype
 
 RHO = (0.05, -0.5, 2.0)  # several buckets; a negative rho (maximize) ascends the other way
@@ -547,6 +650,15 @@ def test_adam_step_update_and_state(backend: str, dtype: torch.dtype, cfg: dict,
     without AMP."""
     require_backend(backend)
     check_adam_steps(backend, op_params(dtype), cfg, amp)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_outputs_across_table_hits_misses_and_evictions(backend: str) -> None:
+    """Every op's outputs over persistent tensors: first call, cache hits with new values, new
+    gradient tensors, and after an eviction of every cached table (the Triton tables are
+    cached on CPU tensors too; the gpu tests run it for the CUDA and Triton kernels)."""
+    require_backend(backend)
+    check_table_misses(backend, op_params(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------
