@@ -652,6 +652,149 @@ def test_adam_step_update_and_state(backend: str, dtype: torch.dtype, cfg: dict,
     check_adam_steps(backend, op_params(dtype), cfg, amp)
 
 
+def misaligned(ts: Sequence[Tensor], offsets: Sequence[int] = (1, 0, 3)) -> list[Tensor]:
+    """Copies of ``ts`` whose contiguous ones start ``offsets[i % len(offsets)]`` elements into
+    their storage: an odd offset puts the address off the 16-byte grid for every dtype (2, 4 or
+    8 bytes per element), 0 keeps it aligned, so one launch mixes both. Other layouts are
+    copied as they are."""
+    out = []
+    for i, t in enumerate(ts):
+        k = offsets[i % len(offsets)]
+        if not t.is_contiguous() or k == 0 or t.numel() == 0:
+            out.append(twin(t))
+            continue
+        base = torch.empty(t.numel() + k, dtype=t.dtype, device=t.device)
+        view = base[k:].view(t.shape).copy_(t)
+        assert view.data_ptr() % 16 != 0
+        out.append(view)
+    return out
+
+
+def check_misaligned(backend: str, ps: Sequence[Tensor]) -> None:
+    """Every op with weights and gradients at addresses off the 16-byte grid (and off by
+    different amounts from each other), mixed with aligned tensors in the same call, against
+    the reference: the kernels must take their scalar path for those (or per tensor) and give
+    the same results."""
+    n = len(ps)
+    ws = misaligned(ps)
+    gs = misaligned(grads_like(ps), offsets=(3, 1, 0, 5))
+    eta = per_tensor(ETA, n)
+    for adaptive in (False, True):
+        check_norm(backend, ws, gs, [adaptive] * n, eta)
+    rho = per_tensor(RHO, n)
+    check_perturb(
+        backend, ws, gs, rho=rho, eps=None, adaptive=[True] * n, eta=eta, masks=mask_list(ws)
+    )
+
+    def grads(step: int, scale: float = 1.0) -> list[Tensor]:
+        return misaligned(grads_like(ws, scale), offsets=(2 * step + 1, 0, 2 * step + 3))
+
+    check_sgd_steps(backend, ws, SGD_CONFIGS[2], amp=False, grads=grads)
+    check_adam_steps(backend, ws, ADAM_CONFIGS[2], amp=True, grads=lambda s: grads(s, GRAD_SCALE))
+    out = misaligned([torch.empty_like(p) for p in ps], offsets=(7, 1))
+    coefs = torch.tensor([0.5, -2.0], dtype=torch.float64, device=ps[0].device)
+    want = [torch.empty_like(p) for p in ps]
+    F.axpby_(want, ws, gs, coefs, None, "reference")
+    F.axpby_(out, ws, gs, coefs, None, backend)
+    from test_variant_ops import check_axpby
+
+    check_axpby(out, want, ws, gs, 0.5, -2.0)
+    got = float(F.dot(ws, gs, backend).sum())
+    want_dot = float(F.dot(ws, gs, "reference").sum())
+    mag = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(ws, gs))
+    assert abs(got - want_dot) <= 64 * torch.finfo(torch.float64).eps * mag
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_tensors(backend: str, dtype: torch.dtype) -> None:
+    """Every op on tensors off the 16-byte grid beside aligned ones (the gpu tests run the same
+    helper for the CUDA and Triton kernels, whose vector paths need 16-byte addresses)."""
+    require_backend(backend)
+    check_misaligned(backend, op_params(dtype))
+
+
+#: Elements of the > 2^31 tests: past the int32 range, with an odd tail.
+HUGE = 2**31 + 37
+
+
+def windows(numel: int, edge: int) -> tuple[tuple[int, int], ...]:
+    """The head, the elements around index ``edge`` and the tail of ``numel`` elements."""
+    return ((0, 5), (edge - 3, edge + 2), (numel - 5, numel))
+
+
+def check_far_elements(
+    backend: str,
+    op: str,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    numel: int = HUGE,
+    edge: int = 2**31,
+) -> None:
+    """``op`` (``"perturb"``: norm then perturbation; ``"sgd"``; ``"adam"``) on one tensor of
+    ``numel`` elements per list; with the defaults 64-bit offsets (bfloat16: 4.3 GB per list,
+    13-22 GB in all).
+
+    Only the :func:`windows` (head, around ``edge`` where a 32-bit offset wraps, tail) carry
+    values; the bulk is zero, and every op maps zeros to zeros. The ops must give in each
+    window the same bits as the same op of ``backend`` on the windows alone (three small
+    tensors, whose norm is the big tensor's), and leave the bulk zero: a 32-bit offset reads
+    the wrong elements, writes into the bulk or faults.
+    """
+    device = torch.device(device)
+    spans = windows(numel, edge)
+    lists = {"perturb": 3, "sgd": 4, "adam": 5}[op]
+    big = [torch.zeros(numel, dtype=dtype, device=device) for _ in range(lists)]
+    small = [[torch.empty(b - a, dtype=dtype, device=device) for a, b in spans] for _ in big]
+    for whole, parts in zip(big, small):
+        for (a, b), part in zip(spans, parts):
+            part.copy_(torch.randn(b - a, dtype=torch.float64).to(dtype))
+            whole[a:b].copy_(part)
+
+    def run(ts: list[list[Tensor]]) -> None:
+        k = len(ts[0])
+        if op == "perturb":
+            w, g, b = ts
+            sumsq = F.norm_sq(g, w, [False] * k, [0.0] * k, backend=backend)
+            exact = sum(x.double().square().sum() for x in small[1])
+            torch.testing.assert_close(sumsq.sum(), exact, atol=0, rtol=NORM_RTOL)
+            F.perturb_(w, g, b, sumsq, [0.05] * k, 1e-12, [False] * k, [0.0] * k, None, backend)
+        elif op == "sgd":
+            w, g, b, buf = ts
+            F.restore_sgd_step_(
+                w, g, b, buf, lr=0.1, **SGD_CONFIGS[2], first_step=[False] * k, grad_scale=None,
+                found_inf=None, backend=backend,
+            )  # fmt: skip
+        else:
+            w, g, b, mom, var = ts
+            steps = [torch.full((), 3.0, device=device) for _ in range(k)]
+            F.restore_adam_step_(
+                w, g, b, mom, var, None, steps, **ADAM, **ADAM_CONFIGS[1], grad_scale=None,
+                found_inf=None, backend=backend,
+            )  # fmt: skip
+            assert all(float(s) == 4.0 for s in steps)
+
+    run([[t] for t in big])
+    run(small)
+    for j, (whole, parts) in enumerate(zip(big, small)):
+        for (a, b), part in zip(spans, parts):
+            assert bits_equal(whole[a:b], part), f"{backend} {op}: list {j}, elements [{a}, {b})"
+        inside = sum(int(part.count_nonzero()) for part in parts)
+        assert int(whole.count_nonzero()) == inside, f"{backend} {op}: list {j} written outside"
+    del big
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next test of the group (on this worker) needs the memory
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["perturb", "sgd", "adam"])
+def test_far_elements_check(backend: str, op: str) -> None:
+    """The > 2^31-element gpu tests' check, on the CPU at a size it can hold: three chunks of
+    16384 and a tail, windows around a chunk boundary."""
+    require_backend(backend)
+    check_far_elements(backend, op, device="cpu", numel=3 * 16384 + 37, edge=2 * 16384)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_outputs_across_table_hits_misses_and_evictions(backend: str) -> None:
     """Every op's outputs over persistent tensors: first call, cache hits with new values, new
