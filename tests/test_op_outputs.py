@@ -531,9 +531,9 @@ def check_table_misses(backend: str, ps: Sequence[Tensor], flood: int = 80) -> N
             keep.append(gs)
             gs = grads_like(ps)
         elif rnd == 3:
-            others = [grads_like(ps[:1]) for _ in range(flood)]  # all alive: distinct tables
+            others = [grads_like(ps[:3]) for _ in range(flood)]  # all alive: distinct tables
             for o in others:
-                F.norm_sq(o, o, [False], [0.0], backend=backend)
+                F.norm_sq(o, o, [False] * 3, [0.0] * 3, backend=backend)
         label = f"{backend} round {rnd}"
 
         got = F.norm_sq(gs, w, ad, eta, backend=backend)
