@@ -31,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fused_sam import FusedSAM
+from fused_sam.bench import git_sha
 
 STEPS_PER_SAMPLE = 20
 
@@ -96,6 +97,7 @@ def main() -> None:
     record: dict = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "git_sha": git_sha(),
         "model": "MLP 8x256, batch 32",
         "rows": [],
     }

@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default=None, help="comma-separated parameter sets")
     parser.add_argument("--bases", default="sgd,adamw", help="comma-separated base optimizers")
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per provider")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default: 5; e2e 3)"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="end-to-end batch size")
+    parser.add_argument("--width", type=int, default=64, help="end-to-end CNN width")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--sparsity", type=float, default=0.5, help="Sparse SAM rows at this sparsity (0: none)"
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write() -> None:
-        # After every result: a run cut off by a deadline still leaves what it measured.
+        # After every row: a run cut off by a deadline still leaves what it measured.
         out.write_text(json.dumps(record, indent=1) + "\n")
 
     write()
@@ -73,17 +77,42 @@ def main(argv: list[str] | None = None) -> int:
         desc, shapes = bench.param_shapes(name)
         for base in args.bases.split(","):
             print(f"optimizer side: {desc}, base {base}", file=sys.stderr)
+            slot = len(record["optimizer"])
+
+            def keep(res: dict, slot: int = slot, name: str = name, desc: str = desc) -> None:
+                res.update(param_set=name, description=desc)
+                del record["optimizer"][slot:]
+                record["optimizer"].append(res)
+                write()
+
             res = bench.bench_optimizer(
-                shapes, device, base, repeat=repeat, warmup=5, sparsity=args.sparsity
+                shapes,
+                device,
+                base,
+                repeat=repeat,
+                warmup=5 if args.warmup is None else args.warmup,
+                sparsity=args.sparsity,
+                on_row=keep,
             )
-            res.update(param_set=name, description=desc)
-            record["optimizer"].append(res)
-            write()
+            keep(res)
             print(bench.markdown(bench.optimizer_table(res)) + "\n", flush=True)
     if args.e2e:
         print(f"end to end, batch {args.batch_size}", file=sys.stderr)
-        record["e2e"] = bench.bench_e2e(device, batch_size=args.batch_size, repeat=repeat // 2 or 1)
-        write()
+
+        def keep_e2e(res: dict) -> None:
+            record["e2e"] = res
+            write()
+
+        keep_e2e(
+            bench.bench_e2e(
+                device,
+                batch_size=args.batch_size,
+                width=args.width,
+                repeat=repeat // 2 or 1,
+                warmup=3 if args.warmup is None else args.warmup,
+                on_row=keep_e2e,
+            )
+        )
         print(bench.markdown(bench.e2e_table(record["e2e"])), flush=True)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -345,12 +345,26 @@ def _run_bench(args: argparse.Namespace) -> int:
     )
     if args.e2e and args.variants:
         raise ValueError("--e2e and --variants are two modes: give one")
+    results["command"] = "fused-sam " + " ".join(args.argv)
+    mode = "e2e" if args.e2e else "variants" if args.variants else "optimizer"
+
+    def on_row(partial: dict) -> None:
+        # The file is rewritten after every row: a run stopped by a deadline keeps its rows.
+        results[mode] = partial
+        bench.write_results(results, args.out)
+
     if args.e2e:
         if args.batch_size < 2:
             raise ValueError(f"--batch-size must be >= 2 (BatchNorm), got {args.batch_size}")
         size = (8, 16) if args.quick else (args.batch_size, 64)
         res = bench.bench_e2e(
-            device, batch_size=size[0], width=size[1], repeat=repeat, warmup=warmup, progress=say
+            device,
+            batch_size=size[0],
+            width=size[1],
+            repeat=repeat,
+            warmup=warmup,
+            progress=say,
+            on_row=on_row,
         )
         results["e2e"] = res
         title = (
@@ -359,7 +373,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         table = bench.e2e_table(res)
     elif args.variants:
         desc, shapes = _bench_shapes(args)
-        res = bench.bench_variants(shapes, device, repeat, warmup, progress=say)
+        res = bench.bench_variants(shapes, device, repeat, warmup, progress=say, on_row=on_row)
         res["param_set"] = desc
         results["variants"] = res
         title = (
@@ -378,6 +392,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             include_reference=args.reference,
             progress=say,
             sparsity=args.sparsity,
+            on_row=on_row,
         )
         res["param_set"] = desc
         results["optimizer"] = res
@@ -387,7 +402,6 @@ def _run_bench(args: argparse.Namespace) -> int:
             f"{res['copy_bandwidth_gbps']:.1f} GB/s"
         )
         table = bench.optimizer_table(res)
-    results["command"] = "fused-sam " + " ".join(args.argv)
     bench.write_results(results, args.out)
     _print_table(title, table)
     print(f"wrote {args.out}")

@@ -455,6 +455,7 @@ def bench_optimizer(
     only: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     sparsity: float = 0.0,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Time every provider on the same parameter set; returns rows plus the copy bandwidth.
 
@@ -468,6 +469,8 @@ def bench_optimizer(
         only: restrict to providers whose name contains one of these strings.
         progress: called with each provider's name before it runs.
         sparsity: also time each backend with a Sparse SAM mask of this sparsity.
+        on_row: called after each row with the result so far (the rows measured, no ratios
+            yet), so a caller can rewrite its results file and a run cut off keeps its rows.
     """
     device = torch.device(device)
     numel = sum(math.prod(s) for s in shapes)
@@ -500,6 +503,8 @@ def bench_optimizer(
             }
         )
         del params, step
+        if on_row is not None:
+            on_row(_summary(shapes, device, bandwidth, rows))
     base_ms = {r["base"]: r["median_ms"] for r in rows if r["kind"] == "base"}
     for r in rows:
         denom = base_ms.get(r["base"])
@@ -599,6 +604,7 @@ def bench_variants(
     repeat: int = 20,
     warmup: int = 3,
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Time the gradient math of LookSAM, F-SAM and GSAM (their optimizer hooks) per backend.
 
@@ -614,6 +620,7 @@ def bench_variants(
         repeat: timed calls per row (the median is reported, and the minimum).
         warmup: untimed calls first.
         progress: called with each row's name before it runs.
+        on_row: called after each row with the result so far (see :func:`bench_optimizer`).
     """
     from fused_sam.functional import available_backends
 
@@ -653,6 +660,8 @@ def bench_variants(
                     "ratio_to_loop": 1e3 * median / loop_ms if loop_ms else None,
                 }
             )
+            if on_row is not None:
+                on_row(_summary(shapes, device, bandwidth, rows))
     return _summary(shapes, device, bandwidth, rows)
 
 
@@ -702,6 +711,7 @@ def bench_e2e(
     repeat: int = 10,
     warmup: int = 3,
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Whole training steps (forward, backward, optimizer) of SGD, SAM and its variants on a
     small CNN, side by side in one run.
@@ -715,6 +725,7 @@ def bench_e2e(
 
     Each timed sample is :data:`E2E_CYCLE` consecutive steps; times are per step (the median
     sample over its steps). ``passes_per_step`` counts the forward/backward passes taken.
+    ``on_row`` is called after each row with the result so far (see :func:`bench_optimizer`).
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -734,7 +745,18 @@ def bench_e2e(
                 ),
             )
     variants.update(_e2e_variants(device, kw))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    params = sum(p.numel() for p in e2e_model(width).parameters())
+
+    def result() -> dict[str, Any]:
+        return {
+            "model": f"CNN, 4 conv+BN blocks, width {width}, {params} params",
+            "batch_size": batch_size,
+            "input": [3, image_size, image_size],
+            "steps_per_sample": E2E_CYCLE,
+            "rows": rows,
+        }
+
     for name, (drive, build) in variants.items():
         if progress is not None:
             progress(name)
@@ -780,25 +802,28 @@ def bench_e2e(
                 "passes_per_step": passes[0] / (E2E_CYCLE * (repeat + warmup)),
             }
         )
+        if on_row is not None:
+            on_row(result())
     sgd = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_sgd"] = r["median_ms"] / sgd
-    params = sum(p.numel() for p in e2e_model(width).parameters())
-    return {
-        "model": f"CNN, 4 conv+BN blocks, width {width}, {params} params",
-        "batch_size": batch_size,
-        "input": [3, image_size, image_size],
-        "steps_per_sample": E2E_CYCLE,
-        "rows": rows,
-    }
+    return result()
 
 
 # ---------------------------------------------------------------------------------------------
 # Results
 
 
+#: Environment variable that names the commit measured, for a copy of the tree without ``.git``
+#: (the lent GPU machine gets the working tree only; ``benchmarks/gpu_session.sh`` sets it).
+GIT_SHA_ENV = "FUSED_SAM_GIT_SHA"
+
+
 def git_sha() -> str | None:
-    """The commit of the source tree, when it is a git checkout."""
+    """The commit of the source tree: ``$FUSED_SAM_GIT_SHA`` when set, else ``git rev-parse``."""
+    given = os.environ.get(GIT_SHA_ENV, "").strip()
+    if given:
+        return given
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

@@ -481,3 +481,72 @@ def test_bench_refuses_two_modes(tmp_path: Path, capsys: pytest.CaptureFixture[s
         main(["bench", "--variants", "--e2e", "--quick", "--out", str(tmp_path / "x.json")])
     assert exc.value.code == 2 and "two modes" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+class _DeadlineError(Exception):
+    """Stands in for the signal that ends a benchmark step at its deadline."""
+
+
+def _stop_after(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Let ``rows`` rows be timed, then stop the run in the middle of the next one."""
+    from fused_sam import bench
+
+    real = getattr(bench.time_step, "__wrapped__", bench.time_step)
+    calls = [0]
+
+    def time_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > rows:
+            raise _DeadlineError
+        return real(*args, **kwargs)
+
+    time_step.__wrapped__ = real
+    monkeypatch.setattr(bench, "time_step", time_step)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *args, **kwargs: 1.0)  # times no row
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "variants", "e2e"])
+def test_bench_rewrites_its_file_after_every_row(
+    mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``fused-sam bench`` run stopped by a deadline (the lent GPU's session script) keeps the
+    rows it measured in its results file."""
+    _stop_after(monkeypatch, 2)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--device", "cpu", "--repeat", "1", "--out", str(out)]
+    with pytest.raises(_DeadlineError):
+        main([*argv, *({"optimizer": [], "variants": ["--variants"], "e2e": ["--e2e"]}[mode])])
+    record = json.loads(out.read_text())
+    assert len(record[mode]["rows"]) == 2
+    assert record["command"].startswith("fused-sam bench --quick")
+
+
+def test_record_script_rewrites_its_file_after_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``benchmarks/record.py`` likewise, within a parameter set and within the end-to-end rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "record", Path(__file__).resolve().parents[1] / "benchmarks" / "record.py"
+    )
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    out = tmp_path / "r.json"
+    argv = ["--device", "cpu", "--sets", "tiny", "--bases", "sgd", "--sparsity", "0"]
+    argv += ["--repeat", "1", "--warmup", "0", "--batch-size", "4", "--width", "8"]
+    monkeypatch.setenv("FUSED_SAM_GIT_SHA", "feedface")
+    _stop_after(monkeypatch, 2)
+    with pytest.raises(_DeadlineError):
+        record.main([*argv, "--out", str(out)])
+    got = json.loads(out.read_text())
+    assert got["git_sha"] == "feedface"
+    assert [len(r["rows"]) for r in got["optimizer"]] == [2] and got["optimizer"][0]["param_set"]
+    # Past the optimizer rows (one per provider): two end-to-end rows, then the deadline.
+    from fused_sam.bench import providers_for
+
+    _stop_after(monkeypatch, len(providers_for(torch.device("cpu"), "sgd")) + 2)
+    with pytest.raises(_DeadlineError):
+        record.main([*argv, "--out", str(out)])
+    got = json.loads(out.read_text())
+    assert len(got["e2e"]["rows"]) == 2 and "ratio_to_base" in got["optimizer"][0]["rows"][0]

@@ -30,9 +30,12 @@ from test_op_outputs import (
     SGD_CONFIGS,
     bits_equal,
     check_adam_steps,
+    check_far_elements,
+    check_misaligned,
     check_norm,
     check_perturb,
     check_sgd_steps,
+    check_table_misses,
     grads_like,
     mask_list,
     odd_size_params,
@@ -625,7 +628,7 @@ def test_cuda_dot_and_axpby_outputs(dtype: torch.dtype) -> None:
     _require_cuda()
     x = op_params(dtype, "cuda", CUDA_SHAPES)
     y = grads_like(x, scale=3.0)
-    dense = [i for i, t in enumerate(x) if t.is_non_overlapping_and_dense()]
+    dense = [i for i, t in enumerate(x) if F.is_dense(t)]  # (no Tensor method for it)
     xd, yd = [x[i] for i in dense], [y[i] for i in dense]
     got = native.dot_partials(xd, yd)
     assert got.shape == (native._C.cuda_norm_partials,) and got.dtype == torch.float64
@@ -675,20 +678,20 @@ def test_cuda_nonfinite_and_zero_gradients_leave_weights_bit_identical() -> None
 
 
 @gpu
-def test_cuda_pointer_table_follows_new_allocations() -> None:
-    """Grads freed and reallocated between steps (zero_grad(set_to_none=True)) are picked up."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_outputs_across_table_hits_misses_and_evictions(dtype: torch.dtype) -> None:
+    """Every op's outputs while its pointer tables hit, miss (gradients reallocated, as by
+    ``zero_grad(set_to_none=True)``) and are evicted: the same bits as on fresh tables."""
     _require_cuda()
-    ps = _tensors(ODD_SIZES, torch.float32, "cuda")
-    n = len(ps)
-    for _ in range(3):
-        gs = _tensors(ODD_SIZES, torch.float32, "cuda")
-        got = native.norm_sq_partials(gs, ps, False, 0.0).double().sum()
-        want = sum(g.double().square().sum() for g in gs)
-        torch.testing.assert_close(got, want, atol=0, rtol=1e-5)
-        b = [torch.empty_like(p) for p in ps]
-        native.perturb_(ps, gs, b, got.float().reshape(1), 0.05, 1e-12, False, 0.0, None)
-        native.restore_(ps, b)
-    assert n == len(ps)
+    check_table_misses("cuda", op_params(dtype, "cuda", CUDA_SHAPES))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_misaligned_tensors(dtype: torch.dtype) -> None:
+    """Every op on tensors off the 16-byte grid beside aligned ones, against the reference."""
+    _require_cuda()
+    check_misaligned("cuda", op_params(dtype, "cuda", CUDA_SHAPES))
 
 
 @gpu
@@ -734,20 +737,13 @@ def test_cuda_norm_is_deterministic_and_three_launches() -> None:
 
 @gpu
 @pytest.mark.slow
-def test_cuda_tensor_over_2_pow_31_elements() -> None:
-    """int64 indexing: the last elements of a 2^31 + 37 element tensor are perturbed right."""
+@pytest.mark.xdist_group("2_pow_31")  # 13-22 GB each: one at a time under pytest -n
+@pytest.mark.parametrize("op", ["perturb", "sgd", "adam"])
+def test_cuda_over_2_pow_31_elements(op: str) -> None:
+    """int64 offsets: norm and perturbation, restore + SGD, restore + Adam on a tensor of
+    2^31 + 37 elements, at its head, around element 2^31 and at its tail."""
     _require_cuda()
-    n = 2**31 + 37
-    w = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
-    g = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
-    g[-5:] = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0], dtype=torch.bfloat16)
-    b = torch.empty_like(w)
-    s = native.norm_sq_partials([g], [w], False, 0.0)
-    assert_close(s.double().sum().float(), torch.tensor(30.25, device="cuda"))
-    native.perturb_([w], [g], [b], s, 1.0, 0.0, False, 0.0, None)
-    want = (g[-5:].float() / 30.25**0.5).bfloat16()
-    assert_close(w[-5:], want)
-    assert int(w[:-5].count_nonzero()) == 0
+    check_far_elements("cuda", op)
 
 
 @gpu

@@ -233,14 +233,21 @@ def grads_like(ps: Sequence[Tensor], scale: float = 1.0) -> list[Tensor]:
 # The op checks (shared with the gpu tests of test_native.py and test_triton.py)
 
 
+#: Relative tolerance of a float64 sum of squares against another order of summation. Every
+#: backend widens each element to float64 before squaring (and ``T(w) g`` is formed there), so
+#: the only difference from the reference is the order of the float64 additions: a sum of
+#: positive terms in chains of at most k additions is off by at most about k * 2**-53
+#: relative, ~1e-13 for the chunked sums of the backends. Dropping one element in a million
+#: moves the total by ~1e-6, a million times this.
+NORM_RTOL = 1e-12
+
+
 def check_norm(backend: str, ps: Sequence[Tensor], gs: Sequence[Tensor], adaptive, eta) -> None:
-    """The total of ``norm_sq``'s partials against the reference's, at an rtol far below 1%."""
+    """The total of ``norm_sq``'s partials against the reference's at :data:`NORM_RTOL`."""
     want = F.norm_sq(gs, ps, adaptive, eta, backend="reference").double().sum()
     got = F.norm_sq(gs, ps, adaptive, eta, backend=backend)
-    assert got.dim() == 1 and got.dtype.is_floating_point and got.device == gs[0].device
-    # Float32 sums of squares in blocks: a relative error ~1e-7 (1e-15 in float64).
-    rtol = 1e-12 if ps[0].dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got.double().sum(), want, atol=0, rtol=rtol)
+    assert got.dim() == 1 and got.dtype == torch.float64 and got.device == gs[0].device
+    torch.testing.assert_close(got.sum(), want, atol=0, rtol=NORM_RTOL)
 
 
 def check_perturb(
@@ -473,6 +480,109 @@ def check_adam_steps(
 
 
 # ---------------------------------------------------------------------------------------------
+# Pointer-table hits, misses and evictions
+
+
+def _same_bits(what: str, got: Sequence[Tensor], want: Sequence[Tensor]) -> None:
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert bits_equal(a, b), f"{what}[{i}] shape={tuple(b.shape)}: not the same bits"
+
+
+def check_table_misses(backend: str, ps: Sequence[Tensor], flood: int = 80) -> None:
+    """Every op's outputs while its pointer tables hit, miss and are evicted.
+
+    The Triton and CUDA backends cache a device-side table of addresses per call signature
+    (64 entries each). Over persistent tensors (weights, backups, momentum buffers, Adam state
+    and the ``axpby_`` output stay where they are), four rounds of every op:
+
+    0. the first call (misses: tables built);
+    1. the same tensors, new values written in place (hits: cached tables, new data);
+    2. new gradient tensors, allocated while the old ones are alive (so at new addresses), the
+       other lists unchanged: a miss in one list only (``zero_grad(set_to_none=True)``);
+    3. as 2 after ``flood`` calls on other tensors evicted every cached table (rebuilt).
+
+    After each op its outputs must be the same bits as those of the same op of ``backend`` on
+    fresh copies of its inputs (new tables; the op tests compare those with the reference),
+    and the norm total must match the reference at :data:`NORM_RTOL`.
+    """
+    n = len(ps)
+    device = ps[0].device
+    ad, eta = [False] * n, [0.0] * n
+    rho = per_tensor(RHO, n)
+    w = [twin(p) for p in ps]
+    b = [torch.empty_like(p) for p in ps]
+    bufs = [torch.zeros_like(p) for p in ps]
+    adam_w = [twin(p) for p in ps]
+    m, v, mx = ([torch.zeros_like(p) for p in ps] for _ in range(3))
+    steps = [torch.zeros((), device=device) for _ in ps]
+    out = [torch.empty_like(p) for p in ps]
+    masks = mask_list(ps)
+    coefs = torch.tensor([0.75, -1.5], dtype=torch.float64, device=device)
+    sgd = dict(lr=SGD_LR, **SGD_CONFIGS[2])
+    adam = dict(**ADAM, **ADAM_CONFIGS[2], grad_scale=None, found_inf=None)
+    gs = grads_like(ps)
+    keep: list[list[Tensor]] = []
+    for rnd in range(4):
+        if rnd == 1:
+            for g, new in zip(gs, grads_like(ps)):
+                g.copy_(new)
+        elif rnd == 2:
+            keep.append(gs)
+            gs = grads_like(ps)
+        elif rnd == 3:
+            others = [grads_like(ps[:3]) for _ in range(flood)]  # all alive: distinct tables
+            for o in others:
+                F.norm_sq(o, o, [False] * 3, [0.0] * 3, backend=backend)
+        label = f"{backend} round {rnd}"
+
+        got = F.norm_sq(gs, w, ad, eta, backend=backend)
+        fresh = F.norm_sq([twin(g) for g in gs], [twin(x) for x in w], ad, eta, backend=backend)
+        assert bits_equal(got, fresh), f"{label} norm partials"
+        want = F.norm_sq(gs, w, ad, eta, backend="reference").double().sum()
+        torch.testing.assert_close(got.sum(), want, atol=0, rtol=NORM_RTOL)
+
+        sumsq = F.norm_sq(gs, w, ad, eta, backend="reference")
+        w_in = [x.clone() for x in w]
+        fw, fb = [twin(x) for x in w], [twin(x) for x in b]
+        F.perturb_(w, gs, b, sumsq, rho, 1e-12, ad, eta, masks, backend)
+        F.perturb_(fw, [twin(g) for g in gs], fb, sumsq, rho, 1e-12, ad, eta, masks, backend)
+        _same_bits(f"{label} perturb w", w, fw)
+        _same_bits(f"{label} perturb backup", b, fb)
+        _same_bits(f"{label} backup = w before", b, w_in)
+
+        fw, fv = [twin(x) for x in w], [twin(x) for x in bufs]
+        first = [rnd == 0] * n
+        common = dict(first_step=first, grad_scale=None, found_inf=None, backend=backend)
+        F.restore_sgd_step_(w, gs, b, bufs, **sgd, **common)
+        F.restore_sgd_step_(fw, [twin(g) for g in gs], [twin(x) for x in b], fv, **sgd, **common)
+        _same_bits(f"{label} sgd w", w, fw)
+        _same_bits(f"{label} sgd momentum", bufs, fv)
+
+        fa, fm, fv, fx, fs = [[twin(x) for x in lst] for lst in (adam_w, m, v, mx, steps)]
+        F.restore_adam_step_(adam_w, gs, b, m, v, mx, steps, **adam, backend=backend)
+        fg = [twin(g) for g in gs]
+        F.restore_adam_step_(fa, fg, b, fm, fv, fx, fs, **adam, backend=backend)
+        _same_bits(f"{label} adam w", adam_w, fa)
+        _same_bits(f"{label} adam exp_avg", m, fm)
+        _same_bits(f"{label} adam exp_avg_sq", v, fv)
+        _same_bits(f"{label} adam max_exp_avg_sq", mx, fx)
+        assert [float(t) for t in steps] == [rnd + 1.0] * n == [float(t) for t in fs], label
+
+        got = F.dot(gs, w, backend)
+        assert bits_equal(got, F.dot([twin(x) for x in gs], [twin(x) for x in w], backend)), label
+        want = F.dot(gs, w, "reference").double().sum()
+        mag = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(gs, w))
+        assert abs(float(got.sum()) - float(want)) <= 64 * torch.finfo(torch.float64).eps * mag
+
+        fo = [twin(x) for x in out]
+        F.axpby_(out, gs, w, coefs, None, backend)
+        F.axpby_(fo, [twin(g) for g in gs], [twin(x) for x in w], coefs, None, backend)
+        _same_bits(f"{label} axpby out", out, fo)
+        coefs.mul_(-0.5)  # new values in the same tensor: read at the next launch
+
+
+# ---------------------------------------------------------------------------------------------
 # Every op, every CPU backend, every dtype
 
 RHO = (0.05, -0.5, 2.0)  # several buckets; a negative rho (maximize) ascends the other way
@@ -540,6 +650,158 @@ def test_adam_step_update_and_state(backend: str, dtype: torch.dtype, cfg: dict,
     without AMP."""
     require_backend(backend)
     check_adam_steps(backend, op_params(dtype), cfg, amp)
+
+
+def misaligned(ts: Sequence[Tensor], offsets: Sequence[int] = (1, 0, 3)) -> list[Tensor]:
+    """Copies of ``ts`` whose contiguous ones start ``offsets[i % len(offsets)]`` elements into
+    their storage: an odd offset puts the address off the 16-byte grid for every dtype (2, 4 or
+    8 bytes per element), 0 keeps it aligned, so one launch mixes both. Other layouts are
+    copied as they are."""
+    out = []
+    for i, t in enumerate(ts):
+        k = offsets[i % len(offsets)]
+        if not t.is_contiguous() or k == 0 or t.numel() == 0:
+            out.append(twin(t))
+            continue
+        base = torch.empty(t.numel() + k, dtype=t.dtype, device=t.device)
+        view = base[k:].view(t.shape).copy_(t)
+        assert view.data_ptr() % 16 != 0
+        out.append(view)
+    return out
+
+
+def check_misaligned(backend: str, ps: Sequence[Tensor]) -> None:
+    """Every op with weights and gradients at addresses off the 16-byte grid (and off by
+    different amounts from each other), mixed with aligned tensors in the same call, against
+    the reference: the kernels must take their scalar path for those (or per tensor) and give
+    the same results."""
+    n = len(ps)
+    ws = misaligned(ps)
+    gs = misaligned(grads_like(ps), offsets=(3, 1, 0, 5))
+    eta = per_tensor(ETA, n)
+    for adaptive in (False, True):
+        check_norm(backend, ws, gs, [adaptive] * n, eta)
+    rho = per_tensor(RHO, n)
+    check_perturb(
+        backend, ws, gs, rho=rho, eps=None, adaptive=[True] * n, eta=eta, masks=mask_list(ws)
+    )
+
+    def grads(step: int, scale: float = 1.0) -> list[Tensor]:
+        return misaligned(grads_like(ws, scale), offsets=(2 * step + 1, 0, 2 * step + 3))
+
+    check_sgd_steps(backend, ws, SGD_CONFIGS[2], amp=False, grads=grads)
+    check_adam_steps(backend, ws, ADAM_CONFIGS[2], amp=True, grads=lambda s: grads(s, GRAD_SCALE))
+    out = misaligned([torch.empty_like(p) for p in ps], offsets=(7, 1))
+    coefs = torch.tensor([0.5, -2.0], dtype=torch.float64, device=ps[0].device)
+    want = [torch.empty_like(p) for p in ps]
+    F.axpby_(want, ws, gs, coefs, None, "reference")
+    F.axpby_(out, ws, gs, coefs, None, backend)
+    from test_variant_ops import check_axpby
+
+    check_axpby(out, want, ws, gs, 0.5, -2.0)
+    got = float(F.dot(ws, gs, backend).sum())
+    want_dot = float(F.dot(ws, gs, "reference").sum())
+    mag = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(ws, gs))
+    assert abs(got - want_dot) <= 64 * torch.finfo(torch.float64).eps * mag
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_tensors(backend: str, dtype: torch.dtype) -> None:
+    """Every op on tensors off the 16-byte grid beside aligned ones (the gpu tests run the same
+    helper for the CUDA and Triton kernels, whose vector paths need 16-byte addresses)."""
+    require_backend(backend)
+    check_misaligned(backend, op_params(dtype))
+
+
+#: Elements of the > 2^31 tests: past the int32 range, with an odd tail.
+HUGE = 2**31 + 37
+
+
+def windows(numel: int, edge: int) -> tuple[tuple[int, int], ...]:
+    """The head, the elements around index ``edge`` and the tail of ``numel`` elements."""
+    return ((0, 5), (edge - 3, edge + 2), (numel - 5, numel))
+
+
+def check_far_elements(
+    backend: str,
+    op: str,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    numel: int = HUGE,
+    edge: int = 2**31,
+) -> None:
+    """``op`` (``"perturb"``: norm then perturbation; ``"sgd"``; ``"adam"``) on one tensor of
+    ``numel`` elements per list; with the defaults 64-bit offsets (bfloat16: 4.3 GB per list,
+    13-22 GB in all).
+
+    Only the :func:`windows` (head, around ``edge`` where a 32-bit offset wraps, tail) carry
+    values; the bulk is zero, and every op maps zeros to zeros. The ops must give in each
+    window the same bits as the same op of ``backend`` on the windows alone (three small
+    tensors, whose norm is the big tensor's), and leave the bulk zero: a 32-bit offset reads
+    the wrong elements, writes into the bulk or faults.
+    """
+    device = torch.device(device)
+    spans = windows(numel, edge)
+    lists = {"perturb": 3, "sgd": 4, "adam": 5}[op]
+    big = [torch.zeros(numel, dtype=dtype, device=device) for _ in range(lists)]
+    small = [[torch.empty(b - a, dtype=dtype, device=device) for a, b in spans] for _ in big]
+    for whole, parts in zip(big, small):
+        for (a, b), part in zip(spans, parts):
+            part.copy_(torch.randn(b - a, dtype=torch.float64).to(dtype))
+            whole[a:b].copy_(part)
+
+    def run(ts: list[list[Tensor]]) -> None:
+        k = len(ts[0])
+        if op == "perturb":
+            w, g, b = ts
+            sumsq = F.norm_sq(g, w, [False] * k, [0.0] * k, backend=backend)
+            exact = sum(x.double().square().sum() for x in small[1])
+            torch.testing.assert_close(sumsq.sum(), exact, atol=0, rtol=NORM_RTOL)
+            F.perturb_(w, g, b, sumsq, [0.05] * k, 1e-12, [False] * k, [0.0] * k, None, backend)
+        elif op == "sgd":
+            w, g, b, buf = ts
+            F.restore_sgd_step_(
+                w, g, b, buf, lr=0.1, **SGD_CONFIGS[2], first_step=[False] * k, grad_scale=None,
+                found_inf=None, backend=backend,
+            )  # fmt: skip
+        else:
+            w, g, b, mom, var = ts
+            steps = [torch.full((), 3.0, device=device) for _ in range(k)]
+            F.restore_adam_step_(
+                w, g, b, mom, var, None, steps, **ADAM, **ADAM_CONFIGS[1], grad_scale=None,
+                found_inf=None, backend=backend,
+            )  # fmt: skip
+            assert all(float(s) == 4.0 for s in steps)
+
+    run([[t] for t in big])
+    run(small)
+    for j, (whole, parts) in enumerate(zip(big, small)):
+        for (a, b), part in zip(spans, parts):
+            assert bits_equal(whole[a:b], part), f"{backend} {op}: list {j}, elements [{a}, {b})"
+        inside = sum(int(part.count_nonzero()) for part in parts)
+        assert int(whole.count_nonzero()) == inside, f"{backend} {op}: list {j} written outside"
+    del big
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next test of the group (on this worker) needs the memory
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["perturb", "sgd", "adam"])
+def test_far_elements_check(backend: str, op: str) -> None:
+    """The > 2^31-element gpu tests' check, on the CPU at a size it can hold: three chunks of
+    16384 and a tail, windows around a chunk boundary."""
+    require_backend(backend)
+    check_far_elements(backend, op, device="cpu", numel=3 * 16384 + 37, edge=2 * 16384)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_outputs_across_table_hits_misses_and_evictions(backend: str) -> None:
+    """Every op's outputs over persistent tensors: first call, cache hits with new values, new
+    gradient tensors, and after an eviction of every cached table (the Triton tables are
+    cached on CPU tensors too; the gpu tests run it for the CUDA and Triton kernels)."""
+    require_backend(backend)
+    check_table_misses(backend, op_params(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,6 +922,54 @@ def test_checks_reject_wrong_results(
             check_sgd_steps("mutant", ps, SGD_CONFIGS[2], amp=True)
         else:
             check_adam_steps("mutant", ps, ADAM_CONFIGS[2], amp=True)
+
+
+#: The sizes of the gpu norm tests: a million-element tensor beside small ones.
+BIG_SHAPES = ((1,), (3,), (4097,), (65537,), (), (33, 7), (1_000_003,))
+
+
+def _drop_small(gs: list[Tensor]) -> list[Tensor]:
+    return [g * 0 if g.numel() <= 3 else g for g in gs]  # the (1,), (3,) and () tensors
+
+
+def _drop_tail(gs: list[Tensor]) -> list[Tensor]:
+    big = max(range(len(gs)), key=lambda i: gs[i].numel())
+    cut = gs[big].clone()
+    cut.reshape(-1)[-3:] = 0
+    return [cut if i == big else g for i, g in enumerate(gs)]
+
+
+@pytest.mark.parametrize("drop", [_drop_small, _drop_tail], ids=["3-small-tensors", "3-tail"])
+def test_check_norm_catches_a_dropped_small_tensor_or_tail(
+    drop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A norm that leaves out three small tensors, or the last 3 elements of a million-element
+    one (a kernel's missed tail), is off by a few parts in a million: inside a float32-style
+    rtol of 1e-5, far outside :data:`NORM_RTOL`. Every backend sums in float64, so the check
+    must reject it."""
+    import types
+
+    from fused_sam import reference
+
+    def norm_sq_partials(grads, params, adaptive, eta):
+        return reference.norm_sq_partials(drop(list(grads)), params, adaptive, eta)
+
+    module = types.SimpleNamespace(**{k: getattr(reference, k) for k in reference.__all__})
+    module.FLAT = False
+    module.unavailable_reason = reference.unavailable_reason
+    module.norm_sq_partials = norm_sq_partials
+    monkeypatch.setitem(F.BACKENDS, "mutant", "not imported: registered below")
+    monkeypatch.setitem(F._MODULES, "mutant", module)
+    ps = op_params(torch.float32, "cpu", BIG_SHAPES)
+    gs = grads_like(ps)
+    n = len(ps)
+    ad, eta = [False] * n, [0.0] * n
+    want = float(F.norm_sq(gs, ps, ad, eta, backend="reference").sum())
+    got = float(F.norm_sq(gs, ps, ad, eta, backend="mutant").sum())
+    assert 0 < 1 - got / want < 1e-5  # what the old tolerance let through
+    check_norm("reference", ps, gs, ad, eta)
+    with pytest.raises(AssertionError):
+        check_norm("mutant", ps, gs, ad, eta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,9 +27,12 @@ from test_op_outputs import (
     RHO,
     SGD_CONFIGS,
     check_adam_steps,
+    check_far_elements,
+    check_misaligned,
     check_norm,
     check_perturb,
     check_sgd_steps,
+    check_table_misses,
     grads_like,
     mask_list,
     op_params,
@@ -650,6 +653,35 @@ def test_gpu_step_outputs(dtype: torch.dtype, amp: bool) -> None:
         check_sgd_steps("triton", op_params(dtype, "cuda", GPU_SHAPES), cfg, amp)
     for cfg in ADAM_CONFIGS:
         check_adam_steps("triton", op_params(dtype, "cuda", GPU_SHAPES), cfg, amp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_outputs_across_table_hits_misses_and_evictions(dtype: torch.dtype) -> None:
+    """Every op's outputs while its pointer tables hit, miss (gradients reallocated, as by
+    ``zero_grad(set_to_none=True)``) and are evicted: the same bits as on fresh tables."""
+    _cuda()
+    check_table_misses("triton", op_params(dtype, "cuda", GPU_SHAPES))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_misaligned_tensors(dtype: torch.dtype) -> None:
+    """Every op on tensors off the 16-byte grid beside aligned ones (one table mixes both),
+    against the reference."""
+    _cuda()
+    check_misaligned("triton", op_params(dtype, "cuda", GPU_SHAPES))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.xdist_group("2_pow_31")  # 13-22 GB each: one at a time under pytest -n
+@pytest.mark.parametrize("op", ["perturb", "sgd", "adam"])
+def test_gpu_over_2_pow_31_elements(op: str) -> None:
+    """int64 offsets: norm and perturbation, restore + SGD, restore + Adam on a tensor of
+    2^31 + 37 elements, at its head, around element 2^31 and at its tail."""
+    _cuda()
+    check_far_elements("triton", op)
 
 
 @pytest.mark.gpu
