@@ -13,6 +13,7 @@ rebuild.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,7 +46,8 @@ _BUILD = "pip install --no-build-isolation -e ."
 _CUDA_BUILD = f"FUSED_SAM_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 {_BUILD}"
 
 try:
-    from fused_sam import _C
+    # By name: a backend imports no package module above it (the compiled extension is a leaf).
+    _C = importlib.import_module("fused_sam._C")
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
