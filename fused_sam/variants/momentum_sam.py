@@ -86,17 +86,25 @@ class MomentumSAM(Optimizer):
         # The unperturbed weights; mutated in place (never rebound), shared by wrappers.
         self._w: dict[Tensor, Tensor] = {}
         self._flags = {"perturbed": False}
+        # Per perturbed parameter, its version counter and storage address right after the
+        # perturbation: a parameter whose pair has changed by the next restore was written by
+        # the user in between (a rollback, a clamp, a pruning mask), and keeps what was written.
+        self._mark: dict[Tensor, tuple[int, int]] = {}
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
     def _restore(self) -> None:
+        """Put ``w`` back, except into parameters written since the perturbation: their
+        written values are the new unperturbed point (see :meth:`step`)."""
         if self._flags["perturbed"]:
-            ps = [p for p in self._params() if p in self._w]
+            mark = self._mark
+            ps = [p for p in self._params() if p in self._w and mark.get(p) == _mark(p)]
             if ps:
                 F.restore_(ps, [self._w[p] for p in ps], self.backend)
             self._flags["perturbed"] = False
+            mark.clear()
 
     @torch.no_grad()
     def _perturb(self) -> None:
@@ -117,9 +125,18 @@ class MomentumSAM(Optimizer):
         sumsq = F.norm_sq(vs, ps, flat, zero, self.backend)
         F.perturb_(ps, vs, ws, sumsq, [-self.rho] * n, 1e-12, flat, zero, None, self.backend)
         self._flags["perturbed"] = True
+        self._mark.clear()
+        self._mark.update(zip(ps, map(_mark, ps)))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One Momentum-SAM step on the gradients taken at the perturbed weights.
+
+        A parameter written between two steps (``model.load_state_dict(...)``, an in-place op
+        under ``torch.no_grad()``, ``p.data = ...``) keeps the written values as its new
+        unperturbed point: the step restores the stored ``w`` only into the parameters left
+        as the perturbation put them. A write the version counter does not see
+        (``p.data.clamp_()``) cannot be told apart from the perturbation and is undone; make
+        such writes inside ``with opt.unperturbed():``.
 
         Args:
             closure: re-evaluates the model and returns the loss (called once).
@@ -184,3 +201,9 @@ class MomentumSAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"MomentumSAM(rho={self.rho})\n{self.base_optimizer!r}"
+
+
+def _mark(p: Tensor) -> tuple[int, int]:
+    """What changes when a parameter is written through it: its version counter (in-place ops,
+    ``copy_``, ``load_state_dict``) and its storage address (``p.data = ...``)."""
+    return p._version, p.data_ptr()
