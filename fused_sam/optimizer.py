@@ -22,6 +22,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
+from fused_sam.guards import groups_kept_on_error
 from fused_sam.masks import (
     DynamicMask,
     FisherMask,
@@ -395,23 +396,26 @@ class FusedSAM(Optimizer):
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         _validate_group({**sam_defaults})
         _check_distinct([distributed.local(p) for g in base.param_groups for p in g["params"]])
-        # Optimizer.__init__ walks the groups through add_param_group, which (while
-        # initialising) fills the SAM keys into the base optimizer's own group dicts.
-        self._initializing = True
-        super().__init__(base.param_groups, sam_defaults)
-        self._initializing = False
-        # One source of truth: the base optimizer's groups and state.
-        self.param_groups = base.param_groups
-        self.state = base.state
-        self.defaults = {**base.defaults, **sam_defaults}
-        for group in self.param_groups:
-            _validate_group(group)
-        self._set_shards()
-        self._reset_transient()
+        # A wrapper that is refused must leave a given base optimizer as it was: the group
+        # dicts written below are put back if anything raises.
+        with groups_kept_on_error(base):
+            # Optimizer.__init__ walks the groups through add_param_group, which (while
+            # initialising) fills the SAM keys into the base optimizer's own group dicts.
+            self._initializing = True
+            super().__init__(base.param_groups, sam_defaults)
+            self._initializing = False
+            # One source of truth: the base optimizer's groups and state.
+            self.param_groups = base.param_groups
+            self.state = base.state
+            self.defaults = {**base.defaults, **sam_defaults}
+            for group in self.param_groups:
+                _validate_group(group)
+            self._set_shards()
+            self._reset_transient()
 
-        # A forced backend that cannot run must fail now, with its reason, not mid-training.
-        for device in self._devices():
-            F.resolve_backend(backend, device)
+            # A forced backend that cannot run must fail now, with its reason, not mid-training.
+            for device in self._devices():
+                F.resolve_backend(backend, device)
 
     # -------------------------------------------------------------------------------------
     # torch.optim.Optimizer plumbing

@@ -403,3 +403,26 @@ def test_fp16_scale_above_fp16_max(backend: str) -> None:
     for a, b in zip(*out):
         assert_close(a, b, "params")
     assert not torch.equal(out[1][0], ref[0].detach())  # e is resolvable: the test can fail
+
+
+# ---------------------------------------------------------------------------------------------
+# A refused wrapper leaves the base optimizer as it was
+
+
+def test_refused_wrapper_leaves_the_base_optimizer_unchanged() -> None:
+    """FusedSAM(base, ...) that raises (a forced backend that cannot run here, a bad per-group
+    rho) writes nothing into base.param_groups: a later wrapper trains at its own rho."""
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    base = torch.optim.SGD([{"params": [a]}, {"params": [b], "rho": -1.0}], lr=0.1)
+    before = [dict(g) for g in base.param_groups]
+    with pytest.raises(ValueError, match="rho"):
+        FusedSAM(base, rho=0.5, adaptive=True, eta=0.1)
+    assert base.param_groups == before
+    base = torch.optim.SGD([a, b], lr=0.1)
+    before = [dict(g) for g in base.param_groups]
+    with pytest.raises(RuntimeError, match="cuda"):
+        FusedSAM(base, rho=0.5, adaptive=True, eta=0.1, backend="cuda")
+    assert base.param_groups == before
+    opt = FusedSAM(base, rho=0.05)
+    assert [g["rho"] for g in opt.param_groups] == [0.05]
+    assert [g["adaptive"] for g in opt.param_groups] == [False]
