@@ -932,9 +932,11 @@ class FusedSAM(Optimizer):
             skipped = self._restore_and_step(grad_scale, scaler_inf)
         except BaseException:
             self.restore()  # a no-op once the restore has happened
+            self._progress.pop("post_hooks_due", None)
             raise
         st.last_skipped = skipped
         self._progress["steps"] += 1
+        self._base_post_hooks()
         if zero_grad:
             self._zero_grad()
 
@@ -1074,6 +1076,7 @@ class FusedSAM(Optimizer):
         self._unfused_step(grad_scale, found_inf)
         self._step_state.last_skipped = _skip_flag(found_inf)
         self._progress["steps"] += 1
+        self._base_post_hooks()
 
     def _unfused_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The base optimizer's own ``step()`` on the current gradients, unless skipped.
@@ -1099,7 +1102,8 @@ class FusedSAM(Optimizer):
 
     def _hooked(self, body: Callable[[], None]) -> None:
         """Run a base update as ``base_optimizer.step()`` would: with the base optimizer's own
-        step hooks around it, and marked as stepped for an LR scheduler built on it."""
+        step pre-hooks before it, and marked as stepped for an LR scheduler built on it. Its
+        post-hooks run once the whole step is done (:meth:`_base_post_hooks`)."""
         base = self.base_optimizer
         for hook in list(base._optimizer_step_pre_hooks.values()):
             if hook(base, (), {}) is not None:
@@ -1109,8 +1113,16 @@ class FusedSAM(Optimizer):
                 )
         body()
         base._opt_called = True  # what an LR scheduler's step() wrapper records
-        for hook in list(base._optimizer_step_post_hooks.values()):
-            hook(base, (), {})
+        self._progress["post_hooks_due"] = True
+
+    def _base_post_hooks(self) -> None:
+        """The base optimizer's step post-hooks, after a step that ran its update is complete
+        (weights, state, counters): as for torch's own ``step()``, a hook that raises cannot
+        undo the step, on every backend alike."""
+        if self._progress.pop("post_hooks_due", False):
+            base = self.base_optimizer
+            for hook in list(base._optimizer_step_post_hooks.values()):
+                hook(base, (), {})
 
     def _zero_grad(self) -> None:
         """``zero_grad()`` (``set_to_none``) for ``first_step``/``second_step(zero_grad=True)``;

@@ -426,3 +426,48 @@ def test_refused_wrapper_leaves_the_base_optimizer_unchanged() -> None:
     opt = FusedSAM(base, rho=0.05)
     assert [g["rho"] for g in opt.param_groups] == [0.05]
     assert [g["adaptive"] for g in opt.param_groups] == [False]
+
+
+# ---------------------------------------------------------------------------------------------
+# A base-optimizer post-hook that raises
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "rmsprop"])
+def test_raising_base_post_hook_leaves_the_step_taken(backend: str, base: str) -> None:
+    """As with torch's own step(), a base step post-hook that raises runs after the step is
+    complete: weights and state are those of the step, on every backend (not weights rolled
+    back to w beside a momentum that counted g2), and the next step goes on from there."""
+    require_backend(backend)
+    ps, ref = odd_params(), odd_params()
+    with torch.no_grad():
+        for r, p in zip(ref, ps):
+            r.copy_(p)
+    make = {
+        "sgd": lambda q: torch.optim.SGD(q, lr=0.1, momentum=0.9),
+        "rmsprop": lambda q: torch.optim.RMSprop(q, lr=0.01),
+    }[base]
+    inner = make(ps)
+    fail = [True]
+
+    def hook(*args) -> None:
+        if fail.pop() if fail else False:
+            raise RuntimeError("post-hook failed")
+
+    inner.register_step_post_hook(hook)
+    opt, ref_opt = FusedSAM(inner, backend=backend), FusedSAM(make(ref), backend=backend)
+    backward(ps, 0)
+    opt.first_step(zero_grad=True)
+    backward(ps, 100)
+    with pytest.raises(RuntimeError, match="post-hook failed"):
+        opt.second_step(zero_grad=True)
+    assert not opt.in_flight
+    _sam_step(ref_opt, ref, 0)
+    _same(ps, ref)
+    _same(state_tensors(opt, ps), state_tensors(ref_opt, ref))
+    opt.zero_grad()
+    for step in (1, 2):
+        _sam_step(opt, ps, step)
+        _sam_step(ref_opt, ref, step)
+    _same(ps, ref)
+    _same(state_tensors(opt, ps), state_tensors(ref_opt, ref))
