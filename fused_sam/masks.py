@@ -627,9 +627,12 @@ class SparseMasks:
         self.steps = 0
         self.last_refresh: int | None = None
         self.packed: dict[Tensor, Tensor] = {}
+        #: a refresh fell on a step whose gradients were not finite (a skipped step, which
+        #: changes no state): it happens at the next step instead.
+        self.pending = False
 
     def due(self) -> bool:
-        if not self.packed:
+        if not self.packed or self.pending:
             return True
         every = self.update_every
         return every is not None and self.steps % every == 0 and self.last_refresh != self.steps
@@ -661,9 +664,19 @@ class SparseMasks:
         self.last_refresh = self.steps
 
     def step(self, all_params: list[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
-        """One SAM step: refresh if due, count the step, return the packed masks of ``params``."""
+        """One SAM step: refresh if due, count the step, return the packed masks of ``params``.
+
+        A refresh due on a step whose first-pass gradients are not finite (the step is then
+        skipped, and a skipped step changes no state) is put off to the next step: SSAM-D
+        would score with the inf/nan gradients. The check reads the device once, on refresh
+        steps only (a refresh reads it anyway).
+        """
         if self.due():
-            self.refresh(all_params)
+            if _all_finite([p.grad for p in params if p.grad is not None]):
+                self.refresh(all_params)
+                self.pending = False
+            else:
+                self.pending = True
         self.steps += 1
         return self.for_params(params)
 
@@ -686,6 +699,7 @@ class SparseMasks:
             "masks": {i: self.packed[p] for i, p in enumerate(params) if p in self.packed},
             "steps": self.steps,
             "last_refresh": self.last_refresh,
+            "pending": self.pending,
             "policy": self.policy.state_dict(),
         }
 
@@ -694,6 +708,7 @@ class SparseMasks:
         self.packed = {}
         self.steps = 0
         self.last_refresh = None
+        self.pending = False
 
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
         self.packed = {}
@@ -707,7 +722,22 @@ class SparseMasks:
             self.packed[p] = m.to(p.device).clone()
         self.steps = int(state["steps"])
         self.last_refresh = state["last_refresh"]
+        self.pending = bool(state.get("pending", False))
         self.policy.load_state_dict(state["policy"])
+
+
+def _all_finite(grads: list[Tensor]) -> bool:
+    """Whether every gradient is finite, on every rank (so that all ranks refresh together)."""
+    import torch.distributed as dist
+
+    if not grads:
+        return True
+    bad = torch.stack([torch.isfinite(g).all().logical_not() for g in grads]).any()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = bad.float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag.item())
+    return not bool(bad)
 
 
 def _broadcast_from_rank0(packed: list[Tensor]) -> None:

@@ -471,3 +471,41 @@ def test_raising_base_post_hook_leaves_the_step_taken(backend: str, base: str) -
         _sam_step(ref_opt, ref, step)
     _same(ps, ref)
     _same(state_tensors(opt, ps), state_tensors(ref_opt, ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# A skipped step changes no sparse-SAM mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipped_step_does_not_rescore_the_dynamic_mask(backend: str) -> None:
+    """A refresh due on a step with a nan first-pass gradient would score SSAM-D with it; the
+    step is skipped, so masks and the policy's state stay as they were and the refresh happens
+    at the next (finite) step."""
+    from fused_sam import DynamicMask
+
+    require_backend(backend)
+    ps = [nn.Parameter(torch.randn(8, 8))]
+    opt = FusedSAM(
+        ps,
+        torch.optim.SGD,
+        lr=0.1,
+        backend=backend,
+        sparsity=0.5,
+        mask=DynamicMask(drop_rate=0.5, seed=0),
+        mask_update_every=1,
+    )
+    _sam_step(opt, ps, 0)
+    masks = {p: m.clone() for p, m in opt.masks.items()}
+    policy = opt.mask_policy.state_dict()
+    backward(ps, 1)
+    ps[0].grad[0, :4] = float("nan")
+    opt.first_step(zero_grad=True)
+    backward(ps, 101)
+    opt.second_step(zero_grad=True)
+    assert bool(opt.last_step_skipped)
+    for p, m in opt.masks.items():
+        assert torch.equal(m, masks[p])
+    assert str(opt.mask_policy.state_dict()) == str(policy)
+    _sam_step(opt, ps, 2)  # finite: the refresh that was put off happens now
+    assert any(not torch.equal(m, masks[p]) for p, m in opt.masks.items())
