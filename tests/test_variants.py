@@ -479,6 +479,26 @@ def test_momentum_sam_unperturbed_and_exact_resume() -> None:
             assert torch.equal(a, b), which
 
 
+def test_momentum_sam_resumes_exactly_from_a_checkpoint_saved_inside_unperturbed() -> None:
+    """Model AND optimizer saved inside ``opt.unperturbed()`` (the documented place): the
+    resumed run continues bit for bit (the optimizer recorded ``perturbed=False`` there, and
+    the resume dropped the next perturbation)."""
+    model = _net()
+    opt = _msam(model, "sgd")
+    _one_pass(model, opt, range(3))
+    with opt.unperturbed():
+        saved_model = copy.deepcopy(model.state_dict())
+        saved_opt = copy.deepcopy(opt.state_dict())
+    _one_pass(model, opt, range(3, STEPS))
+    resumed = _net()
+    resumed.load_state_dict(saved_model)
+    opt2 = _msam(resumed, "sgd")
+    opt2.load_state_dict(saved_opt)
+    _one_pass(resumed, opt2, range(3, STEPS))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_momentum_sam_keeps_weights_written_between_steps(backend: str) -> None:
     """A rollback (``model.load_state_dict``), an in-place write under no_grad or a ``.data =``

@@ -85,7 +85,7 @@ class MomentumSAM(Optimizer):
         self.param_groups, self.state = base.param_groups, base.state
         # The unperturbed weights; mutated in place (never rebound), shared by wrappers.
         self._w: dict[Tensor, Tensor] = {}
-        self._flags = {"perturbed": False}
+        self._flags = {"perturbed": False, "resumes_perturbed": False}
         # Per perturbed parameter, its version counter and storage address right after the
         # perturbation: a parameter whose pair has changed by the next restore was written by
         # the user in between (a rollback, a clamp, a pruning mask), and keeps what was written.
@@ -162,9 +162,13 @@ class MomentumSAM(Optimizer):
         """
         was = self._flags["perturbed"]
         self._restore()
+        # A checkpoint taken in here (the documented place) must say that the run goes on
+        # perturbed, or its resume would drop the perturbation of the next step.
+        self._flags["resumes_perturbed"] = was
         try:
             yield
         finally:
+            self._flags["resumes_perturbed"] = False
             if was:
                 self._perturb()
 
@@ -173,8 +177,9 @@ class MomentumSAM(Optimizer):
         ``"momentum_sam"``), so that a resume is exact whichever weights the model saved."""
         state = super().state_dict()
         params = self._params()
+        flags = self._flags
         state[MSAM_KEY] = {
-            "perturbed": self._flags["perturbed"],
+            "perturbed": flags["perturbed"] or flags["resumes_perturbed"],
             "weights": {i: self._w[p].clone() for i, p in enumerate(params) if p in self._w},
         }
         return state
