@@ -509,3 +509,67 @@ def test_skipped_step_does_not_rescore_the_dynamic_mask(backend: str) -> None:
     assert str(opt.mask_policy.state_dict()) == str(policy)
     _sam_step(opt, ps, 2)  # finite: the refresh that was put off happens now
     assert any(not torch.equal(m, masks[p]) for p, m in opt.masks.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# ASAM where T(w)^2 g overflows float32 but e does not
+
+
+def _asam_cases() -> dict[str, tuple[list[nn.Parameter], list[torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    return {
+        # |w| ~ 1e4, g ~ 1e32: T^2 g ~ 1e40 > float32's max; the second tensor is not dense, so
+        # the cpu and triton backends hand it to foreach.
+        "large g": (
+            [nn.Parameter(randn(50) * 1e4), nn.Parameter((randn(16, 10) * 1e4)[:, ::2])],
+            [randn(50) * 1e32, randn(16, 5) * 1e32],
+        ),
+        # |w| ~ 1e20, g ~ 1: T^2 g ~ 1e40, while e ~ rho |w|.
+        "large w": ([nn.Parameter(randn(7, 5) * 1e20)], [randn(7, 5)]),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["large g", "large w"])
+def test_asam_perturbation_in_range_where_t_squared_g_overflows_float32(
+    backend: str, case: str
+) -> None:
+    """e = rho T(w)^2 g / ||T(w) g|| is finite here: every backend computes it (float64 or in
+    range), not w + e = inf and a silently skipped second pass."""
+    require_backend(backend)
+    moved = {}
+    for name in ("reference", backend):
+        ps, gs = _asam_cases()[case]
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt = FusedSAM(ps, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, backend=name)
+        before = _copy(ps)
+        opt.first_step()
+        moved[name] = [p.detach().double() - b.double() for p, b in zip(ps, before)]
+        assert all(torch.isfinite(p).all() for p in ps)
+        opt.restore()
+        _same(ps, before)
+    for got, want in zip(moved[backend], moved["reference"]):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=0, rtol=1e-6)
+
+
+def test_foreach_device_path_computes_asam_in_range() -> None:
+    """The on-device path of the foreach backend (accelerators), run on CPU tensors."""
+    from fused_sam import reference
+    from fused_sam.backends import foreach
+
+    for case in ("large g", "large w"):
+        ps, gs = _asam_cases()[case]
+        ws = [p.detach().clone() for p in ps]
+        ref = [w.clone() for w in ws]
+        sumsq = foreach.norm_sq_partials(gs, ws, True, 0.0)
+        foreach._add_guarded(ws, gs, sumsq.sum().sqrt(), 0.5, 1e-12, True, 0.0, None)
+        reference.perturb_(ref, gs, [w.clone() for w in ref], sumsq, 0.5, 1e-12, True, 0.0, None)
+        for w, r in zip(ws, ref):
+            assert torch.isfinite(w).all()
+            torch.testing.assert_close(w, r, atol=0, rtol=1e-6)
