@@ -529,6 +529,10 @@ class FusedSAM(Optimizer):
         """
         self._check_not_in_flight("load_state_dict()")
         state_dict = dict(state_dict)
+        # Hooks registered on FusedSAM, as torch's Optimizer.load_state_dict runs them (the
+        # base optimizer's own run inside its load_state_dict below).
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = dict(pre_hook(self, state_dict) or state_dict)
         sparse = state_dict.pop(SPARSE_KEY, None)
         schedule = state_dict.pop(SCHEDULE_KEY, None)
         direction = state_dict.pop(DIRECTION_KEY, None)
@@ -578,6 +582,8 @@ class FusedSAM(Optimizer):
             self.param_groups = base.param_groups
             self.state = base.state
             self._step_state.plan = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         self._check_not_in_flight("pickling or copying")

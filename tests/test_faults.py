@@ -573,3 +573,33 @@ def test_foreach_device_path_computes_asam_in_range() -> None:
         for w, r in zip(ws, ref):
             assert torch.isfinite(w).all()
             torch.testing.assert_close(w, r, atol=0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_state_dict hooks registered on FusedSAM
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_state_dict_hooks_on_fused_sam_run(backend: str) -> None:
+    """register_load_state_dict_pre_hook/post_hook on FusedSAM run as on any torch optimizer:
+    the pre-hook sees (and may replace) the checkpoint, the post-hook runs after it is in."""
+    require_backend(backend)
+    ps = odd_params()
+    opt = _sgd(ps, backend)
+    _sam_step(opt, ps, 0)
+    ckpt = opt.state_dict()
+    calls = []
+
+    def pre(o, sd):
+        calls.append(("pre", o is opt))
+        sd = dict(sd)
+        sd["param_groups"] = [{**g, "lr": 0.25} for g in sd["param_groups"]]
+        return sd
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(
+        lambda o: calls.append(("post", o.param_groups[0]["lr"]))
+    )
+    opt.load_state_dict(ckpt)
+    assert calls == [("pre", True), ("post", 0.25)]
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.25
