@@ -7,11 +7,13 @@ check or protect as arguments, and say what to do in their error messages.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator
+from typing import Any
 
 from torch.optim import Optimizer
 
-__all__ = ["groups_kept_on_error"]
+__all__ = ["check_checkpoint_groups", "groups_kept_on_error"]
 
 
 @contextlib.contextmanager
@@ -33,3 +35,44 @@ def groups_kept_on_error(base: Optimizer) -> Iterator[None]:
             group.update(before)
         base.param_groups[:] = groups
         raise
+
+
+def check_checkpoint_groups(base: Optimizer, state_dict: dict[str, Any]) -> None:
+    """Refuse, before anything is loaded, a checkpoint whose param groups cannot drive ``base``.
+
+    A checkpoint of another optimizer type (a plain ``torch.optim.SGD`` one into Adam) lacks
+    hyperparameters that ``base`` reads at every step (``betas``, ``eps``); torch would load
+    its groups and fail half-way, or at the next step. The groups alone (no state tensors, so
+    nothing is copied) are loaded into a scratch twin of ``base``, whose ``__setstate__`` fills
+    the keys a newer torch added (as it does for an old checkpoint of the right type); every
+    key of ``base.defaults`` must then be there.
+
+    Raises:
+        ValueError: a group lacks a hyperparameter of ``base`` (or torch refuses the groups:
+            another number of groups or of parameters).
+    """
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list):
+        raise ValueError("the checkpoint has no 'param_groups' list: it is not an optimizer's")
+    twin = object.__new__(type(base))
+    twin.__dict__.update(base.__dict__)
+    # The user's load hooks belong to the real load; the twin runs none.
+    twin._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    twin._optimizer_load_state_dict_post_hooks = OrderedDict()
+    name = type(base).__name__
+    try:
+        twin.load_state_dict({"state": {}, "param_groups": groups})
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            f"the checkpoint's param groups cannot drive {name} ({type(err).__name__}: {err}): "
+            f"it is a checkpoint of another optimizer; load it into a FusedSAM built on the "
+            "optimizer it was saved from"
+        ) from err
+    for i, group in enumerate(twin.param_groups):
+        missing = sorted(k for k in base.defaults if k not in group)
+        if missing:
+            raise ValueError(
+                f"checkpoint param group {i} has no {missing}, which {name} needs: it is a "
+                f"checkpoint of another optimizer (e.g. a plain SGD's loaded into Adam); load "
+                "it into a FusedSAM built on the optimizer it was saved from"
+            )

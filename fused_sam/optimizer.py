@@ -22,7 +22,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
-from fused_sam.guards import groups_kept_on_error
+from fused_sam.guards import check_checkpoint_groups, groups_kept_on_error
 from fused_sam.masks import (
     DynamicMask,
     FisherMask,
@@ -548,10 +548,11 @@ class FusedSAM(Optimizer):
                 "build it with the sparsity and mask it was saved with"
             )
         base = self.base_optimizer
+        check_checkpoint_groups(base, state_dict)
         before = base.param_groups, base.state
         random_before = None if self._random is None else self._random.state_dict()
-        base.load_state_dict(state_dict)
         try:
+            base.load_state_dict(state_dict)
             for group in base.param_groups:
                 for key in _SAM_KEYS:
                     group.setdefault(key, self.defaults[key])

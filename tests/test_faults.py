@@ -603,3 +603,44 @@ def test_load_state_dict_hooks_on_fused_sam_run(backend: str) -> None:
     opt.load_state_dict(ckpt)
     assert calls == [("pre", True), ("post", 0.25)]
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint of another optimizer type
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pair", [("sgd", "adam"), ("adam", "sgd")])
+def test_checkpoint_of_another_optimizer_type_is_refused_up_front(
+    backend: str, pair: tuple[str, str]
+) -> None:
+    """A plain torch SGD state_dict into FusedSAM(Adam) (and the reverse): a clear ValueError,
+    and the optimizer unchanged and still linked to its base, stepping as before."""
+    require_backend(backend)
+    saved_kind, kind = pair
+    make = {
+        "sgd": lambda q: torch.optim.SGD(q, lr=0.1, momentum=0.9),
+        "adam": lambda q: torch.optim.Adam(q, lr=0.01),
+    }
+    other = odd_params()
+    plain = make[saved_kind](other)
+    backward(other, 0)
+    plain.step()
+    ps, ref = odd_params(), odd_params()
+    with torch.no_grad():
+        for r, p in zip(ref, ps):
+            r.copy_(p)
+    opt = FusedSAM(make[kind](ps), backend=backend)
+    ref_opt = FusedSAM(make[kind](ref), backend=backend)
+    _sam_step(opt, ps, 0)
+    _sam_step(ref_opt, ref, 0)
+    groups = opt.param_groups
+    with pytest.raises(ValueError, match="another optimizer"):
+        opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups is groups is opt.base_optimizer.param_groups
+    assert opt.state is opt.base_optimizer.state
+    for step in (1, 2):
+        _sam_step(opt, ps, step)
+        _sam_step(ref_opt, ref, step)
+    _same(ps, ref)
+    _same(state_tensors(opt, ps), state_tensors(ref_opt, ref))
