@@ -1575,12 +1575,17 @@ def _check_closure_cleared(before: list[tuple[Tensor, int]]) -> None:
     ``before`` holds the gradients (and their version counters) that existed before the call.
     A closure following torch's convention zeroes them first: it either replaces them
     (``set_to_none``, new tensors) or zeroes them in place and then accumulates (two writes).
-    A gradient that is the same tensor written exactly once was accumulated onto, as in a
-    trainer that runs backward on earlier micro-batches and then calls ``step(closure)`` for the
-    last one: the first pass would see every micro-batch, the second only the closure's.
+    A gradient that is the same tensor written exactly once and not all zeros was accumulated
+    onto, as in a trainer that runs backward on earlier micro-batches and then calls
+    ``step(closure)`` for the last one: the first pass would see every micro-batch, the second
+    only the closure's. (Written once and all zeros: zeroed, and not reached by the pass.)
     """
+    # One write is either backward adding onto a gradient left from before (accumulation) or
+    # zero_grad(set_to_none=False) zeroing the gradient of a parameter this pass did not reach
+    # (LayerDrop, stochastic depth, MoE routing): the first leaves it nonzero, the second all
+    # zeros. Only gradients written once are read (one device read each).
     for g, version in before:
-        if g._version == version + 1:
+        if g._version == version + 1 and bool(g.any()):
             raise RuntimeError(
                 "step(closure): the closure added its gradients to gradients that were there "
                 "before it ran (gradient accumulation, e.g. Lightning's "
