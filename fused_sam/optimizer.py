@@ -413,8 +413,9 @@ class FusedSAM(Optimizer):
             self._set_shards()
             self._reset_transient()
 
-            # A forced backend that cannot run must fail now, with its reason, not mid-training.
-            for device in self._devices():
+            # A forced backend that cannot run must fail now, with its reason, not mid-training
+            # (meta parameters of a deferred initialisation are checked at their first step).
+            for device in self._devices() - {torch.device("meta")}:
                 F.resolve_backend(backend, device)
 
     # -------------------------------------------------------------------------------------
@@ -487,7 +488,7 @@ class FusedSAM(Optimizer):
         new = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
         _check_distinct([distributed.local(p) for p in self._all_params() + new])
         _check_sparse_shards(self._sparse, distributed.shard_group(self._all_params() + new))
-        for device in {p.device for p in new}:
+        for device in {p.device for p in new} - {torch.device("meta")}:
             F.resolve_backend(self.backend, device)
         group["params"] = new
         self.base_optimizer.add_param_group(group)
@@ -1519,7 +1520,7 @@ def _check_distinct(params: list[Tensor]) -> None:
     # views whose extents overlap but whose elements do not are rejected too.)
     spans: dict[tuple[torch.device, int], list[tuple[int, int, int]]] = {}
     for i, p in enumerate(params):
-        if p.numel() == 0:
+        if p.numel() == 0 or p.is_meta:  # meta tensors have no memory (every address is 0)
             continue
         size = p.element_size()
         start = p.storage_offset() * size

@@ -746,3 +746,44 @@ def test_model_cast_after_state_exists_keeps_training(
         assert_close(a, b)
     assert all(t.dtype == torch.float32 for t in got_state)
     assert all(p.dtype == dtype for p in got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters on the meta device (deferred initialisation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_parameters_are_accepted_and_train_once_materialised(backend: str) -> None:
+    """Deferred initialisation builds the optimizer on a meta model (every meta tensor reports
+    address 0: not shared memory); after ``to_empty`` and an init the steps equal those of an
+    optimizer built on the materialised model."""
+    require_backend(backend)
+
+    def make(device: str) -> nn.Module:
+        with torch.device(device):
+            return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    meta = make("meta")
+    opt = _sgd(meta.parameters(), backend)
+    opt.add_param_group({"params": [nn.Parameter(torch.empty(3, device="meta"))]})
+    # Materialised in place (the same Parameter objects, which the optimizer holds).
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        meta.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert all(p.device.type == "cpu" for p in opt.param_groups[0]["params"])
+    twin = make("cpu")
+    with torch.no_grad():
+        for m, t in zip(meta.parameters(), twin.parameters()):
+            m.copy_(t)
+    twin_opt = _sgd(twin.parameters(), backend)
+    x = torch.randn(6, 3)
+    for model, o in ((meta, opt), (twin, twin_opt)):
+        for _ in range(3):
+            model(x).square().mean().backward()
+            o.first_step(zero_grad=True)
+            model(x).square().mean().backward()
+            o.second_step(zero_grad=True)
+    _same(list(meta.parameters()), list(twin.parameters()))
