@@ -13,7 +13,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-__all__ = ["check_checkpoint_groups", "groups_kept_on_error"]
+__all__ = ["check_checkpoint_groups", "groups_kept_on_error", "note_partial_base_step"]
 
 
 @contextlib.contextmanager
@@ -76,3 +76,19 @@ def check_checkpoint_groups(base: Optimizer, state_dict: dict[str, Any]) -> None
                 f"checkpoint of another optimizer (e.g. a plain SGD's loaded into Adam); load "
                 "it into a FusedSAM built on the optimizer it was saved from"
             )
+
+
+#: The note on an error raised by the base update of a SAM step (see the README, Guarantees).
+PARTIAL_BASE_STEP = (
+    "FusedSAM: the base update of this SAM step ({name}) raised. The weights are restored "
+    "exactly to w, as before the step; {name}'s state (momentum, moments, step counts) keeps "
+    "whatever its step() wrote before it raised, as torch's optimizers leave it (they do not "
+    "roll back). To resume exactly, load the last checkpoint of model and optimizer."
+)
+
+
+def note_partial_base_step(err: BaseException, name: str) -> None:
+    """Say on ``err`` (Python 3.11+ exception notes) what a failed base update leaves behind."""
+    add_note = getattr(err, "add_note", None)
+    if add_note is not None:
+        add_note(PARTIAL_BASE_STEP.format(name=name))

@@ -22,7 +22,11 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
-from fused_sam.guards import check_checkpoint_groups, groups_kept_on_error
+from fused_sam.guards import (
+    check_checkpoint_groups,
+    groups_kept_on_error,
+    note_partial_base_step,
+)
 from fused_sam.masks import (
     DynamicMask,
     FisherMask,
@@ -1119,7 +1123,12 @@ class FusedSAM(Optimizer):
                     "a step pre-hook on the base optimizer returned new arguments; FusedSAM "
                     "calls the base step itself and cannot pass them on"
                 )
-        body()
+        try:
+            body()
+        except BaseException as err:
+            if self.in_flight:  # _finish restores w; the base's state keeps what it wrote
+                note_partial_base_step(err, type(base).__name__)
+            raise
         base._opt_called = True  # what an LR scheduler's step() wrapper records
         self._progress["post_hooks_due"] = True
 

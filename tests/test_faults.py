@@ -787,3 +787,44 @@ def test_meta_parameters_are_accepted_and_train_once_materialised(backend: str) 
             model(x).square().mean().backward()
             o.second_step(zero_grad=True)
     _same(list(meta.parameters()), list(twin.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trap: the base optimizer's step() fails half-way
+
+
+class _FailsHalfWay(torch.optim.SGD):
+    """SGD whose step() updates its first group, then raises (a bad second group)."""
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = groups[:1]
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        raise RuntimeError("second group is broken")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_base_step_failing_half_way_restores_w_and_says_the_state_kept_it(backend: str) -> None:
+    """Decision: the weights go back exactly to w (the README's guarantee); the base optimizer's
+    state keeps what its step() wrote before raising, as torch leaves it (a rollback would copy
+    the whole state every step), and the error says so in a note."""
+    require_backend(backend)
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
+    base = _FailsHalfWay([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9)
+    opt = FusedSAM(base, backend=backend)
+    ps = [a, b]
+    backward(ps, 0)
+    w = _copy(ps)
+    opt.first_step(zero_grad=True)
+    backward(ps, 100)
+    g2 = [p.grad.clone() for p in ps]
+    with pytest.raises(RuntimeError, match="second group is broken") as info:
+        opt.second_step()
+    assert not opt.in_flight
+    _same(ps, w)
+    assert torch.equal(opt.state[a]["momentum_buffer"], g2[0])  # a's part of the step: kept
+    assert "momentum_buffer" not in opt.state[b]
+    assert any("restored exactly to w" in n for n in getattr(info.value, "__notes__", []))
