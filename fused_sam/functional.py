@@ -595,8 +595,8 @@ def _state_dtypes_apart(
     cols = [c for c in states if c]
     if not cols:
         return buckets
-    dtypes = list(map(_DTYPE, params))
-    if all(list(map(_DTYPE, c)) == dtypes for c in cols):
+    dtypes = _dtypes(params)
+    if all(_dtypes(c) == dtypes for c in cols):
         return buckets
     out: Buckets = []
     for chosen, idx in buckets:
@@ -608,6 +608,13 @@ def _state_dtypes_apart(
         moved = [i for i in idx if i in apart]
         out += [(name, part) for name, part in ((chosen, kept), ("foreach", moved)) if part]
     return out
+
+
+def _dtypes(tensors: Sequence[Tensor]) -> list[torch.dtype]:
+    """The dtype of each tensor (one C-level pass eager; plain Python, which Dynamo traces)."""
+    if torch.compiler.is_compiling():
+        return [t.dtype for t in tensors]
+    return list(map(_DTYPE, tensors))
 
 
 def _hyper(mod: ModuleType, value: float | Tensor) -> float | Tensor:
