@@ -7,13 +7,21 @@ check or protect as arguments, and say what to do in their error messages.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["check_checkpoint_groups", "groups_kept_on_error", "note_partial_base_step"]
+__all__ = [
+    "check_checkpoint_groups",
+    "claim_parameters",
+    "groups_kept_on_error",
+    "note_partial_base_step",
+]
 
 
 @contextlib.contextmanager
@@ -92,3 +100,35 @@ def note_partial_base_step(err: BaseException, name: str) -> None:
     add_note = getattr(err, "add_note", None)
     if add_note is not None:
         add_note(PARTIAL_BASE_STEP.format(name=name))
+
+
+#: The step-state objects of every optimizer that has started a SAM step (weakly: a dropped
+#: optimizer leaves), by ``id``; each has a ``perturbed`` list, ``None`` when nothing is in flight.
+_STEPS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def claim_parameters(step_state: Any, params: list[Tensor]) -> None:
+    """Refuse to perturb a parameter another optimizer's SAM step holds at ``w + e``.
+
+    Its backup would be that optimizer's ``w + e``: whichever step finishes last would
+    restore the other's perturbed weights and the two runs drift apart silently. The check
+    costs nothing while one optimizer steps at a time (the others hold nothing in flight).
+
+    Raises:
+        RuntimeError: one of ``params`` is perturbed by another optimizer's step in flight.
+    """
+    if torch.compiler.is_compiling():
+        return  # a traced step reads no Python registry (it would be a constant of the graph)
+    for other in list(_STEPS.values()):
+        if other is step_state or not other.perturbed:
+            continue
+        held = set(map(id, other.perturbed))
+        if any(id(p) in held for p in params):
+            raise RuntimeError(
+                "first_step(): a parameter is already perturbed by another FusedSAM whose SAM "
+                "step is in flight (two optimizers over the same parameters, their steps "
+                "interleaved); each would restore the other's perturbed weights. Finish that "
+                "step (second_step()/step()) or abandon it (restore()) first, or give each "
+                "optimizer its own parameters"
+            )
+    _STEPS[id(step_state)] = step_state

@@ -24,6 +24,7 @@ from fused_sam import functional as F
 from fused_sam.backends import native
 from fused_sam.guards import (
     check_checkpoint_groups,
+    claim_parameters,
     groups_kept_on_error,
     note_partial_base_step,
 )
@@ -704,6 +705,7 @@ class FusedSAM(Optimizer):
                 adaptive += [bool(group["adaptive"])] * n
             eta += [float(group["eta"])] * n
         st = self._step_state
+        claim_parameters(st, params)  # not perturbed by another optimizer's step in flight
         st.first_scale, st.first_scale_told = None, grad_scale is not None
         hooks = self.schedule is not None or self.direction is not None
         scale = st.loss_scale if grad_scale is None else grad_scale

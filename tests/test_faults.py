@@ -828,3 +828,42 @@ def test_base_step_failing_half_way_restores_w_and_says_the_state_kept_it(backen
     assert torch.equal(opt.state[a]["momentum_buffer"], g2[0])  # a's part of the step: kept
     assert "momentum_buffer" not in opt.state[b]
     assert any("restored exactly to w" in n for n in getattr(info.value, "__notes__", []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trap: two optimizers over the same parameters
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_optimizers_cannot_interleave_steps_over_the_same_parameters(backend: str) -> None:
+    """Decision: two FusedSAM over the same parameters may take turns (each step finished
+    before the other begins: at lr = 0 the weights never move), but a first_step over a
+    parameter another optimizer holds at w + e raises, leaving everything as it was (the
+    second backup would be the first's w + e: at lr = 0 the weights drifted by e per step)."""
+    require_backend(backend)
+    ps = odd_params()
+    w = _copy(ps)
+    one, two = _sgd(ps, backend, lr=0.0), _sgd(ps, backend, lr=0.0)
+    for step in range(2):
+        _sam_step(one, ps, step)
+        _sam_step(two, ps, step)
+    _same(ps, w)
+    backward(ps, 5)
+    one.first_step()
+    perturbed = _copy(ps)
+    with pytest.raises(RuntimeError, match="another FusedSAM"):
+        two.first_step()
+    assert not two.in_flight
+    _same(ps, perturbed)
+    one.second_step(zero_grad=True)
+    _same(ps, w)
+    _sam_step(two, ps, 6)  # free again once the first has finished
+    one_more = _sgd(ps[:2], backend, lr=0.0)  # other parameters of the same set: refused too
+    backward(ps, 7)
+    two.first_step()
+    with pytest.raises(RuntimeError, match="another FusedSAM"):
+        one_more.first_step()
+    two.restore()
+    one_more.first_step()
+    one_more.restore()
+    _same(ps, w)
