@@ -7,6 +7,7 @@ check or protect as arguments, and say what to do in their error messages.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
+    "as_real",
     "check_checkpoint_groups",
     "claim_parameters",
     "groups_kept_on_error",
@@ -132,3 +134,23 @@ def claim_parameters(step_state: Any, params: list[Tensor]) -> None:
                 "optimizer its own parameters"
             )
     _STEPS[id(step_state)] = step_state
+
+
+def as_real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number of any type torch's optimizers take for a
+    hyperparameter, else ``None``.
+
+    Every :class:`numbers.Real` (Python and numpy scalars: ``np.float32``, ``np.int64``, ...)
+    and a 0-d numpy-like array of a real dtype count; ``bool`` (also numpy's) does not, nor a
+    complex or a multi-element array.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Tensor):
+        return None
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if getattr(value, "ndim", None) == 0 and kind in ("f", "i", "u"):
+        return float(value)
+    return None

@@ -23,6 +23,7 @@ from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
 from fused_sam.guards import (
+    as_real,
     check_checkpoint_groups,
     claim_parameters,
     groups_kept_on_error,
@@ -121,9 +122,10 @@ RANDOM_MASK_KEY = "sam_random_mask"
 
 
 def _check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    real = as_real(value)  # any real type torch's optimizers take (numpy scalars included)
+    if real is None:
         raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    value = real
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value!r}")

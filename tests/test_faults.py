@@ -867,3 +867,45 @@ def test_two_optimizers_cannot_interleave_steps_over_the_same_parameters(backend
     one_more.first_step()
     one_more.restore()
     _same(ps, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trap: hyperparameters of numpy types
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_real_hyperparameters_are_accepted_as_their_value(backend: str) -> None:
+    """Decision: rho/eta/norm_eps of every real type torch's optimizers take (np.float32,
+    np.int64, a 0-d array, as np.float64 already was) act as the float of their value, at
+    construction and in a group changed later; bools, complex and arrays of several elements
+    are still refused."""
+    np = pytest.importorskip("numpy")
+    require_backend(backend)
+    cases = [
+        {"rho": np.float32(0.25), "eta": np.float32(0.5)},
+        {"rho": np.array(0.25), "eta": np.array(0.5)},
+        {"rho": np.float64(0.25), "eta": np.int64(1)},
+    ]
+    want_ps = odd_params()
+    runs = []
+    for kw in [{"rho": 0.25, "eta": float(kw["eta"])} for kw in cases[:1]] + cases:
+        ps = [nn.Parameter(p.detach().clone()) for p in want_ps]
+        opt = FusedSAM(
+            ps, torch.optim.SGD, adaptive=True, lr=0.1, norm_eps=np.float32(1e-12),
+            backend=backend, **kw,
+        )  # fmt: skip
+        _sam_step(opt, ps, 0)
+        opt.param_groups[0]["rho"] = kw["rho"] * 2  # a numpy value set by a schedule
+        _sam_step(opt, ps, 1)
+        runs.append(_copy(ps))
+    for run in runs[1:3]:
+        _same(run, runs[0])
+    zero = FusedSAM(odd_params(), torch.optim.SGD, lr=0.1, rho=np.int64(0), backend=backend)
+    assert zero.param_groups[0]["rho"] == 0
+    from fused_sam import MomentumSAM
+
+    msam = MomentumSAM(odd_params(), torch.optim.SGD, rho=np.float32(3), lr=0.1, momentum=0.9)
+    assert msam.rho == 3.0 and type(msam.rho) is float
+    for bad in (np.bool_(True), np.array([0.1, 0.2]), np.complex64(1), "0.1", True):
+        with pytest.raises(ValueError, match="rho"):
+            FusedSAM(odd_params(), torch.optim.SGD, lr=0.1, rho=bad, backend=backend)

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from fused_sam import functional as F
+from fused_sam.guards import as_real
 from fused_sam.variants._state import load_per_param
 
 __all__ = ["MomentumSAM"]
@@ -75,9 +76,10 @@ class MomentumSAM(Optimizer):
             )
         if isinstance(base, SGD) and any(g["momentum"] == 0 for g in base.param_groups):
             raise ValueError("MomentumSAM needs SGD with momentum > 0 (it perturbs along it)")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+        real = as_real(rho)  # any real type torch's optimizers take (numpy scalars included)
+        if real is None or not real >= 0:
             raise ValueError(f"rho must be a number >= 0, got {rho!r}")
-        self.base_optimizer, self.rho, self._moment = base, float(rho), key
+        self.base_optimizer, self.rho, self._moment = base, real, key
         self.backend = backend
         for device in {p.device for g in base.param_groups for p in g["params"]}:
             F.resolve_backend(backend, device)  # a named backend that cannot run fails now
