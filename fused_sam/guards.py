@@ -23,6 +23,8 @@ __all__ = [
     "claim_parameters",
     "groups_kept_on_error",
     "note_partial_base_step",
+    "record_filled_keys",
+    "take_back_filled_keys",
 ]
 
 
@@ -154,3 +156,36 @@ def as_real(value: Any) -> float | None:
     if getattr(value, "ndim", None) == 0 and kind in ("f", "i", "u"):
         return float(value)
     return None
+
+
+#: Per base optimizer (weakly), the group-dict keys a FusedSAM filled from its own defaults:
+#: ``{id(group): (group, keys)}``.
+_FILLED: weakref.WeakKeyDictionary[Optimizer, dict[int, tuple[dict[str, Any], frozenset[str]]]]
+_FILLED = weakref.WeakKeyDictionary()
+
+
+def take_back_filled_keys(base: Optimizer, keys: tuple[str, ...]) -> list[frozenset[str]]:
+    """Before a wrapper fills its defaults into ``base``'s groups: remove the values an earlier
+    wrapper filled from ITS defaults (they are not the group's own, so the new wrapper's
+    ``rho=`` applies, as a constructor's defaults apply to every group that sets none), and
+    say which of ``keys`` each group lacks now (those the new wrapper fills).
+
+    A value the user put in a group (``SGD([{"params": ..., "rho": 0.1}])``) is kept.
+    """
+    earlier = _FILLED.get(base, {})
+    missing = []
+    for group in base.param_groups:
+        entry = earlier.get(id(group))
+        if entry is not None and entry[0] is group:
+            for key in entry[1]:
+                group.pop(key, None)
+        missing.append(frozenset(k for k in keys if k not in group))
+    return missing
+
+
+def record_filled_keys(base: Optimizer, groups: list[dict[str, Any]], filled: list) -> None:
+    """Remember which keys of each of ``groups`` (``base``'s) a wrapper filled from defaults."""
+    record = _FILLED.setdefault(base, {})
+    for group, keys in zip(groups, filled):
+        if keys:
+            record[id(group)] = (group, frozenset(keys))

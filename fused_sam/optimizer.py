@@ -28,6 +28,8 @@ from fused_sam.guards import (
     claim_parameters,
     groups_kept_on_error,
     note_partial_base_step,
+    record_filled_keys,
+    take_back_filled_keys,
 )
 from fused_sam.masks import (
     DynamicMask,
@@ -406,6 +408,8 @@ class FusedSAM(Optimizer):
         # A wrapper that is refused must leave a given base optimizer as it was: the group
         # dicts written below are put back if anything raises.
         with groups_kept_on_error(base):
+            # The SAM keys this wrapper fills (an earlier wrapper's defaults give way to ours).
+            filled = take_back_filled_keys(base, _SAM_KEYS)
             # Optimizer.__init__ walks the groups through add_param_group, which (while
             # initialising) fills the SAM keys into the base optimizer's own group dicts.
             self._initializing = True
@@ -424,6 +428,7 @@ class FusedSAM(Optimizer):
             # (meta parameters of a deferred initialisation are checked at their first step).
             for device in self._devices() - {torch.device("meta")}:
                 F.resolve_backend(backend, device)
+            record_filled_keys(base, base.param_groups, filled)
 
     # -------------------------------------------------------------------------------------
     # torch.optim.Optimizer plumbing
@@ -499,6 +504,7 @@ class FusedSAM(Optimizer):
             F.resolve_backend(self.backend, device)
         group["params"] = new
         self.base_optimizer.add_param_group(group)
+        record_filled_keys(self.base_optimizer, [group], [set(_SAM_KEYS) - set(param_group)])
         self._set_shards()
 
     def state_dict(self) -> dict[str, Any]:

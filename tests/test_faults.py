@@ -909,3 +909,41 @@ def test_numpy_real_hyperparameters_are_accepted_as_their_value(backend: str) ->
     for bad in (np.bool_(True), np.array([0.1, 0.2]), np.complex64(1), "0.1", True):
         with pytest.raises(ValueError, match="rho"):
             FusedSAM(odd_params(), torch.optim.SGD, lr=0.1, rho=bad, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trap: wrapping the same base optimizer again
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrapping_a_base_optimizer_again_applies_the_new_wrappers_values(backend: str) -> None:
+    """Decision: FusedSAM(base, rho=r) applies r to every group that does not set its own, as
+    a constructor's defaults do; values an earlier wrapper filled in from its defaults are not
+    the group's own and give way, values the user put in a group stay. (The wrappers share
+    the groups: the latest one's values hold for both.) A refused wrap changes nothing."""
+    require_backend(backend)
+    a, b, c = (nn.Parameter(torch.randn(n)) for n in (3, 4, 5))
+    base = torch.optim.SGD([{"params": [a]}, {"params": [b], "rho": 0.2}], lr=0.1)
+    first = FusedSAM(base, rho=0.5, adaptive=True, eta=0.1, backend=backend)
+    first.add_param_group({"params": [c]})
+    assert [g["rho"] for g in base.param_groups] == [0.5, 0.2, 0.5]
+    with pytest.raises(ValueError, match="eta"):
+        FusedSAM(base, rho=0.05, eta=-1.0, backend=backend)
+    assert [g["rho"] for g in base.param_groups] == [0.5, 0.2, 0.5]
+    second = FusedSAM(base, rho=0.05, backend=backend)
+    assert [g["rho"] for g in second.param_groups] == [0.05, 0.2, 0.05]
+    assert [g["adaptive"] for g in second.param_groups] == [False, False, False]
+    assert [g["eta"] for g in second.param_groups] == [0.0, 0.0, 0.0]
+    # What the second trains with: the same as a wrapper built on a fresh base.
+    ps = [a, b, c]
+    fresh_ps = [nn.Parameter(p.detach().clone()) for p in ps]
+    fresh = FusedSAM(
+        torch.optim.SGD([{"params": fresh_ps[:1]}, {"params": fresh_ps[1:2], "rho": 0.2}], lr=0.1),
+        rho=0.05,
+        backend=backend,
+    )
+    fresh.add_param_group({"params": fresh_ps[2:]})
+    for step in range(2):
+        _sam_step(second, ps, step)
+        _sam_step(fresh, fresh_ps, step)
+    _same(ps, fresh_ps)
