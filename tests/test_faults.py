@@ -947,3 +947,43 @@ def test_wrapping_a_base_optimizer_again_applies_the_new_wrappers_values(backend
         _sam_step(second, ps, step)
         _sam_step(fresh, fresh_ps, step)
     _same(ps, fresh_ps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trap: the random mask's draws on skipped steps
+
+
+def _random_mask_pattern(backend: str, nan_at: int | None) -> tuple[torch.Tensor, int]:
+    """Which entries step 2 perturbs, and the draw count then, with a nan at step ``nan_at``."""
+    from fused_sam import RandomMask
+
+    ps = odd_params()
+    opt = FusedSAM(ps, torch.optim.SGD, lr=0.1, backend=backend, mask=RandomMask(0.5, seed=3))
+    for step in range(2):
+        backward(ps, step)
+        if step == nan_at:
+            ps[2].grad[7] = float("nan")
+        opt.first_step(zero_grad=True)
+        backward(ps, step + 100)
+        opt.second_step(zero_grad=True)
+        assert bool(opt.last_step_skipped) == (step == nan_at)
+    draws = opt.state_dict()["sam_random_mask"]["draws"]
+    backward(ps, 2)
+    before = _copy(ps)
+    opt.first_step()
+    moved = torch.cat([(p.detach() != b).reshape(-1) for p, b in zip(ps, before)])
+    opt.restore()
+    return moved, draws
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_mask_draw_count_advances_on_skipped_steps(backend: str) -> None:
+    """Decision: a skipped step still counts a draw, as it counts for a step schedule and an LR
+    scheduler, and as torch's own generator advances for the dropout of a skipped step: the
+    mask of step k is draw k whatever steps were skipped, known on the host with no device
+    sync (the skip flag stays on the device), and a resume stays exact (the count is saved)."""
+    require_backend(backend)
+    skipped, draws_skipped = _random_mask_pattern(backend, nan_at=1)
+    finite, draws_finite = _random_mask_pattern(backend, nan_at=None)
+    assert draws_skipped == draws_finite == 2
+    assert torch.equal(skipped, finite)
