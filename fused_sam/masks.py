@@ -671,7 +671,7 @@ class SparseMasks:
         would score with the inf/nan gradients. The check reads the device once, on refresh
         steps only (a refresh reads it anyway).
         """
-        if self.due():
+        if self.due() or not self._covers_all(all_params):
             if _all_finite([p.grad for p in params if p.grad is not None]):
                 self.refresh(all_params)
                 self.pending = False
@@ -680,12 +680,20 @@ class SparseMasks:
         self.steps += 1
         return self.for_params(params)
 
+    def _covers_all(self, all_params: list[Tensor]) -> bool:
+        """Whether every parameter of the optimizer has a mask: one added since the last
+        refresh (``add_param_group``, e.g. layers unfrozen while fine-tuning) makes a refresh
+        due, as the first mask is, instead of leaving it unperturbed with no word. (The count
+        settles the common case; a mask is never dropped, so equal counts mean covered.)"""
+        return len(self.packed) >= len(all_params) or self._covers(all_params)
+
     def _covers(self, params: list[Tensor]) -> bool:
         return bool(self.packed) and all(p in self.packed for p in params)
 
     def for_params(self, params: Sequence[Tensor]) -> list[Tensor]:
-        """Packed masks of ``params``; a parameter added after the last refresh gets an
-        all-zero mask (not perturbed) until the next one."""
+        """Packed masks of ``params``; a parameter without one (added after the last refresh,
+        when the refresh due for it was put off by a non-finite step) gets an all-zero mask
+        (not perturbed) until the next one."""
         out = []
         for p in params:
             m = self.packed.get(p)
