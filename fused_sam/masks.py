@@ -627,9 +627,12 @@ class SparseMasks:
         self.steps = 0
         self.last_refresh: int | None = None
         self.packed: dict[Tensor, Tensor] = {}
+        #: a refresh fell on a step whose gradients were not finite (a skipped step, which
+        #: changes no state): it happens at the next step instead.
+        self.pending = False
 
     def due(self) -> bool:
-        if not self.packed:
+        if not self.packed or self.pending:
             return True
         every = self.update_every
         return every is not None and self.steps % every == 0 and self.last_refresh != self.steps
@@ -661,18 +664,36 @@ class SparseMasks:
         self.last_refresh = self.steps
 
     def step(self, all_params: list[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
-        """One SAM step: refresh if due, count the step, return the packed masks of ``params``."""
-        if self.due():
-            self.refresh(all_params)
+        """One SAM step: refresh if due, count the step, return the packed masks of ``params``.
+
+        A refresh due on a step whose first-pass gradients are not finite (the step is then
+        skipped, and a skipped step changes no state) is put off to the next step: SSAM-D
+        would score with the inf/nan gradients. The check reads the device once, on refresh
+        steps only (a refresh reads it anyway).
+        """
+        if self.due() or not self._covers_all(all_params):
+            if _all_finite([p.grad for p in params if p.grad is not None]):
+                self.refresh(all_params)
+                self.pending = False
+            else:
+                self.pending = True
         self.steps += 1
         return self.for_params(params)
+
+    def _covers_all(self, all_params: list[Tensor]) -> bool:
+        """Whether every parameter of the optimizer has a mask: one added since the last
+        refresh (``add_param_group``, e.g. layers unfrozen while fine-tuning) makes a refresh
+        due, as the first mask is, instead of leaving it unperturbed with no word. (The count
+        settles the common case; a mask is never dropped, so equal counts mean covered.)"""
+        return len(self.packed) >= len(all_params) or self._covers(all_params)
 
     def _covers(self, params: list[Tensor]) -> bool:
         return bool(self.packed) and all(p in self.packed for p in params)
 
     def for_params(self, params: Sequence[Tensor]) -> list[Tensor]:
-        """Packed masks of ``params``; a parameter added after the last refresh gets an
-        all-zero mask (not perturbed) until the next one."""
+        """Packed masks of ``params``; a parameter without one (added after the last refresh,
+        when the refresh due for it was put off by a non-finite step) gets an all-zero mask
+        (not perturbed) until the next one."""
         out = []
         for p in params:
             m = self.packed.get(p)
@@ -686,6 +707,7 @@ class SparseMasks:
             "masks": {i: self.packed[p] for i, p in enumerate(params) if p in self.packed},
             "steps": self.steps,
             "last_refresh": self.last_refresh,
+            "pending": self.pending,
             "policy": self.policy.state_dict(),
         }
 
@@ -694,6 +716,7 @@ class SparseMasks:
         self.packed = {}
         self.steps = 0
         self.last_refresh = None
+        self.pending = False
 
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
         self.packed = {}
@@ -707,7 +730,22 @@ class SparseMasks:
             self.packed[p] = m.to(p.device).clone()
         self.steps = int(state["steps"])
         self.last_refresh = state["last_refresh"]
+        self.pending = bool(state.get("pending", False))
         self.policy.load_state_dict(state["policy"])
+
+
+def _all_finite(grads: list[Tensor]) -> bool:
+    """Whether every gradient is finite, on every rank (so that all ranks refresh together)."""
+    import torch.distributed as dist
+
+    if not grads:
+        return True
+    bad = torch.stack([torch.isfinite(g).all().logical_not() for g in grads]).any()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = bad.float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag.item())
+    return not bool(bad)
 
 
 def _broadcast_from_rank0(packed: list[Tensor]) -> None:

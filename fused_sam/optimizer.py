@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.masks import MaskPolicy
-from fused_sam.step import amp, checkpoint, engine, plan
+from fused_sam.step import amp, base_steps, checkpoint, engine, guards, plan
 from fused_sam.step import validation as V
 from fused_sam.step.policies import Policies
 from fused_sam.step.state import StepState
@@ -169,23 +169,29 @@ class FusedSAM(Optimizer):
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         V.validate_group({**sam_defaults})
         V.check_distinct([distributed.local(p) for g in base.param_groups for p in g["params"]])
-        # Optimizer.__init__ walks the groups through add_param_group, which (while
-        # initialising) fills the SAM keys into the base optimizer's own group dicts.
-        self._initializing = True
-        super().__init__(base.param_groups, sam_defaults)
-        self._initializing = False
-        # One source of truth: the base optimizer's groups and state.
-        self.param_groups = base.param_groups
-        self.state = base.state
-        self.defaults = {**base.defaults, **sam_defaults}
-        for group in self.param_groups:
-            V.validate_group(group)
-        self._set_shards()
-        self._reset_transient()
-
-        # A forced backend that cannot run must fail now, with its reason, not mid-training.
-        for device in self._devices():
-            F.resolve_backend(backend, device)
+        # A wrapper that is refused must leave a given base optimizer as it was: the group
+        # dicts written below are put back if anything raises.
+        with guards.groups_kept_on_error(base):
+            # The SAM keys this wrapper fills (an earlier wrapper's defaults give way to ours).
+            filled = guards.take_back_filled_keys(base, V.SAM_KEYS)
+            # Optimizer.__init__ walks the groups through add_param_group, which (while
+            # initialising) fills the SAM keys into the base optimizer's own group dicts.
+            self._initializing = True
+            super().__init__(base.param_groups, sam_defaults)
+            self._initializing = False
+            # One source of truth: the base optimizer's groups and state.
+            self.param_groups = base.param_groups
+            self.state = base.state
+            self.defaults = {**base.defaults, **sam_defaults}
+            for group in self.param_groups:
+                V.validate_group(group)
+            self._set_shards()
+            self._reset_transient()
+            # A forced backend that cannot run must fail now, with its reason, not mid-training
+            # (meta parameters of a deferred initialisation are checked at their first step).
+            for device in self._devices() - {torch.device("meta")}:
+                F.resolve_backend(backend, device)
+            guards.record_filled_keys(base, base.param_groups, filled)
 
     # -------------------------------------------------------------------------------------
     # torch.optim.Optimizer plumbing
@@ -253,6 +259,8 @@ class FusedSAM(Optimizer):
         group = V.new_group(param_group, self.defaults, self._all_params(), self.backend)
         self._policies.check_shards(distributed.shard_group(self._all_params() + group["params"]))
         self.base_optimizer.add_param_group(group)
+        filled = [set(V.SAM_KEYS) - set(param_group)]
+        guards.record_filled_keys(self.base_optimizer, [group], filled)
         self._set_shards()
 
     def state_dict(self) -> dict[str, Any]:
@@ -277,6 +285,10 @@ class FusedSAM(Optimizer):
         step; a checkpoint with masks cannot go into one with ``sparsity=0``.
         """
         self._check_not_in_flight("load_state_dict()")
+        # Hooks registered on FusedSAM, as torch's Optimizer.load_state_dict runs them (the
+        # base optimizer's own run inside its load_state_dict).
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = dict(pre_hook(self, state_dict) or state_dict)
         base = self.base_optimizer
         try:
             self._progress["steps"] = checkpoint.load_state_dict(
@@ -287,6 +299,8 @@ class FusedSAM(Optimizer):
             self.param_groups = base.param_groups
             self.state = base.state
             self._step_state.plan = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         self._check_not_in_flight("pickling or copying")
@@ -528,17 +542,20 @@ class FusedSAM(Optimizer):
             skip = engine.restore_and_step(st, scaler, self._setup())
         except BaseException:
             self.restore()  # a no-op once the restore has happened
+            st.post_hooks_due = False
             raise
         st.last_skipped = amp.skip_flag(skip)
         self._progress["steps"] += 1
+        base_steps.post_hooks(self.base_optimizer, st)
         if zero_grad:
             self._zero_grad()
 
     def _base_step(self, scaler: amp.ScalerArgs) -> None:
         """A plain base-optimizer step (nothing in flight), under the scaler's flags if any."""
-        engine.plain_step(scaler, self._setup())
+        engine.plain_step(self._step_state, scaler, self._setup())
         self._step_state.last_skipped = amp.skip_flag(scaler.scaler_inf)
         self._progress["steps"] += 1
+        base_steps.post_hooks(self.base_optimizer, self._step_state)
 
     def _zero_grad(self) -> None:
         """``zero_grad()`` (``set_to_none``) for ``first_step``/``second_step(zero_grad=True)``;

@@ -13,6 +13,7 @@ from torch import nn
 from fused_sam.masks import RandomMask
 from fused_sam.step import amp, base_steps, plan, validation
 from fused_sam.step.policies import SCHEDULE_KEY, Policies
+from fused_sam.step.state import StepState
 from fused_sam.variants import EveryK, FriendlySAM
 
 BACKENDS = ("reference", "foreach", "cpu")
@@ -196,8 +197,12 @@ def test_hooked_runs_the_base_optimizers_hooks_around_the_update() -> None:
     seen: list[str] = []
     base.register_step_pre_hook(lambda opt, args, kwargs: seen.append("pre"))
     base.register_step_post_hook(lambda opt, args, kwargs: seen.append("post"))
-    base_steps.hooked(base, lambda: seen.append("body"))
-    assert seen == ["pre", "body", "post"] and base._opt_called
+    st = StepState()
+    base_steps.hooked(base, lambda: seen.append("body"), st)
+    assert seen == ["pre", "body"] and base._opt_called  # post-hooks once the step is done
+    base_steps.post_hooks(base, st)
+    base_steps.post_hooks(base, st)
+    assert seen == ["pre", "body", "post"]
 
 
 # --- policies ---------------------------------------------------------------------------------

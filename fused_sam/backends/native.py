@@ -41,6 +41,9 @@ __all__ = [
 FLAT = True
 #: ``rho`` and ``lr`` may be one-element tensors (kept as tensors under torch.compile).
 TENSOR_HYPERPARAMS = True
+#: The optimizer-state tensors of the fused steps must have their parameter's dtype
+#: (``functional`` hands others, e.g. float32 momentum of a bfloat16 model, to ``foreach``).
+STATE_OF_PARAM_DTYPE = True
 
 _BUILD = "pip install --no-build-isolation -e ."
 _CUDA_BUILD = f"FUSED_SAM_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 {_BUILD}"

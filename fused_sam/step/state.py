@@ -44,6 +44,9 @@ class StepState:
     #: hooks (``None``: not at all), and whether the caller told it (then it is exact).
     first_scale: Tensor | None = None
     first_scale_told: bool = False
+    #: a base update ran in this step: the base optimizer's step post-hooks are due once the
+    #: step is complete.
+    post_hooks_due: bool = False
 
     def end(self) -> None:
         """Nothing in flight any more (the weights are at ``w``)."""
