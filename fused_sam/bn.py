@@ -9,6 +9,7 @@ and keeps updating. This helper snapshots the buffers and restores them with exa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,14 +22,31 @@ __all__ = ["frozen_bn_stats"]
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def _tracking(module: nn.Module) -> bool:
+    return isinstance(module, _NormBase) and module.track_running_stats
+
+
+def _snapshot(module: nn.Module, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for name in _BUFFERS:
+        buf = getattr(module, name, None)
+        if buf is not None:
+            saved.append((buf, buf.clone()))
+
+
 @contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+def frozen_bn_stats(model: nn.Module | None = None) -> Iterator[None]:
     """Run the enclosed forward passes without changing any normalisation running statistics.
 
     Covers every ``BatchNorm*``, ``SyncBatchNorm`` and ``InstanceNorm*`` with
     ``track_running_stats=True``. The layers still normalise with batch statistics in training
     mode (as SAM's second pass should); only their buffers are put back, bit for bit, on exit,
     also when the block raises.
+
+    Args:
+        model: the layers of this module are kept. ``None``: those of every module called
+            inside the block (found by a global forward pre-hook, the way ``step(closure)``
+            keeps them without knowing the model; a layer is found through any module that
+            contains it, so ``torch.compile``'d models are covered too).
 
     Example::
 
@@ -39,16 +57,39 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
         opt.second_step(zero_grad=True)
     """
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, _NormBase) and module.track_running_stats:
-                for name in _BUFFERS:
-                    buf = getattr(module, name, None)
-                    if buf is not None:
-                        saved.append((buf, buf.clone()))
+    seen: set[int] = set()
+    handle = None
+
+    def keep(root: nn.Module) -> None:
+        with torch.no_grad():
+            for module in root.modules():
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    if _tracking(module):
+                        _snapshot(module, saved)
+
+    @torch.compiler.disable
+    def pre_hook(module: nn.Module, args: object) -> None:
+        # Every module called inside the block, the first time: all layers below it (a
+        # compiled module runs its children inside its graph, where no hook fires).
+        if id(module) not in seen:
+            keep(module)
+
+    caught = warnings.catch_warnings()
+    if model is not None:
+        keep(model)
+    else:
+        caught.__enter__()
+        # torch warns that a compiled module's global hooks fire once more for its wrapper:
+        # harmless here (a module is kept once).
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)`")
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     try:
         yield
     finally:
+        if handle is not None:
+            handle.remove()
+            caught.__exit__(None, None, None)
         with torch.no_grad():
             for buf, copy in saved:
                 buf.copy_(copy)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
-from fused_sam import distributed
+from fused_sam import closures, distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
 from fused_sam.masks import (
@@ -94,6 +94,9 @@ class _StepState:
     #: hooks (``None``: not at all), and whether the caller told it (then it is exact).
     first_scale: Tensor | None = None
     first_scale_told: bool = False
+    #: called at the start of every ``first_step``; raises when a wrapper will not finish the
+    #: step (Accelerate's accumulation, see ``integrations.unwrap_sam``).
+    before_first_step: Callable[[], None] | None = None
 
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -314,6 +317,12 @@ class FusedSAM(Optimizer):
             base-optimizer step (e.g. to run a trainer's plain loop with the same optimizer for
             comparison). By default it raises: a trainer that calls ``backward(); step()``
             would otherwise train plain SGD/AdamW while the user believes it is SAM.
+        freeze_bn_stats: when FusedSAM runs a pass at ``w + e`` itself (a closure given to
+            :meth:`step`, and so Lightning, and ``SAMTrainer``), put the running statistics of
+            every normalisation layer it calls back as the first pass left them (the official
+            SAM's recipe; see :func:`fused_sam.frozen_bn_stats`). ``False``: the second pass
+            updates them too. The two-step form runs the second pass in the caller's code, which
+            wraps it in ``frozen_bn_stats(model)`` itself.
         **base_kwargs: keyword arguments for ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Attributes:
@@ -344,6 +353,7 @@ class FusedSAM(Optimizer):
         allow_plain_steps: bool = False,
         schedule: StepSchedule | None = None,
         direction: Direction | None = None,
+        freeze_bn_stats: bool = True,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(params, Optimizer):
@@ -372,6 +382,7 @@ class FusedSAM(Optimizer):
         self.backend = backend
         self.skip_nonfinite = bool(skip_nonfinite)
         self.allow_plain_steps = bool(allow_plain_steps)
+        self.freeze_bn_stats = bool(freeze_bn_stats)
         if schedule is not None and not isinstance(schedule, StepSchedule):
             raise ValueError(
                 f"schedule must be a fused_sam.variants.StepSchedule, got {schedule!r}"
@@ -581,6 +592,7 @@ class FusedSAM(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("freeze_bn_stats", True)  # pickled before the option existed
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self._reset_transient()
@@ -641,6 +653,8 @@ class FusedSAM(Optimizer):
             RuntimeError: a SAM step is already in flight, or a gradient is sparse.
         """
         self._check_not_in_flight("first_step()")
+        if self._step_state.before_first_step is not None:
+            self._step_state.before_first_step()
         if _capturing() and any(
             F.resolve_backend(self.backend, d) != "triton" for d in self._devices()
         ):
@@ -874,29 +888,35 @@ class FusedSAM(Optimizer):
             else:
                 raise RuntimeError(_BARE_STEP)
             return None
+        params = self._all_params()
         if self.in_flight:
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), closures.perturbed_pass(self.freeze_bn_stats):
                     loss = closure()
+                closures.check_wrote_gradients(params, None, closure)
             except BaseException:
                 self.restore()
                 raise
             self._finish(grad_scale, scaler_inf)
             return loss
+        closures.check_driver(closure)
         if self.next_step == PLAIN:
+            before = closures.grads_before(params)
             with torch.enable_grad():
                 loss = closure()
+            closures.check_wrote_gradients(params, before, closure)
             self._base_step(grad_scale, scaler_inf)
             return loss
-        params = self._all_params()
         before = [(p.grad, p.grad._version) for p in params if p.grad is not None]
         with torch.enable_grad():
             loss = closure()
         _check_closure_cleared(before)
+        closures.check_wrote_gradients(params, before, closure)
         self.first_step(zero_grad=True)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), closures.perturbed_pass(self.freeze_bn_stats):
                 loss2 = closure()
+            closures.check_wrote_gradients(params, None, closure)
         except BaseException:
             self.restore()
             raise
@@ -1414,7 +1434,8 @@ def _check_base_kwargs(cls: type[Optimizer], kwargs: dict[str, Any]) -> None:
         raise ValueError(
             f"unknown option(s) {unknown} for {cls.__name__}; FusedSAM takes rho, adaptive, "
             f"eta, norm_eps, backend, skip_nonfinite, sparsity, mask, mask_update_every, "
-            f"mask_norm and passes the rest to {cls.__name__}, which accepts {accepted}"
+            f"mask_norm, freeze_bn_stats and passes the rest to {cls.__name__}, which accepts "
+            f"{accepted}"
         )
 
 
