@@ -49,8 +49,9 @@ def _lightning_module(closure: Callable[[], Any]) -> Any | None:
     """The LightningModule of a Lightning precision plugin's closure wrapper, else ``None``.
 
     Lightning calls ``optimizer.step(closure=partial(precision._wrap_closure, model,
-    optimizer, closure))``.
+    optimizer, closure))``. (FusedSAM.step sees it wrapped once more: ``__wrapped__``.)
     """
+    closure = getattr(closure, "__wrapped__", closure)
     if not isinstance(closure, functools.partial):
         return None
     func = closure.func

@@ -22,6 +22,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from fused_sam import closures, distributed
 from fused_sam import functional as F
 from fused_sam.backends import native
+from fused_sam.hooks import sam_step_hooks
 from fused_sam.masks import (
     DynamicMask,
     FisherMask,
@@ -838,6 +839,7 @@ class FusedSAM(Optimizer):
         if perturbed:
             F.restore_(perturbed, [self._backups[p] for p in perturbed], self.backend)
 
+    @sam_step_hooks  # pre-hooks after the last pass, in both forms (see fused_sam.hooks)
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Run a whole SAM step with ``closure``, or finish the one in flight.
 
