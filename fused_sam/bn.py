@@ -9,7 +9,6 @@ and keeps updating. This helper snapshots the buffers and restores them with exa
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -75,21 +74,18 @@ def frozen_bn_stats(model: nn.Module | None = None) -> Iterator[None]:
         if id(module) not in seen:
             keep(module)
 
-    caught = warnings.catch_warnings()
     if model is not None:
         keep(model)
     else:
-        caught.__enter__()
-        # torch warns that a compiled module's global hooks fire once more for its wrapper:
-        # harmless here (a module is kept once).
-        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)`")
+        # (torch warns, once, that a compiled module's global hooks fire once more for its
+        # wrapper: harmless here, a module is kept once. Silencing it would mean changing the
+        # warning filters each step, which re-arms every once-per-location warning.)
         handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     try:
         yield
     finally:
         if handle is not None:
             handle.remove()
-            caught.__exit__(None, None, None)
         with torch.no_grad():
             for buf, copy in saved:
                 buf.copy_(copy)

@@ -1563,8 +1563,9 @@ _BARE_STEP = (
     "backward per step need the integration: HF Trainer -> "
     "fused_sam.integrations.transformers.SAMTrainer; Accelerate / timm loops -> the two-step "
     "loop, reaching first_step() through fused_sam.integrations.unwrap_sam(optimizer); "
-    "Lightning -> automatic optimization (with precision '32' or 'bf16-mixed'; '16-mixed' runs "
-    "the closure itself) or the manual recipe in the README. To take plain steps on purpose, "
+    "Lightning -> automatic optimization with a module derived from "
+    "fused_sam.integrations.lightning.SAMLightningModule, or the manual recipe in the README. "
+    "To take plain steps on purpose, "
     "build FusedSAM(..., allow_plain_steps=True) or call opt.base_optimizer.step()."
 )
 

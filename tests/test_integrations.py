@@ -73,12 +73,14 @@ def _close(a: nn.Module, b: nn.Module, atol: float = 1e-6, rtol: float = 1e-5) -
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    """Accelerate keeps its configuration in a process-wide singleton (HF Trainer too): each
-    test gets a fresh one, so runs with different mixed precision do not collide."""
+    """Accelerate keeps its configuration and its accumulation state in process-wide
+    singletons (HF Trainer too): each test gets fresh ones, so runs with different mixed
+    precision or accumulation do not collide."""
     yield
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()  # an accumulation window a test left open
 
 
 def _count_steps(opt: FusedSAM) -> list[int]:
