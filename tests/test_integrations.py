@@ -512,6 +512,65 @@ def test_lightning_matches_the_two_step_loop(manual: bool, precision: str) -> No
     _close(model, _reference_run(3, [_data()], autocast=autocast), **tol)
 
 
+@pytest.mark.gpu
+def test_lightning_automatic_16_mixed_gpu() -> None:
+    """16-mixed (a GPU: on CPU Lightning runs bf16) runs pass 2's closure itself and then
+    scaler.step(opt), which finishes the SAM step: the two-step loop under a GradScaler."""
+    model = Net()
+    trainer = _lightning_fit(
+        _lightning_module(False, model), precision="16-mixed", accelerator="gpu"
+    )
+    assert trainer.global_step == 3 and model.forwards == 6
+    ref = Net().cuda()
+    opt = _sam(ref, backend="reference")
+    scaler = torch.amp.GradScaler("cuda")
+    x, y = (t.cuda() for t in _data())
+    for _ in range(3):
+        for _pass in range(2):
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = nnf.cross_entropy(ref(x), y)
+            scaler.scale(loss).backward()
+            if _pass == 0:
+                opt.first_step(zero_grad=True)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    _close(model, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_lightning_automatic_every_k() -> None:
+    """A schedule's plain steps run one pass through Lightning (EveryK(2): 2 + 1 + 2 + 1)."""
+    from fused_sam import EveryK
+    from fused_sam.integrations.lightning import SAMLightningModule
+
+    model = Net()
+
+    class Module(SAMLightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, batch_idx):
+            return nnf.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return _sam(self.net, schedule=EveryK(2))
+
+    _lightning_fit(Module(), max_steps=4)
+    assert model.forwards == 6
+    ref = Net()
+    ref_opt = _sam(ref, backend="reference", schedule=EveryK(2))
+    x, y = _data()
+    for _ in range(4):
+        nnf.cross_entropy(ref(x), y).backward()
+        if ref_opt.next_step == "sam":
+            ref_opt.first_step(zero_grad=True)
+            nnf.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    _close(model, ref)
+
+
 def test_lightning_automatic_clipping() -> None:
     """Lightning clips inside the closure, so both passes; a norm clip does not change the
     SAM direction, so this equals clipping the second pass only."""
