@@ -1048,6 +1048,7 @@ def _hf_ddp_worker(rank: int, out: str) -> None:
         torch.save({"seen": seen, "weights": weights}, os.path.join(out, "result.pt"))
 
 
+@pytest.mark.distributed
 def test_hf_sam_trainer_ddp_accumulation_perturbs_per_device(tmp_path) -> None:
     """Under DDP with gradient_accumulation_steps=2 the first pass of every micro-batch is
     replica-local (the README's m-sharpness), the last one's included."""
