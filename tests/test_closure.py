@@ -12,12 +12,14 @@ import contextlib
 
 import pytest
 import torch
+from conftest import CPU_BACKENDS, require_backend
 from torch import nn
 from torch.nn import functional as nnf
 
 from fused_sam import FusedSAM, frozen_bn_stats
 
 N, D, C = 16, 6, 3  # examples, features, classes
+BACKENDS = ["reference", *CPU_BACKENDS]
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,16 +74,20 @@ def _close(a: nn.Module, b: nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "freeze"),
-    [("plain", True), ("plain", False), ("cumulative", True), ("compiled", True)],
+    ("kind", "freeze", "backend"),
+    [("plain", True, b) for b in BACKENDS]
+    + [("plain", False, "foreach"), ("cumulative", True, "foreach"), ("compiled", True, "cpu")],
 )
-def test_step_closure_keeps_bn_stats_of_the_first_pass(kind: str, freeze: bool) -> None:
+def test_step_closure_keeps_bn_stats_of_the_first_pass(
+    kind: str, freeze: bool, backend: str
+) -> None:
     """``step(closure)`` runs pass 2 itself, so it keeps the BN buffers of pass 1 (by
     default; ``freeze_bn_stats=False`` lets pass 2 update them), whatever module the layer is
     reached through (a ``torch.compile``'d model runs its layers inside its graph)."""
     momentum = None if kind == "cumulative" else 0.1
     model = BNNet(momentum)
-    opt = _sam(model, **({} if freeze else {"freeze_bn_stats": False}))
+    require_backend(backend)
+    opt = _sam(model, backend=backend, **({} if freeze else {"freeze_bn_stats": False}))
     run = torch.compile(model, backend="eager") if kind == "compiled" else model
     x, y = _data()
 
@@ -98,12 +104,14 @@ def test_step_closure_keeps_bn_stats_of_the_first_pass(kind: str, freeze: bool) 
     _close(model, ref)
 
 
-def test_closure_that_makes_no_gradient_raises() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_closure_that_makes_no_gradient_raises(backend: str) -> None:
     """``opt.step(lambda: None)`` and a closure that leaves old gradients as they were would
     perturb, restore and step on nothing: they raise, the weights untouched."""
     x, y = _data()
+    require_backend(backend)
     model = Net()
-    opt = _sam(model)
+    opt = _sam(model, backend=backend)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="no parameter of the optimizer had a new gradient"):
         opt.step(lambda: None)
@@ -123,14 +131,16 @@ def test_closure_that_makes_no_gradient_raises() -> None:
         assert torch.equal(p, b)
 
 
-def test_step_pre_hooks_see_the_same_point_in_both_forms() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_pre_hooks_see_the_same_point_in_both_forms(backend: str) -> None:
     """Pre-hooks run after the step's last pass, before the base update: weights at w + e and
     the second-pass gradients, in the two-step form and in ``step(closure)`` alike."""
+    require_backend(backend)
     x, y = _data()
     seen: dict[str, list[torch.Tensor]] = {}
     for form in ("two-step", "closure"):
         model = Net()
-        opt = _sam(model)
+        opt = _sam(model, backend=backend)
 
         def hook(o, args, kwargs, form=form) -> None:
             params = o.base_optimizer.param_groups[0]["params"]
