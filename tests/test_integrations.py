@@ -571,6 +571,44 @@ def test_lightning_automatic_every_k() -> None:
     _close(model, ref)
 
 
+def test_lightning_automatic_none_skips_the_step() -> None:
+    """training_step returning None skips the step (Lightning's convention) on SAM and plain
+    steps alike: EveryK(2) on halves 0, 1, 0, 1 with half 1 skipped is SAM on half 0, then a
+    plain step on half 0."""
+    from fused_sam import EveryK
+    from fused_sam.integrations.lightning import SAMLightningModule
+
+    model = Net()
+
+    class Module(SAMLightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, batch_idx):
+            loss = nnf.cross_entropy(self.net(batch[0]), batch[1])
+            return None if batch_idx == 1 else loss
+
+        def configure_optimizers(self):
+            return _sam(self.net, schedule=EveryK(2))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's "training_step returned None"
+        _lightning_fit(Module(), loader=_lightning_data(), max_steps=4)
+    assert model.forwards == 2 + 1 + 1 + 1
+    ref = Net()
+    ref_opt = _sam(ref, backend="reference", schedule=EveryK(2))
+    x, y = _halves()[0]
+    for _ in range(2):
+        nnf.cross_entropy(ref(x), y).backward()
+        if ref_opt.next_step == "sam":
+            ref_opt.first_step(zero_grad=True)
+            nnf.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    _close(model, ref)
+
+
 def test_lightning_automatic_clipping() -> None:
     """Lightning clips inside the closure, so both passes; a norm clip does not change the
     SAM direction, so this equals clipping the second pass only."""

@@ -81,8 +81,22 @@ class SAMLightningModule(pl.LightningModule):
             sam = unwrap_sam(optimizer)
         except TypeError:  # not a FusedSAM: Lightning's own step
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if optimizer_closure is None or sam.next_step == "plain":
+        if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if sam.next_step == "plain":
+            # One pass through Lightning (clipped as usual). A training_step that returns None
+            # skips the step, as in Lightning; FusedSAM would refuse a closure that made no
+            # gradient.
+            def one_pass() -> Any:
+                loss = optimizer_closure()
+                if loss is None:
+                    raise _SkipStepError
+                return loss
+
+            try:
+                return super().optimizer_step(epoch, batch_idx, optimizer, one_pass)
+            except _SkipStepError:
+                return None
         if self.trainer.accumulate_grad_batches > 1:
             raise RuntimeError(
                 "SAMLightningModule: accumulate_grad_batches > 1 in automatic optimization "
@@ -110,6 +124,10 @@ class SAMLightningModule(pl.LightningModule):
             if first is not None:
                 optimizer_closure._result = first  # the step's outputs are pass 1's
         return loss
+
+
+class _SkipStepError(Exception):
+    """training_step returned None on a plain step: leave the optimizer step out."""
 
 
 # What FusedSAM.step(closure) looks for before it lets Lightning's automatic closure through.
