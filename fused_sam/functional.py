@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_sam.masks import RandomBits, unpack_bits
+from fused_sam.masks.bits import RandomBits, unpack_bits
 
 __all__ = [
     "BACKENDS",

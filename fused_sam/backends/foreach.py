@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fused_sam.backends._checks import check_axpby, check_lists
-from fused_sam.masks import RandomBits, random_mask, unpack_bits
+from fused_sam.masks.bits import RandomBits, random_mask, unpack_bits
 
 __all__ = [
     "FLAT",

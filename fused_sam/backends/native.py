@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_sam.masks import RandomBits
+from fused_sam.masks.bits import RandomBits
 
 __all__ = [
     "FLAT",

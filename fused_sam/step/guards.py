@@ -23,6 +23,7 @@ __all__ = [
     "note_partial_base_step",
     "record_filled_keys",
     "take_back_filled_keys",
+    "wrapping",
 ]
 
 
@@ -45,6 +46,18 @@ def groups_kept_on_error(base: Optimizer) -> Iterator[None]:
             group.update(before)
         base.param_groups[:] = groups
         raise
+
+
+@contextlib.contextmanager
+def wrapping(base: Optimizer, keys: tuple[str, ...]) -> Iterator[None]:
+    """The construction of a wrapper that fills ``keys`` into ``base``'s groups: an earlier
+    wrapper's filled-in defaults give way to this one's (:func:`take_back_filled_keys`), the
+    groups are put back if the body raises (:func:`groups_kept_on_error`), and the keys this
+    wrapper filled are recorded when it succeeds."""
+    with groups_kept_on_error(base):
+        filled = take_back_filled_keys(base, keys)
+        yield
+        record_filled_keys(base, base.param_groups, filled)
 
 
 def check_checkpoint_groups(base: Optimizer, state_dict: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,9 @@ class StepState:
     #: a base update ran in this step: the base optimizer's step post-hooks are due once the
     #: step is complete.
     post_hooks_due: bool = False
+    #: called at the start of every ``first_step``; raises when a wrapper will not finish the
+    #: step (Accelerate's accumulation, see ``integrations.unwrap_sam``).
+    first_step_check: Callable[[], None] | None = None
 
     def end(self) -> None:
         """Nothing in flight any more (the weights are at ``w``)."""

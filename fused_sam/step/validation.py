@@ -74,7 +74,8 @@ def check_base_kwargs(cls: type[Optimizer], kwargs: dict[str, Any]) -> None:
         raise ValueError(
             f"unknown option(s) {unknown} for {cls.__name__}; FusedSAM takes rho, adaptive, "
             f"eta, norm_eps, backend, skip_nonfinite, sparsity, mask, mask_update_every, "
-            f"mask_norm and passes the rest to {cls.__name__}, which accepts {accepted}"
+            f"mask_norm, freeze_bn_stats and passes the rest to {cls.__name__}, which accepts "
+            f"{accepted}"
         )
 
 
@@ -166,8 +167,9 @@ BARE_STEP = (
     "backward per step need the integration: HF Trainer -> "
     "fused_sam.integrations.transformers.SAMTrainer; Accelerate / timm loops -> the two-step "
     "loop, reaching first_step() through fused_sam.integrations.unwrap_sam(optimizer); "
-    "Lightning -> automatic optimization (with precision '32' or 'bf16-mixed'; '16-mixed' runs "
-    "the closure itself) or the manual recipe in the README. To take plain steps on purpose, "
+    "Lightning -> automatic optimization with a module derived from "
+    "fused_sam.integrations.lightning.SAMLightningModule, or the manual recipe in the README. "
+    "To take plain steps on purpose, "
     "build FusedSAM(..., allow_plain_steps=True) or call opt.base_optimizer.step()."
 )
 
@@ -257,7 +259,13 @@ def new_group(
     validate_group(group)
     new = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
     check_distinct([distributed.local(p) for p in params + new])
-    for device in {p.device for p in new} - {torch.device("meta")}:
-        F.resolve_backend(backend, device)
+    check_backend_runs(backend, {p.device for p in new})
     group["params"] = new
     return group
+
+
+def check_backend_runs(backend: str | None, devices: set[torch.device]) -> None:
+    """A forced ``backend`` must be able to run on every device, or fail now with its reason
+    (meta parameters of a deferred initialisation are checked at their first step)."""
+    for device in devices - {torch.device("meta")}:
+        F.resolve_backend(backend, device)
