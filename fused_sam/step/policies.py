@@ -28,6 +28,7 @@ from fused_sam.masks.policies import DynamicMask, FisherMask, MaskPolicy, Random
 from fused_sam.masks.sparse import SparseMasks
 from fused_sam.step.validation import check_nonneg
 from fused_sam.variants.direction import Direction
+from fused_sam.variants.policy import Policy
 from fused_sam.variants.schedule import SAM, StepSchedule
 
 #: Top-level ``state_dict()`` key holding the sparse-SAM masks and their policy's state.
@@ -127,6 +128,8 @@ class Policies:
     ) -> None:
         self.schedule = schedule
         self.direction = direction
+        #: the gradient policies, outermost first (see :mod:`fused_sam.variants.policy`).
+        self._outside_in: tuple[Policy, ...] = tuple(p for p in (schedule, direction) if p)
         self.sparse = sparse
         self.random = random
         self.mask_norm = mask_norm
@@ -171,8 +174,8 @@ class Policies:
                 "RandomMask draws each entry from its position in the parameter, which a FSDP2 "
                 "shard does not know: it is not supported with FSDP2 shards"
             )
-        for policy in (self.schedule, self.direction):
-            if policy is not None and not policy.supports_shards:
+        for policy in self._outside_in:
+            if not policy.supports_shards:
                 raise ValueError(f"{policy!r} does not support FSDP2 shards")
 
     # -- the step ----------------------------------------------------------------------------
@@ -188,16 +191,14 @@ class Policies:
     @property
     def gradient_hooks(self) -> bool:
         """Whether a policy reads or changes the gradients of a pass (they must be unscaled)."""
-        return self.schedule is not None or self.direction is not None
+        return bool(self._outside_in)
 
     def first_pass(self, params: list[Tensor], grads: list[Tensor], backend: str | None) -> None:
         """In ``first_step``, before the norm: the gradients at ``w`` (unscaled)."""
         if not params:
             return
-        if self.schedule is not None:
-            self.schedule.first_pass(params, grads, backend=backend)
-        if self.direction is not None:
-            self.direction.ascent(params, grads, backend=backend)
+        for policy in self._outside_in:
+            policy.first_pass(params, grads, backend=backend)
 
     def sparse_step(self, all_params: list[Tensor], params: list[Tensor]) -> list[Tensor] | None:
         """The sparse masks of this step's ``params`` (a refresh that is due happens here,
@@ -248,10 +249,8 @@ class Policies:
     ) -> None:
         """Before the base update of a SAM step: the gradients at ``w + e`` (unscaled), with
         the step's skip flag and the factor the first-pass gradients were off by."""
-        if self.direction is not None:
-            self.direction.update(params, grads, skip, scale=scale, backend=backend)
-        if self.schedule is not None:
-            self.schedule.second_pass(params, grads, skip, scale=scale, backend=backend)
+        for policy in reversed(self._outside_in):
+            policy.second_pass(params, grads, skip, scale=scale, backend=backend)
 
     def plain_pass(self, params: list[Tensor], grads: list[Tensor], backend: str | None) -> None:
         """Before a plain step's base update (the gradients may be changed in place)."""

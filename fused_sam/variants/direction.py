@@ -24,25 +24,25 @@ from typing import Any
 
 from torch import Tensor
 
+from fused_sam.variants.policy import Policy
+
 __all__ = ["Direction"]
 
 
-class Direction(abc.ABC):
-    """A change of the SAM direction; see the module docstring."""
-
-    #: whether the policy's math is right on FSDP2 shards (global reductions need all of them).
-    supports_shards: bool = True
+class Direction(Policy):
+    """A change of the SAM direction; see the module docstring. Its :meth:`first_pass` is
+    :meth:`ascent` and its :meth:`second_pass` :meth:`update`."""
 
     def rho(self, group: dict[str, Any], rho: float) -> float:
         """The radius of this step for a param group (``rho`` is the group's own)."""
         return rho
 
-    def ascent(  # noqa: B027
+    def ascent(
         self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
     ) -> None:
         """See the module docstring."""
 
-    def update(  # noqa: B027
+    def update(
         self,
         params: list[Tensor],
         grads: list[Tensor],
@@ -52,6 +52,22 @@ class Direction(abc.ABC):
         backend: str | None = None,
     ) -> None:
         """See the module docstring."""
+
+    def first_pass(
+        self, params: list[Tensor], grads: list[Tensor], *, backend: str | None = None
+    ) -> None:
+        self.ascent(params, grads, backend=backend)
+
+    def second_pass(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        skip: Tensor | None,
+        *,
+        scale: Tensor | None = None,
+        backend: str | None = None,
+    ) -> None:
+        self.update(params, grads, skip, scale=scale, backend=backend)
 
     @abc.abstractmethod
     def state_dict(self, params: list[Tensor]) -> dict[str, Any]:
