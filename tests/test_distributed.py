@@ -1,22 +1,38 @@
-"""SAM under DDP (gloo, two spawned ranks on 127.0.0.1): synchronised and per-replica steps.
+"""Distributed training (gloo, two spawned ranks on 127.0.0.1): DDP, FSDP2, sparse SAM and
+the variants.
+
+SAM under DDP: synchronised and per-replica steps.
 
 Each rank writes what it ends with; the parent compares the ranks with each other and with
 single-process computations written out in this file.
+
+Sparse SAM under DDP: every rank perturbs with rank 0's mask after each refresh.
+
+Every SAM variant under DDP (gloo, two spawned ranks on 127.0.0.1, ONE spawn for all).
+
+Under synchronised DDP each backward all-reduces the gradients, so every global reduction of a
+variant (LookSAM's and GSAM's dot products, the norms of LookSAM's reuse step and of
+Momentum-SAM's perturbation) already sees the gradient of the whole batch. The ranks must then
+end bit-identical, weights and optimizer state alike, and equal one process that runs the same
+variant on the concatenated batch.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from helpers import spawn_gloo
+from helpers import flat_state, kept, spawn_gloo
 from torch import nn
 from torch.nn import functional as nnf
 
-from fused_sam import FusedSAM
+from fused_sam import GSAM, DynamicMask, EveryK, FriendlySAM, FusedSAM, LookSAM, MomentumSAM
 from fused_sam.distributed import per_replica_pass
+from fused_sam.masks import fisher_diagonal, global_topk, unpack_bits
 
 WORLD, STEPS, RHO, LR = 2, 3, 0.1, 0.1
 
@@ -219,3 +235,182 @@ def test_fsdp2_shards_equal_the_unsharded_step(tmp_path: Path) -> None:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
         assert r0[name + "-state"], name
     assert r0["refusals"][0].tolist() == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse SAM under DDP: one mask on every rank
+
+WORLD = 2
+STEPS = 5
+
+
+def _flat(opt: FusedSAM, params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([unpack_bits(opt.masks[p], p).reshape(-1) for p in params])
+
+
+def _worker_ssam(rank: int, out: str) -> None:
+    torch.manual_seed(0)  # same initial weights on every rank
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank has its own data
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    params = list(model.parameters())
+    results: dict[str, list[torch.Tensor]] = {}
+
+    # SSAM-D: each rank's policy has its own seed; random growth would disagree.
+    opt = FusedSAM(
+        params,
+        torch.optim.SGD,
+        lr=0.1,
+        sparsity=0.5,
+        mask=DynamicMask(total_steps=STEPS, seed=rank),
+        mask_update_every=2,
+    )
+    masks = []
+    for _ in range(STEPS):
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.first_step(zero_grad=True)
+        masks.append(_flat(opt, params))
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.second_step(zero_grad=True)
+    results["dynamic"] = masks
+    results["params"] = [p.detach().clone() for p in params]
+
+    # SSAM-F on each rank's own data: the local top-k differs, the mask must not.
+    opt = FusedSAM(params, torch.optim.SGD, lr=0.1, sparsity=0.5, mask="fisher")
+    opt.update_mask([(x, y)], model=model)
+    local = global_topk(
+        fisher_diagonal(params, model=model, data=[(x, y)], num_samples=16),
+        kept(sum(p.numel() for p in params), 0.5),
+    )
+    results["fisher"] = [_flat(opt, params)]
+    results["fisher_local"] = [torch.cat([m.reshape(-1) for m in local])]
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.distributed
+def test_every_rank_uses_rank0_mask(tmp_path: Path) -> None:
+    spawn_gloo(_worker_ssam, str(tmp_path), world=WORLD)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    for step, (a, b) in enumerate(zip(r0["dynamic"], r1["dynamic"])):
+        assert torch.equal(a, b), f"SSAM-D masks differ across ranks at step {step}"
+    assert not torch.equal(r0["dynamic"][0], r0["dynamic"][-1])  # refreshes happened
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    assert torch.equal(r0["fisher"][0], r1["fisher"][0])
+    assert torch.equal(r0["fisher"][0], r0["fisher_local"][0])
+    assert not torch.equal(r1["fisher"][0], r1["fisher_local"][0])  # rank 1 took rank 0's
+
+
+# ---------------------------------------------------------------------------------------------
+# Every SAM variant under DDP
+
+WORLD, STEPS = 2, 5
+
+
+def _full_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the ranks see together: the concatenation of their batches."""
+    xs, ys = zip(*(_batch(r, step) for r in range(WORLD)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _sgd(model: nn.Module, **variant: Any) -> FusedSAM:
+    return FusedSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
+                    **variant)  # fmt: skip
+
+
+#: name -> (how its users drive it, the optimizer). Schedules use k = 2 so that five steps hold
+#: three SAM steps and two plain (EveryK) or reuse (LookSAM) steps.
+VARIANTS: dict[str, tuple[str, Callable[[nn.Module], Any]]] = {
+    "every-2": ("closure", lambda m: _sgd(m, schedule=EveryK(2))),
+    "looksam": ("closure", lambda m: _sgd(m, schedule=LookSAM(k=2, alpha=0.7))),
+    "friendly": ("two-step", lambda m: _sgd(m, direction=FriendlySAM(sigma=1.0, lam=0.6))),
+    "gsam": (
+        "two-step",
+        lambda m: FusedSAM(
+            torch.optim.AdamW(m.parameters(), lr=0.01), rho=0.1, direction=GSAM(alpha=0.4)
+        ),
+    ),
+    "momentum": (
+        "one-pass",
+        lambda m: MomentumSAM(m.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9),
+    ),
+}
+
+
+def _train_variants(
+    drive: str, module: nn.Module, opt: Any, batch: Callable[[int], Any]
+) -> list[str]:
+    """``STEPS`` steps the way the variant's users drive it; returns the kind of each step."""
+    kinds = []
+    for step in range(STEPS):
+        x, y = batch(step)
+        kinds.append(getattr(opt, "next_step", "one-pass"))
+        if drive == "closure":  # step(closure) takes one pass on plain/reuse steps, two on SAM
+
+            def closure(x=x, y=y) -> torch.Tensor:
+                opt.zero_grad()
+                loss = nnf.cross_entropy(module(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        elif drive == "two-step":
+            nnf.cross_entropy(module(x), y).backward()
+            opt.first_step(zero_grad=True)
+            nnf.cross_entropy(module(x), y).backward()
+            opt.second_step(zero_grad=True)
+        else:  # Momentum-SAM: the plain loop
+            nnf.cross_entropy(module(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    return kinds
+
+
+def _result(model: nn.Module, opt: Any, kinds: list[str]) -> dict[str, Any]:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "state": flat_state(opt.state_dict()),
+        "kinds": kinds,
+    }
+
+
+def _worker_variants(rank: int, out: str) -> None:
+    results = {}
+    for name, (drive, make) in VARIANTS.items():
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = make(model)
+        kinds = _train_variants(drive, ddp, opt, lambda step: _batch(rank, step))
+        results[name] = _result(model, opt, kinds)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _single_process(name: str) -> dict[str, Any]:
+    drive, make = VARIANTS[name]
+    model = _model()
+    opt = make(model)
+    kinds = _train_variants(drive, model, opt, _full_batch)
+    return _result(model, opt, kinds)
+
+
+@pytest.mark.distributed
+def test_every_variant_under_ddp(tmp_path: Path) -> None:
+    spawn_gloo(_worker_variants, str(tmp_path), world=WORLD)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    assert set(r0) == set(VARIANTS)
+    for name in VARIANTS:
+        a, b = r0[name], r1[name]
+        assert len(a["state"]) == len(b["state"]) > 0, name
+        for key in ("params", "state"):
+            for s, t in zip(a[key], b[key], strict=True):
+                assert torch.equal(s, t), f"{name}: ranks differ in {key}"
+        single = _single_process(name)
+        assert a["kinds"] == single["kinds"], name
+        for key in ("params", "state"):
+            assert len(a[key]) == len(single[key]), name
+            for s, t in zip(a[key], single[key]):
+                torch.testing.assert_close(s, t, atol=1e-6, rtol=1e-5, msg=f"{name} {key}")
+    # The schedules took their plain/reuse steps between SAM steps.
+    assert r0["looksam"]["kinds"] == ["sam", "plain", "sam", "plain", "sam"]
+    assert r0["every-2"]["kinds"] == r0["looksam"]["kinds"]
