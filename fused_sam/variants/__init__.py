@@ -1,5 +1,6 @@
-"""SAM variants, one module each, behind small interfaces that :class:`~fused_sam.FusedSAM`
-calls at fixed points of its step (no per-variant branches in the optimizer).
+"""SAM variants, one module each, behind one small interface (:class:`Policy`) that
+:class:`~fused_sam.FusedSAM` calls at fixed points of its step (no per-variant branches in the
+optimizer).
 
 - :class:`StepSchedule`: which kind of step comes next, a full SAM step (two passes) or a plain
   base-optimizer step (one pass), with hooks on the gradients of each pass.
@@ -18,6 +19,16 @@ from fused_sam.variants.friendly_sam import FriendlySAM
 from fused_sam.variants.gsam import GSAM
 from fused_sam.variants.looksam import LookSAM
 from fused_sam.variants.momentum_sam import MomentumSAM
+from fused_sam.variants.policy import Policy
 from fused_sam.variants.schedule import EveryK, StepSchedule
 
-__all__ = ["GSAM", "Direction", "EveryK", "FriendlySAM", "LookSAM", "MomentumSAM", "StepSchedule"]
+__all__ = [
+    "GSAM",
+    "Direction",
+    "EveryK",
+    "FriendlySAM",
+    "LookSAM",
+    "MomentumSAM",
+    "Policy",
+    "StepSchedule",
+]
