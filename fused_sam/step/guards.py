@@ -68,12 +68,15 @@ def check_checkpoint_groups(base: Optimizer, state_dict: dict[str, Any]) -> None
     its groups and fail half-way, or at the next step. The groups alone (no state tensors, so
     nothing is copied) are loaded into a scratch twin of ``base``, whose ``__setstate__`` fills
     the keys a newer torch added (as it does for an old checkpoint of the right type); every
-    key of ``base.defaults`` must then be there.
+    key of ``base.defaults`` must then be there. An optimizer with a ``load_state_dict`` of
+    its own (its own format) is left to it.
 
     Raises:
         ValueError: a group lacks a hyperparameter of ``base`` (or torch refuses the groups:
             another number of groups or of parameters).
     """
+    if type(base).load_state_dict is not Optimizer.load_state_dict:
+        return  # its own format and loading (the caller rolls back whatever fails there)
     groups = state_dict.get("param_groups")
     if not isinstance(groups, list):
         raise ValueError("the checkpoint has no 'param_groups' list: it is not an optimizer's")
