@@ -27,7 +27,15 @@ class ReplicaLocal(Protocol):
     def mark_replica_local(self) -> None: ...
 
 
-__all__ = ["agree_nonfinite", "local", "per_replica_pass", "shard_group", "sum_over"]
+__all__ = [
+    "agree_nonfinite",
+    "all_finite_everywhere",
+    "broadcast_from_rank0",
+    "local",
+    "per_replica_pass",
+    "shard_group",
+    "sum_over",
+]
 
 
 def _world() -> int:
@@ -136,3 +144,33 @@ def sum_over(sumsq: Tensor, group: object) -> Tensor:
     total = sumsq.sum().reshape(1)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total
+
+
+def all_finite_everywhere(grads: list[Tensor]) -> bool:
+    """Whether every gradient is finite, on every rank (so that all ranks refresh together)."""
+    import torch.distributed as dist
+
+    if not grads:
+        return True
+    bad = torch.stack([torch.isfinite(g).all().logical_not() for g in grads]).any()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = bad.float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag.item())
+    return not bool(bad)
+
+
+def broadcast_from_rank0(packed: list[Tensor]) -> None:
+    """Give every rank rank 0's masks (one broadcast per device holding masks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for m in packed:
+        by_device.setdefault(m.device, []).append(m)
+    for ms in by_device.values():
+        flat = torch.cat(ms)
+        dist.broadcast(flat, src=0)
+        for m, part in zip(ms, flat.split([m.numel() for m in ms])):
+            m.copy_(part)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 from collections.abc import Hashable, Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_sam.masks import RandomBits, unpack_bits
+from fused_sam.masks.bits import RandomBits, unpack_bits
 
 __all__ = [
     "BACKENDS",
@@ -241,6 +242,8 @@ def _flat_ok(tensors: Sequence[Tensor]) -> bool:
     stride = first.stride()
     return all(t.stride() == stride for t in tensors[1:])
 
+
+_DTYPE = operator.attrgetter("dtype")
 
 #: ``(backend, indices)`` pairs: which backend runs which tensors of a call (see :func:`plan`).
 Buckets = list[tuple[str, list[int]]]
@@ -563,6 +566,7 @@ def restore_sgd_step_(
     """
     if buckets is None:
         buckets = plan(backend, [params, grads, backups, momentum_buffers], first_step)
+    buckets = _state_dtypes_apart(buckets, params, [momentum_buffers])
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         mod = _module(chosen)
@@ -612,6 +616,7 @@ def restore_adam_step_(
     if buckets is None:
         cols = [params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
         buckets = plan(backend, cols)
+    buckets = _state_dtypes_apart(buckets, params, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs])
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         mod = _module(chosen)
@@ -634,6 +639,42 @@ def restore_adam_step_(
             grad_scale=_on(grad_scale, dev),
             found_inf=_on(found_inf, dev),
         )
+
+
+def _state_dtypes_apart(
+    buckets: Buckets, params: Sequence[Tensor], states: Sequence[Sequence[Tensor] | None]
+) -> Buckets:
+    """``buckets`` with the tensors whose optimizer state has another dtype than the parameter
+    moved to ``foreach`` where the chosen backend needs them alike (``STATE_OF_PARAM_DTYPE``).
+
+    torch's optimizers keep their state's dtype when the model is cast (``model.to(bfloat16)``
+    or ``.double()`` after some steps: float32 momentum beside bfloat16 weights) and go on; so
+    does ``foreach``, which computes in float32 or wider and writes each tensor in its own
+    dtype. The common case (every dtype alike) costs one comparison of dtype lists.
+    """
+    cols = [c for c in states if c]
+    if not cols:
+        return buckets
+    dtypes = _dtypes(params)
+    if all(_dtypes(c) == dtypes for c in cols):
+        return buckets
+    out: Buckets = []
+    for chosen, idx in buckets:
+        if not getattr(_module(chosen), "STATE_OF_PARAM_DTYPE", False):
+            out.append((chosen, idx))
+            continue
+        apart = {i for i in idx if any(c[i].dtype != dtypes[i] for c in cols)}
+        kept = [i for i in idx if i not in apart]
+        moved = [i for i in idx if i in apart]
+        out += [(name, part) for name, part in ((chosen, kept), ("foreach", moved)) if part]
+    return out
+
+
+def _dtypes(tensors: Sequence[Tensor]) -> list[torch.dtype]:
+    """The dtype of each tensor (one C-level pass eager; plain Python, which Dynamo traces)."""
+    if torch.compiler.is_compiling():
+        return [t.dtype for t in tensors]
+    return list(map(_DTYPE, tensors))
 
 
 def _hyper(mod: ModuleType, value: float | Tensor) -> float | Tensor:

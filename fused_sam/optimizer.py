@@ -5,6 +5,20 @@ variant or mask kind. The parts of a step live in :mod:`fused_sam.step` (plan, b
 policies, validation, checkpoints) and every op goes through :mod:`fused_sam.functional`, the
 one place that dispatches to a backend.
 
+One SAM step, with :math:`g_1` the gradient at :math:`w`:
+
+.. math::
+    e = \frac{\rho\, T(w)^2 g_1}{\lVert T(w)\, g_1 \rVert_2 + \epsilon}, \qquad
+    w' = w + e \;\to\; g_2 = \nabla L(w'), \qquad
+    w \leftarrow \mathrm{base\_step}(w, g_2)
+
+with :math:`T(w) = 1` (SAM) or :math:`|w| + \eta` (ASAM). The norm is global over all
+parameters with a gradient; the restore of :math:`w` is an exact copy from a backup.
+
+``param_groups`` and ``state`` are the base optimizer's own objects: LR schedulers act on
+both at once, ``rho``/``adaptive``/``eta`` live in the same group dicts (so ``rho`` can be
+scheduled too), and ``state_dict()`` is in the base optimizer's format.
+
 Sparse SAM (SSAM, ``sparsity > 0``) multiplies :math:`e` by a binary mask :math:`m` that
 keeps :math:`\lfloor N(1 - s)\rfloor` of all :math:`N` parameter entries, chosen by one
 global top-k (see :mod:`fused_sam.masks`): ``mask="fisher"`` (SSAM-F, empirical Fisher) or
@@ -43,9 +57,10 @@ from torch.optim import Optimizer
 
 from fused_sam import distributed
 from fused_sam import functional as F
-from fused_sam.masks import MaskPolicy
-from fused_sam.step import amp, checkpoint, engine, plan
+from fused_sam.masks.policies import MaskPolicy
+from fused_sam.step import amp, base_steps, checkpoint, closures, engine, guards, plan
 from fused_sam.step import validation as V
+from fused_sam.step.hooks import sam_step_hooks
 from fused_sam.step.policies import Policies
 from fused_sam.step.state import StepState
 from fused_sam.variants.direction import Direction
@@ -62,19 +77,9 @@ _TRANSIENT = ("step", "_backups", "_step_state")
 class FusedSAM(Optimizer):
     r"""Sharpness-Aware Minimization (SAM, ASAM, Sparse SAM) around any ``torch.optim`` optimizer.
 
-    One SAM step, with :math:`g_1` the gradient at :math:`w`:
-
-    .. math::
-        e = \frac{\rho\, T(w)^2 g_1}{\lVert T(w)\, g_1 \rVert_2 + \epsilon}, \qquad
-        w' = w + e \;\to\; g_2 = \nabla L(w'), \qquad
-        w \leftarrow \mathrm{base\_step}(w, g_2)
-
-    with :math:`T(w) = 1` (SAM) or :math:`|w| + \eta` (ASAM). The norm is global over all
-    parameters with a gradient; the restore of :math:`w` is an exact copy from a backup.
-
-    ``param_groups`` and ``state`` are the base optimizer's own objects: LR schedulers act on
-    both at once, ``rho``/``adaptive``/``eta`` live in the same group dicts (so ``rho`` can be
-    scheduled too), and ``state_dict()`` is in the base optimizer's format.
+    One SAM step (module docstring): ``w + e`` with ``e = rho T(w)^2 g / (||T(w) g|| + eps)``,
+    a second pass there, an exact restore of ``w`` and the base optimizer's step. Its
+    ``param_groups`` and ``state`` are the base optimizer's own objects.
 
     Args:
         params: parameters or param groups, or an already-built optimizer instance.
@@ -111,12 +116,15 @@ class FusedSAM(Optimizer):
         allow_plain_steps: let a bare ``step()`` with nothing in flight take a plain base
             step; by default it raises (a trainer's ``backward(); step()`` would train without
             SAM while the user believes it is SAM).
+        freeze_bn_stats: when FusedSAM runs a pass at ``w + e`` itself (a closure given to
+            :meth:`step`, Lightning, ``SAMTrainer``), put the running statistics of every
+            normalisation layer it calls back as the first pass left them (the official SAM's
+            recipe; see :func:`fused_sam.frozen_bn_stats`); ``False``: the second pass updates
+            them too.
         **base_kwargs: keyword arguments for ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Attributes:
         base_optimizer: the wrapped optimizer.
-        last_step_skipped: 0-dim bool tensor, ``True`` when the last SAM step was skipped
-            because a gradient was not finite (read it with ``bool()``; that syncs the device).
     """
 
     #: torch.amp.GradScaler's protocol: scaler.step(opt) always calls step(), having set
@@ -141,6 +149,7 @@ class FusedSAM(Optimizer):
         allow_plain_steps: bool = False,
         schedule: StepSchedule | None = None,
         direction: Direction | None = None,
+        freeze_bn_stats: bool = True,
         **base_kwargs: Any,
     ) -> None:
         base = V.base_optimizer(params, base_optimizer, base_kwargs)
@@ -151,13 +160,9 @@ class FusedSAM(Optimizer):
         self.backend = V.check_backend_name(backend)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.allow_plain_steps = bool(allow_plain_steps)
+        self.freeze_bn_stats = bool(freeze_bn_stats)
         self._policies = Policies.build(
-            schedule=schedule,
-            direction=direction,
-            sparsity=sparsity,
-            mask=mask,
-            mask_update_every=mask_update_every,
-            mask_norm=mask_norm,
+            schedule, direction, sparsity, mask, mask_update_every, mask_norm
         )
         # Steps taken (SAM and plain), the schedule's clock: mutated in place, saved in
         # state_dict() when a schedule is set.
@@ -169,23 +174,24 @@ class FusedSAM(Optimizer):
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         V.validate_group({**sam_defaults})
         V.check_distinct([distributed.local(p) for g in base.param_groups for p in g["params"]])
-        # Optimizer.__init__ walks the groups through add_param_group, which (while
-        # initialising) fills the SAM keys into the base optimizer's own group dicts.
-        self._initializing = True
-        super().__init__(base.param_groups, sam_defaults)
-        self._initializing = False
-        # One source of truth: the base optimizer's groups and state.
-        self.param_groups = base.param_groups
-        self.state = base.state
-        self.defaults = {**base.defaults, **sam_defaults}
-        for group in self.param_groups:
-            V.validate_group(group)
-        self._set_shards()
-        self._reset_transient()
-
-        # A forced backend that cannot run must fail now, with its reason, not mid-training.
-        for device in self._devices():
-            F.resolve_backend(backend, device)
+        # A wrapper that is refused must leave a given base optimizer as it was: the group
+        # dicts written below are put back if anything raises.
+        with guards.wrapping(base, V.SAM_KEYS):
+            # Optimizer.__init__ walks the groups through add_param_group, which (while
+            # initialising) fills the SAM keys into the base optimizer's own group dicts.
+            self._initializing = True
+            super().__init__(base.param_groups, sam_defaults)
+            self._initializing = False
+            # One source of truth: the base optimizer's groups and state.
+            self.param_groups = base.param_groups
+            self.state = base.state
+            self.defaults = {**base.defaults, **sam_defaults}
+            for group in self.param_groups:
+                V.validate_group(group)
+            self._set_shards()
+            self._reset_transient()
+            # A forced backend that cannot run must fail now, with its reason, not mid-training.
+            V.check_backend_runs(backend, self._devices())
 
     # -------------------------------------------------------------------------------------
     # torch.optim.Optimizer plumbing
@@ -222,11 +228,8 @@ class FusedSAM(Optimizer):
 
     @property
     def _opt_called(self) -> bool:
-        """Set by an LR scheduler's step() wrapper, read by its first step() (torch's protocol).
-
-        Kept in a mutated dict rather than as an attribute: Dynamo drops attribute writes on an
-        optimizer, and a compiled ``second_step`` sets it itself (see there).
-        """
+        """An LR scheduler's step() wrapper sets it (torch's protocol); kept in a mutated dict,
+        as Dynamo drops attribute writes on an optimizer (a compiled ``second_step`` sets it)."""
         return self._progress.get("opt_called", False)
 
     @_opt_called.setter
@@ -253,17 +256,16 @@ class FusedSAM(Optimizer):
         group = V.new_group(param_group, self.defaults, self._all_params(), self.backend)
         self._policies.check_shards(distributed.shard_group(self._all_params() + group["params"]))
         self.base_optimizer.add_param_group(group)
+        filled = [set(V.SAM_KEYS) - set(param_group)]
+        guards.record_filled_keys(self.base_optimizer, [group], filled)
         self._set_shards()
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict, in its own format (SAM keys ride in the groups).
-
-        Policies with state add one top-level key each (:mod:`fused_sam.step.policies`; e.g.
-        ``"sparse_sam"``: the packed masks), so a resume continues bit-identically.
+        """The base optimizer's state dict, in its own format (SAM keys ride in the groups), and
+        one top-level key per policy with state (e.g. ``"sparse_sam"``): resumes bit-identically.
 
         Raises:
-            RuntimeError: while a SAM step is in flight: the model then holds perturbed weights
-                that a checkpoint would silently store. Finish or ``restore()`` first.
+            RuntimeError: while a SAM step is in flight (the weights are perturbed).
         """
         self._check_not_in_flight("state_dict()")
         state = super().state_dict()
@@ -277,6 +279,10 @@ class FusedSAM(Optimizer):
         step; a checkpoint with masks cannot go into one with ``sparsity=0``.
         """
         self._check_not_in_flight("load_state_dict()")
+        # Hooks registered on FusedSAM, as torch's Optimizer.load_state_dict runs them (the
+        # base optimizer's own run inside its load_state_dict).
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = dict(pre_hook(self, state_dict) or state_dict)
         base = self.base_optimizer
         try:
             self._progress["steps"] = checkpoint.load_state_dict(
@@ -287,6 +293,8 @@ class FusedSAM(Optimizer):
             self.param_groups = base.param_groups
             self.state = base.state
             self._step_state.plan = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         self._check_not_in_flight("pickling or copying")
@@ -294,6 +302,7 @@ class FusedSAM(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("freeze_bn_stats", True)  # pickled before the option existed
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self._reset_transient()
@@ -309,12 +318,8 @@ class FusedSAM(Optimizer):
 
     @property
     def next_step(self) -> str:
-        """``"sam"`` or ``"plain"``: the kind of the next step under :attr:`schedule`.
-
-        A plain step is one forward/backward and ``step()`` (or ``step(closure)``, which then
-        calls the closure once); a SAM step is ``first_step`` and ``second_step`` (or
-        ``step(closure)``, which calls it twice).
-        """
+        """``"sam"`` (``first_step`` + ``second_step``, or ``step(closure)``: two passes) or
+        ``"plain"`` (one pass and ``step()``): the kind of the next step under the schedule."""
         return self._policies.kind(self._progress["steps"])
 
     @property
@@ -329,23 +334,21 @@ class FusedSAM(Optimizer):
         """Save the weights and move them to the ascent point ``w + e``.
 
         Parameters without a gradient are not perturbed. Non-finite gradients leave every weight
-        bit-identical and mark the step skipped (its base update is skipped too).
-
-        Under a ``torch.amp.GradScaler`` the gradients here are scaled (the SAM direction does
-        not depend on the scale); a :attr:`schedule` or :attr:`direction` gets them unscaled in
-        place (README, "Mixed precision").
+        bit-identical and mark the step skipped (its base update is skipped too). Scaled
+        gradients (GradScaler) are fine; a schedule or direction gets them unscaled in place.
 
         Args:
             zero_grad: zero the gradients afterwards (``set_to_none`` as ``zero_grad()``).
-            grad_scale: the loss scale of these gradients (e.g. ``scaler.get_scale()``, which
-                syncs a GPU; or a 0-dim tensor). Needed by a direction when the second pass is
-                unscaled by ``scaler.unscale_(opt)`` (to clip it), since ``scaler.step`` then
-                hands no scale to ``step()``.
+            grad_scale: the loss scale of these gradients (``scaler.get_scale()`` or a 0-dim
+                tensor): a direction needs it when ``scaler.unscale_(opt)`` runs before
+                ``scaler.step`` (README, "Mixed precision").
 
         Raises:
             RuntimeError: a SAM step is already in flight, or a gradient is sparse.
         """
         self._check_not_in_flight("first_step()")
+        if self._step_state.first_step_check is not None:
+            self._step_state.first_step_check()
         if F.capturing() and not F.capturable(self.backend, self._devices()):
             raise RuntimeError(V.CAPTURE)
         if self.next_step == PLAIN:
@@ -359,10 +362,8 @@ class FusedSAM(Optimizer):
             self._zero_grad()
 
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the weights exactly and take the base optimizer's step with the new grads.
-
-        Goes through :meth:`step`, so step hooks and LR-scheduler bookkeeping see exactly one
-        optimizer step per SAM step.
+        """Restore the weights exactly and take the base optimizer's step with the new grads
+        (through :meth:`step`: hooks and LR schedulers see one optimizer step per SAM step).
 
         Args:
             zero_grad: zero the gradients afterwards.
@@ -427,16 +428,22 @@ class FusedSAM(Optimizer):
             F.restore_(perturbed, [self._backups[p] for p in perturbed], self.backend)
 
     def mark_replica_local(self) -> None:
-        """Say that the next first pass runs on this replica's own batch (no all-reduce): a
-        non-finite gradient on any replica then skips the step on every replica. Called by
-        :func:`fused_sam.distributed.per_replica_pass`."""
+        """The next first pass runs on this replica's own batch (no all-reduce): a non-finite
+        gradient on any replica skips the step everywhere (``distributed.per_replica_pass``)."""
         self._step_state.replica_local = True
+
+    def set_first_step_check(self, check: Callable[[], None] | None) -> Callable[[], None] | None:
+        """Install a check :meth:`first_step` runs first (it raises when a wrapper will not
+        finish the step: :func:`fused_sam.integrations.unwrap_sam`); returns the previous."""
+        previous, self._step_state.first_step_check = self._step_state.first_step_check, check
+        return previous
 
     def record_losses(self, loss: Any, loss_perturbed: Any) -> None:
         """Record the losses at ``w`` and ``w + e`` of the step that ran both passes, for
         :attr:`sharpness` (the trainer integrations call it)."""
         self._step_state.losses = (loss, loss_perturbed)
 
+    @sam_step_hooks  # pre-hooks after the last pass, in both forms (see fused_sam.step.hooks)
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Run a whole SAM step with ``closure``, or finish the one in flight.
 
@@ -475,42 +482,43 @@ class FusedSAM(Optimizer):
             else:
                 raise RuntimeError(V.BARE_STEP)
             return None
+        params = self._all_params()
         if self.in_flight:
-            loss = self._second_pass(closure)
+            loss = self._second_pass(closure, params)
             self._finish(scaler)
             return loss
-        if self.next_step == PLAIN:
-            with torch.enable_grad():
-                loss = closure()
-            self._base_step(scaler)
-            return loss
-        params = self._all_params()
-        before = [(p.grad, p.grad._version) for p in params if p.grad is not None]
+        closures.check_driver(closure)
+        before = closures.grads_before(params)
         with torch.enable_grad():
             loss = closure()
+        if self.next_step == PLAIN:
+            closures.check_wrote_gradients(params, before, closure)
+            self._base_step(scaler)
+            return loss
         V.check_closure_cleared(before)
+        closures.check_wrote_gradients(params, before, closure)
         self.first_step(zero_grad=True)
-        loss2 = self._second_pass(closure)
+        loss2 = self._second_pass(closure, params)
         self._finish(scaler)
         st.losses = (loss, loss2)
         return loss
 
-    def _second_pass(self, closure: Callable[[], Any]) -> Any:
-        """The closure at ``w + e``; restores the weights if it raises."""
+    def _second_pass(self, closure: Callable[[], Any], params: list[Tensor]) -> Any:
+        """The closure at ``w + e`` (normalisation statistics kept from the first pass unless
+        ``freeze_bn_stats=False``); restores the weights if it raises or made no gradient."""
         try:
-            with torch.enable_grad():
-                return closure()
+            with torch.enable_grad(), closures.perturbed_pass(self.freeze_bn_stats):
+                loss = closure()
+            closures.check_wrote_gradients(params, None, closure)
+            return loss
         except BaseException:
             self.restore()
             raise
 
     @property
     def sharpness(self) -> Tensor | None:
-        r"""``L(w + e) - L(w)`` of the last SAM step whose two losses FusedSAM saw (those of
-        ``step(closure)`` and of the trainer integrations), detached; ``None`` otherwise.
-
-        A by-product worth logging: the loss increase at the ascent point that SAM minimises.
-        """
+        r"""``L(w + e) - L(w)`` (detached) of the last SAM step whose two losses FusedSAM saw
+        (``step(closure)``, the trainer integrations), else ``None``: worth logging."""
         losses = self._step_state.losses
         if losses is None or not all(isinstance(x, Tensor) for x in losses):
             return None
@@ -528,27 +536,28 @@ class FusedSAM(Optimizer):
             skip = engine.restore_and_step(st, scaler, self._setup())
         except BaseException:
             self.restore()  # a no-op once the restore has happened
+            st.post_hooks_due = False
             raise
         st.last_skipped = amp.skip_flag(skip)
         self._progress["steps"] += 1
+        base_steps.post_hooks(self.base_optimizer, st)
         if zero_grad:
             self._zero_grad()
 
     def _base_step(self, scaler: amp.ScalerArgs) -> None:
         """A plain base-optimizer step (nothing in flight), under the scaler's flags if any."""
-        engine.plain_step(scaler, self._setup())
+        engine.plain_step(self._step_state, scaler, self._setup())
         self._step_state.last_skipped = amp.skip_flag(scaler.scaler_inf)
         self._progress["steps"] += 1
+        base_steps.post_hooks(self.base_optimizer, self._step_state)
 
     def _zero_grad(self) -> None:
         """``zero_grad()`` (``set_to_none``) for ``first_step``/``second_step(zero_grad=True)``;
         traced, the same in plain Python (torch's ``Optimizer.zero_grad`` is not traceable)."""
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            plan.drop_grads(self._all_params())
+        else:
             self.zero_grad()
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fused_sam.masks import RandomBits, random_mask, unpack_bits
+from fused_sam.masks.bits import RandomBits, random_mask, unpack_bits
 
 __all__ = [
     "axpby_",

@@ -64,6 +64,24 @@ def test_lightning_manual_example_runs() -> None:
     assert scope["trainer"].global_step == 20
 
 
+def test_lightning_automatic_example_runs() -> None:
+    scope: dict = {}
+    exec(compile(_block("lightning-automatic"), str(README), "exec"), scope)
+    assert scope["trainer"].global_step == 20
+    assert "train_loss" in scope["trainer"].progress_bar_metrics
+
+
+def test_accelerate_accumulation_example_runs() -> None:
+    scope: dict = {}
+    try:
+        exec(compile(_block("accelerate-accumulation"), str(README), "exec"), scope)
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert scope["sam"].state and not scope["sam"].in_flight
+
+
 def test_hf_trainer_example_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the example's output_dir
     scope: dict = {}

@@ -592,22 +592,36 @@ def test_mask_does_not_depend_on_the_layout() -> None:
     assert torch.equal(masks[0], masks[1]) and 0 < int(masks[0].sum()) < masks[0].numel()
 
 
-def test_parameter_added_after_a_refresh_is_not_perturbed_until_the_next() -> None:
-    """A parameter group added after the last refresh has no mask entry yet: it is not
-    perturbed (an all-zero mask) until the next refresh covers it."""
+def test_parameter_added_after_a_refresh_makes_a_refresh_due_at_the_next_step() -> None:
+    """Decision: a parameter group added after the last refresh (layers unfrozen while
+    fine-tuning) makes the next first_step refresh the mask over every parameter, as the first
+    mask is made, instead of leaving it unperturbed until update_mask() with no word. A policy
+    that cannot score on its own says so there, and update_mask() then covers it."""
     model = mlp()
     x, y = torch.randn(16, 13), torch.randint(0, 3, (16,))
     opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5,
                    mask=DynamicMask(seed=0))  # fmt: skip
     opt.update_mask()
-    extra = nn.Parameter(torch.randn(7))
+    extra = nn.Parameter(torch.randn(70))
     opt.add_param_group({"params": [extra]})
     before = extra.detach().clone()
     (nn.functional.cross_entropy(model(x), y) + (extra**2).sum()).backward()
     opt.first_step(zero_grad=True)
-    assert torch.equal(extra, before)  # not in the mask yet: untouched
-    assert extra not in opt.masks
-    opt.restore()
-    opt.zero_grad()
-    opt.update_mask()  # the refresh covers it
     assert extra in opt.masks
+    assert not torch.equal(extra, before)  # perturbed where its new mask keeps it
+    kept_bits = unpack_bits(opt.masks[extra], extra)
+    assert torch.equal(extra != before, kept_bits)
+    opt.restore()
+
+    fisher = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5)
+    fisher.update_mask([(x, y)], model=model)
+    late = nn.Parameter(torch.randn(5))
+    fisher.add_param_group({"params": [late]})
+    w = [p.detach().clone() for p in [*model.parameters(), late]]
+    (nn.functional.cross_entropy(model(x), y) + (late**2).sum()).backward()
+    with pytest.raises(RuntimeError, match="update_mask"):
+        fisher.first_step()
+    for p, b in zip([*model.parameters(), late], w):
+        assert torch.equal(p, b)
+    fisher.update_mask([(x, y)], model=model)  # the refresh covers it
+    assert late in fisher.masks

@@ -479,6 +479,59 @@ def test_momentum_sam_unperturbed_and_exact_resume() -> None:
             assert torch.equal(a, b), which
 
 
+def test_momentum_sam_resumes_exactly_from_a_checkpoint_saved_inside_unperturbed() -> None:
+    """Model AND optimizer saved inside ``opt.unperturbed()`` (the documented place): the
+    resumed run continues bit for bit (the optimizer recorded ``perturbed=False`` there, and
+    the resume dropped the next perturbation)."""
+    model = _net()
+    opt = _msam(model, "sgd")
+    _one_pass(model, opt, range(3))
+    with opt.unperturbed():
+        saved_model = copy.deepcopy(model.state_dict())
+        saved_opt = copy.deepcopy(opt.state_dict())
+    _one_pass(model, opt, range(3, STEPS))
+    resumed = _net()
+    resumed.load_state_dict(saved_model)
+    opt2 = _msam(resumed, "sgd")
+    opt2.load_state_dict(saved_opt)
+    _one_pass(resumed, opt2, range(3, STEPS))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_momentum_sam_keeps_weights_written_between_steps(backend: str) -> None:
+    """A rollback (``model.load_state_dict``), an in-place write under no_grad or a ``.data =``
+    between two steps is the new unperturbed point: the next step starts from it, as a plain
+    SGD step from the written weights with the stored momentum would."""
+    require_backend(backend)
+    model = _net()
+    opt = _msam(model, "sgd", backend)
+    _one_pass(model, opt, range(3))
+    params = list(model.parameters())
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    model.load_state_dict({k: torch.full_like(v, 5.0) for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        params[1].clamp_(max=1.0)  # written in place: kept as 1.0
+    params[3].data = torch.full_like(params[3], -2.0)  # a new storage: kept too
+    written = [p.detach().clone() for p in params]
+    # What one SGD step from the written weights, with the same momentum, gives.
+    twin = _net()
+    with torch.no_grad():
+        for t, w in zip(twin.parameters(), written):
+            t.copy_(w)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    for t, b in zip(twin.parameters(), bufs):
+        sgd.state[t]["momentum_buffer"] = b.clone()
+    x, y = _batch(3)
+    nnf.cross_entropy(twin(x), y).backward()
+    sgd.step()
+    _one_pass(model, opt, [3])
+    with opt.unperturbed():
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5)
+
+
 def test_momentum_sam_refuses_what_it_cannot_drive() -> None:
     from fused_sam import MomentumSAM
 

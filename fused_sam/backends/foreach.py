@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fused_sam.backends._checks import check_axpby, check_lists
-from fused_sam.masks import RandomBits, random_mask, unpack_bits
+from fused_sam.masks.bits import RandomBits, random_mask, unpack_bits
 
 __all__ = [
     "FLAT",
@@ -130,17 +130,19 @@ def _add_guarded(
     masks: list[Tensor] | None,
 ) -> None:
     """``w += e`` with the scale and the non-finite decision on the device (no host sync)."""
-    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    # ASAM's T(w)^2 g needs float64 (see _asam_e); SAM's scale * g fits the gradient's dtype.
+    acc = torch.float64 if adaptive or grads[0].dtype == torch.float64 else torch.float32
     finite = torch.isfinite(norm)
     scale = torch.where(finite, rho / (norm + eps), torch.zeros_like(norm)).to(acc)
     # On an accelerator the decision stays on the device: e lives in one flat buffer so that
     # the non-finite guard below is a single launch.
     numels = [g.numel() for g in grads]
     flat = torch.cat([g.reshape(-1).to(acc) for g in grads])
-    flat.mul_(scale)
     if adaptive:
         t = torch.cat([w.reshape(-1).to(acc) for w in params]).abs_().add_(eta)
-        flat.mul_(t).mul_(t)
+        flat.mul_(t).mul_(scale).mul_(t)  # (scale * (T g)) * T: in range, as _asam_e
+    else:
+        flat.mul_(scale)
     if masks is not None:
         flat.mul_(torch.cat([m.reshape(-1) for m in masks]))
     # scale is 0 when the norm is not finite, but 0 * inf = nan where a gradient itself is not
@@ -169,11 +171,12 @@ def _add_scaled(
         torch._foreach_add_(params, grads, alpha=scale)
         return
     if adaptive:
-        e = _scaling(params, eta)
-        torch._foreach_mul_(e, e)
-        torch._foreach_mul_(e, _f32(grads))
-    else:
-        e = _f32_copy(grads)
+        e = _asam_e(params, grads, scale, eta)
+        if masks is not None:
+            torch._foreach_mul_(e, masks)
+        torch._foreach_add_(params, e)  # computed in float64, rounded once to the params' dtype
+        return
+    e = _f32_copy(grads)
     if masks is not None:
         torch._foreach_mul_(e, masks)
     if low:
@@ -181,6 +184,23 @@ def _add_scaled(
         torch._foreach_add_(params, e)  # computed in float32, rounded once to the params' dtype
     else:
         torch._foreach_add_(params, e, alpha=scale)
+
+
+def _asam_e(
+    params: Sequence[Tensor], grads: Sequence[Tensor], scale: float | Tensor, eta: float
+) -> list[Tensor]:
+    """ASAM's ``e = scale * T(w)^2 * g`` in float64, as ``(scale * (T g)) * T``.
+
+    ``T(w)^2 g`` itself overflows float32 where ``e`` is finite (``|w| ~ 1e4`` with
+    ``g ~ 1e31``, or ``|w| ~ 1e20``): in float64 it cannot for float32-or-lower inputs, and
+    the order keeps every intermediate at most ``rho * T`` (``|T g| <= ||T g||``), so float64
+    parameters stay in range too.
+    """
+    t = _scaling(params, eta, torch.float64)
+    e = torch._foreach_mul(t, [g.double() for g in grads])
+    torch._foreach_mul_(e, scale)
+    torch._foreach_mul_(e, t)
+    return e
 
 
 def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

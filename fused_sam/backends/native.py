@@ -13,13 +13,14 @@ rebuild.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fused_sam.masks import RandomBits
+from fused_sam.masks.bits import RandomBits
 
 __all__ = [
     "FLAT",
@@ -40,12 +41,16 @@ __all__ = [
 FLAT = True
 #: ``rho`` and ``lr`` may be one-element tensors (kept as tensors under torch.compile).
 TENSOR_HYPERPARAMS = True
+#: The optimizer-state tensors of the fused steps must have their parameter's dtype
+#: (``functional`` hands others, e.g. float32 momentum of a bfloat16 model, to ``foreach``).
+STATE_OF_PARAM_DTYPE = True
 
 _BUILD = "pip install --no-build-isolation -e ."
 _CUDA_BUILD = f"FUSED_SAM_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 {_BUILD}"
 
 try:
-    from fused_sam import _C
+    # By name: a backend imports no package module above it (the compiled extension is a leaf).
+    _C = importlib.import_module("fused_sam._C")
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"

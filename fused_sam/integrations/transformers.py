@@ -11,17 +11,27 @@ device): micro-batch ``i`` takes its own ascent step ``e_i`` from its own gradie
 its gradient at ``w + e_i`` is accumulated, and ``w`` is restored; the base step at the end of
 the window uses the accumulated second-pass gradients. (The exact full-batch SAM step needs
 every micro-batch twice, which this loop does not revisit; see the README's two-step recipe.)
+Under DDP the first pass of every micro-batch is then replica-local (this device's own
+gradient, as on the window's other micro-batches, where the Trainer skips the all-reduce
+anyway); without accumulation it is all-reduced (synchronised SAM, the step of one process on
+the global batch).
+
+The second pass keeps normalisation running statistics as the first pass left them (the
+official SAM's recipe), unless the optimizer was built with ``freeze_bn_stats=False``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
-from fused_sam.integrations import unwrap_sam
+from fused_sam.bn import frozen_bn_stats
+from fused_sam.distributed import per_replica_pass
+from fused_sam.integrations import _accumulating_allowed, unwrap_sam
 
 __all__ = ["SAMTrainer"]
 
@@ -52,12 +62,21 @@ class SAMTrainer(Trainer):
         held = [p.grad for p in params]
         for p in params:
             p.grad = None
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        sam.first_step(zero_grad=True)
+        if self.args.gradient_accumulation_steps > 1:
+            # Every micro-batch perturbs with this device's own gradient (m-sharpness): the
+            # window's last one too, whose backward the Trainer would all-reduce.
+            with per_replica_pass(model, sam):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        with _accumulating_allowed(sam):  # restored below on the window's other micro-batches
+            sam.first_step(zero_grad=True)
         for p, g in zip(params, held):
             p.grad = g
+        freeze = frozen_bn_stats(model) if sam.freeze_bn_stats else contextlib.nullcontext()
         try:
-            loss_perturbed = super().training_step(model, inputs, num_items_in_batch)
+            with freeze:
+                loss_perturbed = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
             sam.restore()
             raise

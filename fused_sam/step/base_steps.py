@@ -21,7 +21,9 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.step.amp import unscale_grads
+from fused_sam.step.guards import note_partial_base_step
 from fused_sam.step.plan import contiguous, dense_grads
+from fused_sam.step.state import StepState
 
 
 class Tensors(NamedTuple):
@@ -248,19 +250,34 @@ def restore_and_step_groups(
         F.restore_(rest, [backups[p] for p in rest], backend)
 
 
-def hooked(base: Optimizer, body: Callable[[], None]) -> None:
-    """Run a base update as ``base.step()`` would: with the base optimizer's own step hooks
-    around it, and marked as stepped for an LR scheduler built on it."""
+def hooked(base: Optimizer, body: Callable[[], None], st: StepState) -> None:
+    """Run a base update as ``base.step()`` would: with the base optimizer's own step
+    pre-hooks before it, and marked as stepped for an LR scheduler built on it. Its post-hooks
+    run once the whole step is done (:func:`post_hooks`)."""
     for hook in list(base._optimizer_step_pre_hooks.values()):
         if hook(base, (), {}) is not None:
             raise RuntimeError(
                 "a step pre-hook on the base optimizer returned new arguments; FusedSAM "
                 "calls the base step itself and cannot pass them on"
             )
-    body()
+    try:
+        body()
+    except BaseException as err:
+        if st.perturbed is not None:  # the caller restores w; the base's state keeps its writes
+            note_partial_base_step(err, type(base).__name__)
+        raise
     base._opt_called = True  # what an LR scheduler's step() wrapper records
-    for hook in list(base._optimizer_step_post_hooks.values()):
-        hook(base, (), {})
+    st.post_hooks_due = True
+
+
+def post_hooks(base: Optimizer, st: StepState) -> None:
+    """The base optimizer's step post-hooks, after a step that ran its update is complete
+    (weights, state, counters): as for torch's own ``step()``, a hook that raises cannot undo
+    the step, on every backend alike."""
+    if st.post_hooks_due:
+        st.post_hooks_due = False
+        for hook in list(base._optimizer_step_post_hooks.values()):
+            hook(base, (), {})
 
 
 def raw_base_step(base: Optimizer) -> None:
@@ -271,7 +288,11 @@ def raw_base_step(base: Optimizer) -> None:
 
 
 def unfused_step(
-    base: Optimizer, params: list[Tensor], grad_scale: Tensor | None, skip: Tensor | None
+    base: Optimizer,
+    params: list[Tensor],
+    grad_scale: Tensor | None,
+    skip: Tensor | None,
+    st: StepState,
 ) -> None:
     """The base optimizer's own ``step()`` on the current gradients, unless skipped.
 
@@ -287,4 +308,4 @@ def unfused_step(
         return
     if grad_scale is not None:
         unscale_grads(params, grad_scale)
-    hooked(base, lambda: raw_base_step(base))
+    hooked(base, lambda: raw_base_step(base), st)

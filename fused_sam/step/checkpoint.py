@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fused_sam.step.guards import check_checkpoint_groups
 from fused_sam.step.policies import KEYS, Policies
 from fused_sam.step.validation import SAM_KEYS, check_state_shapes, validate_group
 
@@ -37,10 +38,11 @@ def load_state_dict(
     state_dict = dict(state_dict)
     extras = {key: state_dict.pop(key, None) for key in KEYS}
     policies.check_loadable(extras)
+    check_checkpoint_groups(base, state_dict)
     before = base.param_groups, base.state
     policies_before = policies.snapshot()
-    base.load_state_dict(state_dict)
     try:
+        base.load_state_dict(state_dict)
         for group in base.param_groups:
             for key in SAM_KEYS:
                 group.setdefault(key, sam_defaults[key])

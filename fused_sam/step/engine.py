@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from fused_sam import functional as F
 from fused_sam.step import amp, base_steps, plan
+from fused_sam.step.guards import claim_parameters
 from fused_sam.step.policies import Policies
 from fused_sam.step.state import StepState
 from fused_sam.step.validation import CAPTURE
@@ -54,6 +55,7 @@ def ascend(
     """
     policies = setup.policies
     fp = plan.first_pass(setup.base.param_groups, setup.shards.owner is not None, policies.rho)
+    claim_parameters(st, fp.params)  # not perturbed by another optimizer's step in flight
     st.first_scale, st.first_scale_told = None, grad_scale is not None
     if policies.gradient_hooks:
         st.first_scale = amp.unscale_first_pass(fp.grads, st.loss_scale, grad_scale)
@@ -189,18 +191,18 @@ def restore_and_step(
                 )
             st.perturbed = None  # restored: from here on an error must not restore again
 
-        base_steps.hooked(base, fused_step)
+        base_steps.hooked(base, fused_step, st)
     else:
         if perturbed:
             F.restore_(perturbed, [backups[p] for p in perturbed], backend)
         # Still "in flight" while the base optimizer steps: its step() may raise after
         # updating some parameters, and the backups (still w) then restore all of them.
-        base_steps.unfused_step(base, all_params, grad_scale, skip)
+        base_steps.unfused_step(base, all_params, grad_scale, skip, st)
     st.end()
     return skip
 
 
-def plain_step(scaler: amp.ScalerArgs, setup: Setup) -> None:
+def plain_step(st: StepState, scaler: amp.ScalerArgs, setup: Setup) -> None:
     """A plain base-optimizer step (nothing in flight), under the scaler's flags if any; a
     schedule's plain-pass hook sees the gradients first (unscaled)."""
     base, policies = setup.base, setup.policies
@@ -212,4 +214,4 @@ def plain_step(scaler: amp.ScalerArgs, setup: Setup) -> None:
             amp.unscale(gs, grad_scale.to(gs[0].device))  # the hooks see unscaled gradients
             grad_scale = None
         policies.plain_pass(ps, gs, setup.backend)
-    base_steps.unfused_step(base, all_params, grad_scale, scaler.scaler_inf)
+    base_steps.unfused_step(base, all_params, grad_scale, scaler.scaler_inf, st)

@@ -194,3 +194,10 @@ def global_sumsq(sumsq: Tensor, shard_group: object | None, *, replica_local: bo
     if replica_local:
         sumsq = distributed.agree_nonfinite(sumsq)
     return sumsq
+
+
+def drop_grads(params: list[Tensor]) -> None:
+    """``zero_grad(set_to_none=True)`` in plain Python, which torch.compile traces (torch's
+    ``Optimizer.zero_grad`` is not traceable)."""
+    for p in params:
+        p.grad = None

@@ -23,15 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_sam.masks import (
-    DynamicMask,
-    FisherMask,
-    MaskPolicy,
-    RandomBits,
-    RandomMask,
-    SparseMasks,
-    tensor_salt,
-)
+from fused_sam.masks.bits import RandomBits, tensor_salt
+from fused_sam.masks.policies import DynamicMask, FisherMask, MaskPolicy, RandomMask
+from fused_sam.masks.sparse import SparseMasks
 from fused_sam.step.validation import check_nonneg
 from fused_sam.variants.direction import Direction
 from fused_sam.variants.schedule import SAM, StepSchedule
@@ -140,7 +134,6 @@ class Policies:
     @classmethod
     def build(
         cls,
-        *,
         schedule: StepSchedule | None,
         direction: Direction | None,
         sparsity: float,

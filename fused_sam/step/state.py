@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,12 @@ class StepState:
     #: hooks (``None``: not at all), and whether the caller told it (then it is exact).
     first_scale: Tensor | None = None
     first_scale_told: bool = False
+    #: a base update ran in this step: the base optimizer's step post-hooks are due once the
+    #: step is complete.
+    post_hooks_due: bool = False
+    #: called at the start of every ``first_step``; raises when a wrapper will not finish the
+    #: step (Accelerate's accumulation, see ``integrations.unwrap_sam``).
+    first_step_check: Callable[[], None] | None = None
 
     def end(self) -> None:
         """Nothing in flight any more (the weights are at ``w``)."""

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from fused_sam import distributed
 from fused_sam import functional as F
+from fused_sam.values import as_real
 
 #: Keys FusedSAM keeps in every param group (next to the base optimizer's own keys).
 SAM_KEYS = ("rho", "adaptive", "eta")
@@ -25,9 +26,10 @@ ADAPTIVE_CHOICES = (False, True, "weights")
 
 
 def check_nonneg(name: str, value: Any, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    real = as_real(value)  # any real type torch's optimizers take (numpy scalars included)
+    if real is None:
         raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    value = real
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
@@ -72,7 +74,8 @@ def check_base_kwargs(cls: type[Optimizer], kwargs: dict[str, Any]) -> None:
         raise ValueError(
             f"unknown option(s) {unknown} for {cls.__name__}; FusedSAM takes rho, adaptive, "
             f"eta, norm_eps, backend, skip_nonfinite, sparsity, mask, mask_update_every, "
-            f"mask_norm and passes the rest to {cls.__name__}, which accepts {accepted}"
+            f"mask_norm, freeze_bn_stats and passes the rest to {cls.__name__}, which accepts "
+            f"{accepted}"
         )
 
 
@@ -110,7 +113,7 @@ def check_distinct(params: list[Tensor]) -> None:
     # views whose extents overlap but whose elements do not are rejected too.)
     spans: dict[tuple[torch.device, int], list[tuple[int, int, int]]] = {}
     for i, p in enumerate(params):
-        if p.numel() == 0:
+        if p.numel() == 0 or p.is_meta:  # meta tensors have no memory (every address is 0)
             continue
         size = p.element_size()
         start = p.storage_offset() * size
@@ -164,8 +167,9 @@ BARE_STEP = (
     "backward per step need the integration: HF Trainer -> "
     "fused_sam.integrations.transformers.SAMTrainer; Accelerate / timm loops -> the two-step "
     "loop, reaching first_step() through fused_sam.integrations.unwrap_sam(optimizer); "
-    "Lightning -> automatic optimization (with precision '32' or 'bf16-mixed'; '16-mixed' runs "
-    "the closure itself) or the manual recipe in the README. To take plain steps on purpose, "
+    "Lightning -> automatic optimization with a module derived from "
+    "fused_sam.integrations.lightning.SAMLightningModule, or the manual recipe in the README. "
+    "To take plain steps on purpose, "
     "build FusedSAM(..., allow_plain_steps=True) or call opt.base_optimizer.step()."
 )
 
@@ -176,12 +180,17 @@ def check_closure_cleared(before: list[tuple[Tensor, int]]) -> None:
     ``before`` holds the gradients (and their version counters) that existed before the call.
     A closure following torch's convention zeroes them first: it either replaces them
     (``set_to_none``, new tensors) or zeroes them in place and then accumulates (two writes).
-    A gradient that is the same tensor written exactly once was accumulated onto, as in a
-    trainer that runs backward on earlier micro-batches and then calls ``step(closure)`` for the
-    last one: the first pass would see every micro-batch, the second only the closure's.
+    A gradient that is the same tensor written exactly once and not all zeros was accumulated
+    onto, as in a trainer that runs backward on earlier micro-batches and then calls
+    ``step(closure)`` for the last one: the first pass would see every micro-batch, the second
+    only the closure's. (Written once and all zeros: zeroed, and not reached by the pass.)
     """
+    # One write is either backward adding onto a gradient left from before (accumulation) or
+    # zero_grad(set_to_none=False) zeroing the gradient of a parameter this pass did not reach
+    # (LayerDrop, stochastic depth, MoE routing): the first leaves it nonzero, the second all
+    # zeros. Only gradients written once are read (one device read each).
     for g, version in before:
-        if g._version == version + 1:
+        if g._version == version + 1 and bool(g.any()):
             raise RuntimeError(
                 "step(closure): the closure added its gradients to gradients that were there "
                 "before it ran (gradient accumulation, e.g. Lightning's "
@@ -250,7 +259,13 @@ def new_group(
     validate_group(group)
     new = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
     check_distinct([distributed.local(p) for p in params + new])
-    for device in {p.device for p in new}:
-        F.resolve_backend(backend, device)
+    check_backend_runs(backend, {p.device for p in new})
     group["params"] = new
     return group
+
+
+def check_backend_runs(backend: str | None, devices: set[torch.device]) -> None:
+    """A forced ``backend`` must be able to run on every device, or fail now with its reason
+    (meta parameters of a deferred initialisation are checked at their first step)."""
+    for device in devices - {torch.device("meta")}:
+        F.resolve_backend(backend, device)

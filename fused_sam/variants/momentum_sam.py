@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from fused_sam import functional as F
+from fused_sam.values import as_real
 from fused_sam.variants._state import load_per_param
 
 __all__ = ["MomentumSAM"]
@@ -75,9 +76,10 @@ class MomentumSAM(Optimizer):
             )
         if isinstance(base, SGD) and any(g["momentum"] == 0 for g in base.param_groups):
             raise ValueError("MomentumSAM needs SGD with momentum > 0 (it perturbs along it)")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+        real = as_real(rho)  # any real type torch's optimizers take (numpy scalars included)
+        if real is None or not real >= 0:
             raise ValueError(f"rho must be a number >= 0, got {rho!r}")
-        self.base_optimizer, self.rho, self._moment = base, float(rho), key
+        self.base_optimizer, self.rho, self._moment = base, real, key
         self.backend = backend
         for device in {p.device for g in base.param_groups for p in g["params"]}:
             F.resolve_backend(backend, device)  # a named backend that cannot run fails now
@@ -85,18 +87,26 @@ class MomentumSAM(Optimizer):
         self.param_groups, self.state = base.param_groups, base.state
         # The unperturbed weights; mutated in place (never rebound), shared by wrappers.
         self._w: dict[Tensor, Tensor] = {}
-        self._flags = {"perturbed": False}
+        self._flags = {"perturbed": False, "resumes_perturbed": False}
+        # Per perturbed parameter, its version counter and storage address right after the
+        # perturbation: a parameter whose pair has changed by the next restore was written by
+        # the user in between (a rollback, a clamp, a pruning mask), and keeps what was written.
+        self._mark: dict[Tensor, tuple[int, int]] = {}
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
     def _restore(self) -> None:
+        """Put ``w`` back, except into parameters written since the perturbation: their
+        written values are the new unperturbed point (see :meth:`step`)."""
         if self._flags["perturbed"]:
-            ps = [p for p in self._params() if p in self._w]
+            mark = self._mark
+            ps = [p for p in self._params() if p in self._w and mark.get(p) == _mark(p)]
             if ps:
                 F.restore_(ps, [self._w[p] for p in ps], self.backend)
             self._flags["perturbed"] = False
+            mark.clear()
 
     @torch.no_grad()
     def _perturb(self) -> None:
@@ -117,9 +127,18 @@ class MomentumSAM(Optimizer):
         sumsq = F.norm_sq(vs, ps, flat, zero, self.backend)
         F.perturb_(ps, vs, ws, sumsq, [-self.rho] * n, 1e-12, flat, zero, None, self.backend)
         self._flags["perturbed"] = True
+        self._mark.clear()
+        self._mark.update(zip(ps, map(_mark, ps)))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One Momentum-SAM step on the gradients taken at the perturbed weights.
+
+        A parameter written between two steps (``model.load_state_dict(...)``, an in-place op
+        under ``torch.no_grad()``, ``p.data = ...``) keeps the written values as its new
+        unperturbed point: the step restores the stored ``w`` only into the parameters left
+        as the perturbation put them. A write the version counter does not see
+        (``p.data.clamp_()``) cannot be told apart from the perturbation and is undone; make
+        such writes inside ``with opt.unperturbed():``.
 
         Args:
             closure: re-evaluates the model and returns the loss (called once).
@@ -145,9 +164,13 @@ class MomentumSAM(Optimizer):
         """
         was = self._flags["perturbed"]
         self._restore()
+        # A checkpoint taken in here (the documented place) must say that the run goes on
+        # perturbed, or its resume would drop the perturbation of the next step.
+        self._flags["resumes_perturbed"] = was
         try:
             yield
         finally:
+            self._flags["resumes_perturbed"] = False
             if was:
                 self._perturb()
 
@@ -156,8 +179,9 @@ class MomentumSAM(Optimizer):
         ``"momentum_sam"``), so that a resume is exact whichever weights the model saved."""
         state = super().state_dict()
         params = self._params()
+        flags = self._flags
         state[MSAM_KEY] = {
-            "perturbed": self._flags["perturbed"],
+            "perturbed": flags["perturbed"] or flags["resumes_perturbed"],
             "weights": {i: self._w[p].clone() for i, p in enumerate(params) if p in self._w},
         }
         return state
@@ -184,3 +208,9 @@ class MomentumSAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"MomentumSAM(rho={self.rho})\n{self.base_optimizer!r}"
+
+
+def _mark(p: Tensor) -> tuple[int, int]:
+    """What changes when a parameter is written through it: its version counter (in-place ops,
+    ``copy_``, ``load_state_dict``) and its storage address (``p.data = ...``)."""
+    return p._version, p.data_ptr()

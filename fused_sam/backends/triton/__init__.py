@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from fused_sam.backends._checks import check_axpby, check_lists
-from fused_sam.masks import RandomBits
+from fused_sam.masks.bits import RandomBits
 
 __all__ = [
     "FLAT",
