@@ -31,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fused_sam import FusedSAM
-from fused_sam.bench import git_sha
+from fused_sam.cli.bench import git_sha
 
 STEPS_PER_SAMPLE = 20
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fused_sam import bench
+from fused_sam.cli import bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from fused_sam.bench import PARAM_SETS, make_params, providers_for
+from fused_sam.cli.bench import PARAM_SETS, make_params, providers_for
 
 #: Parameter sets small enough for a CPU run of a few seconds each.
 CPU_SETS = {

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from fused_sam import available_backends
-from fused_sam.__main__ import main
-from fused_sam.data import DataError, add_symmetric_noise, load_cifar
-from fused_sam.demo import DEFAULT_METHODS, METHODS, DemoConfig
+from fused_sam.cli import main
+from fused_sam.cli.data import DataError, add_symmetric_noise, load_cifar
+from fused_sam.cli.demo import DEFAULT_METHODS, METHODS, DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,6 +220,35 @@ def test_bench_quick_optimizer(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "loop SAM" in capsys.readouterr().out
 
 
+def test_bench_counts_dispatched_ops_per_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every optimizer-side row reports the ops one steady-state step dispatches, counted with a
+    TorchDispatchMode, and the output says what is counted. The native backend's fused ops are
+    counted although its eager CPU calls skip the dispatcher: it dispatches more than nothing
+    and fewer ops than the foreach backend, whose step is a chain of ``_foreach_*`` ops."""
+    from fused_sam.cli.bench import dispatched_ops, make_params, optimizer_table, providers_for
+
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--threads", "1", "--out", str(path)]) == 0
+    res = json.loads(path.read_text())["optimizer"]
+    assert "TorchDispatchMode" in res["dispatched_ops_meaning"]
+    counts = {r["provider"]: r["dispatched_ops_per_step"] for r in res["rows"]}
+    assert all(isinstance(n, int) and n > 0 for n in counts.values()), counts
+    assert 0 < counts["FusedSAM[cpu]"] < counts["FusedSAM[foreach]"], counts
+    # The per-tensor baseline dispatches per tensor: more than the foreach step on 8 tensors.
+    assert counts["loop SAM"] > counts["FusedSAM[foreach]"], counts
+    out = capsys.readouterr().out  # the table wraps its headers; the note follows it
+    assert "dispatched ops" in out and "TorchDispatchMode" in out
+    assert "dispatched ops / step" in optimizer_table(res)[0]
+    # The count is the fused ops themselves, one each per step, not the aten ops around them.
+    (native,) = [p for p in providers_for("cpu", "sgd") if p.name == "FusedSAM[cpu]"]
+    step = native.make(make_params([(64, 32, 3, 3), (64,), (10, 64)], "cpu"))
+    ops = dispatched_ops(step, "cpu")
+    assert ops["fused_sam.perturb_"] == ops["fused_sam.restore_sgd_step_"] == 1, ops
+    assert ops["fused_sam.norm_sq_partials"] == 2 and sum(ops.values()) == counts["FusedSAM[cpu]"]
+
+
 def test_bench_quick_csv_sizes_and_model(tmp_path: Path) -> None:
     path = tmp_path / "bench.csv"
     argv = [
@@ -246,9 +275,10 @@ def test_bench_quick_csv_sizes_and_model(tmp_path: Path) -> None:
     assert all(v == 48 for k, v in floors.items() if k.startswith("FusedSAM"))
 
     model_json = tmp_path / "model.json"
-    argv = ["bench", "--quick", "--model", "fused_sam.bench:e2e_model", "--out", str(model_json)]
+    argv = ["bench", "--quick", "--model", "fused_sam.cli.models:e2e_model"]
+    argv += ["--out", str(model_json)]
     assert main(argv) == 0
-    from fused_sam.bench import e2e_model
+    from fused_sam.cli.models import e2e_model
 
     numel = sum(p.numel() for p in e2e_model().parameters())
     result = json.loads(model_json.read_text())["optimizer"]
@@ -339,7 +369,7 @@ def test_cuda_requested_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixtu
     [("resnet18", 62, 11_689_512), ("resnet50", 161, 25_557_032), ("vit_b", 152, 86_567_656)],
 )
 def test_param_sets_match_the_architectures(name: str, tensors: int, numel: int) -> None:
-    from fused_sam.bench import param_shapes
+    from fused_sam.cli.bench import param_shapes
 
     _, shapes = param_shapes(name)
     assert len(shapes) == tensors
@@ -439,7 +469,7 @@ def test_demo_variant_rows(tmp_path: Path) -> None:
 def test_demo_evaluates_momentum_sam_at_w(monkeypatch) -> None:
     """Momentum-SAM's weights sit at a perturbed point between steps: the demo must evaluate
     (accuracy, noisy-label fit) inside ``unperturbed()``, at ``w``."""
-    from fused_sam import demo as demo_module
+    from fused_sam.cli import demo as demo_module
 
     cfg = DemoConfig(methods=["msam"], epochs=1, seeds=[0], subset=320)
     run = demo_module.Run("msam", 0, demo_module.load_dataset(cfg.data, cfg.data_dir), cfg)
@@ -489,9 +519,9 @@ class _DeadlineError(Exception):
 
 def _stop_after(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     """Let ``rows`` rows be timed, then stop the run in the middle of the next one."""
-    from fused_sam import bench
+    from fused_sam.cli.bench import timing
 
-    real = getattr(bench.time_step, "__wrapped__", bench.time_step)
+    real = getattr(timing.time_step, "__wrapped__", timing.time_step)
     calls = [0]
 
     def time_step(*args, **kwargs):
@@ -501,8 +531,8 @@ def _stop_after(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
         return real(*args, **kwargs)
 
     time_step.__wrapped__ = real
-    monkeypatch.setattr(bench, "time_step", time_step)
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda *args, **kwargs: 1.0)  # times no row
+    monkeypatch.setattr(timing, "time_step", time_step)
+    monkeypatch.setattr(timing, "copy_bandwidth", lambda *args, **kwargs: 1.0)  # times no row
 
 
 @pytest.mark.parametrize("mode", ["optimizer", "variants", "e2e"])
@@ -543,7 +573,7 @@ def test_record_script_rewrites_its_file_after_every_row(
     assert got["git_sha"] == "feedface"
     assert [len(r["rows"]) for r in got["optimizer"]] == [2] and got["optimizer"][0]["param_set"]
     # Past the optimizer rows (one per provider): two end-to-end rows, then the deadline.
-    from fused_sam.bench import providers_for
+    from fused_sam.cli.bench import providers_for
 
     _stop_after(monkeypatch, len(providers_for(torch.device("cpu"), "sgd")) + 2)
     with pytest.raises(_DeadlineError):

@@ -1109,7 +1109,7 @@ def test_aten_cpu_capability_default_picks_the_portable_build() -> None:
     process run the DEFAULT build, and the environment report says so."""
     require_backend("cpu")
     code = (
-        "from fused_sam.backends import native; from fused_sam.info import collect_info; "
+        "from fused_sam.backends import native; from fused_sam.cli.info import collect_info; "
         "print(native._C.cpu_kernels()); print(collect_info()['native'])"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}

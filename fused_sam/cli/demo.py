@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from fused_sam.bn import frozen_bn_stats
-from fused_sam.data import Dataset, add_symmetric_noise, load_dataset
+from fused_sam.cli.data import Dataset, add_symmetric_noise, load_dataset
+from fused_sam.cli.models import make_model
 from fused_sam.functional import resolve_backend
 from fused_sam.masks import FisherMask, RandomMask
 from fused_sam.optimizer import FusedSAM
@@ -270,33 +271,7 @@ DEFAULT_METHODS: tuple[str, ...] = ("sgd", "sam", "asam", "ssamf")
 
 
 # ---------------------------------------------------------------------------------------------
-# Model and training
-
-
-def make_model(in_channels: int, num_classes: int, width: int = 16) -> nn.Module:
-    """A small CNN with BatchNorm: four conv+BN+ReLU blocks, global average pooling, a linear head.
-
-    ``width`` channels in the first two blocks, twice that after the 2x2 max-pool. With the
-    default width and 8x8 digits it has 17k parameters: enough to memorise noisy labels.
-    """
-
-    def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        ]
-
-    return nn.Sequential(
-        *block(in_channels, width),
-        *block(width, width),
-        nn.MaxPool2d(2),
-        *block(width, 2 * width),
-        *block(2 * width, 2 * width),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(2 * width, num_classes),
-    )
+# Training
 
 
 def _sync(device: torch.device) -> None:
@@ -487,7 +462,7 @@ def run_demo(
                 if progress is not None:
                     progress(run.method, seed, epoch, acc)
         runs += [run.result() for run in active]
-    from fused_sam.info import collect_info
+    from fused_sam.cli.info import collect_info
 
     return {
         "config": asdict(cfg),
