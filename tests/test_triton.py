@@ -495,6 +495,30 @@ def test_variant_ops_fall_back_on_layouts_and_dtypes(tb, monkeypatch) -> None:
     F.FALLBACKS.clear()
 
 
+def test_masks_not_readable_as_bytes_are_routed_by_functional(tb) -> None:
+    """A mask the kernel cannot read as flat bytes (a strided view): functional runs that
+    bucket on foreach (its bits exactly) and counts it; the backend called directly refuses."""
+    from fused_sam.backends import foreach
+
+    torch.manual_seed(0)
+    sizes = [5, 300]
+    ps, gs = _tensors(sizes, torch.float32), _tensors(sizes, torch.float32)
+    packed = [pack_bits(torch.rand(n) < 0.5) for n in sizes]
+    masks = [torch.stack([m, m], 1)[:, 0] for m in packed]  # every other byte: not contiguous
+    n = len(ps)
+    F.FALLBACKS.clear()
+    got, got_b = [p.clone() for p in ps], [torch.empty_like(p) for p in ps]
+    sumsq = F.norm_sq(gs, got, [False] * n, [0.0] * n, "triton")
+    F.perturb_(got, gs, got_b, sumsq, [0.05] * n, 1e-12, [False] * n, [0.0] * n, masks, "triton")
+    want, want_b = [p.clone() for p in ps], [torch.empty_like(p) for p in ps]
+    foreach.perturb_(want, gs, want_b, sumsq, 0.05, 1e-12, False, 0.0, masks)
+    assert all(torch.equal(a, b) for a, b in zip(got + got_b, want + want_b))
+    assert F.FALLBACKS == {("perturb", "mask layout"): 1}
+    with pytest.raises(ValueError, match=r"perturb cannot take these tensors \(mask layout\)"):
+        tb.perturb_([p.clone() for p in ps], gs, want_b, sumsq, 0.05, 1e-12, False, 0.0, masks)
+    F.FALLBACKS.clear()
+
+
 def _imports(path: Path) -> set[str]:
     """The fused_sam modules a source file imports (``from x import y`` as ``x`` and ``x.y``)."""
     import ast
