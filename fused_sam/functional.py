@@ -10,7 +10,12 @@ buckets a backend can take in one call:
 * complex tensors are processed through their real view.
 
 Backends are modules with the functions of :mod:`fused_sam.reference` and the same
-signatures, plus ``unavailable_reason(device) -> str | None`` and a ``FLAT`` flag.
+signatures, plus ``unavailable_reason(device) -> str | None`` and a ``FLAT`` flag. A backend
+that cannot take every call has ``unsupported(op, tensors, **extra) -> str | None``: asked for
+each bucket before it runs, it names what the backend cannot take, and this module then runs
+the bucket on ``foreach`` and counts it in :data:`FALLBACKS` (or raises with
+``FUSED_SAM_TRITON_STRICT=1``). Backends decide nothing about each other and import none of
+this.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import functools
 import importlib
 import operator
+import os
+from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -25,10 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_sam.backends import _checks
+from fused_sam.hyperparams import AdamHyper, SGDHyper, with_lr
 from fused_sam.masks.bits import RandomBits, unpack_bits
 
 __all__ = [
     "BACKENDS",
+    "FALLBACKS",
     "BackendUnavailableError",
     "Buckets",
     "available_backends",
@@ -212,35 +222,9 @@ def _native_fast(name: str, tensors: list[Tensor]) -> Any:
 # Bucketing
 
 
-def is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill ``numel`` consecutive storage slots.
-
-    True for contiguous, channels_last and any permuted-contiguous layout; false for slices
-    with gaps and expanded (stride-0) tensors.
-    """
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _flat_ok(tensors: Sequence[Tensor]) -> bool:
-    """Whether a flat kernel may index all ``tensors`` alike as ``t[i]`` over their storage."""
-    # Fast path (the common case, checked in C): every tensor contiguous. Tensors of one shape
-    # that are all contiguous walk their elements in the same order.
-    if all(t.is_contiguous() for t in tensors):
-        return True
-    first = tensors[0]
-    if not is_dense(first):
-        return False
-    stride = first.stride()
-    return all(t.stride() == stride for t in tensors[1:])
+#: Re-exported from the leaf module that the backends share (see :mod:`fused_sam.backends._checks`).
+is_dense = _checks.is_dense
+_flat_ok = _checks.flat_ok
 
 
 _DTYPE = operator.attrgetter("dtype")
@@ -349,6 +333,39 @@ def _resolve_traced(name: str | None, device: torch.device) -> str:
     return _resolve(name, device)
 
 
+#: Calls handed to the ``foreach`` backend, by ``(op, reason)``: the tensors of a bucket that the
+#: Triton kernels do not take (an unsupported dtype, a mask they cannot read as bytes, Adam step
+#: counters that are not float32 on the tensors' device; see
+#: :func:`fused_sam.backends.triton.unsupported`) are never moved over silently.
+FALLBACKS: Counter[tuple[str, str]] = Counter()
+
+
+def _route(
+    chosen: str,
+    op: str,
+    tensors: Sequence[Sequence[Tensor]],
+    **extra: Any,
+) -> ModuleType:
+    """The backend module that runs one bucket of ``op``: ``chosen``, or ``foreach`` for a
+    bucket that ``chosen`` reports it cannot take (its ``unsupported(op, tensors, **extra)``),
+    counted in :data:`FALLBACKS`.
+
+    With ``FUSED_SAM_TRITON_STRICT=1`` such a bucket raises instead (for tests and for users
+    who want to know that every call runs the Triton kernels).
+    """
+    mod = _module(chosen)
+    check = getattr(mod, "unsupported", None)
+    if check is None:
+        return mod
+    reason = check(op, tensors, **extra)
+    if reason is None:
+        return mod
+    if os.environ.get("FUSED_SAM_TRITON_STRICT") == "1":
+        raise RuntimeError(f"fused_sam {chosen}: {op} would run on the foreach backend: {reason}")
+    FALLBACKS[(op, reason)] += 1
+    return _module("foreach")
+
+
 def _pick(seq: Sequence[Tensor] | None, idx: list[int]) -> list[Tensor] | None:
     """The tensors of one bucket; complex ones as their real view (a bucket has one dtype)."""
     if seq is None:
@@ -390,10 +407,9 @@ def norm_sq(
         buckets = plan(backend, [grads, params], list(zip(adaptive, eta)))
     for chosen, idx in buckets:
         i0 = idx[0]
-        mod = _module(chosen)
-        parts.append(
-            mod.norm_sq_partials(_pick(grads, idx), _pick(params, idx), adaptive[i0], eta[i0])
-        )
+        g, p = _pick(grads, idx), _pick(params, idx)
+        mod = _route(chosen, "norm_sq_partials", [g, p])
+        parts.append(mod.norm_sq_partials(g, p, adaptive[i0], eta[i0]))
     return _gather(parts, grads[0].device)
 
 
@@ -448,7 +464,7 @@ def perturb_(
     """
     if buckets is None:
         buckets = plan(backend, [params, grads, backups], list(zip(rho, adaptive, eta)))
-    done: list[tuple[str, list[int]]] = []
+    done: list[tuple[ModuleType, list[int]]] = []
     try:
         for chosen, idx in buckets:
             i0 = idx[0]
@@ -456,11 +472,12 @@ def perturb_(
                 bucket_masks: Sequence[Tensor] | RandomBits | None = masks.pick(idx)
             else:
                 bucket_masks = None if masks is None else [masks[i] for i in idx]
-            mod = _module(chosen)
+            p, g, b = _pick(params, idx), _pick(grads, idx), _pick(backups, idx)
+            mod = _route(chosen, "perturb", [p, g, b], masks=bucket_masks)
             mod.perturb_(
-                _pick(params, idx),
-                _pick(grads, idx),
-                _pick(backups, idx),
+                p,
+                g,
+                b,
                 _on(sumsq, params[i0].device),
                 _hyper(mod, rho[i0]),
                 eps,
@@ -468,10 +485,10 @@ def perturb_(
                 eta[i0],
                 bucket_masks,
             )
-            done.append((chosen, idx))
+            done.append((mod, idx))
     except BaseException:
-        for chosen, idx in done:
-            _module(chosen).restore_(_pick(params, idx), _pick(backups, idx))
+        for mod, idx in done:
+            mod.restore_(_pick(params, idx), _pick(backups, idx))
         raise
 
 
@@ -493,10 +510,10 @@ def dot(
         A 1-D float64 tensor on ``a[0]``'s device whose sum is the dot product (see
         :func:`fused_sam.reference.dot_partials`).
     """
-    parts = [
-        _module(chosen).dot_partials(_pick(a, idx), _pick(b, idx))
-        for chosen, idx in (plan(backend, [a, b]) if buckets is None else buckets)
-    ]
+    parts = []
+    for chosen, idx in plan(backend, [a, b]) if buckets is None else buckets:
+        u, v = _pick(a, idx), _pick(b, idx)
+        parts.append(_route(chosen, "dot_partials", [u, v]).dot_partials(u, v))
     return _gather(parts, a[0].device)
 
 
@@ -523,9 +540,8 @@ def axpby_(
         buckets = plan(backend, [out, x, y])
     for chosen, idx in buckets:
         device = out[idx[0]].device
-        _module(chosen).axpby_(
-            _pick(out, idx), _pick(x, idx), _pick(y, idx), _on(coefs, device), _on(skip, device)
-        )
+        o, u, v = _pick(out, idx), _pick(x, idx), _pick(y, idx)
+        _route(chosen, "axpby", [o, u, v]).axpby_(o, u, v, _on(coefs, device), _on(skip, device))
 
 
 def restore_(
@@ -539,7 +555,8 @@ def restore_(
     if buckets is None:
         buckets = plan(backend, [params, backups])
     for chosen, idx in buckets:
-        _module(chosen).restore_(_pick(params, idx), _pick(backups, idx))
+        p, b = _pick(params, idx), _pick(backups, idx)
+        _route(chosen, "restore", [p, b]).restore_(p, b)
 
 
 def restore_sgd_step_(
@@ -547,13 +564,8 @@ def restore_sgd_step_(
     grads: Sequence[Tensor],
     backups: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor] | None,
+    hyper: SGDHyper,
     *,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
     first_step: Sequence[bool],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
@@ -562,25 +574,22 @@ def restore_sgd_step_(
 ) -> None:
     """Restore and take one SGD step (see :func:`fused_sam.reference.restore_sgd_step_`).
 
-    ``momentum_buffers`` is ``None`` when ``momentum == 0``; ``first_step`` is per tensor.
+    ``momentum_buffers`` is ``None`` when ``hyper.momentum == 0``; ``first_step`` is per tensor.
     """
     if buckets is None:
         buckets = plan(backend, [params, grads, backups, momentum_buffers], first_step)
     buckets = _state_dtypes_apart(buckets, params, [momentum_buffers])
     for chosen, idx in buckets:
         dev = params[idx[0]].device
-        mod = _module(chosen)
+        p, g, b = _pick(params, idx), _pick(grads, idx), _pick(backups, idx)
+        bufs = _pick(momentum_buffers, idx) or []
+        mod = _route(chosen, "restore_sgd_step", [p, g, b, bufs if hyper.momentum != 0 else []])
         mod.restore_sgd_step_(
-            _pick(params, idx),
-            _pick(grads, idx),
-            _pick(backups, idx),
-            _pick(momentum_buffers, idx) or [],
-            lr=_hyper(mod, lr),
-            weight_decay=weight_decay,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            maximize=maximize,
+            p,
+            g,
+            b,
+            bufs,
+            with_lr(hyper, _hyper(mod, hyper.lr)),
             first_step=first_step[idx[0]],
             grad_scale=_on(grad_scale, dev),
             found_inf=_on(found_inf, dev),
@@ -595,15 +604,8 @@ def restore_adam_step_(
     exp_avg_sqs: Sequence[Tensor],
     max_exp_avg_sqs: Sequence[Tensor] | None,
     state_steps: Sequence[Tensor],
+    hyper: AdamHyper,
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     backend: str | None,
@@ -611,7 +613,7 @@ def restore_adam_step_(
 ) -> None:
     """Restore and take one Adam/AdamW step (see :func:`fused_sam.reference.restore_adam_step_`).
 
-    ``max_exp_avg_sqs`` is ``None`` unless ``amsgrad``.
+    ``max_exp_avg_sqs`` is ``None`` unless ``hyper.amsgrad``.
     """
     if buckets is None:
         cols = [params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
@@ -619,23 +621,21 @@ def restore_adam_step_(
     buckets = _state_dtypes_apart(buckets, params, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs])
     for chosen, idx in buckets:
         dev = params[idx[0]].device
-        mod = _module(chosen)
-        mod.restore_adam_step_(
+        lists = [
             _pick(params, idx),
             _pick(grads, idx),
             _pick(backups, idx),
             _pick(exp_avgs, idx),
             _pick(exp_avg_sqs, idx),
             _pick(max_exp_avg_sqs, idx) or [],
-            [state_steps[i] for i in idx],
-            lr=_hyper(mod, lr),
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
+        ]
+        steps = [state_steps[i] for i in idx]
+        vmax = lists[5] if hyper.amsgrad else []
+        mod = _route(chosen, "restore_adam_step", [*lists[:5], vmax], state_steps=steps)
+        mod.restore_adam_step_(
+            *lists,
+            steps,
+            with_lr(hyper, _hyper(mod, hyper.lr)),
             grad_scale=_on(grad_scale, dev),
             found_inf=_on(found_inf, dev),
         )

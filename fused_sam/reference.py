@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.masks.bits import RandomBits, random_mask, unpack_bits
 
 __all__ = [
@@ -212,13 +213,8 @@ def restore_sgd_step_(
     grads: Sequence[Tensor],
     backups: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
+    hyper: SGDHyper,
     *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
@@ -235,11 +231,13 @@ def restore_sgd_step_(
             parameter as its own backup steps it without a restore.
         momentum_buffers: one per parameter when ``momentum != 0`` (empty otherwise); they are
             written even on the first step (their previous contents are ignored then).
-        lr, weight_decay, momentum, dampening, nesterov, maximize: ``torch.optim.SGD`` semantics.
+        hyper: ``lr, weight_decay, momentum, dampening, nesterov, maximize`` with
+            ``torch.optim.SGD``'s semantics.
         first_step: the momentum buffers hold no history yet.
         grad_scale: optional loss scale to divide the gradients by (AMP).
         found_inf: optional flag; when nonzero the weights are restored and nothing else changes.
     """
+    lr, weight_decay, momentum, dampening, nesterov, maximize = hyper
     restore_(params, backups)
     if _skip(found_inf):
         return
@@ -265,15 +263,8 @@ def restore_adam_step_(
     exp_avg_sqs: Sequence[Tensor],
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
+    hyper: AdamHyper,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
@@ -293,11 +284,13 @@ def restore_adam_step_(
         max_exp_avg_sqs: one per parameter when ``amsgrad`` (empty otherwise).
         state_steps: 0-dim float32 step counters (``torch.optim.Adam``'s ``state["step"]``),
             incremented unless the step is skipped.
-        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize: ``torch.optim.Adam`` semantics.
-        decoupled_weight_decay: AdamW's decoupled decay instead of L2 in the gradient.
+        hyper: ``lr, beta1, beta2, eps, weight_decay, amsgrad, maximize`` with
+            ``torch.optim.Adam``'s semantics, and ``decoupled_weight_decay``: AdamW's decoupled
+            decay instead of L2 in the gradient.
         grad_scale: optional loss scale to divide the gradients by (AMP).
         found_inf: optional flag; when nonzero the weights are restored and nothing else changes.
     """
+    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay = hyper
     restore_(params, backups)
     if _skip(found_inf):
         return

@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fused_sam import FusedSAM
 from fused_sam import functional as F
+from fused_sam.hyperparams import SGDHyper
 
 BACKENDS = ["reference", *CPU_BACKENDS]
 
@@ -191,12 +192,9 @@ def test_fused_ops_refuse_state_of_other_shapes(backend: str) -> None:
             [torch.randn_like(p) for p in ps],
             [p.clone() for p in ps],
             bad,
-            lr=0.1,
-            weight_decay=0.0,
-            momentum=0.9,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
+            SGDHyper(
+                0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False
+            ),
             first_step=[False, False],
             grad_scale=None,
             found_inf=None,

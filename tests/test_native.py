@@ -50,6 +50,7 @@ from test_variant_ops import check_axpby
 from fused_sam import FusedSAM
 from fused_sam import functional as F
 from fused_sam.backends import native
+from fused_sam.hyperparams import SGDHyper
 from fused_sam.masks import RandomMask, pack_bits, tensor_salt
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -283,12 +284,9 @@ def test_param_as_its_own_backup_is_a_plain_sgd_step() -> None:
         gs,
         ps,
         bufs,
-        lr=0.1,
-        weight_decay=1e-4,
-        momentum=0.9,
-        dampening=0.0,
-        nesterov=False,
-        maximize=False,
+        SGDHyper(
+            lr=0.1, weight_decay=1e-4, momentum=0.9, dampening=0.0, nesterov=False, maximize=False
+        ),
         first_step=True,
         grad_scale=None,
         found_inf=None,
@@ -379,18 +377,10 @@ def test_cpu_ops_run_on_every_thread() -> None:
         torch.set_num_threads(before)
 
 
-def _sgd_args():
-    return dict(
-        lr=0.1,
-        weight_decay=1e-4,
-        momentum=0.9,
-        dampening=0.0,
-        nesterov=True,
-        maximize=False,
-        first_step=False,
-        grad_scale=None,
-        found_inf=None,
-    )
+_SGD = SGDHyper(
+    lr=0.1, weight_decay=1e-4, momentum=0.9, dampening=0.0, nesterov=True, maximize=False
+)
+_SGD_AMP = dict(first_step=False, grad_scale=None, found_inf=None)
 
 
 def test_direct_calls_match_the_registered_ops() -> None:
@@ -407,11 +397,11 @@ def test_direct_calls_match_the_registered_ops() -> None:
             if direct:
                 s = native.norm_sq_partials(gs, ps, False, 0.0)
                 native.perturb_(ps, gs, bs, s, 0.05, 1e-12, False, 0.0, None)
-                native.restore_sgd_step_(ps, gs, bs, bufs, **_sgd_args())
+                native.restore_sgd_step_(ps, gs, bs, bufs, _SGD, **_SGD_AMP)
             else:
                 s = _ops().norm_sq_partials(gs, ps, False, 0.0)
                 _ops().perturb_(ps, gs, bs, s, 0.05, 1e-12, False, 0.0, [])
-                _ops().restore_sgd_step_(ps, gs, bs, bufs, **_sgd_args())
+                _ops().restore_sgd_step_(ps, gs, bs, bufs, **_SGD._asdict(), **_SGD_AMP)
         assert all(p._version >= v + 2 for p, v in zip(ps, versions))
         assert all(b._version >= 1 for b in bufs + bs)
         results.append([*ps, *bufs, s])
@@ -714,12 +704,9 @@ def test_cuda_norm_is_deterministic_and_three_launches() -> None:
             gs,
             b,
             bufs,
-            lr=0.1,
-            weight_decay=0.0,
-            momentum=0.9,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
+            SGDHyper(
+                0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False
+            ),
             first_step=False,
             grad_scale=None,
             found_inf=None,

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from fused_sam import FusedSAM
 from fused_sam import functional as F
 from fused_sam.backends import native
+from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.masks import (
     DynamicMask,
     RandomBits,
@@ -363,12 +364,11 @@ def check_sgd_steps(
                 gs,
                 ps,
                 v,
-                lr=SGD_LR,
+                SGDHyper(lr=SGD_LR, **cfg),
                 first_step=[step == 0] * n,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 backend=name,
-                **cfg,
             )
             runs[name] = (w, v)
         (got_w, got_v), (want_w, want_v) = runs[backend], runs["reference"]
@@ -430,11 +430,10 @@ def check_adam_steps(
                 st["exp_avg_sq"],
                 st["max_exp_avg_sq"],
                 st["step"],
-                **ADAM,
+                AdamHyper(**ADAM, **cfg),
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 backend=name,
-                **cfg,
             )
             runs[name] = (w, st)
         (got_w, got_st), (want_w, want_st) = runs[backend], runs["reference"]
@@ -519,8 +518,8 @@ def check_table_misses(backend: str, ps: Sequence[Tensor], flood: int = 80) -> N
     out = [torch.empty_like(p) for p in ps]
     masks = mask_list(ps)
     coefs = torch.tensor([0.75, -1.5], dtype=torch.float64, device=device)
-    sgd = dict(lr=SGD_LR, **SGD_CONFIGS[2])
-    adam = dict(**ADAM, **ADAM_CONFIGS[2], grad_scale=None, found_inf=None)
+    sgd = SGDHyper(lr=SGD_LR, **SGD_CONFIGS[2])
+    adam = AdamHyper(**ADAM, **ADAM_CONFIGS[2])
     gs = grads_like(ps)
     keep: list[list[Tensor]] = []
     for rnd in range(4):
@@ -554,15 +553,16 @@ def check_table_misses(backend: str, ps: Sequence[Tensor], flood: int = 80) -> N
         fw, fv = [twin(x) for x in w], [twin(x) for x in bufs]
         first = [rnd == 0] * n
         common = dict(first_step=first, grad_scale=None, found_inf=None, backend=backend)
-        F.restore_sgd_step_(w, gs, b, bufs, **sgd, **common)
-        F.restore_sgd_step_(fw, [twin(g) for g in gs], [twin(x) for x in b], fv, **sgd, **common)
+        F.restore_sgd_step_(w, gs, b, bufs, sgd, **common)
+        F.restore_sgd_step_(fw, [twin(g) for g in gs], [twin(x) for x in b], fv, sgd, **common)
         _same_bits(f"{label} sgd w", w, fw)
         _same_bits(f"{label} sgd momentum", bufs, fv)
 
         fa, fm, fv, fx, fs = [[twin(x) for x in lst] for lst in (adam_w, m, v, mx, steps)]
-        F.restore_adam_step_(adam_w, gs, b, m, v, mx, steps, **adam, backend=backend)
+        amp = dict(grad_scale=None, found_inf=None, backend=backend)
+        F.restore_adam_step_(adam_w, gs, b, m, v, mx, steps, adam, **amp)
         fg = [twin(g) for g in gs]
-        F.restore_adam_step_(fa, fg, b, fm, fv, fx, fs, **adam, backend=backend)
+        F.restore_adam_step_(fa, fg, b, fm, fv, fx, fs, adam, **amp)
         _same_bits(f"{label} adam w", adam_w, fa)
         _same_bits(f"{label} adam exp_avg", m, fm)
         _same_bits(f"{label} adam exp_avg_sq", v, fv)
@@ -762,15 +762,15 @@ def check_far_elements(
         elif op == "sgd":
             w, g, b, buf = ts
             F.restore_sgd_step_(
-                w, g, b, buf, lr=0.1, **SGD_CONFIGS[2], first_step=[False] * k, grad_scale=None,
-                found_inf=None, backend=backend,
+                w, g, b, buf, SGDHyper(lr=0.1, **SGD_CONFIGS[2]), first_step=[False] * k,
+                grad_scale=None, found_inf=None, backend=backend,
             )  # fmt: skip
         else:
             w, g, b, mom, var = ts
             steps = [torch.full((), 3.0, device=device) for _ in range(k)]
             F.restore_adam_step_(
-                w, g, b, mom, var, None, steps, **ADAM, **ADAM_CONFIGS[1], grad_scale=None,
-                found_inf=None, backend=backend,
+                w, g, b, mom, var, None, steps, AdamHyper(**ADAM, **ADAM_CONFIGS[1]),
+                grad_scale=None, found_inf=None, backend=backend,
             )  # fmt: skip
             assert all(float(s) == 4.0 for s in steps)
 
@@ -812,9 +812,16 @@ def test_outputs_across_table_hits_misses_and_evictions(backend: str) -> None:
 # until an error of this size passes, these tests fail.
 
 
-def _mutant(op: str, args: dict | None = None, kwargs: dict | None = None, post=None):
-    """The reference op ``op`` with positional ``args`` / keyword ``kwargs`` replaced (each a
-    function of the call's argument list and the value) and ``post(args, kwargs)`` after it."""
+def _mutant(
+    op: str,
+    args: dict | None = None,
+    kwargs: dict | None = None,
+    post=None,
+    hyper: dict | None = None,
+):
+    """The reference op ``op`` with positional ``args`` / keyword ``kwargs`` / fields of its
+    hyperparameter record ``hyper`` replaced (each a function of the call's argument list and
+    the value) and ``post(args, kwargs)`` after it."""
     from fused_sam import reference
 
     real = getattr(reference, op)
@@ -823,6 +830,10 @@ def _mutant(op: str, args: dict | None = None, kwargs: dict | None = None, post=
         call_args = list(call_args)
         for i, change in (args or {}).items():
             call_args[i] = change(call_args, call_args[i])
+        for key, change in (hyper or {}).items():
+            i = next(i for i, a in enumerate(call_args) if isinstance(a, (SGDHyper, AdamHyper)))
+            record = call_args[i]
+            call_args[i] = record._replace(**{key: change(call_args, getattr(record, key))})
         for key, change in (kwargs or {}).items():
             call_kwargs[key] = change(call_args, call_kwargs[key])
         out = real(*call_args, **call_kwargs)
@@ -854,10 +865,10 @@ MUTANTS = {
     "perturb: T(w) dropped": ("perturb_", dict(args={6: lambda a, ad: False})),
     "perturb: mask ignored": ("perturb_", dict(args={8: lambda a, m: None})),
     "perturb: norm_eps dropped": ("perturb_", dict(args={5: lambda a, eps: 1e-12})),
-    "sgd: update 1% large": ("restore_sgd_step_", dict(kwargs={"lr": lambda a, v: v * 1.01})),
+    "sgd: update 1% large": ("restore_sgd_step_", dict(hyper={"lr": lambda a, v: v * 1.01})),
     "sgd: weight decay dropped": (
         "restore_sgd_step_",
-        dict(kwargs={"weight_decay": lambda a, v: 0}),
+        dict(hyper={"weight_decay": lambda a, v: 0}),
     ),
     "sgd: grad_scale ignored": (
         "restore_sgd_step_",
@@ -866,10 +877,10 @@ MUTANTS = {
     "sgd: found_inf ignored": ("restore_sgd_step_", dict(kwargs={"found_inf": lambda a, v: None})),
     "sgd: no restore": ("restore_sgd_step_", dict(args={2: lambda a, b: a[0]})),
     "sgd: momentum buffer 1% large": ("restore_sgd_step_", dict(post=_scaled(3, 1.01))),
-    "adam: update 1% large": ("restore_adam_step_", dict(kwargs={"lr": lambda a, v: v * 1.01})),
+    "adam: update 1% large": ("restore_adam_step_", dict(hyper={"lr": lambda a, v: v * 1.01})),
     "adam: weight decay dropped": (
         "restore_adam_step_",
-        dict(kwargs={"weight_decay": lambda a, v: 0}),
+        dict(hyper={"weight_decay": lambda a, v: 0}),
     ),
     "adam: grad_scale ignored": (
         "restore_adam_step_",
@@ -1049,12 +1060,7 @@ def _build_outputs(dtype: torch.dtype) -> list[Tensor]:
             gs,
             b,
             v,
-            lr=SGD_LR,
-            weight_decay=0.05,
-            momentum=0.9,
-            dampening=0.1,
-            nesterov=nesterov,
-            maximize=not first,
+            SGDHyper(SGD_LR, 0.05, 0.9, 0.1, nesterov=nesterov, maximize=not first),
             first_step=first,
             grad_scale=scale,
             found_inf=found,
@@ -1072,10 +1078,9 @@ def _build_outputs(dtype: torch.dtype) -> list[Tensor]:
             v,
             vmax if cfg["amsgrad"] else [],
             steps,
-            **ADAM,
+            AdamHyper(**ADAM, **cfg),
             grad_scale=scale,
             found_inf=found,
-            **cfg,
         )
         out += w + m + v + vmax + steps
     out.append(native.dot_partials(gs, ps))

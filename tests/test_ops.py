@@ -14,6 +14,7 @@ import torch
 from conftest import CPU_BACKENDS, TOL, assert_close, require_backend
 
 from fused_sam import functional as F
+from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.masks import RandomMask, pack_bits, tensor_salt
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -237,12 +238,11 @@ def _sgd_run(backend, dtype, cfg, skip_at=None, with_scale=False, store=None):
             g2,
             backups,
             bufs,
-            lr=0.1,
+            SGDHyper(lr=0.1, **cfg),
             first_step=[step == 0] * n,
             grad_scale=torch.tensor(1024.0) if with_scale else None,
             found_inf=found if skip_at is not None else None,
             backend=backend,
-            **cfg,
         )
     return ps, bufs
 
@@ -296,14 +296,10 @@ def _adam_run(backend, dtype, cfg, skip_at=None, store=None):
             v,
             vmax,
             steps,
-            lr=1e-2,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
+            AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, **cfg),
             grad_scale=None,
             found_inf=torch.tensor(float(step == skip_at)) if skip_at is not None else None,
             backend=backend,
-            **cfg,
         )
     return ps, m, v, vmax, steps
 

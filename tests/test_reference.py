@@ -7,6 +7,7 @@ import torch
 from conftest import assert_close
 
 from fused_sam import reference as R
+from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.masks import pack_bits, packed_numel, unpack_bits
 
 STEPS = 7
@@ -41,12 +42,14 @@ def test_reference_sgd_matches_torch(momentum, nesterov, weight_decay, maximize)
             grads,
             ours,
             bufs if momentum else [],
-            lr=0.1,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            maximize=maximize,
+            SGDHyper(
+                lr=0.1,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                maximize=maximize,
+            ),
             first_step=step == 0,
             grad_scale=None,
             found_inf=None,
@@ -87,14 +90,16 @@ def test_reference_adam_matches_torch(cls, amsgrad, maximize) -> None:
             v,
             vmax if amsgrad else [],
             steps,
-            lr=1e-2,
-            beta1=0.8,
-            beta2=0.99,
-            eps=1e-8,
-            weight_decay=1e-2,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=cls is torch.optim.AdamW,
+            AdamHyper(
+                lr=1e-2,
+                beta1=0.8,
+                beta2=0.99,
+                eps=1e-8,
+                weight_decay=1e-2,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                decoupled_weight_decay=cls is torch.optim.AdamW,
+            ),
             grad_scale=None,
             found_inf=None,
         )

@@ -41,6 +41,7 @@ from test_op_outputs import (
 from test_variant_ops import COEFS, check_axpby
 
 from fused_sam import functional as F
+from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.masks import RandomMask, pack_bits, tensor_salt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +245,8 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
     Under tracing the tensors are fake; here the same ``DIRECT`` launches run eagerly in the
     interpreter on real tensors, so their indexing and math are checked on CPU too.
     """
+    from fused_sam.backends.triton import _launch
+
     sizes = [1, 4097, 20000, 3]
     results = {}
     launched = set()
@@ -254,8 +257,9 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
 
     for mode in ("table", "direct"):
         if mode == "direct":
-            monkeypatch.setattr(tb, "_traced", lambda t: True)
-            monkeypatch.setattr(tb, "_direct_launcher", launcher)
+            # Every op body and the op entry look these up in the launch plumbing module.
+            monkeypatch.setattr(_launch, "traced", lambda t: True)
+            monkeypatch.setattr(_launch, "direct_launcher", launcher)
         torch.manual_seed(3)
         ps = _tensors(sizes, torch.bfloat16)
         g1 = _tensors(sizes, torch.bfloat16)
@@ -277,14 +281,16 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
             v,
             vmax,
             steps,
-            lr=1e-2,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=1e-2,
-            amsgrad=True,
-            maximize=False,
-            decoupled_weight_decay=True,
+            AdamHyper(
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=1e-2,
+                amsgrad=True,
+                maximize=False,
+                decoupled_weight_decay=True,
+            ),
             grad_scale=torch.tensor(2.0),
             found_inf=torch.tensor(0.0),
         )
@@ -294,12 +300,14 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
             g2,
             [p.clone() for p in ps],
             bufs,
-            lr=0.1,
-            weight_decay=0.0,
-            momentum=0.9,
-            dampening=0.1,
-            nesterov=False,
-            maximize=True,
+            SGDHyper(
+                lr=0.1,
+                weight_decay=0.0,
+                momentum=0.9,
+                dampening=0.1,
+                nesterov=False,
+                maximize=True,
+            ),
             first_step=True,
             grad_scale=None,
             found_inf=None,
@@ -358,10 +366,10 @@ def test_fused_sam_end_to_end(tb, base, kwargs) -> None:
             opt.step(closure)
         return [p.detach() for p in model.parameters()]
 
-    tb.FALLBACKS.clear()
+    F.FALLBACKS.clear()
     for a, b in zip(train("triton"), train("reference")):
         assert_close(a, b, "params")
-    assert not tb.FALLBACKS  # every call ran the Triton kernels
+    assert not F.FALLBACKS  # every call ran the Triton kernels
 
 
 def test_eager_calls_bump_the_versions_of_what_they_write(tb) -> None:
@@ -381,9 +389,9 @@ def test_eager_calls_bump_the_versions_of_what_they_write(tb) -> None:
     assert all(a > b for a, b in zip(after[:4], before[:4]))  # params and backups written
     assert after[4:] == before[4:]  # grads only read
     before = versions(ps + bufs)
-    tb.restore_sgd_step_(ps, gs, bs, bufs, lr=0.1, weight_decay=0.0, momentum=0.9,
-                         dampening=0.0, nesterov=False, maximize=False, first_step=True,
-                         grad_scale=None, found_inf=None)  # fmt: skip
+    sgd = SGDHyper(0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False,
+                   maximize=False)  # fmt: skip
+    tb.restore_sgd_step_(ps, gs, bs, bufs, sgd, first_step=True, grad_scale=None, found_inf=None)
     assert all(a > b for a, b in zip(versions(ps + bufs), before))
     before = versions(bs + ps + gs)
     tb.axpby_(bs, ps, gs, torch.tensor([1.0, -0.5], dtype=torch.float64), None)
@@ -414,9 +422,9 @@ def test_amsgrad_max_keeps_a_nan(tb, dtype: torch.dtype) -> None:
         vmax[0][2] = float("nan")
         args = (ps, [torch.ones_like(ps[0])], [p.clone() for p in ps], [torch.zeros_like(ps[0])],
                 [torch.zeros_like(ps[0])], vmax, [torch.zeros(())])  # fmt: skip
-        mod.restore_adam_step_(*args, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                               amsgrad=True, maximize=False, decoupled_weight_decay=True,
-                               grad_scale=None, found_inf=None)  # fmt: skip
+        hyper = AdamHyper(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                          amsgrad=True, maximize=False, decoupled_weight_decay=True)  # fmt: skip
+        mod.restore_adam_step_(*args, hyper, grad_scale=None, found_inf=None)
         outs.append((vmax[0], ps[0]))
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, equal_nan=True)
@@ -424,50 +432,128 @@ def test_amsgrad_max_keeps_a_nan(tb, dtype: torch.dtype) -> None:
 
 
 def test_fallbacks_are_counted_or_refused(tb, monkeypatch) -> None:
-    """Adam step counters kept in float64 cannot be read by the kernel: the call goes to the
-    foreach backend, is counted, and raises in strict mode."""
-    ps = [torch.randn(5), torch.randn(3)]
-    state = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
-    args = (ps, [torch.randn_like(p) for p in ps], [p.clone() for p in ps], *state, [])
-    kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False)
-    kw.update(maximize=False, decoupled_weight_decay=True, grad_scale=None, found_inf=None)
-    tb.FALLBACKS.clear()
-    tb.restore_adam_step_(*args, [torch.zeros((), dtype=torch.float64) for _ in ps], **kw)
-    assert sum(tb.FALLBACKS.values()) == 1
-    ((op, reason),) = tb.FALLBACKS
+    """Adam step counters kept in float64 cannot be read by the kernel: functional hands the
+    call to the foreach backend (its results bit for bit), counts it, and raises in strict
+    mode; the backend called directly refuses the tensors instead of guessing."""
+    from fused_sam.backends import foreach
+
+    def args():
+        torch.manual_seed(0)
+        ps = [torch.randn(5), torch.randn(3)]
+        state = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+        steps = [torch.zeros((), dtype=torch.float64) for _ in ps]
+        return (ps, [torch.randn_like(p) for p in ps], [p.clone() for p in ps], *state, None, steps)
+
+    hyper = AdamHyper(0.1, 0.9, 0.999, 1e-8, 0.0, False, False, True)
+    amp = dict(grad_scale=None, found_inf=None)
+    F.FALLBACKS.clear()
+    got, want = args(), args()
+    F.restore_adam_step_(*got, hyper, **amp, backend="triton")
+    foreach.restore_adam_step_(*want[:5], [], want[6], hyper, **amp)
+    for u, v in zip(got, want):
+        assert all(torch.equal(x, y) for x, y in zip(u or [], v or []))
+    assert sum(F.FALLBACKS.values()) == 1
+    ((op, reason),) = F.FALLBACKS
     assert op == "restore_adam_step" and "float32" in reason
+    with pytest.raises(ValueError, match=r"restore_adam_step cannot take .*float32"):
+        tb.restore_adam_step_(*args(), hyper, **amp)
     monkeypatch.setenv("FUSED_SAM_TRITON_STRICT", "1")
     with pytest.raises(RuntimeError, match="foreach backend"):
-        tb.restore_adam_step_(*args, [torch.zeros((), dtype=torch.float64) for _ in ps], **kw)
-    tb.FALLBACKS.clear()
+        F.restore_adam_step_(*args(), hyper, **amp, backend="triton")
+    F.FALLBACKS.clear()
 
 
 def test_variant_ops_fall_back_on_layouts_and_dtypes(tb, monkeypatch) -> None:
     """Tensors the flat kernels cannot pair index for index (a transposed ``y`` against a
-    contiguous ``out``), or of a dtype they do not take, go to the foreach backend: counted,
-    with the reference's results, and refused in strict mode."""
+    contiguous ``out``) go to the foreach backend through functional's buckets; tensors of a
+    dtype the kernels do not take go there too, counted, and refused in strict mode. Called
+    directly, the backend refuses both."""
     from fused_sam import reference
 
     x = [torch.randn(6, 4), torch.randn(300)]
     y = [torch.randn(4, 6).t(), torch.randn(300)]
     coefs = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    tb.FALLBACKS.clear()
+    F.FALLBACKS.clear()
     out, want = [torch.empty_like(t) for t in x], [torch.empty_like(t) for t in x]
-    tb.axpby_(out, x, y, coefs, None)
+    F.axpby_(out, x, y, coefs, None, "triton")
     reference.axpby_(want, x, y, coefs, None)
     check_axpby(out, want, x, y, 0.5, 2.0)
-    torch.testing.assert_close(tb.dot_partials(x, y).sum(), reference.dot_partials(x, y).sum())
+    got = F.dot(x, y, "triton").sum()
+    torch.testing.assert_close(got, reference.dot_partials(x, y).sum())
     ints = [torch.arange(5), torch.arange(7)]
-    assert int(tb.dot_partials(ints, ints).sum()) == 30 + 91
-    assert tb.FALLBACKS == {
-        ("axpby", "layout"): 1,
-        ("dot_partials", "layout"): 1,
-        ("dot_partials", "dtype"): 1,
-    }
-    monkeypatch.setenv("FUSED_SAM_TRITON_STRICT", "1")
-    with pytest.raises(RuntimeError, match="foreach backend: layout"):
+    assert int(F.dot(ints, ints, "triton").sum()) == 30 + 91
+    assert F.FALLBACKS == {("dot_partials", "dtype"): 1}  # layouts are planned, not counted
+    with pytest.raises(ValueError, match="axpby cannot take these tensors \\(layout\\)"):
         tb.axpby_(out, x, y, coefs, None)
-    tb.FALLBACKS.clear()
+    with pytest.raises(ValueError, match="dot_partials cannot take these tensors \\(layout\\)"):
+        tb.dot_partials(x, y)
+    with pytest.raises(ValueError, match="dot_partials cannot take these tensors \\(dtype\\)"):
+        tb.dot_partials(ints, ints)
+    monkeypatch.setenv("FUSED_SAM_TRITON_STRICT", "1")
+    with pytest.raises(RuntimeError, match="foreach backend: dtype"):
+        F.dot(ints, ints, "triton")
+    F.FALLBACKS.clear()
+
+
+def test_masks_not_readable_as_bytes_are_routed_by_functional(tb) -> None:
+    """A mask the kernel cannot read as flat bytes (a strided view): functional runs that
+    bucket on foreach (its bits exactly) and counts it; the backend called directly refuses."""
+    from fused_sam.backends import foreach
+
+    torch.manual_seed(0)
+    sizes = [5, 300]
+    ps, gs = _tensors(sizes, torch.float32), _tensors(sizes, torch.float32)
+    packed = [pack_bits(torch.rand(n) < 0.5) for n in sizes]
+    masks = [torch.stack([m, m], 1)[:, 0] for m in packed]  # every other byte: not contiguous
+    n = len(ps)
+    F.FALLBACKS.clear()
+    got, got_b = [p.clone() for p in ps], [torch.empty_like(p) for p in ps]
+    sumsq = F.norm_sq(gs, got, [False] * n, [0.0] * n, "triton")
+    F.perturb_(got, gs, got_b, sumsq, [0.05] * n, 1e-12, [False] * n, [0.0] * n, masks, "triton")
+    want, want_b = [p.clone() for p in ps], [torch.empty_like(p) for p in ps]
+    foreach.perturb_(want, gs, want_b, sumsq, 0.05, 1e-12, False, 0.0, masks)
+    assert all(torch.equal(a, b) for a, b in zip(got + got_b, want + want_b))
+    assert F.FALLBACKS == {("perturb", "mask layout"): 1}
+    with pytest.raises(ValueError, match=r"perturb cannot take these tensors \(mask layout\)"):
+        tb.perturb_([p.clone() for p in ps], gs, want_b, sumsq, 0.05, 1e-12, False, 0.0, masks)
+    F.FALLBACKS.clear()
+
+
+def _imports(path: Path) -> set[str]:
+    """The fused_sam modules a source file imports (``from x import y`` as ``x`` and ``x.y``)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {m for m in found if m.startswith("fused_sam")}
+
+
+@pytest.mark.parametrize("backend", ["triton", "foreach", "native"])
+def test_backends_import_only_leaf_modules(backend: str) -> None:
+    """Dispatch lives in functional: a backend imports neither it nor the optimizer, the step
+    parts, the variants or another backend (only the shared leaf helpers, its own modules, the
+    hyperparameter records and the mask bits)."""
+    root = ROOT / "fused_sam" / "backends"
+    files = (
+        sorted((root / backend).rglob("*.py")) if backend == "triton" else [root / f"{backend}.py"]
+    )
+    own = f"fused_sam.backends.{backend}"
+    allowed = {
+        "fused_sam._C",
+        "fused_sam.backends._checks",
+        "fused_sam.hyperparams",
+        "fused_sam.masks",
+    }
+    for path in files:
+        for name in _imports(path):
+            ok = name == own or name.startswith(own + ".") or name.startswith(tuple(allowed))
+            ok = ok or name in ("fused_sam", "fused_sam.backends")  # ``from fused_sam import _C``
+            assert ok, f"{path.relative_to(ROOT)} imports {name}"
 
 
 def test_opcheck(tb) -> None:
@@ -805,10 +891,11 @@ def test_gpu_steady_state_no_copy_no_recompile() -> None:
         draws.draws = i
         bits = draws.bits([tensor_salt(k) for k in range(n)])
         F.perturb_(ps, gs, bs, sumsq, rho, 1e-12, [False] * n, [0.0] * n, bits, "triton")
+        sgd = SGDHyper(0.1 / (i + 1), weight_decay=0.0, momentum=0.9, dampening=0.0,
+                       nesterov=False, maximize=False)  # fmt: skip
         F.restore_sgd_step_(
-            ps, gs, bs, vs, lr=0.1 / (i + 1), weight_decay=0.0, momentum=0.9, dampening=0.0,
-            nesterov=False, maximize=False, first_step=[False] * n, grad_scale=None,
-            found_inf=None, backend="triton",
+            ps, gs, bs, vs, sgd, first_step=[False] * n, grad_scale=None, found_inf=None,
+            backend="triton",
         )  # fmt: skip
 
     step(0)
@@ -845,18 +932,18 @@ def test_hyperparameters_read_on_the_device(tb) -> None:
             tb.perturb_(ps, gs, bs, sumsq, rho, 1e-12, False, 0.0, None)
             perturbed = [p.clone() for p in ps]
             bufs = [torch.zeros_like(p) for p in ps]
-            sgd = dict(weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=True)
+            sgd = SGDHyper(lr, weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=True,
+                           maximize=False)  # fmt: skip
             tb.restore_sgd_step_(
-                ps, gs, bs, bufs, lr=lr, **sgd, maximize=False, first_step=True,
-                grad_scale=None, found_inf=None,
+                ps, gs, bs, bufs, sgd, first_step=True, grad_scale=None, found_inf=None
             )  # fmt: skip
             m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
             steps = [torch.zeros(()) for _ in ps]
             adam_ps = [b.clone() for b in bs]
+            adam = AdamHyper(lr, 0.9, 0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                             maximize=False, decoupled_weight_decay=True)  # fmt: skip
             tb.restore_adam_step_(
-                adam_ps, gs, bs, m, v, [], steps, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                weight_decay=1e-2, amsgrad=False, maximize=False, decoupled_weight_decay=True,
-                grad_scale=None, found_inf=None,
+                adam_ps, gs, bs, m, v, [], steps, adam, grad_scale=None, found_inf=None
             )  # fmt: skip
             runs.append(perturbed + ps + bufs + adam_ps + m + v)
         for a, b in zip(*runs):

@@ -1,4 +1,5 @@
-"""Argument checks of the variant ops shared by the Python backends (``foreach``, ``triton``).
+"""Argument checks shared by the Python backends (``foreach``, ``triton``) and the layout test
+of :mod:`fused_sam.functional` (a leaf: it imports no other module of the package).
 
 The native ops make the same checks in C++ (``csrc/op_checks.h``). They run before anything is
 written, so a bad call raises a clear error and leaves every tensor as it was.
@@ -54,3 +55,34 @@ def check_axpby(
             "fused_sam axpby_: skip must be a one-element tensor on the tensors' device, got "
             f"shape {tuple(skip.shape)} on {skip.device}"
         )
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive storage slots.
+
+    True for contiguous, channels_last and any permuted-contiguous layout; false for slices
+    with gaps and expanded (stride-0) tensors.
+    """
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def flat_ok(tensors: Sequence[Tensor]) -> bool:
+    """Whether a flat kernel may index all ``tensors`` alike as ``t[i]`` over their storage."""
+    # Fast path (the common case, checked in C): every tensor contiguous. Tensors of one shape
+    # that are all contiguous walk their elements in the same order.
+    if all(t.is_contiguous() for t in tensors):
+        return True
+    first = tensors[0]
+    if not is_dense(first):
+        return False
+    stride = first.stride()
+    return all(t.stride() == stride for t in tensors[1:])

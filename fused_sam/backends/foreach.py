@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fused_sam.backends._checks import check_axpby, check_lists
+from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.masks.bits import RandomBits, random_mask, unpack_bits
 
 __all__ = [
@@ -265,18 +266,14 @@ def restore_sgd_step_(
     grads: Sequence[Tensor],
     backups: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
+    hyper: SGDHyper,
     *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
     """See :func:`fused_sam.reference.restore_sgd_step_`. The skip is decided on device."""
+    lr, weight_decay, momentum, dampening, nesterov, maximize = hyper
     restore_(params, backups)
     d, skip = _prepare(grads, grad_scale, found_inf, maximize)
     w32 = _f32(params)
@@ -307,19 +304,13 @@ def restore_adam_step_(
     exp_avg_sqs: Sequence[Tensor],
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
+    hyper: AdamHyper,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
     """See :func:`fused_sam.reference.restore_adam_step_`. The skip is decided on device."""
+    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay = hyper
     restore_(params, backups)
     g, skip = _prepare(grads, grad_scale, found_inf, maximize)
     w = _f32_copy(params)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_sam.hyperparams import AdamHyper, SGDHyper, as_kwargs, with_lr
 from fused_sam.masks.bits import RandomBits
 
 __all__ = [
@@ -204,10 +205,10 @@ if _C is not None:
         found_inf: Tensor | None,
     ) -> None:
         _check_scalar("lr", lr)
+        hyper = SGDHyper(float(lr), weight_decay, momentum, dampening, nesterov, maximize)
         restore_sgd_step_(
-            params, grads, backups, momentum_buffers, lr=float(lr), weight_decay=weight_decay,
-            momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
-            first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+            params, grads, backups, momentum_buffers, hyper, first_step=first_step,
+            grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
 
     @_restore_sgd_step_tensor_lr.register_fake
@@ -238,10 +239,11 @@ if _C is not None:
         found_inf: Tensor | None,
     ) -> None:
         _check_scalar("lr", lr)
+        hyper = AdamHyper(
+            float(lr), beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
+        )
         restore_adam_step_(
-            params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-            lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+            params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper,
             grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
 
@@ -370,44 +372,22 @@ def restore_sgd_step_(
     grads: Sequence[Tensor],
     backups: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
+    hyper: SGDHyper,
     *,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """See :func:`fused_sam.reference.restore_sgd_step_`; ``lr`` may be a one-element tensor
-    (see :func:`perturb_`)."""
-    if isinstance(lr, Tensor):
+    """See :func:`fused_sam.reference.restore_sgd_step_`; ``hyper.lr`` may be a one-element
+    tensor (see :func:`perturb_`)."""
+    tensors = (params, grads, backups, momentum_buffers)
+    if isinstance(hyper.lr, Tensor):
         if torch.compiler.is_compiling():
-            _restore_sgd_step_t(
-                params, grads, backups, momentum_buffers, lr, weight_decay, momentum, dampening,
-                nesterov, maximize, first_step, grad_scale, found_inf,
-            )  # fmt: skip
+            _restore_sgd_step_t(*tensors, *hyper, first_step, grad_scale, found_inf)
             return
-        lr = _number(lr, "lr")
-    _run(
-        "direct_restore_sgd_step_",
-        _restore_sgd_step,
-        params,
-        grads,
-        backups,
-        momentum_buffers,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
-        first_step=first_step,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+        hyper = with_lr(hyper, _number(hyper.lr, "lr"))
+    amp = {"first_step": first_step, "grad_scale": grad_scale, "found_inf": found_inf}
+    _run("direct_restore_sgd_step_", _restore_sgd_step, *tensors, **as_kwargs(hyper), **amp)
 
 
 def restore_adam_step_(
@@ -418,50 +398,21 @@ def restore_adam_step_(
     exp_avg_sqs: Sequence[Tensor],
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
+    hyper: AdamHyper,
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
     """See :func:`fused_sam.reference.restore_adam_step_`; step counters advance in the op.
-    ``lr`` may be a one-element tensor (see :func:`perturb_`)."""
-    if isinstance(lr, Tensor):
+    ``hyper.lr`` may be a one-element tensor (see :func:`perturb_`)."""
+    tensors = (params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    if isinstance(hyper.lr, Tensor):
         if torch.compiler.is_compiling():
-            _restore_adam_step_t(
-                params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
-                beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                grad_scale, found_inf,
-            )  # fmt: skip
+            _restore_adam_step_t(*tensors, *hyper, grad_scale, found_inf)
             return
-        lr = _number(lr, "lr")
-    _run(
-        "direct_restore_adam_step_",
-        _restore_adam_step,
-        params,
-        grads,
-        backups,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+        hyper = with_lr(hyper, _number(hyper.lr, "lr"))
+    amp = {"grad_scale": grad_scale, "found_inf": found_inf}
+    _run("direct_restore_adam_step_", _restore_adam_step, *tensors, **as_kwargs(hyper), **amp)
 
 
 def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

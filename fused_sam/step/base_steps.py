@@ -20,6 +20,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from fused_sam import distributed
 from fused_sam import functional as F
+from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.step.amp import unscale_grads
 from fused_sam.step.guards import note_partial_base_step
 from fused_sam.step.plan import contiguous, dense_grads
@@ -109,12 +110,14 @@ def sgd_step(
         t.grads,
         t.backups,
         bufs,
-        lr=_hyper(group["lr"]),
-        weight_decay=group["weight_decay"],
-        momentum=momentum,
-        dampening=group["dampening"],
-        nesterov=group["nesterov"],
-        maximize=group["maximize"],
+        SGDHyper(
+            lr=_hyper(group["lr"]),
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        ),
         first_step=first,
         grad_scale=flags.grad_scale,
         found_inf=flags.skip,
@@ -162,14 +165,16 @@ def adam_step(
         exp_avg_sqs,
         max_sqs if amsgrad else None,
         steps,
-        lr=_hyper(group["lr"]),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        amsgrad=amsgrad,
-        maximize=group["maximize"],
-        decoupled_weight_decay=bool(decoupled),
+        AdamHyper(
+            lr=_hyper(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=amsgrad,
+            maximize=group["maximize"],
+            decoupled_weight_decay=bool(decoupled),
+        ),
         grad_scale=flags.grad_scale,
         found_inf=flags.skip,
         backend=backend,

@@ -36,9 +36,11 @@ __all__ = [
     "acc_dtype",
     "block_flag",
     "cache_info",
+    "chunk_span",
     "clear_cache",
     "f64",
     "geometry",
+    "pointer",
     "pointer_table",
     "tl_dtype",
 ]
@@ -250,6 +252,37 @@ def address(
     ptr = addr.to(tl.pointer_type(DTYPE)) + start
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def chunk_span(table, n_chunks, chunk, numel_arg, DIRECT: tl.constexpr):
+    """The opening of every kernel: ``(t, start, count)`` of this program's chunk.
+
+    ``t`` is the tensor's index in the table (a table launch; unused by a ``DIRECT`` launch,
+    which has one tensor of ``numel_arg`` elements), ``start`` the chunk's first element and
+    ``count`` its number of elements (at most ``chunk``, as int32).
+    """
+    if DIRECT:
+        start = tl.program_id(0).to(tl.int64) * chunk
+        t = start  # never used: a direct launch has one tensor
+        count = numel_arg - start
+    else:
+        t, start, count = locate(table, n_chunks)
+    return t, start, tl.minimum(count, chunk).to(tl.int32)
+
+
+@triton.jit
+def pointer(
+    table, n_tensors, n_chunks, t, start, row: tl.constexpr, arg, DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr, DIRECT: tl.constexpr,
+):  # fmt: skip
+    """Typed pointer to element ``start`` of this program's tensor of list ``row``: of the
+    tensor argument ``arg`` in a ``DIRECT`` launch, else from the table (see :func:`address`)."""
+    if DIRECT:
+        ptr = arg + start
+    else:
+        ptr = address(table, n_tensors, n_chunks, t, start, row, DTYPE, ALIGNED)
     return ptr
 
 

@@ -12,7 +12,7 @@ product only rounds in its sums, and ``a x + b y`` only rounds on store.
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import address, block_flag, locate, to_storage
+from fused_sam.backends.triton._table import block_flag, chunk_span, pointer, to_storage
 
 
 @triton.jit
@@ -57,16 +57,9 @@ def dot_kernel(
         BLOCK: elements per vector step.
     """
     pid = tl.program_id(0)
-    if DIRECT:
-        start = pid.to(tl.int64) * chunk
-        count = numel_arg - start
-        a_ptr = a_arg + start
-        b_ptr = b_arg + start
-    else:
-        t, start, count = locate(table, n_chunks)
-        a_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
-        b_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
-    count = tl.minimum(count, chunk).to(tl.int32)
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    a_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, a_arg, DTYPE, ALIGNED, DIRECT)
+    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, b_arg, DTYPE, ALIGNED, DIRECT)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     full = count - count % BLOCK
@@ -159,19 +152,10 @@ def axpby_kernel(
     live = tl.full([], 1, tl.int1)
     if HAS_SKIP:
         live = tl.load(skip) == 0
-    pid = tl.program_id(0)
-    if DIRECT:
-        start = pid.to(tl.int64) * chunk
-        count = numel_arg - start
-        o_ptr = o_arg + start
-        x_ptr = x_arg + start
-        y_ptr = y_arg + start
-    else:
-        t, start, count = locate(table, n_chunks)
-        o_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
-        x_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
-        y_ptr = address(table, n_tensors, n_chunks, t, start, 2, DTYPE, ALIGNED)
-    count = tl.minimum(count, chunk).to(tl.int32)
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    o_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, o_arg, DTYPE, ALIGNED, DIRECT)
+    x_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, x_arg, DTYPE, ALIGNED, DIRECT)
+    y_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, y_arg, DTYPE, ALIGNED, DIRECT)
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
     smask = None

@@ -11,7 +11,7 @@ partials (and their total, which every consumer re-reduces) are non-finite exact
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import address, f64, locate
+from fused_sam.backends.triton._table import chunk_span, f64, pointer
 
 
 @triton.jit
@@ -55,16 +55,9 @@ def norm_kernel(
         BLOCK: elements per vector step.
     """
     pid = tl.program_id(0)
-    if DIRECT:
-        start = pid.to(tl.int64) * chunk
-        count = numel_arg - start
-        g_ptr = g_arg + start
-        w_ptr = w_arg + start
-    else:
-        t, start, count = locate(table, n_chunks)
-        g_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
-        w_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
-    count = tl.minimum(count, chunk).to(tl.int32)
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    g_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, g_arg, DTYPE, ALIGNED, DIRECT)
+    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, w_arg, DTYPE, ALIGNED, DIRECT)
     eta_c = f64(eta)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)

@@ -7,11 +7,11 @@ import triton
 import triton.language as tl
 
 from fused_sam.backends.triton._table import (
-    address,
+    chunk_span,
     device_scalar,
     entry,
     f64,
-    locate,
+    pointer,
     to_storage,
 )
 
@@ -159,32 +159,24 @@ def perturb_kernel(
     scale64, finite = finalize(sumsq, n_partials, rho64, f64(eps), RBLOCK)
     scale = scale64.to(ACC)
     eta_c = f64(eta).to(ACC)
-    pid = tl.program_id(0)
-    if DIRECT:
-        start = pid.to(tl.int64) * chunk
-        count = numel_arg - start
-        w_ptr = w_arg + start
-        g_ptr = g_arg + start
-        b_ptr = b_arg + start
-        m_ptr = m_arg + start // 8
-        key = key_arg.to(tl.uint32)
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
+    g_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, g_arg, DTYPE, ALIGNED, DIRECT)
+    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, b_arg, DTYPE, ALIGNED, DIRECT)
+    if MASK == 1:
+        # Chunks start on a multiple of BLOCK (>= 8) elements: a whole mask byte.
+        m_ptr = pointer(table, n_tensors, n_chunks, t, start // 8, 3, m_arg, tl.uint8, False,
+                        DIRECT)  # fmt: skip
     else:
-        t, start, count = locate(table, n_chunks)
-        w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
-        g_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
-        b_ptr = address(table, n_tensors, n_chunks, t, start, 2, DTYPE, ALIGNED)
-        if MASK == 1:
-            # Chunks start on a multiple of BLOCK (>= 8) elements: a whole mask byte.
-            m_ptr = address(table, n_tensors, n_chunks, t, start // 8, 3, tl.uint8, False)
-        else:
-            m_ptr = w_ptr  # never read
-        if MASK == 2:
-            # Row 3 holds the salts of a random mask.
-            key = (entry(table, n_tensors, n_chunks, t, 3) ^ step_key).to(tl.uint32)
-        else:
-            key = step_key.to(tl.uint32)  # never used
+        m_ptr = w_ptr  # never read
+    if DIRECT:
+        key = key_arg.to(tl.uint32)
+    elif MASK == 2:
+        # Row 3 holds the salts of a random mask.
+        key = (entry(table, n_tensors, n_chunks, t, 3) ^ step_key).to(tl.uint32)
+    else:
+        key = step_key.to(tl.uint32)  # never used
     threshold_u32 = threshold.to(tl.uint32)
-    count = tl.minimum(count, chunk).to(tl.int32)
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
     for i in range(0, full, BLOCK):

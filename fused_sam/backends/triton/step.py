@@ -16,11 +16,11 @@ import triton
 import triton.language as tl
 
 from fused_sam.backends.triton._table import (
-    address,
     block_flag,
+    chunk_span,
     device_scalar,
     f64,
-    locate,
+    pointer,
     to_storage,
 )
 
@@ -64,17 +64,9 @@ def restore_kernel(
         DTYPE: storage type.
         ALIGNED, DIRECT, BLOCK: as in the other kernels of this package.
     """
-    pid = tl.program_id(0)
-    if DIRECT:
-        start = pid.to(tl.int64) * chunk
-        count = numel_arg - start
-        w_ptr = w_arg + start
-        b_ptr = b_arg + start
-    else:
-        t, start, count = locate(table, n_chunks)
-        w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
-        b_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
-    count = tl.minimum(count, chunk).to(tl.int32)
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
+    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, b_arg, DTYPE, ALIGNED, DIRECT)
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
     for i in range(0, full, BLOCK):
@@ -198,24 +190,14 @@ def sgd_kernel(
     wd_c = f64(weight_decay).to(ACC)
     mom_c = f64(momentum).to(ACC)
     damp1 = (1.0 - f64(dampening)).to(ACC)
-    pid = tl.program_id(0)
-    if DIRECT:
-        start = pid.to(tl.int64) * chunk
-        count = numel_arg - start
-        w_ptr = w_arg + start
-        g_ptr = g_arg + start
-        b_ptr = b_arg + start
-        v_ptr = v_arg + start
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
+    g_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, g_arg, DTYPE, ALIGNED, DIRECT)
+    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, b_arg, DTYPE, ALIGNED, DIRECT)
+    if MOMENTUM:
+        v_ptr = pointer(table, n_tensors, n_chunks, t, start, 3, v_arg, DTYPE, ALIGNED, DIRECT)
     else:
-        t, start, count = locate(table, n_chunks)
-        w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
-        g_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
-        b_ptr = address(table, n_tensors, n_chunks, t, start, 2, DTYPE, ALIGNED)
-        if MOMENTUM:
-            v_ptr = address(table, n_tensors, n_chunks, t, start, 3, DTYPE, ALIGNED)
-        else:
-            v_ptr = w_ptr  # never read
-    count = tl.minimum(count, chunk).to(tl.int32)
+        v_ptr = w_ptr  # never read
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
     smask = None
@@ -398,29 +380,19 @@ def adam_kernel(
     beta1 = f64(beta1)
     beta2 = f64(beta2)
     weight_decay = f64(weight_decay)
-    pid = tl.program_id(0)
-    if DIRECT:
-        start = pid.to(tl.int64) * chunk
-        count = numel_arg - start
-        w_ptr = w_arg + start
-        g_ptr = g_arg + start
-        b_ptr = b_arg + start
-        m_ptr = m_arg + start
-        v_ptr = v_arg + start
-        s_ptr = s_arg
-        vmax_ptr = vmax_arg + start
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
+    g_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, g_arg, DTYPE, ALIGNED, DIRECT)
+    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, b_arg, DTYPE, ALIGNED, DIRECT)
+    m_ptr = pointer(table, n_tensors, n_chunks, t, start, 3, m_arg, DTYPE, ALIGNED, DIRECT)
+    v_ptr = pointer(table, n_tensors, n_chunks, t, start, 4, v_arg, DTYPE, ALIGNED, DIRECT)
+    s_ptr = pointer(table, n_tensors, n_chunks, t, 0, 5, s_arg, tl.float32, False, DIRECT)
+    if AMSGRAD:
+        vmax_ptr = pointer(
+            table, n_tensors, n_chunks, t, start, 6, vmax_arg, DTYPE, ALIGNED, DIRECT
+        )
     else:
-        t, start, count = locate(table, n_chunks)
-        w_ptr = address(table, n_tensors, n_chunks, t, start, 0, DTYPE, ALIGNED)
-        g_ptr = address(table, n_tensors, n_chunks, t, start, 1, DTYPE, ALIGNED)
-        b_ptr = address(table, n_tensors, n_chunks, t, start, 2, DTYPE, ALIGNED)
-        m_ptr = address(table, n_tensors, n_chunks, t, start, 3, DTYPE, ALIGNED)
-        v_ptr = address(table, n_tensors, n_chunks, t, start, 4, DTYPE, ALIGNED)
-        s_ptr = address(table, n_tensors, n_chunks, t, 0, 5, tl.float32, False)
-        if AMSGRAD:
-            vmax_ptr = address(table, n_tensors, n_chunks, t, start, 6, DTYPE, ALIGNED)
-        else:
-            vmax_ptr = v_ptr  # never read
+        vmax_ptr = v_ptr  # never read
     step = tl.load(s_ptr).to(tl.float64)
     bc1 = 1.0 - tl.exp(step * tl.log(beta1))
     bc2 = 1.0 - tl.exp(step * tl.log(beta2))
@@ -434,7 +406,6 @@ def adam_kernel(
     decay = (1.0 - lr * weight_decay).to(ACC)
     eps_c = f64(eps).to(ACC)
     inv_scale = inv.to(ACC)
-    count = tl.minimum(count, chunk).to(tl.int32)
     lanes = tl.arange(0, BLOCK)
     full = count - count % BLOCK
     smask = None
