@@ -24,14 +24,16 @@ def test_quickstart_runs(capsys) -> None:
 
 def test_commands_install_from_scratch_and_run_the_main_job_and_the_suite() -> None:
     """The two set-up commands: torch and the build tools first, then the package built
-    against that torch (no build isolation), then the demo / the linter and the default suite;
+    against that torch (no build isolation), then the demo / the linters (ruff, the layer
+    contracts) and the default suite;
     .ci/run executes the second one as written."""
     main, test = _block("main-command").strip(), _block("test-command").strip()
     for cmd in (main, test):
         assert cmd.startswith("pip install torch==")
         assert "pip install --no-build-isolation -e " in cmd
     assert main.endswith("&& fused-sam demo") and '".[demo]"' in main
-    assert test.endswith("&& ruff check . && python -m pytest") and '".[test]"' in test
+    assert test.endswith("&& ruff check . && lint-imports && python -m pytest")
+    assert '".[test]"' in test
     ci = (README.parent / ".ci" / "run").read_text()
     assert "<!-- test-command -->" in ci
 
