@@ -122,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         # The unmutated copy must pass every test the mutants use (one run over them all).
         cpu_tests = tuple(sorted({t for m in chosen if m.kind != "cuda" for t in m.tests}))
         print(f"baseline: {len(cpu_tests)} test files on the unmutated copy", flush=True)
-        if cpu_tests and _pytest(tree, cpu_tests, args.timeout, []) != "passed":
+        baseline = _pytest(tree, cpu_tests, args.timeout, []) if cpu_tests else "passed"
+        if baseline == "timeout":
+            raise SystemExit(
+                f"the unmutated tree ran past --timeout {args.timeout:.0f} s on "
+                f"{' '.join(cpu_tests)}: raise --timeout (a loaded machine is slower)"
+            )
+        if baseline != "passed":
             raise SystemExit(f"the unmutated tree fails {' '.join(cpu_tests)}: fix that first")
         gpu_tests = tuple(sorted({t for m in chosen if m.kind == "cuda" for t in m.tests}))
         if gpu and gpu_tests and _pytest(tree, gpu_tests, args.timeout, ["-m", "gpu"]) != "passed":
