@@ -39,8 +39,10 @@ from fused_sam.masks.bits import RandomBits, unpack_bits
 __all__ = [
     "BACKENDS",
     "FALLBACKS",
+    "AdamHyper",
     "BackendUnavailableError",
     "Buckets",
+    "SGDHyper",
     "available_backends",
     "axpby_",
     "building_graph",
