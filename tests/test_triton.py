@@ -22,21 +22,12 @@ import pytest
 import torch
 from conftest import assert_close, require_backend
 from test_op_outputs import (
-    ADAM_CONFIGS,
-    ETA,
-    RHO,
     SGD_CONFIGS,
-    check_adam_steps,
-    check_far_elements,
-    check_misaligned,
     check_norm,
     check_perturb,
     check_sgd_steps,
-    check_table_misses,
     grads_like,
-    mask_list,
     op_params,
-    per_tensor,
 )
 from test_variant_ops import COEFS, check_axpby
 
@@ -705,69 +696,6 @@ def _cuda() -> None:
 # The shapes of the CPU op tests plus tensors of several GPU chunks and a million elements.
 GPU_SHAPES = ((1,), (3,), (4097,), (65537,), (), (33, 7), (1 << 20,), (100003,))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("mask", ["none", "bits", "random"])
-def test_gpu_norm_and_perturb_outputs(dtype: torch.dtype, adaptive: bool, mask: str) -> None:
-    """The norm total, e = w_new - w_old and the backups of the compiled kernels, per op;
-    unmasked, bit-packed masks, and a random mask drawn in the kernel."""
-    _cuda()
-    ps = op_params(dtype, "cuda", GPU_SHAPES)
-    gs = grads_like(ps)
-    n = len(ps)
-    ad, eta = [adaptive] * n, per_tensor(ETA, n)
-    check_norm("triton", ps, gs, ad, eta)
-    masks = mask_list(ps) if mask == "bits" else None
-    if mask == "random":
-        masks = RandomMask(keep=0.3, seed=2**33 + 5).bits([tensor_salt(i) for i in range(n)])
-    for eps in (1e-12, None):
-        rho = per_tensor(RHO, n)
-        check_perturb("triton", ps, gs, rho=rho, eps=eps, adaptive=ad, eta=eta, masks=masks)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("amp", [False, True], ids=["no-scale", "scale8"])
-def test_gpu_step_outputs(dtype: torch.dtype, amp: bool) -> None:
-    """Update and state of every SGD and Adam/AdamW configuration, step by step; AMP scale 8
-    with a skipped step."""
-    _cuda()
-    for cfg in SGD_CONFIGS:
-        check_sgd_steps("triton", op_params(dtype, "cuda", GPU_SHAPES), cfg, amp)
-    for cfg in ADAM_CONFIGS:
-        check_adam_steps("triton", op_params(dtype, "cuda", GPU_SHAPES), cfg, amp)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_outputs_across_table_hits_misses_and_evictions(dtype: torch.dtype) -> None:
-    """Every op's outputs while its pointer tables hit, miss (gradients reallocated, as by
-    ``zero_grad(set_to_none=True)``) and are evicted: the same bits as on fresh tables."""
-    _cuda()
-    check_table_misses("triton", op_params(dtype, "cuda", GPU_SHAPES))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_misaligned_tensors(dtype: torch.dtype) -> None:
-    """Every op on tensors off the 16-byte grid beside aligned ones (one table mixes both),
-    against the reference."""
-    _cuda()
-    check_misaligned("triton", op_params(dtype, "cuda", GPU_SHAPES))
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-@pytest.mark.xdist_group("2_pow_31")  # 13-22 GB each: one at a time under pytest -n
-@pytest.mark.parametrize("op", ["perturb", "sgd", "adam"])
-def test_gpu_over_2_pow_31_elements(op: str) -> None:
-    """int64 offsets: norm and perturbation, restore + SGD, restore + Adam on a tensor of
-    2^31 + 37 elements, at its head, around element 2^31 and at its tail."""
-    _cuda()
-    check_far_elements("triton", op)
 
 
 @pytest.mark.gpu
