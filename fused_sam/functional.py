@@ -573,14 +573,19 @@ def restore_sgd_step_(
     found_inf: Tensor | None,
     backend: str | None,
     buckets: Buckets | None = None,
+    state_dtypes_alike: bool = False,
 ) -> None:
     """Restore and take one SGD step (see :func:`fused_sam.reference.restore_sgd_step_`).
 
     ``momentum_buffers`` is ``None`` when ``hyper.momentum == 0``; ``first_step`` is per tensor.
+    ``state_dtypes_alike``: the caller knows every state tensor has its parameter's dtype
+    (:func:`state_dtypes_alike` said so for these tensors), so the per-tensor check that routes
+    mismatched ones to ``foreach`` is skipped (a pass over every tensor per step).
     """
     if buckets is None:
         buckets = plan(backend, [params, grads, backups, momentum_buffers], first_step)
-    buckets = _state_dtypes_apart(buckets, params, [momentum_buffers])
+    if not state_dtypes_alike:
+        buckets = _state_dtypes_apart(buckets, params, [momentum_buffers])
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         p, g, b = _pick(params, idx), _pick(grads, idx), _pick(backups, idx)
@@ -612,15 +617,19 @@ def restore_adam_step_(
     found_inf: Tensor | None,
     backend: str | None,
     buckets: Buckets | None = None,
+    state_dtypes_alike: bool = False,
 ) -> None:
     """Restore and take one Adam/AdamW step (see :func:`fused_sam.reference.restore_adam_step_`).
 
-    ``max_exp_avg_sqs`` is ``None`` unless ``hyper.amsgrad``.
+    ``max_exp_avg_sqs`` is ``None`` unless ``hyper.amsgrad``; ``state_dtypes_alike``: as in
+    :func:`restore_sgd_step_`.
     """
     if buckets is None:
         cols = [params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
         buckets = plan(backend, cols)
-    buckets = _state_dtypes_apart(buckets, params, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs])
+    if not state_dtypes_alike:
+        states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+        buckets = _state_dtypes_apart(buckets, params, states)
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         lists = [
@@ -641,6 +650,12 @@ def restore_adam_step_(
             grad_scale=_on(grad_scale, dev),
             found_inf=_on(found_inf, dev),
         )
+
+
+def state_dtypes_alike(params: Sequence[Tensor], states: Sequence[Sequence[Tensor] | None]) -> bool:
+    """Whether every tensor of every state list has the dtype of its parameter."""
+    dtypes = _dtypes(params)
+    return all(_dtypes(c) == dtypes for c in states if c)
 
 
 def _state_dtypes_apart(

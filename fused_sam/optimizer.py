@@ -354,7 +354,7 @@ class FusedSAM(Optimizer):
         if self.next_step == PLAIN:
             raise RuntimeError(V.plain_step_error(self.schedule, self._progress["steps"]))
         st = self._step_state
-        params, first_inf = engine.ascend(st, self._all_params(), self._setup(), grad_scale)
+        params, first_inf = engine.ascend(st, self._setup(), grad_scale)
         # In flight from here: nothing above left a weight perturbed if it raised.
         st.perturbed, st.first_inf, st.zero_grad = params, first_inf, False
         st.replica_local = False

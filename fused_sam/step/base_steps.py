@@ -23,7 +23,7 @@ from fused_sam import functional as F
 from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.step.amp import unscale_grads
 from fused_sam.step.guards import note_partial_base_step
-from fused_sam.step.plan import contiguous, dense_grads
+from fused_sam.step.plan import StepPlan, contiguous, dense_grads
 from fused_sam.step.state import StepState
 
 
@@ -38,6 +38,8 @@ class Tensors(NamedTuple):
     owners: list[Tensor]
     #: buckets of a plan that covers exactly these tensors, or ``None``.
     buckets: F.Buckets | None
+    #: that plan (it remembers whether the state's dtypes were checked), or ``None``.
+    plan: StepPlan | None = None
 
 
 class Flags(NamedTuple):
@@ -123,7 +125,9 @@ def sgd_step(
         found_inf=flags.skip,
         backend=backend,
         buckets=buckets,
+        state_dtypes_alike=t.plan is not None and t.plan.state_dtypes_alike,
     )
+    _note_state_dtypes(t, [bufs])
 
 
 def adam_step(
@@ -179,7 +183,16 @@ def adam_step(
         found_inf=flags.skip,
         backend=backend,
         buckets=buckets,
+        state_dtypes_alike=t.plan is not None and t.plan.state_dtypes_alike,
     )
+    _note_state_dtypes(t, [exp_avgs, exp_avg_sqs, max_sqs])
+
+
+def _note_state_dtypes(t: Tensors, states: list[list[Tensor] | None]) -> None:
+    """Once per plan: remember whether the state tensors have their parameters' dtypes, so
+    that later steps skip that per-tensor check (see :class:`~fused_sam.step.plan.StepPlan`)."""
+    if t.plan is not None and not t.plan.state_dtypes_alike:
+        t.plan.state_dtypes_alike = F.state_dtypes_alike(t.params, states)
 
 
 #: A fused base step: ``(base, group, tensors, flags, backend) -> None``.

@@ -37,7 +37,6 @@ class Setup(NamedTuple):
 
 def ascend(
     st: StepState,
-    all_params: list[Tensor],
     setup: Setup,
     grad_scale: Tensor | float | None,
 ) -> tuple[list[Tensor], Tensor | None]:
@@ -60,6 +59,9 @@ def ascend(
     if policies.gradient_hooks:
         st.first_scale = amp.unscale_first_pass(fp.grads, st.loss_scale, grad_scale)
     policies.first_pass(fp.params, fp.grads, setup.backend)
+    # Every parameter (a mask's position and refresh need them all), only when a mask is on.
+    groups = setup.base.param_groups
+    all_params = [p for g in groups for p in g["params"]] if policies.masked else []
     return fp.params, _perturb(st, fp, all_params, setup)
 
 
@@ -130,7 +132,10 @@ def restore_and_step(
     perturbed = st.perturbed or []
     groups = base.param_groups
     sharded = owner is not None
-    all_params = [p for g in groups for p in g["params"]]
+    # One group's list is every parameter (no copy of it per step).
+    all_params = (
+        groups[0]["params"] if len(groups) == 1 else [p for g in groups for p in g["params"]]
+    )
     devices = {p.device for p in all_params} if st.plan is None else st.plan.devices
     entry = base_steps.fused_entry(base, backend, devices)
     if entry is None and F.capturing():
@@ -147,9 +152,7 @@ def restore_and_step(
     grads: list[Tensor] = []
     buckets = None
     if check or policies.gradient_hooks or (entry is not None and len(groups) == 1):
-        with_grad, grads, contiguous, _ = plan.dense_grads(
-            groups[0]["params"] if len(groups) == 1 else all_params, sharded
-        )
+        with_grad, grads, contiguous, _ = plan.dense_grads(all_params, sharded)
         if (
             perturbed
             and st.plan is not None
@@ -182,7 +185,7 @@ def restore_and_step(
                 # One group holding every parameter of the plan: its buckets and backups
                 # apply, and every parameter with a gradient was perturbed.
                 owners = with_grad if owner is None else [owner[id(t)] for t in with_grad]
-                t = base_steps.Tensors(with_grad, grads, st.plan.backups, owners, buckets)
+                t = base_steps.Tensors(with_grad, grads, st.plan.backups, owners, buckets, st.plan)
                 entry.step(base, groups[0], t, flags, backend)
             else:
                 owner_of = None if owner is None else (lambda t: owner[id(t)])

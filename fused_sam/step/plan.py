@@ -41,6 +41,10 @@ class StepPlan:
     buckets: F.Buckets | None
     #: per parameter of the step, its random-mask salt (``None`` without a random mask).
     salts: tuple[int, ...] | None = None
+    #: the base optimizer's state tensors had their parameters' dtypes when last checked (the
+    #: check runs once per plan: a cast of the model changes the plan's key, a loaded
+    #: checkpoint drops the plan).
+    state_dtypes_alike: bool = False
 
     @property
     def ids(self) -> tuple[int, ...]:

@@ -230,6 +230,11 @@ class Policies:
         return None if plan_salts is None else self.random.bits(plan_salts)
 
     @property
+    def masked(self) -> bool:
+        """Whether a mask (sparse or random) restricts the perturbation."""
+        return self.sparse is not None or self.random is not None
+
+    @property
     def masked_norm(self) -> bool:
         """Normalise with the norm of the masked gradient (``mask_norm="masked"``)."""
         return self.mask_norm == "masked"
