@@ -49,8 +49,8 @@ class Flags(NamedTuple):
     skip: Tensor | None
 
 
-def _hyper(value: Any) -> float | Tensor:
-    """A hyperparameter (``lr``) for the ops: a tensor stays one while the step is recorded
+def _group_lr(value: Any) -> float | Tensor:
+    """A group's ``lr`` for the ops: a tensor stays one while the step is recorded
     (traced: a new value reruns the graph instead of recompiling it; captured: the kernels read
     it at each replay) and when it lives on an accelerator (the backend reads it where it can,
     on the device); a CPU tensor's value is read here, which costs nothing."""
@@ -113,7 +113,7 @@ def sgd_step(
         t.backups,
         bufs,
         SGDHyper(
-            lr=_hyper(group["lr"]),
+            lr=_group_lr(group["lr"]),
             weight_decay=group["weight_decay"],
             momentum=momentum,
             dampening=group["dampening"],
@@ -170,7 +170,7 @@ def adam_step(
         max_sqs if amsgrad else None,
         steps,
         AdamHyper(
-            lr=_hyper(group["lr"]),
+            lr=_group_lr(group["lr"]),
             beta1=float(beta1),
             beta2=float(beta2),
             eps=group["eps"],
