@@ -31,13 +31,13 @@ TORCH_LIBRARY(fused_sam, m) {
       "restore_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
       "Tensor(b!)[] momentum_buffers, *, float lr, float weight_decay, float momentum, "
       "float dampening, bool nesterov, bool maximize, bool first_step, Tensor? grad_scale, "
-      "Tensor? found_inf) -> ()");
+      "Tensor? found_inf, Tensor[] sumsqs=[]) -> Tensor");
   m.def(
       "restore_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
       "Tensor(e!)[] state_steps, *, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor[] sumsqs=[]) -> Tensor");
   // The two ops of the SAM variants (fused_sam/variants): float64 dot products and
   // out = a x + b y with (a, b) read from a device tensor.
   m.def("dot_partials(Tensor[] a, Tensor[] b) -> Tensor");

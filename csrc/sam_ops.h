@@ -40,19 +40,19 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
 
 void restore_(at::TensorList params, at::TensorList backups);
 
-void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+at::Tensor restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        at::TensorList momentum_buffers, double lr, double weight_decay,
                        double momentum, double dampening, bool nesterov, bool maximize,
                        bool first_step, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf);
+                       const std::optional<at::Tensor>& found_inf, at::TensorList sumsqs);
 
-void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+at::Tensor restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                         at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
                         double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                         bool maximize, bool decoupled_weight_decay,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf);
+                        const std::optional<at::Tensor>& found_inf, at::TensorList sumsqs);
 
 at::Tensor dot_partials(at::TensorList a, at::TensorList b);
 
@@ -72,19 +72,19 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
 
 void restore_(at::TensorList params, at::TensorList backups);
 
-void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+at::Tensor restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        at::TensorList momentum_buffers, double lr, double weight_decay,
                        double momentum, double dampening, bool nesterov, bool maximize,
                        bool first_step, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf);
+                       const std::optional<at::Tensor>& found_inf, at::TensorList sumsqs);
 
-void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+at::Tensor restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                         at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
                         double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                         bool maximize, bool decoupled_weight_decay,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf);
+                        const std::optional<at::Tensor>& found_inf, at::TensorList sumsqs);
 
 at::Tensor dot_partials(at::TensorList a, at::TensorList b);
 

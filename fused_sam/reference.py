@@ -16,9 +16,13 @@ Conventions shared by all backends:
   float64 whatever the parameter dtype, squares included: the square of a finite float32 (or
   float16/bfloat16) value and any sum of them are finite in float64, so any finite gradient,
   loss-scaled ones included, has a finite norm.
-* A step is skipped when the norm is not finite (``sumsq`` total is inf/nan) in pass 1, or when
-  ``found_inf`` is nonzero in pass 2. A skipped perturbation leaves the weights bit-identical; a
-  skipped base step still restores the weights and leaves the optimizer state untouched.
+* A perturbation is skipped when its norm is not finite (``sumsq`` total is inf/nan). A base
+  step is skipped when ``found_inf`` is nonzero or the total of any of its ``sumsqs`` (the
+  partials of the first pass, and of the second when it is checked) is not finite; the restore
+  ops return that decision as a 0-dim bool tensor on the parameters' device, computed by the
+  kernels from those device values (no host read). A skipped perturbation leaves the weights
+  bit-identical; a skipped base step still restores the weights and leaves the optimizer state
+  untouched (step counters included).
 * Masks are bit-packed ``uint8`` tensors, one per parameter, ``ceil(numel / 8)`` bytes, element
   ``k`` of the flattened tensor (in memory order of a dense tensor) is bit ``k % 8`` of byte
   ``k // 8`` (little-endian bit order, the layout of :func:`fused_sam.masks.pack_bits`).
@@ -184,7 +188,7 @@ def axpby_(
         skip: optional flag; when nonzero nothing is written (a skipped step leaves a
             variant's state as it was, whatever non-finite values ``x`` or ``y`` hold).
     """
-    if _skip(skip):
+    if skipped(skip, ()):
         return
     a, b = (float(c) for c in coefs.double().cpu())
     for o, u, v in zip(out, x, y):
@@ -197,8 +201,17 @@ def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
         w.copy_(b)
 
 
-def _skip(found_inf: Tensor | None) -> bool:
-    return found_inf is not None and bool(found_inf.item() != 0)
+def skipped(found_inf: Tensor | None, sumsqs: Sequence[Tensor]) -> bool:
+    """Whether a base step is skipped: ``found_inf`` is nonzero, or the total of some partial
+    sums in ``sumsqs`` is not finite (every backend's restore op decides alike)."""
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return True
+    return any(not math.isfinite(float(s.double().sum())) for s in sumsqs)
+
+
+def _flag(skip: bool, like: Tensor) -> Tensor:
+    """The 0-dim bool skip flag the restore ops return, on ``like``'s device."""
+    return torch.tensor(skip, dtype=torch.bool, device=like.device)
 
 
 def _unscaled(g: Tensor, grad_scale: Tensor | None) -> Tensor:
@@ -218,7 +231,8 @@ def restore_sgd_step_(
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
+    sumsqs: Sequence[Tensor] = (),
+) -> Tensor:
     r"""Restore ``w = backup`` then take one ``torch.optim.SGD`` step with the second-pass grads.
 
     .. math::
@@ -236,11 +250,16 @@ def restore_sgd_step_(
         first_step: the momentum buffers hold no history yet.
         grad_scale: optional loss scale to divide the gradients by (AMP).
         found_inf: optional flag; when nonzero the weights are restored and nothing else changes.
+        sumsqs: 1-D float64 norm partials (:func:`norm_sq_partials`, all buckets concatenated)
+            of the passes to check; when the total of one is not finite, as for ``found_inf``.
+
+    Returns:
+        0-dim bool tensor on the parameters' device: whether the base step was skipped.
     """
     lr, weight_decay, momentum, dampening, nesterov, maximize = hyper
     restore_(params, backups)
-    if _skip(found_inf):
-        return
+    if skipped(found_inf, sumsqs):
+        return _flag(True, params[0])
     for i, (w, g) in enumerate(zip(params, grads)):
         d = _unscaled(g, grad_scale)
         if maximize:
@@ -253,6 +272,7 @@ def restore_sgd_step_(
             buf.copy_(v.to(buf.dtype))
             d = d + momentum * v if nesterov else v
         w.copy_((w.double() - lr * d).to(w.dtype))
+    return _flag(False, params[0])
 
 
 def restore_adam_step_(
@@ -267,7 +287,8 @@ def restore_adam_step_(
     *,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
+    sumsqs: Sequence[Tensor] = (),
+) -> Tensor:
     r"""Restore ``w = backup`` then take one ``torch.optim.Adam`` / ``AdamW`` step.
 
     .. math::
@@ -289,11 +310,16 @@ def restore_adam_step_(
             decay instead of L2 in the gradient.
         grad_scale: optional loss scale to divide the gradients by (AMP).
         found_inf: optional flag; when nonzero the weights are restored and nothing else changes.
+        sumsqs: 1-D float64 norm partials (:func:`norm_sq_partials`, all buckets concatenated)
+            of the passes to check; when the total of one is not finite, as for ``found_inf``.
+
+    Returns:
+        0-dim bool tensor on the parameters' device: whether the base step was skipped.
     """
     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay = hyper
     restore_(params, backups)
-    if _skip(found_inf):
-        return
+    if skipped(found_inf, sumsqs):
+        return _flag(True, params[0])
     for i, (w, g) in enumerate(zip(params, grads)):
         step_t = state_steps[i]
         step_t.add_(1)
@@ -318,3 +344,4 @@ def restore_adam_step_(
         bias_c2 = 1 - beta2**step
         denom = v.sqrt() / math.sqrt(bias_c2) + eps
         w.copy_((w64 - (lr / bias_c1) * m / denom).to(w.dtype))
+    return _flag(False, params[0])
