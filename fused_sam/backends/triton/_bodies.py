@@ -9,17 +9,18 @@ from torch import Tensor
 
 from fused_sam.backends.triton import _launch, _table
 from fused_sam.backends.triton._launch import (
-    RBLOCK,
     STEPS_BLOCK,
     amp_args,
     common,
     dummy,
     hyper_arg,
+    rblock,
+    sumsq_args,
 )
 from fused_sam.backends.triton.combine import axpby_kernel, dot_kernel
 from fused_sam.backends.triton.norm import norm_kernel
 from fused_sam.backends.triton.perturb import perturb_kernel
-from fused_sam.backends.triton.step import adam_kernel, restore_kernel, sgd_kernel, steps_kernel
+from fused_sam.backends.triton.step import adam_kernel, restore_kernel, sgd_kernel
 
 
 def norm_impl(grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float) -> Tensor:
@@ -27,7 +28,7 @@ def norm_impl(grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: fl
     # depend on them.
     table_lists = [grads, params if adaptive else grads]
     const = {"ADAPTIVE": adaptive}
-    return _launch.partials(norm_kernel, [grads, params], (eta,), const, table_lists)
+    return _launch.partials(norm_kernel, [grads, params], const, (eta,), table_lists)
 
 
 def perturb_impl(
@@ -49,24 +50,24 @@ def perturb_impl(
     # ``salts`` is empty unless the step has a random mask (then ``masks`` is empty). With
     # ``rho_t`` the radius is ``rho * rho_t``, read on the device.
     w0 = params[0]
-    numels = [w.numel() for w in params]
-    geo = _table.geometry(sum(numels))
+    sumsq = sumsq.reshape(-1) if sumsq.dim() != 1 else sumsq  # read as flat memory
+    sumsq = sumsq if sumsq.is_contiguous() else sumsq.contiguous()
+    n_partials = sumsq.numel()
     const = {
         **common(w0.dtype),
         "ACC": _table.acc_dtype(w0.dtype),
         "ADAPTIVE": adaptive,
         "MASK": 1 if masks else 2 if salts else 0,
         "RHO_T": rho_t is not None,
-        "BLOCK": geo.block,
-        "RBLOCK": RBLOCK,
+        "RBLOCK": rblock(n_partials),
     }
     rho_arg = hyper_arg(w0, rho_t)
-    sumsq = sumsq.reshape(-1).contiguous()  # the kernel reads the partials as flat memory
-    n_partials = sumsq.numel()
     if _launch.traced(w0):
         launch = _launch.direct_launcher(perturb_kernel, w0)
         if launch is None:
             return
+        numels = [w.numel() for w in params]
+        geo = _table.geometry(sum(numels))
         for i, (w, g, b, n) in enumerate(zip(params, grads, backups, numels)):
             chunks = triton.cdiv(n, geo.chunk)
             if chunks:
@@ -75,44 +76,57 @@ def perturb_impl(
                 launch[(chunks,)](
                     dummy(w0), 1, chunks, geo.chunk, sumsq, n_partials, rho, rho_arg, eps, eta,
                     step_key, threshold, w, g, b, m, key, n,
-                    ALIGNED=False, DIRECT=True, **const,
+                    ALIGNED=0, DIRECT=True, BLOCK=geo.block, **const,
                 )  # fmt: skip
         return
     lists = [params, grads, backups] + ([masks] if masks else [salts] if salts else [])
-    table = _table.pointer_table(lists, numels, geo.chunk, w0.device)
+    table = _table.pointer_table(lists, w0.device, vector_rows=3)
     if table.n_chunks == 0:
         return
     perturb_kernel[(table.n_chunks,)](
-        table.data, table.n_tensors, table.n_chunks, geo.chunk, sumsq, n_partials, rho, rho_arg,
-        eps, eta, step_key, threshold, table.data, table.data, table.data, table.data, 0, 0,
-        ALIGNED=table.aligned, DIRECT=False, **const,
+        table.data, table.n_tensors, table.n_chunks, table.chunk, sumsq, n_partials, rho,
+        rho_arg, eps, eta, step_key, threshold, table.data, table.data, table.data, table.data,
+        0, 0, ALIGNED=table.vector, DIRECT=False, BLOCK=table.block, **const,
     )  # fmt: skip
 
 
 def restore_impl(params: list[Tensor], backups: list[Tensor]) -> None:
     w0 = params[0]
-    numels = [w.numel() for w in params]
-    geo = _table.geometry(sum(numels))
-    const = {**common(w0.dtype), "BLOCK": geo.block}
+    const = common(w0.dtype)
     if _launch.traced(w0):
         launch = _launch.direct_launcher(restore_kernel, w0)
         if launch is None:
             return
+        numels = [w.numel() for w in params]
+        geo = _table.geometry(sum(numels))
         for w, b, n in zip(params, backups, numels):
             chunks = triton.cdiv(n, geo.chunk)
             if chunks:
                 launch[(chunks,)](
                     dummy(w0), 1, chunks, geo.chunk, w, b, n,
-                    ALIGNED=False, DIRECT=True, **const,
+                    ALIGNED=0, DIRECT=True, BLOCK=geo.block, **const,
                 )  # fmt: skip
         return
-    table = _table.pointer_table([params, backups], numels, geo.chunk, w0.device)
+    table = _table.pointer_table([params, backups], w0.device)
     if table.n_chunks == 0:
         return
     restore_kernel[(table.n_chunks,)](
-        table.data, table.n_tensors, table.n_chunks, geo.chunk, table.data, table.data, 0,
-        ALIGNED=table.aligned, DIRECT=False, **const,
+        table.data, table.n_tensors, table.n_chunks, table.chunk, table.data, table.data, 0,
+        ALIGNED=table.vector, DIRECT=False, BLOCK=table.block, **const,
     )  # fmt: skip
+
+
+def _traced_skip(
+    like: Tensor, found_inf: Tensor | None, sumsqs: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``(skipped, live)`` of a traced call from torch ops (0-dim bool and float32): the
+    per-tensor launches of a traced step have no program that could write them for all."""
+    skip = torch.zeros((), dtype=torch.bool, device=like.device)
+    if found_inf is not None:
+        skip = skip | (found_inf.reshape(()) != 0)
+    for s in sumsqs:
+        skip = skip | ~torch.isfinite(s.double().sum())
+    return skip, (~skip).to(torch.float32)
 
 
 def sgd_impl(
@@ -130,15 +144,18 @@ def sgd_impl(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr_t: Tensor | None,
-) -> None:
+    sumsqs: list[Tensor],
+) -> Tensor:
+    # Returns the 0-dim bool skip flag, written by program 0 of the launch.
     w0 = params[0]
-    numels = [w.numel() for w in params]
-    geo = _table.geometry(sum(numels))
     found, scale, flags = amp_args(w0, grad_scale, found_inf)
+    checks, nsum, rb = sumsq_args(w0, sumsqs)
     has_momentum = momentum != 0
     const = {
         **common(w0.dtype),
         **flags,
+        "NSUM": nsum,
+        "RBLOCK": rb,
         "ACC": _table.acc_dtype(w0.dtype),
         "MAXIMIZE": maximize,
         "USE_WD": weight_decay != 0,
@@ -146,31 +163,33 @@ def sgd_impl(
         "FIRST": first_step,
         "NESTEROV": nesterov,
         "LR_T": lr_t is not None,
-        "BLOCK": geo.block,
     }
     hyper = (lr, hyper_arg(w0, lr_t), weight_decay, momentum, dampening)
     if _launch.traced(w0):
+        skip, _ = _traced_skip(w0, found_inf, sumsqs)
         launch = _launch.direct_launcher(sgd_kernel, w0)
         if launch is None:
-            return
+            return skip
+        numels = [w.numel() for w in params]
+        geo = _table.geometry(sum(numels))
         for i, (w, g, b, n) in enumerate(zip(params, grads, backups, numels)):
             chunks = triton.cdiv(n, geo.chunk)
             if chunks:
                 v = momentum_buffers[i] if has_momentum else dummy(w0)
                 launch[(chunks,)](
-                    dummy(w0), 1, chunks, geo.chunk, found, scale, *hyper, w, g, b, v, n,
-                    ALIGNED=False, DIRECT=True, **const,
+                    dummy(w0), 1, chunks, geo.chunk, dummy(w0), found, scale, *checks, *hyper,
+                    w, g, b, v, n, ALIGNED=0, DIRECT=True, BLOCK=geo.block, **const,
                 )  # fmt: skip
-        return
+        return skip
     lists = [params, grads, backups] + ([momentum_buffers] if has_momentum else [])
-    table = _table.pointer_table(lists, numels, geo.chunk, w0.device)
-    if table.n_chunks == 0:
-        return
-    sgd_kernel[(table.n_chunks,)](
-        table.data, table.n_tensors, table.n_chunks, geo.chunk, found, scale, *hyper,
-        table.data, table.data, table.data, table.data, 0,
-        ALIGNED=table.aligned, DIRECT=False, **const,
+    table = _table.pointer_table(lists, w0.device)
+    flag = torch.empty((), dtype=torch.bool, device=w0.device)
+    sgd_kernel[(max(table.n_chunks, 1),)](
+        table.data, table.n_tensors, table.n_chunks, table.chunk, flag, found, scale, *checks,
+        *hyper, table.data, table.data, table.data, table.data, 0,
+        ALIGNED=table.vector, DIRECT=False, BLOCK=table.block, **const,
     )  # fmt: skip
+    return flag
 
 
 def adam_impl(
@@ -192,59 +211,62 @@ def adam_impl(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr_t: Tensor | None,
-) -> None:
+    sumsqs: list[Tensor],
+) -> Tensor:
+    # Returns the 0-dim bool skip flag, written by program 0 of the launch; the step counters
+    # advance in the same launch (its last program writes them).
     w0 = params[0]
-    numels = [w.numel() for w in params]
-    geo = _table.geometry(sum(numels))
     found, scale, flags = amp_args(w0, grad_scale, found_inf)
+    checks, nsum, rb = sumsq_args(w0, sumsqs)
     const = {
         **common(w0.dtype),
         **flags,
+        "NSUM": nsum,
+        "RBLOCK": rb,
+        "STEPS_BLOCK": STEPS_BLOCK,
         "ACC": _table.acc_dtype(w0.dtype),
         "MAXIMIZE": maximize,
         "USE_WD": weight_decay != 0,
         "DECOUPLED": decoupled_weight_decay,
         "AMSGRAD": amsgrad,
         "LR_T": lr_t is not None,
-        "BLOCK": geo.block,
     }
     hyper = (lr, hyper_arg(w0, lr_t), beta1, beta2, eps, weight_decay)
     if _launch.traced(w0):
+        skip, live = _traced_skip(w0, found_inf, sumsqs)
         launch = _launch.direct_launcher(adam_kernel, w0)
-        if launch is None:
-            return
-        live = None if found_inf is None else (found_inf == 0).to(torch.float32)
+        numels = [w.numel() for w in params]
+        geo = _table.geometry(sum(numels))
         for i, (w, g, b, n) in enumerate(zip(params, grads, backups, numels)):
             s = state_steps[i]
-            s.add_(1 if live is None else live)
+            s.add_(live)  # a DIRECT launch reads the counter already advanced
             chunks = triton.cdiv(n, geo.chunk)
-            if chunks:
+            if chunks and launch is not None:
                 vmax = max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]
                 launch[(chunks,)](
-                    dummy(w0), 1, chunks, geo.chunk, found, scale, *hyper,
-                    w, g, b, exp_avgs[i], exp_avg_sqs[i], s, vmax, n,
-                    ALIGNED=False, DIRECT=True, **const,
+                    dummy(w0), 1, chunks, geo.chunk, dummy(w0), dummy(w0), chunks, found,
+                    scale, *checks, *hyper, w, g, b, exp_avgs[i], exp_avg_sqs[i], s, vmax, n,
+                    ALIGNED=0, DIRECT=True, BLOCK=geo.block, **const,
                 )  # fmt: skip
-        return
-    lists = [params, grads, backups, exp_avgs, exp_avg_sqs, state_steps]
-    if amsgrad:
-        lists.append(max_exp_avg_sqs)
-    table = _table.pointer_table(lists, numels, geo.chunk, w0.device)
-    steps_kernel[(triton.cdiv(table.n_tensors, STEPS_BLOCK),)](
-        table.data, table.n_tensors, table.n_chunks, found,
-        HAS_INF=flags["HAS_INF"], ROW=5, BLOCK=STEPS_BLOCK,
-    )  # fmt: skip
-    if table.n_chunks == 0:
-        return
-    adam_kernel[(table.n_chunks,)](
-        table.data, table.n_tensors, table.n_chunks, geo.chunk, found, scale, *hyper,
+        return skip
+    # The table always has a max_exp_avg_sqs row (exp_avg_sqs again without amsgrad, never
+    # read then), so the step counters are row 6; they are read as scalars, not vectors.
+    vmax_row = max_exp_avg_sqs if amsgrad else exp_avg_sqs
+    lists = [params, grads, backups, exp_avgs, exp_avg_sqs, vmax_row, state_steps]
+    table = _table.pointer_table(lists, w0.device, vector_rows=6)
+    flag = torch.empty((), dtype=torch.bool, device=w0.device)
+    n_programs = max(table.n_chunks, 1)
+    adam_kernel[(n_programs,)](
+        table.data, table.n_tensors, table.n_chunks, table.chunk, flag,
+        _table.counter(w0.device), n_programs, found, scale, *checks, *hyper,
         *([table.data] * 7), 0,
-        ALIGNED=table.aligned, DIRECT=False, **const,
+        ALIGNED=table.vector, DIRECT=False, BLOCK=table.block, **const,
     )  # fmt: skip
+    return flag
 
 
 def dot_impl(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return _launch.partials(dot_kernel, [a, b], (), {})  # products and sums in float64
+    return _launch.partials(dot_kernel, [a, b], {})  # products and sums in float64
 
 
 def axpby_impl(
@@ -252,28 +274,28 @@ def axpby_impl(
 ) -> None:
     # ``coefs`` and ``skip`` are read by the kernel on the device, never here.
     o0 = out[0]
-    numels = [t.numel() for t in out]
-    geo = _table.geometry(sum(numels))
-    const = {**common(o0.dtype), "HAS_SKIP": skip is not None, "BLOCK": geo.block}
-    coefs = coefs.contiguous()  # the kernel reads (a, b) as two consecutive float64 values
+    const = {**common(o0.dtype), "HAS_SKIP": skip is not None}
+    coefs = coefs if coefs.is_contiguous() else coefs.contiguous()  # (a, b): two float64s
     flag = hyper_arg(o0, skip)
     if _launch.traced(o0):
         launch = _launch.direct_launcher(axpby_kernel, o0)
         if launch is None:
             return
+        numels = [t.numel() for t in out]
+        geo = _table.geometry(sum(numels))
         for o, u, v, n in zip(out, x, y, numels):
             chunks = triton.cdiv(n, geo.chunk)
             if chunks:
                 launch[(chunks,)](
                     dummy(o0), 1, chunks, geo.chunk, coefs, flag, o, u, v, n,
-                    ALIGNED=False, DIRECT=True, **const,
+                    ALIGNED=0, DIRECT=True, BLOCK=geo.block, **const,
                 )  # fmt: skip
         return
-    table = _table.pointer_table([out, x, y], numels, geo.chunk, o0.device)
+    table = _table.pointer_table([out, x, y], o0.device)
     if table.n_chunks == 0:
         return
     axpby_kernel[(table.n_chunks,)](
-        table.data, table.n_tensors, table.n_chunks, geo.chunk, coefs, flag,
+        table.data, table.n_tensors, table.n_chunks, table.chunk, coefs, flag,
         table.data, table.data, table.data, 0,
-        ALIGNED=table.aligned, DIRECT=False, **const,
+        ALIGNED=table.vector, DIRECT=False, BLOCK=table.block, **const,
     )  # fmt: skip

@@ -67,16 +67,24 @@ _WRITTEN: dict[str, tuple[int, ...]] = {
 
 
 def call(name: str, *args: Any) -> Any:
-    """Run op ``name``: through the dispatcher when traced, straight to its body eagerly.
+    """Run op ``name``: through the dispatcher when traced or observed, straight to its body
+    otherwise.
 
-    torch.compile and fake/functional tensors need the registered op. Eagerly the dispatcher
-    only adds cost: for lists of hundreds of tensors its per-call overhead (milliseconds on a
-    slow host) would exceed the GPU time of a fused step. An eager call bumps the version
-    counter of every tensor it writes, as an in-place ATen op does (so autograd refuses a
-    backward through a graph that saved one of them before the write).
+    torch.compile and fake/functional tensors need the registered op; so does a
+    ``TorchDispatchMode`` (an op counter, a profiler of dispatched ops), which then sees one
+    ``fused_sam_triton`` op per call, as it sees one ATen op per ATen call, not the
+    allocations inside the body. Eagerly without a mode the dispatcher only adds cost: for
+    lists of hundreds of tensors its per-call overhead (milliseconds on a slow host) would
+    exceed the GPU time of a fused step. An eager call bumps the version counter of every
+    tensor it writes, as an in-place ATen op does (so autograd refuses a backward through a
+    graph that saved one of them before the write).
     """
     first = args[0][0]
-    if torch.compiler.is_compiling() or _launch.traced(first):
+    if (
+        torch._C._len_torch_dispatch_stack() > 0
+        or torch.compiler.is_compiling()
+        or _launch.traced(first)
+    ):
         return _OPS[name](*args)
     if first.is_cuda and first.device.index != torch.cuda.current_device():
         # Triton launches on the current device: make it the tensors' one (the native CUDA

@@ -12,7 +12,15 @@ product only rounds in its sums, and ``a x + b y`` only rounds on store.
 import triton
 import triton.language as tl
 
-from fused_sam.backends.triton._table import block_flag, chunk_span, pointer, to_storage
+from fused_sam.backends.triton._table import (
+    block_flag,
+    chunk_span,
+    last_program,
+    pointer,
+    to_storage,
+    total,
+    vectorised,
+)
 
 
 @triton.jit
@@ -22,42 +30,11 @@ def _product(a, b):
 
 
 @triton.jit
-def dot_kernel(
-    table,
-    n_tensors,
-    n_chunks,
-    chunk,
-    out,
-    a_arg,
-    b_arg,
-    numel_arg,
-    DTYPE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    DIRECT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    r"""Partial sums of the dot product of two tensor lists, one per program.
-
-    .. math:: s_p = \sum_{k \in \text{chunk } p} a_k\, b_k
-
-    Each product is taken in float64 (exact for float32/16 inputs) and accumulated in float64
-    per lane over the chunk, then reduced across lanes: a fixed order for a given ``BLOCK``, so
-    repeated runs give bit-identical partials. An inf or nan entry makes its partial non-finite
-    (``inf * 0`` is nan), hence the total too.
-
-    Args:
-        table: pointer table (lists: a, b); unused when ``DIRECT``.
-        n_tensors, n_chunks: table dimensions.
-        chunk: elements per program.
-        out: float64 partials, written at index ``program_id``.
-        a_arg, b_arg, numel_arg: the one tensor pair of a ``DIRECT`` (per-tensor) launch.
-        DTYPE: storage type.
-        ALIGNED: every address is 16-byte aligned.
-        DIRECT: take the tensors from ``*_arg`` instead of the table (traceable launches).
-        BLOCK: elements per vector step.
-    """
-    pid = tl.program_id(0)
-    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+def _dot_chunk(
+    table, n_tensors, n_chunks, t, start, count, a_arg, b_arg, DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr, DIRECT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The float64 dot product of one chunk (per lane, then across lanes: a fixed order)."""
     a_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, a_arg, DTYPE, ALIGNED, DIRECT)
     b_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, b_arg, DTYPE, ALIGNED, DIRECT)
     lanes = tl.arange(0, BLOCK)
@@ -70,7 +47,69 @@ def dot_kernel(
         inb = offs < count
         a = tl.load(a_ptr + offs, mask=inb, other=0.0)
         acc += _product(a, tl.load(b_ptr + offs, mask=inb, other=0.0))
-    tl.store(out + pid, tl.sum(acc, axis=0))
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def dot_kernel(
+    table,
+    n_tensors,
+    n_chunks,
+    chunk,
+    out,
+    counter,
+    n_programs,
+    a_arg,
+    b_arg,
+    numel_arg,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DIRECT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):
+    r"""The dot product of two tensor lists: one partial per program, and the total written
+    once per launch by its last program (as :func:`.norm.norm_kernel` does its sum).
+
+    .. math:: s_p = \sum_{k \in \text{chunk } p} a_k\, b_k, \qquad s = \sum_p s_p
+
+    Each product is taken in float64 (exact for float32/16 inputs) and accumulated in float64
+    per lane over the chunk, then reduced across lanes; the last program reduces the partials
+    in a fixed order, so repeated runs give bit-identical totals. An inf or nan entry makes
+    the total non-finite (``inf * 0`` is nan).
+
+    Args:
+        table: pointer table (lists: a, b); unused when ``DIRECT``.
+        n_tensors, n_chunks: table dimensions.
+        chunk: elements per program.
+        out: float64, ``1 + n_programs`` values: the total, then the partials (``DIRECT``:
+            one partial per program, no total).
+        counter: the stream's zeroed int32 completion counter.
+        n_programs: programs of the launch (``max(n_chunks, 1)``).
+        a_arg, b_arg, numel_arg: the one tensor pair of a ``DIRECT`` (per-tensor) launch.
+        DTYPE: storage type.
+        ALIGNED: 16-byte access: 0 none, 1 every tensor, 2 per tensor (its table flag).
+        DIRECT: take the tensors from ``*_arg`` instead of the table (traceable launches).
+        BLOCK: elements per vector step; RBLOCK: partials per step of the final reduction.
+    """
+    pid = tl.program_id(0)
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    if ALIGNED == 2:
+        if vectorised(table, n_tensors, n_chunks, t):
+            part = _dot_chunk(table, n_tensors, n_chunks, t, start, count, a_arg, b_arg, DTYPE,
+                              True, DIRECT, BLOCK)  # fmt: skip
+        else:
+            part = _dot_chunk(table, n_tensors, n_chunks, t, start, count, a_arg, b_arg, DTYPE,
+                              False, DIRECT, BLOCK)  # fmt: skip
+    else:
+        part = _dot_chunk(table, n_tensors, n_chunks, t, start, count, a_arg, b_arg, DTYPE,
+                          ALIGNED == 1, DIRECT, BLOCK)  # fmt: skip
+    if DIRECT:
+        tl.store(out + pid, part)
+    else:
+        tl.store(out + 1 + pid, part)
+        if last_program(counter, n_programs):
+            tl.store(out, total(out + 1, n_programs, RBLOCK, True))
 
 
 @triton.jit
@@ -102,6 +141,30 @@ def _axpby(o_ptr, x_ptr, y_ptr, offs, mask, a, b, DTYPE: tl.constexpr):
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float64)
     y = tl.load(y_ptr + offs, mask=mask).to(tl.float64)
     tl.store(o_ptr + offs, to_out(a * x + b * y, DTYPE), mask=mask)
+
+
+@triton.jit
+def _axpby_chunk(
+    table, n_tensors, n_chunks, t, start, count, o_arg, x_arg, y_arg, a, b, live,
+    DTYPE: tl.constexpr, HAS_SKIP: tl.constexpr, ALIGNED: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    o_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, o_arg, DTYPE, ALIGNED, DIRECT)
+    x_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, x_arg, DTYPE, ALIGNED, DIRECT)
+    y_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, y_arg, DTYPE, ALIGNED, DIRECT)
+    lanes = tl.arange(0, BLOCK)
+    full = count - count % BLOCK
+    smask = None
+    if HAS_SKIP:
+        smask = block_flag(live, BLOCK)
+    for i in range(0, full, BLOCK):
+        _axpby(o_ptr, x_ptr, y_ptr, i + lanes, smask, a, b, DTYPE)
+    if full < count:
+        offs = full + lanes
+        inb = offs < count
+        if HAS_SKIP:
+            inb = tl.where(live, inb, False)
+        _axpby(o_ptr, x_ptr, y_ptr, offs, inb, a, b, DTYPE)
 
 
 @triton.jit
@@ -153,19 +216,13 @@ def axpby_kernel(
     if HAS_SKIP:
         live = tl.load(skip) == 0
     t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
-    o_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, o_arg, DTYPE, ALIGNED, DIRECT)
-    x_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, x_arg, DTYPE, ALIGNED, DIRECT)
-    y_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, y_arg, DTYPE, ALIGNED, DIRECT)
-    lanes = tl.arange(0, BLOCK)
-    full = count - count % BLOCK
-    smask = None
-    if HAS_SKIP:
-        smask = block_flag(live, BLOCK)
-    for i in range(0, full, BLOCK):
-        _axpby(o_ptr, x_ptr, y_ptr, i + lanes, smask, a, b, DTYPE)
-    if full < count:
-        offs = full + lanes
-        inb = offs < count
-        if HAS_SKIP:
-            inb = tl.where(live, inb, False)
-        _axpby(o_ptr, x_ptr, y_ptr, offs, inb, a, b, DTYPE)
+    if ALIGNED == 2:
+        if vectorised(table, n_tensors, n_chunks, t):
+            _axpby_chunk(table, n_tensors, n_chunks, t, start, count, o_arg, x_arg, y_arg, a, b,
+                         live, DTYPE, HAS_SKIP, True, DIRECT, BLOCK)  # fmt: skip
+        else:
+            _axpby_chunk(table, n_tensors, n_chunks, t, start, count, o_arg, x_arg, y_arg, a, b,
+                         live, DTYPE, HAS_SKIP, False, DIRECT, BLOCK)  # fmt: skip
+    else:
+        _axpby_chunk(table, n_tensors, n_chunks, t, start, count, o_arg, x_arg, y_arg, a, b,
+                     live, DTYPE, HAS_SKIP, ALIGNED == 1, DIRECT, BLOCK)  # fmt: skip

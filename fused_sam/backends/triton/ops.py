@@ -165,6 +165,33 @@ def device_hyper(value: float | Tensor, device: torch.device) -> tuple[float, Te
     return float(value), None
 
 
+def _sumsqs(sumsqs: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """The norm partials to check, as the list the op takes; each must be on the parameters'
+    device (the kernel reads them there: a host tensor would need a copy, a host read of a
+    device one a synchronisation)."""
+    out = list(sumsqs)
+    for s in out:
+        if s.device != device:
+            raise ValueError(
+                f"fused_sam triton: sumsqs must be on the parameters' device ({device}), "
+                f"got a tensor on {s.device}; move it there first (functional does)"
+            )
+    return out
+
+
+def _empty_skip(found_inf: Tensor | None, sumsqs: Sequence[Tensor]) -> Tensor:
+    """The skip flag of a call without parameters (nothing to launch over), from torch ops on
+    the device of ``found_inf`` or the first entry of ``sumsqs`` (the CPU without either)."""
+    tensors = [t for t in (found_inf, *sumsqs) if t is not None]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    skip = torch.zeros((), dtype=torch.bool, device=device)
+    if found_inf is not None:
+        skip = skip | (found_inf.reshape(()) != 0)
+    for s in sumsqs:
+        skip = skip | ~torch.isfinite(s.double().sum())
+    return skip
+
+
 # ---------------------------------------------------------------------------------------------
 # The backend interface (signatures of fused_sam.reference)
 
@@ -172,9 +199,11 @@ def device_hyper(value: float | Tensor, device: torch.device) -> tuple[float, Te
 def norm_sq_partials(
     grads: Sequence[Tensor], params: Sequence[Tensor], adaptive: bool, eta: float
 ) -> Tensor:
-    """See :func:`fused_sam.reference.norm_sq_partials`; one partial per program."""
+    """See :func:`fused_sam.reference.norm_sq_partials`: one launch whose last program writes
+    the total, returned as a 1-element float64 tensor on the grads' device (one value per
+    bucket for :func:`perturb_` and the restore ops to read, not one per program)."""
     if not grads:
-        return torch.zeros(1)
+        return torch.zeros(1, dtype=torch.float64)
     _refuse("norm_sq_partials", unsupported("norm_sq_partials", [grads, params]))
     return call("norm_sq_partials", list(grads), list(params), adaptive, float(eta))
 
@@ -237,17 +266,20 @@ def restore_sgd_step_(
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
-    """See :func:`fused_sam.reference.restore_sgd_step_`. The skip is decided on the device;
-    ``hyper.lr`` may be a one-element tensor on the parameters' device, read by the kernel."""
+    sumsqs: Sequence[Tensor] = (),
+) -> Tensor:
+    """See :func:`fused_sam.reference.restore_sgd_step_`: one launch, which decides the skip
+    on the device from ``found_inf`` and the totals of ``sumsqs`` and writes the returned
+    0-dim bool flag itself (no host read). ``hyper.lr`` may be a one-element tensor on the
+    parameters' device, read by the kernel."""
     if not params:
-        return
+        return _empty_skip(found_inf, sumsqs)
     bufs = list(momentum_buffers) if hyper.momentum != 0 else []
     optional = {"momentum_buffers": bufs} if bufs else {}
     _check_like(params, grads=grads, backups=backups, **optional)
     _refuse("restore_sgd_step", unsupported("restore_sgd_step", [params, grads, backups, bufs]))
     lr_mult, lr_t = device_hyper(hyper.lr, params[0].device)
-    call(
+    return call(
         "restore_sgd_step",
         list(params),
         list(grads),
@@ -263,6 +295,7 @@ def restore_sgd_step_(
         grad_scale,
         found_inf,
         lr_t,
+        _sumsqs(sumsqs, params[0].device),
     )
 
 
@@ -278,11 +311,14 @@ def restore_adam_step_(
     *,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
-    """See :func:`fused_sam.reference.restore_adam_step_`. The skip is decided on the device;
-    ``hyper.lr`` may be a one-element tensor on the parameters' device, read by the kernel."""
+    sumsqs: Sequence[Tensor] = (),
+) -> Tensor:
+    """See :func:`fused_sam.reference.restore_adam_step_`: one launch, which decides the skip
+    on the device (as :func:`restore_sgd_step_`), returns the flag it writes, and advances
+    the step counters unless skipped. ``hyper.lr`` may be a one-element tensor on the
+    parameters' device, read by the kernel."""
     if not params:
-        return
+        return _empty_skip(found_inf, sumsqs)
     amsgrad = hyper.amsgrad
     vmax = list(max_exp_avg_sqs) if amsgrad else []
     _check_like(
@@ -299,7 +335,7 @@ def restore_adam_step_(
         unsupported("restore_adam_step", lists, state_steps=state_steps),
     )
     lr_mult, lr_t = device_hyper(hyper.lr, params[0].device)
-    call(
+    return call(
         "restore_adam_step",
         list(params),
         list(grads),
@@ -319,12 +355,14 @@ def restore_adam_step_(
         grad_scale,
         found_inf,
         lr_t,
+        _sumsqs(sumsqs, params[0].device),
     )
 
 
 def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """See :func:`fused_sam.reference.dot_partials`: one float64 partial per program, in one
-    launch over every tensor pair (float64 products and sums for every storage type)."""
+    """See :func:`fused_sam.reference.dot_partials`: one launch over every tensor pair
+    (float64 products and sums for every storage type) whose last program writes the total,
+    returned as a 1-element float64 tensor."""
     check_lists("dot_partials", a, b=b)
     _refuse("dot_partials", unsupported("dot_partials", [a, b]))
     return call("dot_partials", list(a), list(b))

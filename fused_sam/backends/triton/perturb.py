@@ -1,4 +1,4 @@
-"""Perturb: on-device norm finalize, backup, ``w <- w + e`` with optional bit mask and ASAM."""
+"""Perturb: the scale from the norm's total, backup, ``w <- w + e`` with optional bit mask and ASAM."""
 
 # No ``from __future__ import annotations`` here: Triton reads the kernels' annotations
 # (``tl.float64`` scalars, ``tl.constexpr``) as objects, which every supported version parses.
@@ -11,30 +11,31 @@ from fused_sam.backends.triton._table import (
     device_scalar,
     entry,
     f64,
+    finite,
     pointer,
     to_storage,
+    total,
+    vectorised,
 )
 
 
 @triton.jit
 def finalize(sumsq, n_partials, rho, eps, RBLOCK: tl.constexpr):
-    r"""Reduce the norm partials in a fixed order and return ``(scale, finite)``.
+    r"""The norm's total from its partials (:func:`._table.total`, a fixed order) and
+    ``(scale, finite)``.
 
     .. math:: n = \sqrt{\textstyle\sum_k s_k}, \qquad
         \mathrm{scale} = \begin{cases} \rho / (n + \epsilon) & n \text{ finite} \\
         0 & \text{otherwise} \end{cases}
 
-    In float64 whatever the partials' type (as the reference does), so every program of a
-    launch computes the identical scale without any host round trip.
+    In float64 whatever the partials' type (as the reference does). The norm ops of the fused
+    backends return one value per bucket (finalized on the device by the norm launch), so
+    this reads a handful of values, not one per program of the norm.
     """
-    acc = tl.zeros([RBLOCK], dtype=tl.float64)
-    for i in range(0, n_partials, RBLOCK):
-        offs = i + tl.arange(0, RBLOCK)
-        acc += tl.load(sumsq + offs, mask=offs < n_partials, other=0.0).to(tl.float64)
-    total = tl.sum(acc, axis=0)
-    finite = total < float("inf")  # false for +inf and for nan
-    scale = tl.where(finite, rho / (tl.sqrt(total) + eps), 0.0)
-    return scale, finite
+    s = total(sumsq, n_partials, RBLOCK, False)
+    ok = finite(s)
+    scale = tl.where(ok, rho / (tl.sqrt(s) + eps), 0.0)
+    return scale, ok
 
 
 @triton.jit
@@ -64,7 +65,7 @@ def _perturb(
     inb,
     scale,
     eta,
-    finite,
+    ok,
     first,
     key,
     threshold,
@@ -91,7 +92,37 @@ def _perturb(
         new = tl.where(element_hash(key, first + offs) < threshold, new, w_raw)
     # Where nothing moves, the loaded bits go back untouched (w + 0 would turn -0.0 into +0.0).
     # (Two selects: the interpreter cannot AND a scalar flag into a block of flags.)
-    tl.store(w_ptr + offs, tl.where(finite, new, w_raw), mask=inb)
+    tl.store(w_ptr + offs, tl.where(ok, new, w_raw), mask=inb)
+
+
+@triton.jit
+def _perturb_chunk(
+    table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, m_arg, scale, eta_c, ok,
+    key, threshold_u32, DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, MASK: tl.constexpr,
+    ALIGNED: tl.constexpr, DIRECT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
+    g_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, g_arg, DTYPE, ALIGNED, DIRECT)
+    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, b_arg, DTYPE, ALIGNED, DIRECT)
+    if MASK == 1:
+        # Chunks start on a multiple of BLOCK (>= 8) elements: a whole mask byte.
+        m_ptr = pointer(table, n_tensors, n_chunks, t, start // 8, 3, m_arg, tl.uint8, False,
+                        DIRECT)  # fmt: skip
+    else:
+        m_ptr = w_ptr  # never read
+    lanes = tl.arange(0, BLOCK)
+    full = count - count % BLOCK
+    for i in range(0, full, BLOCK):
+        _perturb(
+            w_ptr, g_ptr, b_ptr, m_ptr, i + lanes, None, scale, eta_c, ok, start, key,
+            threshold_u32, ADAPTIVE, MASK, DTYPE,
+        )  # fmt: skip
+    if full < count:
+        offs = full + lanes
+        _perturb(
+            w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < count, scale, eta_c, ok, start, key,
+            threshold_u32, ADAPTIVE, MASK, DTYPE,
+        )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["step_key", "threshold", "key_arg"])
@@ -141,7 +172,8 @@ def perturb_kernel(
         table: pointer table (lists: params, grads, backups[, mask addresses or salts]);
             unused when ``DIRECT``.
         n_tensors, n_chunks, chunk: table dimensions and elements per program.
-        sumsq, n_partials: the norm partials of the whole step (all buckets).
+        sumsq, n_partials: the norm partials of the whole step (one per bucket from the
+            fused norm ops; any number is taken).
         rho, eps, eta: signed radius, norm epsilon, ASAM offset (runtime, float64).
         rho_t: with ``RHO_T``, a one-element tensor read on the device (radius ``rho * rho_t``).
         step_key, threshold: the random mask's key of this step and its keep threshold.
@@ -151,24 +183,15 @@ def perturb_kernel(
         ADAPTIVE: ASAM scaling.
         MASK: 0 none, 1 bit-packed masks (bit ``k % 8`` of byte ``k // 8``), 2 random mask.
         RHO_T: read the radius from ``rho_t``.
-        ALIGNED: every address is 16-byte aligned.
+        ALIGNED: 16-byte access: 0 none, 1 every tensor, 2 per tensor (its table flag).
         DIRECT: per-tensor launch with tensor arguments (traceable by torch.compile).
         BLOCK, RBLOCK: elements per vector step; partials per finalize step.
     """
     rho64 = device_scalar(rho, rho_t, RHO_T)
-    scale64, finite = finalize(sumsq, n_partials, rho64, f64(eps), RBLOCK)
+    scale64, ok = finalize(sumsq, n_partials, rho64, f64(eps), RBLOCK)
     scale = scale64.to(ACC)
     eta_c = f64(eta).to(ACC)
     t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
-    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
-    g_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, g_arg, DTYPE, ALIGNED, DIRECT)
-    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, b_arg, DTYPE, ALIGNED, DIRECT)
-    if MASK == 1:
-        # Chunks start on a multiple of BLOCK (>= 8) elements: a whole mask byte.
-        m_ptr = pointer(table, n_tensors, n_chunks, t, start // 8, 3, m_arg, tl.uint8, False,
-                        DIRECT)  # fmt: skip
-    else:
-        m_ptr = w_ptr  # never read
     if DIRECT:
         key = key_arg.to(tl.uint32)
     elif MASK == 2:
@@ -177,16 +200,16 @@ def perturb_kernel(
     else:
         key = step_key.to(tl.uint32)  # never used
     threshold_u32 = threshold.to(tl.uint32)
-    lanes = tl.arange(0, BLOCK)
-    full = count - count % BLOCK
-    for i in range(0, full, BLOCK):
-        _perturb(
-            w_ptr, g_ptr, b_ptr, m_ptr, i + lanes, None, scale, eta_c, finite, start, key,
-            threshold_u32, ADAPTIVE, MASK, DTYPE,
-        )  # fmt: skip
-    if full < count:
-        offs = full + lanes
-        _perturb(
-            w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < count, scale, eta_c, finite, start, key,
-            threshold_u32, ADAPTIVE, MASK, DTYPE,
-        )  # fmt: skip
+    if ALIGNED == 2:
+        if vectorised(table, n_tensors, n_chunks, t):
+            _perturb_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg,
+                           m_arg, scale, eta_c, ok, key, threshold_u32, DTYPE, ADAPTIVE, MASK,
+                           True, DIRECT, BLOCK)  # fmt: skip
+        else:
+            _perturb_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg,
+                           m_arg, scale, eta_c, ok, key, threshold_u32, DTYPE, ADAPTIVE, MASK,
+                           False, DIRECT, BLOCK)  # fmt: skip
+    else:
+        _perturb_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, m_arg,
+                       scale, eta_c, ok, key, threshold_u32, DTYPE, ADAPTIVE, MASK, ALIGNED == 1,
+                       DIRECT, BLOCK)  # fmt: skip

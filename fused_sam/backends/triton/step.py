@@ -1,8 +1,12 @@
 """Restore kernels: plain exact restore, restore + SGD step, restore + Adam/AdamW step.
 
-Every kernel first puts the backup back (``w = b``, bit for bit) and then, unless the AMP
-``found_inf`` flag is set, applies the base update to the restored weights with the
-second-pass gradients. The flag is read on the device: no host synchronisation.
+Every kernel first puts the backup back (``w = b``, bit for bit) and then, unless the step is
+skipped, applies the base update to the restored weights with the second-pass gradients. The
+step is skipped when the AMP ``found_inf`` flag is nonzero or the total of one of the norm
+partials given (``sumsqs``: the first pass's, and the second's when it is checked) is not
+finite; every program decides it from those device values (no host synchronisation) and
+program 0 writes the decision to the 0-dim bool the op returns. Adam's step counters advance
+inside the same launch (its last program writes them), so a whole restore + step is one launch.
 
 Full blocks pass ``inb = None`` (unmasked, vectorisable accesses); the tail block passes its
 bounds mask. ``smask`` is the store mask of optimizer state: the bounds, and the step not
@@ -20,17 +24,37 @@ from fused_sam.backends.triton._table import (
     chunk_span,
     device_scalar,
     f64,
+    finite,
+    last_program,
     pointer,
+    row_entry,
     to_storage,
+    total,
+    vectorised,
 )
 
 
 @triton.jit
-def _live_and_unscale(found_inf, grad_scale, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """``(live, inv_scale)``: whether the base step runs, and ``1 / grad_scale`` in float64."""
+def _live_and_unscale(
+    found_inf, grad_scale, s0, n0, s1, n1, s2, n2, s3, n3, HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr, NSUM: tl.constexpr, RBLOCK: tl.constexpr,
+):  # fmt: skip
+    """``(live, inv_scale)``: whether the base step runs, and ``1 / grad_scale`` in float64.
+
+    Not live when ``found_inf`` is nonzero (nan included) or the total of one of the ``NSUM``
+    partial sums ``(s_k, n_k)`` is not finite (the reference's rule, ``skipped``).
+    """
     live = tl.full([], 1, tl.int1)
     if HAS_INF:
         live = tl.load(found_inf) == 0
+    if NSUM > 0:
+        live = live & finite(total(s0, n0, RBLOCK, False))
+    if NSUM > 1:
+        live = live & finite(total(s1, n1, RBLOCK, False))
+    if NSUM > 2:
+        live = live & finite(total(s2, n2, RBLOCK, False))
+    if NSUM > 3:
+        live = live & finite(total(s3, n3, RBLOCK, False))
     inv = tl.full([], 1.0, tl.float64)
     if HAS_SCALE:
         inv = 1.0 / tl.load(grad_scale).to(tl.float64)
@@ -39,6 +63,23 @@ def _live_and_unscale(found_inf, grad_scale, HAS_INF: tl.constexpr, HAS_SCALE: t
 
 # ---------------------------------------------------------------------------------------------
 # Plain restore
+
+
+@triton.jit
+def _restore_chunk(
+    table, n_tensors, n_chunks, t, start, count, w_arg, b_arg, DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr, DIRECT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
+    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, b_arg, DTYPE, ALIGNED, DIRECT)
+    lanes = tl.arange(0, BLOCK)
+    full = count - count % BLOCK
+    for i in range(0, full, BLOCK):
+        tl.store(w_ptr + i + lanes, tl.load(b_ptr + i + lanes))
+    if full < count:
+        offs = full + lanes
+        inb = offs < count
+        tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=inb), mask=inb)
 
 
 @triton.jit
@@ -65,16 +106,16 @@ def restore_kernel(
         ALIGNED, DIRECT, BLOCK: as in the other kernels of this package.
     """
     t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
-    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
-    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, b_arg, DTYPE, ALIGNED, DIRECT)
-    lanes = tl.arange(0, BLOCK)
-    full = count - count % BLOCK
-    for i in range(0, full, BLOCK):
-        tl.store(w_ptr + i + lanes, tl.load(b_ptr + i + lanes))
-    if full < count:
-        offs = full + lanes
-        inb = offs < count
-        tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=inb), mask=inb)
+    if ALIGNED == 2:
+        if vectorised(table, n_tensors, n_chunks, t):
+            _restore_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, b_arg, DTYPE, True,
+                           DIRECT, BLOCK)  # fmt: skip
+        else:
+            _restore_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, b_arg, DTYPE,
+                           False, DIRECT, BLOCK)  # fmt: skip
+    else:
+        _restore_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, b_arg, DTYPE,
+                       ALIGNED == 1, DIRECT, BLOCK)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,70 +168,13 @@ def _sgd(
 
 
 @triton.jit
-def sgd_kernel(
-    table,
-    n_tensors,
-    n_chunks,
-    chunk,
-    found_inf,
-    grad_scale,
-    lr: tl.float64,
-    lr_t,
-    weight_decay: tl.float64,
-    momentum: tl.float64,
-    dampening: tl.float64,
-    w_arg,
-    g_arg,
-    b_arg,
-    v_arg,
-    numel_arg,
-    DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
-    HAS_INF: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    LR_T: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    USE_WD: tl.constexpr,
-    MOMENTUM: tl.constexpr,
-    FIRST: tl.constexpr,
-    NESTEROV: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    DIRECT: tl.constexpr,
+def _sgd_chunk(
+    table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, v_arg, live, inv_scale,
+    lr_c, wd_c, mom_c, damp1, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, USE_WD: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+    NESTEROV: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK: tl.constexpr,
-):
-    r"""Restore ``w = b``, then one ``torch.optim.SGD`` step, for one chunk of one tensor.
-
-    .. math::
-        w \leftarrow b;\quad d = \pm g / s + \lambda w;\quad
-        v \leftarrow \begin{cases} d & \text{first step} \\ \mu v + (1-\tau) d \end{cases};\quad
-        d \leftarrow d + \mu v \ \text{(nesterov) else } v;\quad w \leftarrow w - \eta\, d
-
-    In ``ACC``, each result rounded once on store. With ``found_inf != 0`` only the restore
-    happens: the momentum buffer is not written.
-
-    Args:
-        table: pointer table (lists: params, grads, backups[, momentum buffers]).
-        n_tensors, n_chunks, chunk: table dimensions and elements per program.
-        found_inf, grad_scale: 0-dim float32 AMP tensors (read only with their flags).
-        lr, weight_decay, momentum, dampening: hyperparameters (runtime, float64).
-        lr_t: with ``LR_T``, a one-element tensor read on the device; the learning rate is
-            then ``lr * lr_t`` (so a scheduler may change it between CUDA graph replays).
-        w_arg, g_arg, b_arg, v_arg, numel_arg: the tensors of a ``DIRECT`` launch.
-        DTYPE, ACC: storage and compute types.
-        HAS_INF, HAS_SCALE: read ``found_inf`` / ``grad_scale``.
-        LR_T: read the learning rate from ``lr_t``.
-        MAXIMIZE, USE_WD, MOMENTUM, FIRST, NESTEROV: which terms of the update exist
-            (``USE_WD``: ``weight_decay != 0``; ``MOMENTUM``: ``momentum != 0``; ``FIRST``: the
-            buffers hold no history yet and are only written).
-        ALIGNED, DIRECT, BLOCK: as in the other kernels of this package.
-    """
-    live, inv = _live_and_unscale(found_inf, grad_scale, HAS_INF, HAS_SCALE)
-    inv_scale = inv.to(ACC)
-    lr_c = device_scalar(lr, lr_t, LR_T).to(ACC)
-    wd_c = f64(weight_decay).to(ACC)
-    mom_c = f64(momentum).to(ACC)
-    damp1 = (1.0 - f64(dampening)).to(ACC)
-    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+):  # fmt: skip
     w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
     g_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, g_arg, DTYPE, ALIGNED, DIRECT)
     b_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, b_arg, DTYPE, ALIGNED, DIRECT)
@@ -220,33 +204,110 @@ def sgd_kernel(
         )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------
-# Restore + Adam / AdamW
-
-
 @triton.jit
-def steps_kernel(
+def sgd_kernel(
     table,
     n_tensors,
     n_chunks,
+    chunk,
+    flag,
     found_inf,
+    grad_scale,
+    s0,
+    n0,
+    s1,
+    n1,
+    s2,
+    n2,
+    s3,
+    n3,
+    lr: tl.float64,
+    lr_t,
+    weight_decay: tl.float64,
+    momentum: tl.float64,
+    dampening: tl.float64,
+    w_arg,
+    g_arg,
+    b_arg,
+    v_arg,
+    numel_arg,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
     HAS_INF: tl.constexpr,
-    ROW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    NSUM: tl.constexpr,
+    LR_T: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    USE_WD: tl.constexpr,
+    MOMENTUM: tl.constexpr,
+    FIRST: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DIRECT: tl.constexpr,
     BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
-    """``step += 1`` for the 0-dim float32 step counters of list ``ROW``, unless skipped.
+    r"""Restore ``w = b``, then one ``torch.optim.SGD`` step, for one chunk of one tensor.
 
-    A launch of its own, before the Adam kernel: every program of that kernel reads its
-    tensor's counter, so no program of the same launch may write it.
+    .. math::
+        w \leftarrow b;\quad d = \pm g / s + \lambda w;\quad
+        v \leftarrow \begin{cases} d & \text{first step} \\ \mu v + (1-\tau) d \end{cases};\quad
+        d \leftarrow d + \mu v \ \text{(nesterov) else } v;\quad w \leftarrow w - \eta\, d
+
+    In ``ACC``, each result rounded once on store. A skipped step (``found_inf != 0``, or a
+    non-finite total of one of the ``sumsqs``) only restores: the momentum buffer is not
+    written. Program 0 stores the decision in ``flag``.
+
+    Args:
+        table: pointer table (lists: params, grads, backups[, momentum buffers]).
+        n_tensors, n_chunks, chunk: table dimensions and elements per program.
+        flag: the 0-dim bool the op returns (``True``: the step was skipped).
+        found_inf, grad_scale: 0-dim float32 AMP tensors (read only with their flags).
+        s0, n0, ..., s3, n3: the first ``NSUM`` norm partials to check and their lengths.
+        lr, weight_decay, momentum, dampening: hyperparameters (runtime, float64).
+        lr_t: with ``LR_T``, a one-element tensor read on the device; the learning rate is
+            then ``lr * lr_t`` (so a scheduler may change it between CUDA graph replays).
+        w_arg, g_arg, b_arg, v_arg, numel_arg: the tensors of a ``DIRECT`` launch.
+        DTYPE, ACC: storage and compute types.
+        HAS_INF, HAS_SCALE: read ``found_inf`` / ``grad_scale``.
+        NSUM: how many of ``s0..s3`` to check (0 to 4).
+        LR_T: read the learning rate from ``lr_t``.
+        MAXIMIZE, USE_WD, MOMENTUM, FIRST, NESTEROV: which terms of the update exist
+            (``USE_WD``: ``weight_decay != 0``; ``MOMENTUM``: ``momentum != 0``; ``FIRST``: the
+            buffers hold no history yet and are only written).
+        ALIGNED, DIRECT, BLOCK: as in the other kernels of this package.
+        RBLOCK: partials per step of the non-finite checks.
     """
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inb = idx < n_tensors
-    addr = tl.load(table + 2 * n_chunks + (1 + ROW) * n_tensors + idx, mask=inb, other=0)
-    ptrs = addr.to(tl.pointer_type(tl.float32))
-    mask = inb
-    if HAS_INF:
-        mask = tl.where(tl.load(found_inf) == 0, inb, False)
-    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + 1.0, mask=mask)
+    live, inv = _live_and_unscale(found_inf, grad_scale, s0, n0, s1, n1, s2, n2, s3, n3,
+                                  HAS_INF, HAS_SCALE, NSUM, RBLOCK)  # fmt: skip
+    tl.store(flag, live == 0, mask=tl.program_id(0) == 0)
+    inv_scale = inv.to(ACC)
+    lr_c = device_scalar(lr, lr_t, LR_T).to(ACC)
+    wd_c = f64(weight_decay).to(ACC)
+    mom_c = f64(momentum).to(ACC)
+    damp1 = (1.0 - f64(dampening)).to(ACC)
+    # A skipped step writes no momentum buffer: the buffers' store mask then needs the flag.
+    MASKED: tl.constexpr = HAS_INF or NSUM > 0
+    t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
+    if ALIGNED == 2:
+        if vectorised(table, n_tensors, n_chunks, t):
+            _sgd_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, v_arg,
+                       live, inv_scale, lr_c, wd_c, mom_c, damp1, MASKED, HAS_SCALE, MAXIMIZE,
+                       USE_WD, MOMENTUM, FIRST, NESTEROV, DTYPE, True, DIRECT, BLOCK)  # fmt: skip
+        else:
+            _sgd_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, v_arg,
+                       live, inv_scale, lr_c, wd_c, mom_c, damp1, MASKED, HAS_SCALE, MAXIMIZE,
+                       USE_WD, MOMENTUM, FIRST, NESTEROV, DTYPE, False, DIRECT,
+                       BLOCK)  # fmt: skip
+    else:
+        _sgd_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, v_arg,
+                   live, inv_scale, lr_c, wd_c, mom_c, damp1, MASKED, HAS_SCALE, MAXIMIZE,
+                   USE_WD, MOMENTUM, FIRST, NESTEROV, DTYPE, ALIGNED == 1, DIRECT,
+                   BLOCK)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore + Adam / AdamW
 
 
 @triton.jit
@@ -312,13 +373,65 @@ def _adam(
 
 
 @triton.jit
+def _adam_chunk(
+    table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, m_arg, v_arg, vmax_arg,
+    live, inv_scale, b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
+    MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, USE_WD: tl.constexpr,
+    DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    ALIGNED: tl.constexpr, DIRECT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
+    g_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, g_arg, DTYPE, ALIGNED, DIRECT)
+    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, b_arg, DTYPE, ALIGNED, DIRECT)
+    m_ptr = pointer(table, n_tensors, n_chunks, t, start, 3, m_arg, DTYPE, ALIGNED, DIRECT)
+    v_ptr = pointer(table, n_tensors, n_chunks, t, start, 4, v_arg, DTYPE, ALIGNED, DIRECT)
+    if AMSGRAD:
+        vmax_ptr = pointer(
+            table, n_tensors, n_chunks, t, start, 5, vmax_arg, DTYPE, ALIGNED, DIRECT
+        )
+    else:
+        vmax_ptr = v_ptr  # never read
+    lanes = tl.arange(0, BLOCK)
+    full = count - count % BLOCK
+    smask = None
+    if MASKED:
+        smask = block_flag(live, BLOCK)
+    for i in range(0, full, BLOCK):
+        _adam(
+            w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, i + lanes, None, smask, live,
+            inv_scale, b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
+            HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD, DTYPE, ACC,
+        )  # fmt: skip
+    if full < count:
+        offs = full + lanes
+        inb = offs < count
+        tail_smask = tl.where(live, inb, False)
+        _adam(
+            w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, inb, tail_smask, live,
+            inv_scale, b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
+            HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD, DTYPE, ACC,
+        )  # fmt: skip
+
+
+@triton.jit
 def adam_kernel(
     table,
     n_tensors,
     n_chunks,
     chunk,
+    flag,
+    counter,
+    n_programs,
     found_inf,
     grad_scale,
+    s0,
+    n0,
+    s1,
+    n1,
+    s2,
+    n2,
+    s3,
+    n3,
     lr: tl.float64,
     lr_t,
     beta1: tl.float64,
@@ -337,6 +450,7 @@ def adam_kernel(
     ACC: tl.constexpr,
     HAS_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    NSUM: tl.constexpr,
     LR_T: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     USE_WD: tl.constexpr,
@@ -345,55 +459,65 @@ def adam_kernel(
     ALIGNED: tl.constexpr,
     DIRECT: tl.constexpr,
     BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    STEPS_BLOCK: tl.constexpr,
 ):
-    r"""Restore ``w = b``, then one ``torch.optim.Adam``/``AdamW`` step, for one chunk.
+    r"""Restore ``w = b``, then one ``torch.optim.Adam``/``AdamW`` step, for one chunk; and
+    the step counters.
 
     .. math::
-        g \leftarrow \pm g/s\ (+\lambda w \text{ for Adam});\quad
+        t \leftarrow t+1;\quad g \leftarrow \pm g/s\ (+\lambda w \text{ for Adam});\quad
         w \leftarrow w(1-\eta\lambda) \text{ (AdamW)};\quad
-        m \leftarrow \beta_1 m + (1-\beta_1) g;\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2;\\
+        m \leftarrow \beta_1 m + (1-\beta_1) g;\quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2;\\
         \hat v = \max(\hat v, v) \text{ (amsgrad)};\quad
         w \leftarrow w - \frac{\eta}{1-\beta_1^t}\,
             \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
 
-    ``t`` is the tensor's step counter, already incremented by :func:`steps_kernel`; the bias
-    corrections are computed per program in float64 from it. With ``found_inf != 0`` only
-    the restore happens.
+    ``t`` is the tensor's float32 step counter plus one (rounded in float32, as the
+    reference's ``step_t.add_(1)``); the bias corrections are computed per program in float64
+    from it. Every program reads its counter before the launch's last program
+    (:func:`._table.last_program`) writes ``t + 1`` into every counter of the table (empty
+    tensors' included), so no program sees another's increment. A skipped step only restores
+    and leaves the moments and the counters as they were. Program 0 stores the decision in
+    ``flag``. A ``DIRECT`` (traced) launch finds its counter already advanced by the caller.
 
     Args:
-        table: pointer table (lists: params, grads, backups, exp_avgs, exp_avg_sqs, steps
-            [, max_exp_avg_sqs]).
+        table: pointer table (lists: params, grads, backups, exp_avgs, exp_avg_sqs,
+            max_exp_avg_sqs (exp_avg_sqs again without amsgrad), steps).
         n_tensors, n_chunks, chunk: table dimensions and elements per program.
+        flag: the 0-dim bool the op returns (``True``: the step was skipped).
+        counter, n_programs: the stream's completion counter and the launch's program count
+            (``max(n_chunks, 1)``).
         found_inf, grad_scale: 0-dim float32 AMP tensors (read only with their flags).
+        s0, n0, ..., s3, n3: the first ``NSUM`` norm partials to check and their lengths.
         lr, beta1, beta2, eps, weight_decay: hyperparameters (runtime, float64).
         lr_t: with ``LR_T``, a one-element tensor read on the device (``lr * lr_t``).
         w_arg, g_arg, b_arg, m_arg, v_arg, s_arg, vmax_arg, numel_arg: the tensors of a
             ``DIRECT`` launch.
         DTYPE, ACC: storage and compute types.
         HAS_INF, HAS_SCALE: read ``found_inf`` / ``grad_scale``.
+        NSUM: how many of ``s0..s3`` to check (0 to 4).
         LR_T: read the learning rate from ``lr_t``.
         MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD: which terms of the update exist.
         ALIGNED, DIRECT, BLOCK: as in the other kernels of this package.
+        RBLOCK: partials per step of the non-finite checks; STEPS_BLOCK: counters per step of
+            the last program's counter update.
     """
-    live, inv = _live_and_unscale(found_inf, grad_scale, HAS_INF, HAS_SCALE)
+    live, inv = _live_and_unscale(found_inf, grad_scale, s0, n0, s1, n1, s2, n2, s3, n3,
+                                  HAS_INF, HAS_SCALE, NSUM, RBLOCK)  # fmt: skip
+    tl.store(flag, live == 0, mask=tl.program_id(0) == 0)
+    MASKED: tl.constexpr = HAS_INF or NSUM > 0
     lr = device_scalar(lr, lr_t, LR_T)
     beta1 = f64(beta1)
     beta2 = f64(beta2)
     weight_decay = f64(weight_decay)
     t, start, count = chunk_span(table, n_chunks, chunk, numel_arg, DIRECT)
-    w_ptr = pointer(table, n_tensors, n_chunks, t, start, 0, w_arg, DTYPE, ALIGNED, DIRECT)
-    g_ptr = pointer(table, n_tensors, n_chunks, t, start, 1, g_arg, DTYPE, ALIGNED, DIRECT)
-    b_ptr = pointer(table, n_tensors, n_chunks, t, start, 2, b_arg, DTYPE, ALIGNED, DIRECT)
-    m_ptr = pointer(table, n_tensors, n_chunks, t, start, 3, m_arg, DTYPE, ALIGNED, DIRECT)
-    v_ptr = pointer(table, n_tensors, n_chunks, t, start, 4, v_arg, DTYPE, ALIGNED, DIRECT)
-    s_ptr = pointer(table, n_tensors, n_chunks, t, 0, 5, s_arg, tl.float32, False, DIRECT)
-    if AMSGRAD:
-        vmax_ptr = pointer(
-            table, n_tensors, n_chunks, t, start, 6, vmax_arg, DTYPE, ALIGNED, DIRECT
-        )
+    if DIRECT:
+        step = tl.load(s_arg).to(tl.float64)  # advanced by the caller
     else:
-        vmax_ptr = v_ptr  # never read
-    step = tl.load(s_ptr).to(tl.float64)
+        s_ptr = row_entry(table, n_tensors, n_chunks, t, 6).to(tl.pointer_type(tl.float32))
+        step = (tl.load(s_ptr) + 1.0).to(tl.float64)
     bc1 = 1.0 - tl.exp(step * tl.log(beta1))
     bc2 = 1.0 - tl.exp(step * tl.log(beta2))
     step_size = (lr / bc1).to(ACC)
@@ -406,23 +530,31 @@ def adam_kernel(
     decay = (1.0 - lr * weight_decay).to(ACC)
     eps_c = f64(eps).to(ACC)
     inv_scale = inv.to(ACC)
-    lanes = tl.arange(0, BLOCK)
-    full = count - count % BLOCK
-    smask = None
-    if HAS_INF:
-        smask = block_flag(live, BLOCK)
-    for i in range(0, full, BLOCK):
-        _adam(
-            w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, i + lanes, None, smask, live,
-            inv_scale, b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
-            HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD, DTYPE, ACC,
-        )  # fmt: skip
-    if full < count:
-        offs = full + lanes
-        inb = offs < count
-        tail_smask = tl.where(live, inb, False)
-        _adam(
-            w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, inb, tail_smask, live,
-            inv_scale, b1, b2, b1c, b2c, wd, decay, step_size, sqrt_bc2, eps_c,
-            HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD, DTYPE, ACC,
-        )  # fmt: skip
+    if ALIGNED == 2:
+        if vectorised(table, n_tensors, n_chunks, t):
+            _adam_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, m_arg,
+                        v_arg, vmax_arg, live, inv_scale, b1, b2, b1c, b2c, wd, decay,
+                        step_size, sqrt_bc2, eps_c, MASKED, HAS_SCALE, MAXIMIZE, USE_WD,
+                        DECOUPLED, AMSGRAD, DTYPE, ACC, True, DIRECT, BLOCK)  # fmt: skip
+        else:
+            _adam_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, m_arg,
+                        v_arg, vmax_arg, live, inv_scale, b1, b2, b1c, b2c, wd, decay,
+                        step_size, sqrt_bc2, eps_c, MASKED, HAS_SCALE, MAXIMIZE, USE_WD,
+                        DECOUPLED, AMSGRAD, DTYPE, ACC, False, DIRECT, BLOCK)  # fmt: skip
+    else:
+        _adam_chunk(table, n_tensors, n_chunks, t, start, count, w_arg, g_arg, b_arg, m_arg,
+                    v_arg, vmax_arg, live, inv_scale, b1, b2, b1c, b2c, wd, decay, step_size,
+                    sqrt_bc2, eps_c, MASKED, HAS_SCALE, MAXIMIZE, USE_WD, DECOUPLED, AMSGRAD,
+                    DTYPE, ACC, ALIGNED == 1, DIRECT, BLOCK)  # fmt: skip
+    if not DIRECT:
+        # Every program has read its counter (above, before its increment of the completion
+        # counter): the last one advances them all.
+        if last_program(counter, n_programs):
+            if live:
+                base = table + 2 * n_chunks + 8 * n_tensors
+                for i in range(0, n_tensors, STEPS_BLOCK):
+                    idx = i + tl.arange(0, STEPS_BLOCK)
+                    inb = idx < n_tensors
+                    addr = tl.load(base + idx, mask=inb, other=0)
+                    ptrs = addr.to(tl.pointer_type(tl.float32))
+                    tl.store(ptrs, tl.load(ptrs, mask=inb, other=0.0) + 1.0, mask=inb)
