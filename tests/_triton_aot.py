@@ -26,15 +26,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from fused_sam.backends.triton.combine import axpby_kernel, dot_kernel  # noqa: E402
 from fused_sam.backends.triton.norm import norm_kernel  # noqa: E402
 from fused_sam.backends.triton.perturb import perturb_kernel  # noqa: E402
-from fused_sam.backends.triton.step import (  # noqa: E402
-    adam_kernel,
-    restore_kernel,
-    sgd_kernel,
-    steps_kernel,
-)
+from fused_sam.backends.triton.step import adam_kernel, restore_kernel, sgd_kernel  # noqa: E402
 
 _T = "*i64"
 _BASE = {"table": _T, "n_tensors": "i32", "n_chunks": "i32", "chunk": "i32"}
+#: The norm partials a restore kernel checks (two of the four slots used below).
+_SUMSQS = {f"s{k}": "*fp64" for k in range(4)} | {f"n{k}": "i32" for k in range(4)}
+#: The 16-byte access modes of a table launch: every tensor aligned, or decided per tensor.
+_MODES = (("", 1), ("/per-tensor", 2))
 
 
 def _compile(fn, sig: dict[str, str], consts: dict, label: str) -> dict:
@@ -66,70 +65,75 @@ def main() -> None:
         ("fp16", tl.float16, tl.float32),
         ("fp64", tl.float64, tl.float64),
     ):
-        part = "*fp64"  # norm partials are float64 for every storage type
-        common = {"DTYPE": dt, "ACC": acc, "ALIGNED": True, "DIRECT": False, "BLOCK": 1024}
-        sig = dict(_BASE, out=part, eta="fp64", g_arg=_T, w_arg=_T, numel_arg="i32")
-        norm_consts = {k: v for k, v in common.items() if k != "ACC"}
-        norm_consts["ADAPTIVE"] = True
-        print(json.dumps(_compile(norm_kernel, sig, norm_consts, f"norm/{name}")))
-        sig = dict(_BASE, sumsq=part, n_partials="i32", rho="fp64", rho_t="*fp32", eps="fp64")
-        sig.update(eta="fp64", step_key="i64", threshold="i64", w_arg=_T, g_arg=_T, b_arg=_T)
-        sig.update(m_arg=_T)
-        sig.update(key_arg="i64", numel_arg="i32")
-        consts = dict(common, ADAPTIVE=True, MASK=1, RHO_T=False, RBLOCK=1024)
-        print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}")))
-        # A random mask computed in the kernel, and the radius read on the device.
-        consts = dict(common, ADAPTIVE=False, MASK=2, RHO_T=True, RBLOCK=1024)
-        print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}/random")))
-        sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", lr_t="*fp32")
-        sig.update(weight_decay="fp64", momentum="fp64", dampening="fp64", w_arg=_T, g_arg=_T)
-        sig.update(b_arg=_T, v_arg=_T, numel_arg="i32")
-        consts = dict(common, HAS_INF=True, HAS_SCALE=True, LR_T=True, MAXIMIZE=True, USE_WD=True)
-        consts.update(MOMENTUM=True, FIRST=False, NESTEROV=True)
-        print(json.dumps(_compile(sgd_kernel, sig, consts, f"sgd/{name}")))
-        sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", lr_t="*fp32")
-        sig.update(beta1="fp64")
-        sig.update(beta2="fp64", eps="fp64", weight_decay="fp64", w_arg=_T, g_arg=_T, b_arg=_T)
-        sig.update(m_arg=_T, v_arg=_T, s_arg=_T, vmax_arg=_T, numel_arg="i32")
-        consts = dict(common, HAS_INF=True, HAS_SCALE=True, LR_T=True, MAXIMIZE=True, USE_WD=True)
-        consts.update(DECOUPLED=True, AMSGRAD=True)
-        print(json.dumps(_compile(adam_kernel, sig, consts, f"adam/{name}")))
-        # The variant ops: float64 dot partials, and a x + b y with the skip flag read.
-        plain = {k: v for k, v in common.items() if k != "ACC"}
-        sig = dict(_BASE, out=part, a_arg=_T, b_arg=_T, numel_arg="i32")
-        print(json.dumps(_compile(dot_kernel, sig, plain, f"dot/{name}")))
-        sig = dict(_BASE, coefs=part, skip="*fp32", o_arg=_T, x_arg=_T, y_arg=_T, numel_arg="i32")
-        consts = dict(plain, HAS_SKIP=True)
-        print(json.dumps(_compile(axpby_kernel, sig, consts, f"axpby/{name}")))
+        for mode, aligned in _MODES:
+            _family(name + mode, dt, acc, aligned)
     sig = dict(_BASE, w_arg=_T, b_arg=_T, numel_arg="i32")
-    consts = {"DTYPE": tl.float32, "ALIGNED": True, "DIRECT": False, "BLOCK": 1024}
-    print(json.dumps(_compile(restore_kernel, sig, consts, "restore/fp32")))
-    sig = {"table": _T, "n_tensors": "i32", "n_chunks": "i32", "found_inf": "*fp32"}
-    consts = {"HAS_INF": True, "ROW": 5, "BLOCK": 128}
-    print(json.dumps(_compile(steps_kernel, sig, consts, "steps")))
+    for mode, aligned in _MODES:
+        consts = {"DTYPE": tl.float32, "ALIGNED": aligned, "DIRECT": False, "BLOCK": 1024}
+        print(json.dumps(_compile(restore_kernel, sig, consts, f"restore/fp32{mode}")))
     # The per-tensor (torch.compile) variants take typed tensor arguments.
-    sig = dict(_BASE, found_inf="*fp32", grad_scale="*fp32", lr="fp64", lr_t="*fp32")
-    sig.update(weight_decay="fp64", momentum="fp64", dampening="fp64", w_arg="*bf16")
-    sig.update(g_arg="*bf16", b_arg="*bf16", v_arg="*bf16", numel_arg="i32")
+    sig = dict(_BASE, flag="*i1", found_inf="*fp32", grad_scale="*fp32", **_SUMSQS)
+    sig.update(lr="fp64", lr_t="*fp32", weight_decay="fp64", momentum="fp64", dampening="fp64")
+    sig.update(w_arg="*bf16", g_arg="*bf16", b_arg="*bf16", v_arg="*bf16", numel_arg="i32")
     consts = {"DTYPE": tl.bfloat16, "ACC": tl.float32, "HAS_INF": False, "HAS_SCALE": False}
-    consts["LR_T"] = False
+    consts.update(NSUM=1, RBLOCK=16, LR_T=False)
     consts.update(MAXIMIZE=False, USE_WD=False, MOMENTUM=True, FIRST=True, NESTEROV=False)
-    consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024)
+    consts.update(ALIGNED=0, DIRECT=True, BLOCK=1024)
     print(json.dumps(_compile(sgd_kernel, sig, consts, "sgd/bf16/direct")))
-    sig = dict(_BASE, sumsq="*fp32", n_partials="i32", rho="fp64", rho_t="*fp32", eps="fp64")
+    sig = dict(_BASE, sumsq="*fp64", n_partials="i32", rho="fp64", rho_t="*fp32", eps="fp64")
     sig.update(eta="fp64", step_key="i64", threshold="i64", w_arg="*fp32", g_arg="*fp32")
     sig.update(b_arg="*fp32", m_arg="*u8", key_arg="i64", numel_arg="i32")
     consts = {"DTYPE": tl.float32, "ACC": tl.float32, "ADAPTIVE": False, "MASK": 2, "RHO_T": True}
-    consts.update(ALIGNED=False, DIRECT=True, BLOCK=1024, RBLOCK=1024)
+    consts.update(ALIGNED=0, DIRECT=True, BLOCK=1024, RBLOCK=16)
     print(json.dumps(_compile(perturb_kernel, sig, consts, "perturb/fp32/direct")))
-    sig = dict(_BASE, out="*fp64", a_arg="*fp32", b_arg="*fp32", numel_arg="i32")
-    consts = {"DTYPE": tl.float32, "ALIGNED": False, "DIRECT": True, "BLOCK": 1024}
+    sig = dict(_BASE, out="*fp64", counter="*i32", n_programs="i32", a_arg="*fp32")
+    sig.update(b_arg="*fp32", numel_arg="i32")
+    consts = {"DTYPE": tl.float32, "ALIGNED": 0, "DIRECT": True, "BLOCK": 1024, "RBLOCK": 1024}
     print(json.dumps(_compile(dot_kernel, sig, consts, "dot/fp32/direct")))
     sig = dict(_BASE, coefs="*fp64", skip="*i64", o_arg="*bf16", x_arg="*bf16", y_arg="*bf16")
     sig.update(numel_arg="i32")
-    consts = {"DTYPE": tl.bfloat16, "HAS_SKIP": False, "ALIGNED": False, "DIRECT": True}
+    consts = {"DTYPE": tl.bfloat16, "HAS_SKIP": False, "ALIGNED": 0, "DIRECT": True}
     consts.update(BLOCK=1024)
     print(json.dumps(_compile(axpby_kernel, sig, consts, "axpby/bf16/direct")))
+
+
+def _family(name: str, dt, acc, aligned: int) -> None:
+    """Every table kernel of one storage type and 16-byte access mode."""
+    part = "*fp64"  # norm partials are float64 for every storage type
+    common = {"DTYPE": dt, "ACC": acc, "ALIGNED": aligned, "DIRECT": False, "BLOCK": 1024}
+    plain = {k: v for k, v in common.items() if k != "ACC"}
+    sig = dict(_BASE, out=part, counter="*i32", n_programs="i32", eta="fp64", g_arg=_T)
+    sig.update(w_arg=_T, numel_arg="i32")
+    consts = dict(plain, ADAPTIVE=True, RBLOCK=1024)
+    print(json.dumps(_compile(norm_kernel, sig, consts, f"norm/{name}")))
+    sig = dict(_BASE, sumsq=part, n_partials="i32", rho="fp64", rho_t="*fp32", eps="fp64")
+    sig.update(eta="fp64", step_key="i64", threshold="i64", w_arg=_T, g_arg=_T, b_arg=_T)
+    sig.update(m_arg=_T, key_arg="i64", numel_arg="i32")
+    consts = dict(common, ADAPTIVE=True, MASK=1, RHO_T=False, RBLOCK=16)
+    print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}")))
+    # A random mask computed in the kernel, and the radius read on the device.
+    consts = dict(common, ADAPTIVE=False, MASK=2, RHO_T=True, RBLOCK=16)
+    print(json.dumps(_compile(perturb_kernel, sig, consts, f"perturb/{name}/random")))
+    sig = dict(_BASE, flag="*i1", found_inf="*fp32", grad_scale="*fp32", **_SUMSQS)
+    sig.update(lr="fp64", lr_t="*fp32", weight_decay="fp64", momentum="fp64", dampening="fp64")
+    sig.update(w_arg=_T, g_arg=_T, b_arg=_T, v_arg=_T, numel_arg="i32")
+    consts = dict(common, HAS_INF=True, HAS_SCALE=True, NSUM=2, RBLOCK=16, LR_T=True)
+    consts.update(MAXIMIZE=True, USE_WD=True, MOMENTUM=True, FIRST=False, NESTEROV=True)
+    print(json.dumps(_compile(sgd_kernel, sig, consts, f"sgd/{name}")))
+    sig = dict(_BASE, flag="*i1", counter="*i32", n_programs="i32", found_inf="*fp32")
+    sig.update(grad_scale="*fp32", **_SUMSQS, lr="fp64", lr_t="*fp32", beta1="fp64")
+    sig.update(beta2="fp64", eps="fp64", weight_decay="fp64", w_arg=_T, g_arg=_T, b_arg=_T)
+    sig.update(m_arg=_T, v_arg=_T, s_arg=_T, vmax_arg=_T, numel_arg="i32")
+    consts = dict(common, HAS_INF=True, HAS_SCALE=True, NSUM=2, RBLOCK=16, LR_T=True)
+    consts.update(MAXIMIZE=True, USE_WD=True, DECOUPLED=True, AMSGRAD=True, STEPS_BLOCK=1024)
+    print(json.dumps(_compile(adam_kernel, sig, consts, f"adam/{name}")))
+    # The variant ops: float64 dot total, and a x + b y with the skip flag read.
+    sig = dict(_BASE, out=part, counter="*i32", n_programs="i32", a_arg=_T, b_arg=_T)
+    sig.update(numel_arg="i32")
+    print(json.dumps(_compile(dot_kernel, sig, dict(plain, RBLOCK=1024), f"dot/{name}")))
+    sig = dict(_BASE, coefs=part, skip="*fp32", o_arg=_T, x_arg=_T, y_arg=_T, numel_arg="i32")
+    consts = dict(plain, HAS_SKIP=True)
+    print(json.dumps(_compile(axpby_kernel, sig, consts, f"axpby/{name}")))
 
 
 if __name__ == "__main__":

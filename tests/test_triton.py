@@ -106,15 +106,16 @@ def test_many_tensors_one_launch(tb, offset: int, masked: bool) -> None:
     check_norm("triton", ps, g1, ad, eta)
     check_perturb("triton", ps, g1, rho=[0.05] * n, eps=1e-12, adaptive=ad, eta=eta, masks=masks)
     check_sgd_steps("triton", ps, SGD_CONFIGS[2], amp=False, grads=lambda step: g2, steps=2)
-    # One program per chunk of every tensor: the partials say how many ran in the launch.
+    # One program per chunk of every tensor, and one total (written by the last of them).
     chunk = _table.geometry(sum(sizes)).chunk
-    partials = tb.norm_sq_partials(g1, ps, False, 0.0)
-    assert partials.numel() == sum(-(-n // chunk) for n in sizes)
-    table = _table.pointer_table([g1, g1], sizes, chunk, torch.device("cpu"))
-    assert table.aligned == (offset == 0)
+    table = _table.pointer_table([g1, g1], torch.device("cpu"))
+    assert table.n_chunks == sum(-(-n // chunk) for n in sizes)
+    assert tb.norm_sq_partials(g1, ps, False, 0.0).shape == (1,)
+    # Every tensor is a view one element into its buffer: none gets 16-byte access.
+    assert table.vector == (_table.VECTOR_ALL if offset == 0 else _table.VECTOR_NONE)
     # The variant ops over the same 32 tensors, one launch each.
     parts = tb.dot_partials(g1, g2)
-    assert parts.numel() == sum(-(-n // chunk) for n in sizes)
+    assert parts.shape == (1,)
     want = F.dot(g1, g2, "reference").sum()
     torch.testing.assert_close(parts.sum(), want, atol=1e-12, rtol=1e-14)
     coefs = torch.tensor([0.75, -1.5], dtype=torch.float64)
@@ -135,25 +136,16 @@ def test_norm_partials_deterministic(tb) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dot_partials_one_per_program_deterministic(tb, dtype: torch.dtype) -> None:
-    """One float64 partial per chunk of every tensor (an empty tensor has none), bit-identical
-    from run to run, each the float64 sum of its chunk's exact products."""
-    from fused_sam.backends.triton import _table
-
+def test_dot_total_deterministic(tb, dtype: torch.dtype) -> None:
+    """One float64 total written by the launch's last program: the float64 sum of every
+    chunk's exact products (an empty tensor has none), bit-identical from run to run."""
     sizes = [5, 70000, 0, 4096, 1]
     a, b = _tensors(sizes, dtype), _tensors(sizes, dtype)
     first = tb.dot_partials(a, b)
-    assert first.dtype == torch.float64
-    chunk = _table.geometry(sum(sizes)).chunk
-    want = torch.stack(
-        [
-            (s.double() * t.double()).sum()
-            for u, v in zip(a, b)
-            if u.numel()
-            for s, t in zip(u.split(chunk), v.split(chunk))
-        ]
-    )
-    torch.testing.assert_close(first, want, atol=1e-12, rtol=1e-13)
+    assert first.dtype == torch.float64 and first.shape == (1,)
+    want = sum(float((u.double() * v.double()).sum()) for u, v in zip(a, b))
+    torch.testing.assert_close(first, torch.tensor([want], dtype=torch.float64), atol=0,
+                               rtol=1e-13)  # fmt: skip
     for _ in range(2):
         assert torch.equal(tb.dot_partials(a, b), first)
     assert torch.equal(tb.dot_partials([torch.zeros(0)], [torch.zeros(0)]), torch.zeros(1).double())
@@ -174,22 +166,25 @@ def test_table_cache_hits_and_rebuilds(tb) -> None:
     from fused_sam.backends.triton import _table
 
     _table.clear_cache()
+    cpu = torch.device("cpu")
     ps = _tensors([300, 5000], torch.float32)
     bs = [torch.empty_like(p) for p in ps]
-    chunk = _table.geometry(5300).chunk
-    t1 = _table.pointer_table([ps, bs], [300, 5000], chunk, torch.device("cpu"))
-    t2 = _table.pointer_table([ps, bs], [300, 5000], chunk, torch.device("cpu"))
+    t1 = _table.pointer_table([ps, bs], cpu)
+    t2 = _table.pointer_table([list(ps), list(bs)], cpu)  # new lists, the same tensors
     assert t1 is t2
     # A backup that comes back elsewhere (as a grad after zero_grad(set_to_none=True) may).
     bs[1] = torch.full_like(ps[1], 3.0)
-    t3 = _table.pointer_table([ps, bs], [300, 5000], chunk, torch.device("cpu"))
+    t3 = _table.pointer_table([ps, bs], cpu)
     assert t3 is not t1
     assert t3.data[-1].item() == bs[1].data_ptr()
     tb.restore_(ps, bs)
     assert torch.equal(ps[1], torch.full_like(ps[1], 3.0))
+    # The same address with another shape (a view of the same storage): another table.
+    view = [ps[0], ps[1][:4000]]
+    assert _table.pointer_table([view, bs[:1] + [bs[1][:4000]]], cpu).data[5].item() == 4000
     # The cache is bounded.
     for i in range(_table.cache_info()[1] + 5):
-        _table.pointer_table([[torch.zeros(i + 1)]], [i + 1], chunk, torch.device("cpu"))
+        _table.pointer_table([[torch.zeros(i + 1)]], cpu)
     assert _table.cache_info()[0] == _table.cache_info()[1]
 
 
@@ -589,11 +584,16 @@ def _op_args(device: str):
         (ops.restore.default, (ps, bs)),
         (
             ops.restore_sgd_step.default,
-            (ps, gs, bs, like, 0.1, 0.0, 0.9, 0.0, False, False, True, scale, fi, None),
+            (ps, gs, bs, like, 0.1, 0.0, 0.9, 0.0, False, False, True, scale, fi, None, [sumsq]),
+        ),
+        (
+            ops.restore_sgd_step.default,
+            (ps, gs, bs, [], 0.1, 0.0, 0.0, 0.0, False, False, True, None, None, None, []),
         ),
         (
             ops.restore_adam_step.default,
-            (ps, gs, bs, like, *moments, st, *adam_hyper, scale, fi, torch.ones((), device=device)),
+            (ps, gs, bs, like, *moments, st, *adam_hyper, scale, fi, torch.ones((), device=device),
+             [sumsq, sumsq]),  # fmt: skip
         ),
         (ops.dot_partials.default, (gs, ps)),
         # a x + b y into a new list, with and without the skip flag, and into x itself.
@@ -660,7 +660,9 @@ def test_reason_when_triton_is_not_installed() -> None:
 
 
 def test_compiles_for_sm90_and_vectorises() -> None:
-    """Every kernel family compiles for an NVIDIA target; aligned variants use 16-byte vectors."""
+    """Every kernel family compiles for an NVIDIA target; aligned variants use 16-byte vectors,
+    and so does the vector path of a launch that decides 16-byte access per tensor (a bucket
+    with one misaligned tensor): exactly as many vector accesses as the all-aligned variant."""
     pytest.importorskip("triton")  # the backend's own tests fail loudly if triton is missing
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -673,14 +675,20 @@ def test_compiles_for_sm90_and_vectorises() -> None:
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 34
-    for row in rows:
-        if "/direct" in row["kernel"] or row["kernel"] == "steps":
+    rows = {row["kernel"]: row for row in map(json.loads, out.stdout.splitlines())}
+    assert len(rows) == 62
+    for name, row in rows.items():
+        if "/direct" in name:
             continue
         assert row["vector_loads"] > 0, row
-        if not row["kernel"].startswith(("norm", "dot")):  # they store one partial per program
+        if not name.startswith(("norm", "dot")):  # they store one partial per program
             assert row["vector_stores"] > 0, row
+        if "/per-tensor" in name:
+            aligned = rows[name.replace("/per-tensor", "")]
+            assert (row["vector_loads"], row["vector_stores"]) == (
+                aligned["vector_loads"],
+                aligned["vector_stores"],
+            ), (row, aligned)
 
 
 # ---------------------------------------------------------------------------------------------

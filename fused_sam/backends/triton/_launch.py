@@ -119,7 +119,7 @@ def sumsq_args(like: Tensor, sumsqs: list[Tensor]) -> tuple[list[Any], int, int]
     entries = [s.reshape(-1) if s.dim() != 1 else s for s in sumsqs]
     entries = [s if s.is_contiguous() else s.contiguous() for s in entries]
     if len(entries) > MAX_SUMSQS:
-        entries = entries[: MAX_SUMSQS - 1] + [torch.cat(entries[MAX_SUMSQS - 1 :])]
+        entries = [*entries[: MAX_SUMSQS - 1], torch.cat(entries[MAX_SUMSQS - 1 :])]
     args: list[Any] = []
     longest = 1
     for k in range(MAX_SUMSQS):

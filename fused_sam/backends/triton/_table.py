@@ -11,9 +11,10 @@ Program ``pid`` of a launch handles elements ``[start, start + chunk)`` of tenso
 then at most one masked tail block. ``vector[i]`` is 1 when every vector-accessed address of
 tensor ``i`` is 16-byte aligned: the 16-byte access decision is per tensor (see
 :attr:`Table.vector`). A launch may have more programs than chunks (one program for a bucket of
-empty tensors, which still writes its outputs); those programs get an empty span. Addresses are stored as integers and turned back into typed
-pointers on the device (``int64 -> tl.pointer_type``), which the compiler and the interpreter
-both support, so the same kernels run compiled on CUDA and interpreted on CPU.
+empty tensors, which still writes its outputs); those programs get an empty span. Addresses
+are stored as integers and turned back into typed pointers on the device (``int64 ->
+tl.pointer_type``), which the compiler and the interpreter both support, so the same kernels run
+compiled on CUDA and interpreted on CPU.
 
 Tables are cached by the addresses, sizes and strides of every tensor they encode (the table is
 a pure function of that key, computed in one C++ pass by :func:`table_key`), so a steady-state
@@ -36,11 +37,11 @@ from torch import Tensor
 
 __all__ = [
     "INTERPRETED",
-    "Geometry",
-    "Table",
     "VECTOR_ALL",
     "VECTOR_NONE",
     "VECTOR_PER_TENSOR",
+    "Geometry",
+    "Table",
     "acc_dtype",
     "block_flag",
     "cache_info",
@@ -193,9 +194,9 @@ def cache_info() -> tuple[int, int]:
 
 
 try:  # the native extension's one-pass layout key (a plain Python key without it)
-    from fused_sam import _C as _native
+    from fused_sam import _C as _NATIVE
 
-    _layout_bytes = _native.layout_key
+    _layout_bytes = _NATIVE.layout_key
 except ImportError:  # pragma: no cover - installs without the extension
     _layout_bytes = None
 

@@ -1,4 +1,4 @@
-"""Perturb: the scale from the norm's total, backup, ``w <- w + e`` with optional bit mask and ASAM."""
+"""Perturb: the scale from the norm's total, backup, ``w <- w + e`` (bit or random mask, ASAM)."""
 
 # No ``from __future__ import annotations`` here: Triton reads the kernels' annotations
 # (``tl.float64`` scalars, ``tl.constexpr``) as objects, which every supported version parses.

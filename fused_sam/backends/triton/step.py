@@ -549,12 +549,12 @@ def adam_kernel(
     if not DIRECT:
         # Every program has read its counter (above, before its increment of the completion
         # counter): the last one advances them all.
-        if last_program(counter, n_programs):
-            if live:
-                base = table + 2 * n_chunks + 8 * n_tensors
-                for i in range(0, n_tensors, STEPS_BLOCK):
-                    idx = i + tl.arange(0, STEPS_BLOCK)
-                    inb = idx < n_tensors
-                    addr = tl.load(base + idx, mask=inb, other=0)
-                    ptrs = addr.to(tl.pointer_type(tl.float32))
-                    tl.store(ptrs, tl.load(ptrs, mask=inb, other=0.0) + 1.0, mask=inb)
+        last = last_program(counter, n_programs)
+        if last & live:
+            base = table + 2 * n_chunks + 8 * n_tensors
+            for i in range(0, n_tensors, STEPS_BLOCK):
+                idx = i + tl.arange(0, STEPS_BLOCK)
+                inb = idx < n_tensors
+                addr = tl.load(base + idx, mask=inb, other=0)
+                ptrs = addr.to(tl.pointer_type(tl.float32))
+                tl.store(ptrs, tl.load(ptrs, mask=inb, other=0.0) + 1.0, mask=inb)
