@@ -209,14 +209,13 @@ def test_a_cached_pointer_table_reused_by_a_capture_is_kept(monkeypatch) -> None
     _table = pytest.importorskip("fused_sam.backends.triton._table")
     device = torch.device("cuda")
     xs = [torch.empty(10), torch.empty(3)]
-    key = (device, 8, (10, 3), (tuple(t.data_ptr() for t in xs),))
-    made_before = _table.Table(torch.zeros(8, dtype=torch.int64), 2, 3, False)
-    monkeypatch.setitem(_table._CACHE, key, made_before)
+    made_before = _table.Table(torch.zeros(8, dtype=torch.int64), 2, 3, _table.VECTOR_ALL)
+    monkeypatch.setitem(_table._CACHE, _table.table_key([xs], 1), made_before)
     monkeypatch.setattr(_table, "_CAPTURED", [])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert _table.pointer_table([xs], [10, 3], 8, device) is made_before
+    assert _table.pointer_table([xs], device) is made_before
     assert _table._CAPTURED == []  # no capture: nothing is pinned
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     for _ in range(2):
-        assert _table.pointer_table([xs], [10, 3], 8, device) is made_before
+        assert _table.pointer_table([xs], device) is made_before
     assert len(_table._CAPTURED) == 1 and _table._CAPTURED[0] is made_before
