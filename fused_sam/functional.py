@@ -152,7 +152,14 @@ def building_graph() -> bool:
     stay tensors."""
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _cuda_present() and torch.cuda.is_current_stream_capturing()
+
+
+@functools.cache
+def _cuda_present() -> bool:
+    """Whether this process has CUDA (asked once: the answer does not change, and every step
+    asks whether it is being captured)."""
+    return torch.cuda.is_available()
 
 
 def uses_fused_base_step(name: str | None, devices: Iterable[torch.device]) -> bool:
@@ -172,7 +179,7 @@ _CAPTURABLE = frozenset({"triton"})
 
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _cuda_present() and torch.cuda.is_current_stream_capturing()
 
 
 def capturable(name: str | None, devices: Iterable[torch.device]) -> bool:
