@@ -1,8 +1,10 @@
 """Triton multi-tensor kernels for the SAM ops (CUDA, or CPU under the Triton interpreter).
 
-Each op is one launch over every tensor of its ``(device, dtype)`` bucket (Adam: two, the
-first a tiny step-counter update), driven by a cached int64 pointer table
-(:mod:`._table`). Hyperparameters are runtime float64 arguments, so changing ``lr`` or ``rho``
+Each op is one launch over every tensor of its ``(device, dtype)`` bucket, driven by a cached
+int64 pointer table (:mod:`._table`), everything included: the norm's total (written by the
+launch's last program), the skip decision and the returned flag of the restore ops, Adam's
+step counters. So a SAM step is at most four launches per bucket and reads nothing back.
+Hyperparameters are runtime float64 arguments, so changing ``lr`` or ``rho``
 never recompiles; only block sizes and feature flags (ASAM, mask, momentum, ...) are
 compile-time constants.
 
