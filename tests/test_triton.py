@@ -259,6 +259,14 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
         v = [x.abs() for x in v]
         vmax = [x.abs() for x in vmax]
         steps = [torch.full((), 3.0) for _ in range(n)]
+        bad = torch.tensor([float("inf")], dtype=torch.float64)
+        flags = []
+        for check in ([bad], [sumsq]):  # a skipped Adam step (counters held), then one taken
+            flags.append(tb.restore_adam_step_(
+                [b.clone() for b in backups], g2, backups, m, v, vmax, steps,
+                AdamHyper(1e-2, 0.9, 0.999, 1e-8, 1e-2, True, False, True),
+                grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0), sumsqs=check,
+            ))  # fmt: skip
         tb.restore_adam_step_(
             ps,
             g2,
@@ -279,9 +287,10 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
             ),
             grad_scale=torch.tensor(2.0),
             found_inf=torch.tensor(0.0),
+            sumsqs=[sumsq, sumsq],
         )
         bufs = [torch.zeros_like(p) for p in ps]
-        tb.restore_sgd_step_(
+        flags.append(tb.restore_sgd_step_(
             ps,
             g2,
             [p.clone() for p in ps],
@@ -297,7 +306,8 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
             first_step=True,
             grad_scale=None,
             found_inf=None,
-        )
+            sumsqs=[sumsq],
+        ))  # fmt: skip
         tb.restore_(backups, ps)
         # A random mask drawn in the kernel (the direct path gets each tensor's key as an int).
         draw = RandomMask(keep=0.4, seed=6).bits([tensor_salt(i) for i in range(n)])
@@ -315,10 +325,12 @@ def test_direct_launches_match_table_launches(tb, monkeypatch) -> None:
         kept = [torch.zeros_like(p) for p in ps]
         tb.axpby_(kept, g1, ax, coefs, torch.tensor(1.0))
         assert all(not k.any() for k in kept)
-        written = (ps, m, v, vmax, steps, bufs, backups, rps, [parts], ax, combo)
+        written = (ps, m, v, vmax, steps, bufs, backups, rps, [parts], ax, combo, flags)
         results[mode] = (sumsq.double().sum(), *written)
     assert len(launched) == 7  # norm, perturb, adam, sgd, restore, dot, axpby
     a, b = results["table"], results["direct"]
+    assert [bool(f) for f in a[-1]] == [True, False, False]
+    assert all(float(s) == 5.0 for s in a[5])  # from 3: the skipped step held them
     torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=0)
     for xs, ys in zip(a[1:], b[1:]):
         for x, y in zip(xs, ys):
@@ -845,6 +857,74 @@ def test_gpu_steady_state_no_copy_no_recompile() -> None:
     assert _table.cache_info()[0] == entries
     assert sum(len(c[0]) for c in sgd_kernel.device_caches.values()) == compiled
     assert not any("HtoD" in e.name for e in prof.events()), "host-to-device copy in steady state"
+
+
+@pytest.mark.gpu
+def test_gpu_device_totals_flags_and_counters() -> None:
+    """Compiled kernels whose hundreds of programs finish in any order: the norm total (the
+    last program's fixed-order reduction) is the same bits at every call and the reference's
+    to 1e-12, with the completion counter back at zero; Adam's counters advance exactly once
+    per step taken however many programs share a tensor; and a whole SAM step captured in a
+    CUDA graph replays to the bits of the same eager steps, its skip flag included."""
+    _cuda()
+    from fused_sam import reference
+    from fused_sam.backends import triton as tb
+    from fused_sam.backends.triton import _table
+
+    sizes = [1 << 22, 3, 100003, 0, 70000] + [257] * 200
+    g1 = _tensors(sizes, torch.float32, "cuda")
+    g2 = _tensors(sizes, torch.float32, "cuda")
+    ps0 = _tensors(sizes, torch.float32, "cuda")
+    first = tb.norm_sq_partials(g1, ps0, True, 0.1)
+    for _ in range(20):
+        assert torch.equal(tb.norm_sq_partials(g1, ps0, True, 0.1), first)
+    want = reference.norm_sq_partials(g1, ps0, True, 0.1)
+    torch.testing.assert_close(first, want, atol=0, rtol=1e-12)
+    assert int(_table.counter(g1[0].device)) == 0
+
+    def fresh():
+        ps = [p.clone() for p in ps0]
+        state = [[torch.zeros_like(p) for p in ps] for _ in range(3)]
+        state.append([torch.zeros((), device="cuda") for _ in ps])
+        return ps, [torch.empty_like(p) for p in ps], state
+
+    def sam_step(ps, backups, state, found):
+        s1 = tb.norm_sq_partials(g1, ps, False, 0.0)
+        tb.perturb_(ps, g1, backups, s1, 0.05, 1e-12, False, 0.0, None)
+        s2 = tb.norm_sq_partials(g2, ps, False, 0.0)
+        return tb.restore_adam_step_(
+            ps, g2, backups, *state[:3], state[3], ADAM_STEP, grad_scale=None, found_inf=found,
+            sumsqs=[s1, s2],
+        )  # fmt: skip
+
+    found = torch.zeros((), device="cuda")
+    eager = fresh()
+    flags = [bool(sam_step(*eager, found)) for _ in range(3)]
+    found.fill_(1.0)
+    flags.append(bool(sam_step(*eager, found)))
+    assert flags == [False, False, False, True]
+    assert all(float(c) == 3.0 for c in eager[2][3])
+    # The same four steps: one eager warm-up (compiles, builds the tables), then replays.
+    captured = fresh()
+    found.zero_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sam_step(*captured, found)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flag = sam_step(*captured, found)
+    replayed = []
+    for value in (0.0, 0.0, 1.0):
+        found.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed.append(bool(flag))
+    assert replayed == flags[1:]
+    for a, b in zip(captured[0] + [x for col in captured[2] for x in col],
+                    eager[0] + [x for col in eager[2] for x in col]):  # fmt: skip
+        assert torch.equal(a, b)
 
 
 def test_hyperparameters_read_on_the_device(tb) -> None:
