@@ -55,6 +55,10 @@ def _compile(fn, sig: dict[str, str], consts: dict, label: str) -> dict:
         "kernel": label,
         "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
         "vector_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v[24]\.", ptx)),
+        # The last-program pattern: an acquire-release atomic at GPU scope on the completion
+        # counter, after a barrier; the partials read back with volatile (uncached) loads.
+        "acq_rel_atomics": len(re.findall(r"atom\.global\.gpu\.acq_rel\.", ptx)),
+        "volatile_loads": len(re.findall(r"ld\.volatile\.global", ptx)),
     }
 
 

@@ -674,7 +674,9 @@ def test_reason_when_triton_is_not_installed() -> None:
 def test_compiles_for_sm90_and_vectorises() -> None:
     """Every kernel family compiles for an NVIDIA target; aligned variants use 16-byte vectors,
     and so does the vector path of a launch that decides 16-byte access per tensor (a bucket
-    with one misaligned tensor): exactly as many vector accesses as the all-aligned variant."""
+    with one misaligned tensor): exactly as many vector accesses as the all-aligned variant.
+    The kernels that find their launch's last program use the GPU-scope acquire-release
+    atomic that pattern needs."""
     pytest.importorskip("triton")  # the backend's own tests fail loudly if triton is missing
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -695,6 +697,12 @@ def test_compiles_for_sm90_and_vectorises() -> None:
         assert row["vector_loads"] > 0, row
         if not name.startswith(("norm", "dot")):  # they store one partial per program
             assert row["vector_stores"] > 0, row
+        # The table launches that find their last program (norm and dot totals, Adam's
+        # counters) do it with an acquire-release atomic; norm and dot read the partials back
+        # with volatile loads.
+        last = name.startswith(("norm", "dot", "adam"))
+        assert (row["acq_rel_atomics"] > 0) == last, row
+        assert (row["volatile_loads"] > 0) == name.startswith(("norm", "dot")), row
         if "/per-tensor" in name:
             aligned = rows[name.replace("/per-tensor", "")]
             assert (row["vector_loads"], row["vector_stores"]) == (
