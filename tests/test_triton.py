@@ -1235,9 +1235,10 @@ def test_one_misaligned_tensor_keeps_vector_access_for_the_others(tb, monkeypatc
 
 def test_steady_state_table_lookups_do_no_per_tensor_python_work(tb, monkeypatch) -> None:
     """After a warm-up step, a whole SAM step (norm, perturb, norm, restore + Adam step) finds
-    every pointer table from one C++ layout pass per op: no table is built and no tensor's
-    ``data_ptr()`` is called from Python; a reallocated gradient is noticed (a new table)."""
-    from fused_sam.backends.triton import _table
+    every pointer table, and the result of every argument check, from one C++ layout pass per
+    op: no table is built, no tensor's ``data_ptr()`` is called from Python and no per-tensor
+    check runs; a reallocated gradient is noticed (a new table, checked again)."""
+    from fused_sam.backends.triton import _table, ops
 
     assert _table._layout_bytes is not None  # the native extension's layout_key
     ps, g1, g2, backups, state = _sam_state("adamw")
@@ -1251,19 +1252,27 @@ def test_steady_state_table_lookups_do_no_per_tensor_python_work(tb, monkeypatch
 
     step()
     bucket = {id(t) for t in [*ps, *g1, *g2, *backups, *(x for col in state for x in col)]}
-    builds, pointers = [], []
+    builds, pointers, checks = [], [], []
     real_build, real_ptr = _table._build, torch.Tensor.data_ptr
     monkeypatch.setattr(_table, "_build", lambda *a: builds.append(1) or real_build(*a))
+    for name in ("_check_like_now", "_unsupported"):  # the per-tensor argument checks
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, real=real: checks.append(1) or real(*a))
     # (The interpreter itself reads the addresses of the launch arguments: the tables, the
     # outputs; not those of the bucket's tensors, which are in the tables.)
     monkeypatch.setattr(
         torch.Tensor, "data_ptr", lambda t: pointers.append(id(t) in bucket) or real_ptr(t)
     )
     step()
-    assert builds == [] and not any(pointers)
+    assert builds == [] and not any(pointers) and checks == []
     g2[2] = g2[2].clone()  # as a gradient freed by zero_grad(set_to_none=True) and recomputed
     step()
     assert len(builds) == 2  # the norm of g2 and the restore + step read it
+    assert checks  # a new layout is checked again
+    # A failing check is not remembered: wrong shapes raise at every call.
+    for _ in range(2):
+        with pytest.raises(ValueError, match="backups must hold one tensor per parameter"):
+            tb.restore_(ps, [*backups[:-1], torch.zeros(4)])
 
 
 class _OpLog:

@@ -9,8 +9,11 @@ The backend decides nothing about other backends: :mod:`fused_sam.functional` as
 
 from __future__ import annotations
 
+import importlib
 import itertools
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +41,52 @@ FLAT = True
 
 #: The storage types the kernels take.
 SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, once per layout
+
+try:  # one C++ pass over the tensors (by module name: see _table)
+    _LAYOUT_KEY: Callable[[list[Tensor]], tuple[bytes | None, bool]] | None = (
+        importlib.import_module("fused_sam._C").layout_key
+    )
+except (ImportError, AttributeError):  # pragma: no cover - installs without the extension
+    _LAYOUT_KEY = None
+
+#: Layouts whose checks passed (op, list lengths, layout bytes) -> the result of the check:
+#: every check of this module is a function of the tensors' dtypes, devices, sizes and
+#: strides (and of the lists' lengths), which the key holds, so a steady-state step checks its
+#: tensors once instead of looping over them in Python at every op.
+_CHECKED: OrderedDict[Hashable, str | None] = OrderedDict()
+_CHECKED_SIZE = 256
+
+
+def _layout(op: str, lists: Sequence[Sequence[Tensor]]) -> Hashable | None:
+    """The memo key of a check of ``lists`` for ``op`` (``None``: check every time, e.g.
+    under torch.compile, which cannot trace the C++ call, or without the extension)."""
+    if _LAYOUT_KEY is None or torch.compiler.is_compiling():
+        return None
+    layout = _LAYOUT_KEY(list(itertools.chain.from_iterable(lists)))[0]
+    if layout is None:  # a sparse tensor: no strides
+        return None
+    return (op, tuple(map(len, lists)), layout)
+
+
+def _memo(op: str, lists: Sequence[Sequence[Tensor]], check: Callable[[], str | None]) -> Any:
+    """``check()``, or its remembered result for the same layout. A check that raises is
+    not remembered (it raises again next time)."""
+    key = _layout(op, lists)
+    if key is None:
+        return check()
+    try:
+        result = _CHECKED[key]
+    except KeyError:
+        result = _CHECKED[key] = check()
+        if len(_CHECKED) > _CHECKED_SIZE:
+            _CHECKED.popitem(last=False)
+    else:
+        _CHECKED.move_to_end(key)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +153,18 @@ def unsupported(
         (a mask not readable as bytes) or ``"step counters not float32 on the tensors'
         device"``; :data:`fused_sam.functional.FALLBACKS` counts them under these names.
     """
+    mask_list = list(masks) if masks is not None and not isinstance(masks, RandomBits) else []
+    lists = [*tensors, mask_list, list(state_steps or [])]
+    tag = f"unsupported:{op}:{masks is None}:{state_steps is None}"
+    return _memo(tag, lists, lambda: _unsupported(op, tensors, masks, state_steps))
+
+
+def _unsupported(
+    op: str,
+    tensors: Sequence[Sequence[Tensor]],
+    masks: Sequence[Tensor] | RandomBits | None,
+    state_steps: Sequence[Tensor] | None,
+) -> str | None:
     first = tensors[0][0]
     if op in _VARIANT_OPS:
         if first.dtype not in SUPPORTED:
@@ -136,8 +197,13 @@ def _check_like(params: Sequence[Tensor], **lists: Sequence[Tensor]) -> None:
 
     The kernels index each tensor by its parameter's element count: a state tensor of another
     shape (e.g. from a checkpoint of another model) would be read and written out of bounds.
-    The native ops make the same checks in C++.
+    The native ops make the same checks in C++. Remembered per layout (see :func:`_memo`).
     """
+    tag = "like:" + ",".join(lists)
+    _memo(tag, [params, *lists.values()], lambda: _check_like_now(params, lists))
+
+
+def _check_like_now(params: Sequence[Tensor], lists: dict[str, Sequence[Tensor]]) -> None:
     shapes = list(map(Tensor.size, params))
     devices = {p.device for p in params}
     for name, ts in lists.items():
