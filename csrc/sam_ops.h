@@ -14,10 +14,11 @@
 
 namespace fused_sam {
 
-// Number of partial sums the CUDA norm and dot kernels write (their grid never exceeds this). A
-// constant, so the output shape is known without running the kernel (fake tensors,
-// torch.compile).
-constexpr int64_t kCudaNormPartials = 1024;
+// Length of the outputs of the CUDA norm and dot ops: one float64 total, which the last block
+// of the kernel adds up from the per-block partials in a fixed order (as the CPU ops and the
+// reference return one). A constant, so the output shape is known without running the kernel
+// (fake tensors, torch.compile).
+constexpr int64_t kCudaNormPartials = 1;
 
 namespace cpu {
 

@@ -659,21 +659,35 @@ def test_cuda_ops_bump_versions() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: the vector path stores whole 16-byte packs (checked on the PTX; no GPU needed)
+# CUDA: the vector path loads and stores whole 16-byte packs (checked on the PTX; no GPU needed)
 
-#: 16-byte stores each kernel family's vector path must issue: perturb writes the backup and
-#: w; restore w; restore+SGD w and the momentum buffer (plus the restore of a skipped step);
-#: restore+Adam w, m, v, max v (plus the restore of a skipped step); axpby out.
-_VECTOR_STORES = {
-    "perturb_kernel": 2,
-    "restore_kernel": 1,
-    "sgd_kernel": 3,
-    "adam_kernel": 5,
-    "axpby_kernel": 1,
+#: 16-byte (loads, stores) of each kernel family's vector path, per instantiation: the
+#: norm loads g (and w when adaptive: ``Lb1E``, its first bool template argument); perturb
+#: loads w and g and stores the backup and w; restore loads the backup and stores w;
+#: restore+SGD loads backup, g and the momentum buffer and stores w and the buffer, plus the
+#: restore of a skipped step; restore+Adam loads backup, g, m, v, max v and stores w, m, v,
+#: max v, plus that restore; dot loads a and b; axpby loads x and y and stores out.
+_VECTOR_ACCESSES = {
+    "norm_sq_kernel": {"Lb0E": (1, 0), "Lb1E": (2, 0)},
+    "perturb_kernel": (2, 2),
+    "restore_kernel": (1, 1),
+    "sgd_kernel": (4, 3),
+    "adam_kernel": (6, 5),
+    "dot_kernel": (2, 0),
+    "axpby_kernel": (2, 1),
 }
+#: A 16-byte vector access in PTX: four 32-bit lanes (float, or the bits of 8 half/bfloat16)
+#: or two 64-bit ones (double).
+_WIDE = r"\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\s"
+#: Instantiations per family: 4 dtypes, times 2 (adaptive) for the norm, times 2 x 3 x 2
+#: (adaptive, mask kind, float32/float64 sumsq) for perturb.
+_INSTANCES = {name: 4 for name in _VECTOR_ACCESSES} | {"norm_sq_kernel": 8, "perturb_kernel": 48}
 
 
-def test_cuda_vector_path_stores_16_bytes(tmp_path) -> None:
+def test_cuda_vector_path_loads_and_stores_16_bytes(tmp_path) -> None:
+    """Every kernel's vector path is ld.global.cs.v4 / st.global.cs.v4 (SASS LDG/STG.E.EF.128),
+    exactly as many as the lists it reads and writes: a plain dereference of a table pointer
+    would be a generic ld.v4 (LD.E.128), a lost vector access a scalar one."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found (CI has it: .ci/run refuses to run without it)")
@@ -685,18 +699,28 @@ def test_cuda_vector_path_stores_16_bytes(tmp_path) -> None:
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     entries = re.split(r"\n\.(?:visible )?\.?entry ", ptx.read_text())[1:]
-    seen = set()
+    seen: dict[str, int] = {}
     for body in entries:
         name = body.split("(")[0]
-        family = next((k for k in _VECTOR_STORES if k in name), None)
-        if family is None:
-            continue
-        seen.add(family)
-        wide = len(re.findall(r"\n\s*st\.global(?:\.\w+)*\.v4\.", body))
-        assert wide == _VECTOR_STORES[family], (name[-60:], wide)
-        # Every other global store is a tail store of at most one pack (scalar lanes).
-        assert not re.search(r"\n\s*st\.(?:global\.)?(?:\w+\.)?v2\.", body), name[-60:]
-    assert seen == set(_VECTOR_STORES)
+        family = next((k for k in _VECTOR_ACCESSES if k in name), None)
+        assert family is not None, f"a kernel this test does not know: {name[-80:]}"
+        seen[family] = seen.get(family, 0) + 1
+        expected = _VECTOR_ACCESSES[family]
+        if isinstance(expected, dict):
+            # The first bool template argument after the name: the adaptive flag.
+            expected = expected[re.search(r"Lb[01]E", name.split(family, 1)[1]).group()]
+        got = (
+            len(re.findall(rf"\n\s*ld\.global\.cs{_WIDE}", body)),
+            len(re.findall(rf"\n\s*st\.global\.cs{_WIDE}", body)),
+        )
+        assert got == expected, (name[-80:], got, expected)
+        # No other vector access beside them (generic, other cache hints, 8-byte pairs): the
+        # tails are scalar lanes.
+        others = re.findall(
+            r"\n\s*(?:ld|st)(?!\.(?:param|shared|local|const))(?:\.\w+)*\.v[248]\.", body
+        )
+        assert len(others) == sum(got), (name[-80:], others)
+    assert seen == _INSTANCES
 
 
 def _cuda_include(nvcc: str) -> Path:
