@@ -234,9 +234,9 @@ class TableCache {
     if (s != e.made_on) {
       // Used on another stream: the allocator must not reuse the memory after an eviction
       // before that stream's launches have read it.
+      // (s is the current stream: every caller launches on it.)
       c10::cuda::CUDACachingAllocator::recordStream(
-          e.data.storage().data_ptr(),
-          c10::cuda::getStreamFromExternal(s, e.device.index()));
+          e.data.storage().data_ptr(), c10::cuda::getCurrentCUDAStream(e.device.index()));
     }
     keep = e.data;
     return ck::Table{e.data.data_ptr<int64_t>(), e.layout,
@@ -464,6 +464,12 @@ at::Tensor restore_adam_step_impl(at::TensorList params, at::TensorList grads,
               "GPU)");
   std::vector<at::Tensor> keep;
   at::Tensor flag;
+  std::optional<at::Tensor> lr_device = lr_t;
+  if (lr_t.has_value() && !device_steps) {
+    // The host computes the bias-corrected step size of host counters, so it needs lr there.
+    lr = lr_t->item<double>();
+    lr_device.reset();
+  }
   ck::AdamArgs args{lr,
                     beta1,
                     beta2,
@@ -475,7 +481,7 @@ at::Tensor restore_adam_step_impl(at::TensorList params, at::TensorList grads,
                     device_steps,
                     0.0,
                     0.0,
-                    device_hyper(lr_t, params[0], keep, "lr"),
+                    device_hyper(lr_device, params[0], keep, "lr"),
                     device_scalar(grad_scale, params[0], keep, "grad_scale"),
                     {}};
   const ck::DType dtype = kernel_dtype(params[0].scalar_type());
@@ -607,6 +613,39 @@ at::Tensor restore_adam_step_(at::TensorList params, at::TensorList grads, at::T
                                 state_steps, lr, std::nullopt, beta1, beta2, eps, weight_decay,
                                 amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf,
                                 sumsqs);
+}
+
+void perturb_tensor_rho_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                         const at::Tensor& sumsq, const at::Tensor& rho, double eps,
+                         bool adaptive, double eta, at::TensorList masks, c10::IntArrayRef salts,
+                         int64_t step_key, int64_t threshold) {
+  perturb_impl(params, grads, backups, sumsq, 0.0, rho, eps, adaptive, eta, masks, salts,
+               step_key, threshold);
+}
+
+at::Tensor restore_sgd_step_tensor_lr_(at::TensorList params, at::TensorList grads,
+                                       at::TensorList backups, at::TensorList momentum_buffers,
+                                       const at::Tensor& lr, double weight_decay, double momentum,
+                                       double dampening, bool nesterov, bool maximize,
+                                       bool first_step,
+                                       const std::optional<at::Tensor>& grad_scale,
+                                       const std::optional<at::Tensor>& found_inf,
+                                       at::TensorList sumsqs) {
+  return restore_sgd_step_impl(params, grads, backups, momentum_buffers, 0.0, lr, weight_decay,
+                               momentum, dampening, nesterov, maximize, first_step, grad_scale,
+                               found_inf, sumsqs);
+}
+
+at::Tensor restore_adam_step_tensor_lr_(
+    at::TensorList params, at::TensorList grads, at::TensorList backups, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+    const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+    bool amsgrad, bool maximize, bool decoupled_weight_decay,
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+    at::TensorList sumsqs) {
+  return restore_adam_step_impl(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                state_steps, 0.0, lr, beta1, beta2, eps, weight_decay, amsgrad,
+                                maximize, decoupled_weight_decay, grad_scale, found_inf, sumsqs);
 }
 
 at::Tensor dot_partials(at::TensorList a, at::TensorList b) {
