@@ -453,42 +453,45 @@ cudaError_t dispatch(DType dtype, F&& f) {
 
 TableView view(const Table& t) { return TableView{t.data, t.layout}; }
 
-// Blocks of `kernel` resident at once on the current device (its SMs times the occupancy of
-// the kernel at kThreads threads: registers differ per kernel and dtype, e.g. Adam on half
-// holds fewer blocks than restore), queried once per kernel and device.
-template <typename Kernel>
-int resident_blocks(Kernel kernel) {
+// Blocks of kKernel resident at once on the current device (its SMs times the occupancy of the
+// kernel at kThreads threads: registers differ per kernel and dtype, e.g. Adam on half holds
+// fewer blocks per SM than restore), queried once per kernel and device. A template on the
+// kernel's address, so every instantiation has its own cache.
+template <auto kKernel>
+int resident_blocks() {
   constexpr int kDevices = 64;
   static std::atomic<int> cached[kDevices] = {};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     return 1;
   }
-  if (device >= 0 && device < kDevices) {
+  const bool cacheable = device >= 0 && device < kDevices;
+  if (cacheable) {
     const int known = cached[device].load(std::memory_order_relaxed);
     if (known > 0) {
       return known;
     }
   }
   int per_sm = 0, sms = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess ||
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, 0) !=
+          cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     cudaGetLastError();  // not sticky: the launch reports what is wrong
     return 1;
   }
   const int blocks = per_sm > 0 && sms > 0 ? per_sm * sms : 1;
-  if (device >= 0 && device < kDevices) {
+  if (cacheable) {
     cached[device].store(blocks, std::memory_order_relaxed);
   }
   return blocks;
 }
 
-// The grid of one launch: the resident blocks, no more than one per chunk (at least one block,
-// which writes a norm's or a skip flag's output) and no more than kMaxGrid.
-template <typename Kernel>
-int grid_of(Kernel kernel, const Table& t) {
-  const int64_t grid = std::min<int64_t>({int64_t{resident_blocks(kernel)}, t.chunks,
-                                          int64_t{kMaxGrid}});
+// The grid of one launch of kKernel: the resident blocks, no more than one per chunk (at least
+// one block, which writes a norm's total or a skip flag) and no more than kMaxGrid.
+template <auto kKernel>
+int grid_of(const Table& t) {
+  const int64_t grid =
+      std::min<int64_t>({int64_t{resident_blocks<kKernel>()}, t.chunks, int64_t{kMaxGrid}});
   return static_cast<int>(std::max<int64_t>(1, grid));
 }
 
@@ -498,14 +501,15 @@ cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, doubl
                            const Workspace& ws, double* out, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto launch = [&](auto kernel) {
-      kernel<<<grid_of(kernel, table), kThreads, 0, stream>>>(view(table), table.chunks, eta, ws,
+    const auto launch = [&](auto adaptive_tag) {
+      constexpr auto kernel = &norm_sq_kernel<T, decltype(adaptive_tag)::value>;
+      kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, eta, ws,
                                                               out);
     };
     if (adaptive) {
-      launch(norm_sq_kernel<T, true>);
+      launch(std::true_type{});
     } else {
-      launch(norm_sq_kernel<T, false>);
+      launch(std::false_type{});
     }
     return cudaGetLastError();
   });
@@ -520,9 +524,9 @@ cudaError_t launch_perturb(DType dtype, const Table& table, MaskKind mask, Rando
     using Op = typename Num<T>::Op;
     const auto launch = [&](auto s_tag, auto adaptive_tag, auto mask_tag) {
       using S = decltype(s_tag);
-      const auto kernel =
-          perturb_kernel<T, decltype(adaptive_tag)::value, decltype(mask_tag)::value, S>;
-      kernel<<<grid_of(kernel, table), kThreads, 0, stream>>>(
+      constexpr auto kernel =
+          &perturb_kernel<T, decltype(adaptive_tag)::value, decltype(mask_tag)::value, S>;
+      kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(
           view(table), table.chunks, random, static_cast<const S*>(sumsq), sumsq_len, rho,
           rho_device, eps, static_cast<Op>(eta));
     };
@@ -554,8 +558,8 @@ cudaError_t launch_perturb(DType dtype, const Table& table, MaskKind mask, Rando
 
 cudaError_t launch_restore(DType dtype, const Table& table, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    const auto kernel = restore_kernel<decltype(tag)>;
-    kernel<<<grid_of(kernel, table), kThreads, 0, stream>>>(view(table), table.chunks);
+    constexpr auto kernel = &restore_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks);
     return cudaGetLastError();
   });
 }
@@ -563,8 +567,8 @@ cudaError_t launch_restore(DType dtype, const Table& table, cudaStream_t stream)
 cudaError_t launch_restore_sgd_step(DType dtype, const Table& table, const SgdArgs& args,
                                     cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    const auto kernel = sgd_kernel<decltype(tag)>;
-    kernel<<<grid_of(kernel, table), kThreads, 0, stream>>>(view(table), table.chunks, args);
+    constexpr auto kernel = &sgd_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, args);
     return cudaGetLastError();
   });
 }
@@ -572,8 +576,8 @@ cudaError_t launch_restore_sgd_step(DType dtype, const Table& table, const SgdAr
 cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const AdamArgs& args,
                                      const Workspace& ws, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    const auto kernel = adam_kernel<decltype(tag)>;
-    kernel<<<grid_of(kernel, table), kThreads, 0, stream>>>(view(table), table.chunks, args,
+    constexpr auto kernel = &adam_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, args,
                                                             ws);
     return cudaGetLastError();
   });
@@ -582,8 +586,8 @@ cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const Adam
 cudaError_t launch_dot(DType dtype, const Table& table, const Workspace& ws, double* out,
                        cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    const auto kernel = dot_kernel<decltype(tag)>;
-    kernel<<<grid_of(kernel, table), kThreads, 0, stream>>>(view(table), table.chunks, ws, out);
+    constexpr auto kernel = &dot_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, ws, out);
     return cudaGetLastError();
   });
 }
@@ -591,8 +595,8 @@ cudaError_t launch_dot(DType dtype, const Table& table, const Workspace& ws, dou
 cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs, int64_t coefs_stride,
                          const float* skip, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    const auto kernel = axpby_kernel<decltype(tag)>;
-    kernel<<<grid_of(kernel, table), kThreads, 0, stream>>>(view(table), table.chunks, coefs,
+    constexpr auto kernel = &axpby_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, coefs,
                                                             coefs_stride, skip);
     return cudaGetLastError();
   });
