@@ -246,4 +246,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("cuda-axpby-skip-ignored", "csrc/cuda/sam_kernels.cu",
            "if (skip != nullptr && *skip != 0.0f) {", "if (skip != nullptr && false) {", "cuda",
            _GPU, "axpby_ writes out although the device skip flag is set"),
+    Mutant("cuda-sumsqs-ignored", "csrc/cuda/sam_kernels.cu",
+           "skip = !isfinite(total);", "skip = false;", "cuda",
+           _GPU, "the restore+step kernels step although a checked norm is not finite"),
+    Mutant("cuda-ticket-not-reset", "csrc/cuda/multi_tensor.cuh",
+           "atomicExch(ticket, 0u);", "(void)ticket;", "cuda",
+           _GPU, "the last-block ticket is left counting: the next launch finalizes nothing"),
 )  # fmt: skip

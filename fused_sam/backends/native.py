@@ -101,6 +101,7 @@ if _C is not None:
     def _norm_sq_partials_fake(
         grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float
     ) -> Tensor:
+        # One float64 total on every device (the CUDA kernel's last block finalizes it).
         device = grads[0].device if grads else torch.device("cpu")
         n = _C.cuda_norm_partials if device.type == "cuda" else 1
         return torch.empty(n, dtype=torch.float64, device=device)
@@ -164,8 +165,10 @@ if _C is not None:
     # scheduled lr or rho) is a constant of a compiled graph, guarded on, so every new value
     # recompiles; torch's optimizers take ``lr`` as a 0-dim tensor for that reason. These three
     # ops are the C++ ops with ``rho``/``lr`` as a tensor: the graph passes the tensor, and the
-    # op reads its value when it runs (free for a CPU tensor, one sync for a device one). The
-    # kernels and every other argument are those of the float ops, so results are identical.
+    # op reads its value when it runs (free for a CPU tensor); for CUDA tensors the CUDA kernels
+    # read it on the device (``_C.cuda_*_tensor_*``: no host read, so eager steps do not sync and
+    # a CUDA graph replay reads the value of the moment). The kernels and every other argument
+    # are those of the float ops, so results are identical.
 
     @torch.library.custom_op("fused_sam::perturb_tensor_rho_", mutates_args=("params", "backups"))
     def _perturb_tensor_rho(
@@ -183,6 +186,10 @@ if _C is not None:
         threshold: int,
     ) -> None:
         _check_scalar("rho", rho)
+        if _on_device(rho, params):
+            args = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks)
+            _C.cuda_perturb_tensor_rho_(*args, salts, step_key, threshold)
+            return
         args = (params, grads, backups, sumsq, float(rho), eps, adaptive, eta, masks)
         _run("direct_perturb_", _perturb, *args, salts, step_key, threshold)
 
@@ -210,6 +217,12 @@ if _C is not None:
         sumsqs: list[Tensor],
     ) -> Tensor:
         _check_scalar("lr", lr)
+        if _on_device(lr, params):
+            return _C.cuda_restore_sgd_step_tensor_lr_(
+                params, grads, backups, momentum_buffers, lr=lr, weight_decay=weight_decay,
+                momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
+                first_step=first_step, grad_scale=grad_scale, found_inf=found_inf, sumsqs=sumsqs,
+            )  # fmt: skip
         hyper = SGDHyper(float(lr), weight_decay, momentum, dampening, nesterov, maximize)
         return restore_sgd_step_(
             params, grads, backups, momentum_buffers, hyper, first_step=first_step,
@@ -246,6 +259,13 @@ if _C is not None:
         sumsqs: list[Tensor],
     ) -> Tensor:
         _check_scalar("lr", lr)
+        if _on_device(lr, params):
+            return _C.cuda_restore_adam_step_tensor_lr_(
+                params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+                grad_scale=grad_scale, found_inf=found_inf, sumsqs=sumsqs,
+            )  # fmt: skip
         hyper = AdamHyper(
             float(lr), beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
         )
@@ -262,6 +282,12 @@ if _C is not None:
     _perturb_t = _ops.perturb_tensor_rho_.default
     _restore_sgd_step_t = _ops.restore_sgd_step_tensor_lr_.default
     _restore_adam_step_t = _ops.restore_adam_step_tensor_lr_.default
+
+
+def _on_device(value: Tensor, params: Sequence[Tensor]) -> bool:
+    """Whether the CUDA kernels can read the tensor hyperparameter ``value`` on the device
+    (``_C.cuda_*_tensor_*``): it and the parameters are CUDA tensors of a CUDA build."""
+    return value.is_cuda and bool(params) and params[0].is_cuda and bool(_C.with_cuda)
 
 
 def _number(value: Tensor, name: str) -> float:
@@ -330,8 +356,8 @@ def norm_sq_partials(
 ) -> Tensor:
     """See :func:`fused_sam.reference.norm_sq_partials`.
 
-    One float64 partial on CPU, ``_C.cuda_norm_partials`` on CUDA, in both cases reduced in a
-    fixed order (deterministic).
+    One float64 total on CPU and on CUDA (``_C.cuda_norm_partials`` = 1, added up by the
+    kernel's last block), in both cases reduced in a fixed order (deterministic).
     """
     return _run("direct_norm_sq_partials", _norm_sq_partials, grads, params, adaptive, eta)
 
@@ -352,7 +378,9 @@ def perturb_(
     ``1 / keep`` is folded into ``rho`` here).
 
     ``rho`` may be a one-element tensor: traced, it stays one (the ``perturb_tensor_rho_`` op),
-    so a new value does not recompile; eagerly its value is read here.
+    so a new value does not recompile; a CUDA tensor beside CUDA parameters also takes that op
+    eagerly, and the CUDA kernel reads it on the device (no sync; CUDA graphs); eagerly a CPU
+    tensor's value is read here.
     """
     salts: list[int] = []
     step_key = threshold = 0
@@ -361,7 +389,7 @@ def perturb_(
         salts, step_key, threshold = list(masks.salts), masks.step_key, masks.threshold
         masks = None
     if isinstance(rho, Tensor):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _on_device(rho, params):
             args_t = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
             _perturb_t(*args_t, salts, step_key, threshold)
             return
@@ -392,7 +420,7 @@ def restore_sgd_step_(
     tensors = (params, grads, backups, momentum_buffers)
     sumsqs = list(sumsqs)
     if isinstance(hyper.lr, Tensor):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _on_device(hyper.lr, params):
             return _restore_sgd_step_t(*tensors, *hyper, first_step, grad_scale, found_inf, sumsqs)
         hyper = with_lr(hyper, _number(hyper.lr, "lr"))
     amp = {"first_step": first_step, "grad_scale": grad_scale, "found_inf": found_inf}
@@ -421,7 +449,7 @@ def restore_adam_step_(
     tensors = (params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     sumsqs = list(sumsqs)
     if isinstance(hyper.lr, Tensor):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _on_device(hyper.lr, params):
             return _restore_adam_step_t(*tensors, *hyper, grad_scale, found_inf, sumsqs)
         hyper = with_lr(hyper, _number(hyper.lr, "lr"))
     amp = {"grad_scale": grad_scale, "found_inf": found_inf, "sumsqs": sumsqs}
@@ -433,9 +461,9 @@ def restore_adam_step_(
 def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """See :func:`fused_sam.reference.dot_partials`.
 
-    Products and sums in float64 for every storage dtype. One partial on CPU (per-chunk sums
-    added in chunk order, whatever the thread count), ``_C.cuda_norm_partials`` on CUDA (one per
-    block, each block reduced in a fixed order); deterministic in both cases.
+    Products and sums in float64 for every storage dtype. One total on CPU (per-chunk sums
+    added in chunk order, whatever the thread count) and on CUDA (block sums added in block
+    order by the kernel's last block); deterministic in both cases.
     """
     return _run("direct_dot_partials", _dot_partials, a, b)
 
