@@ -22,6 +22,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cuda/harness.h"
 #include "cuda/sam_kernels.h"
 #include "op_checks.h"
 #include "sam_ops.h"
@@ -68,8 +69,7 @@ int max_grid(int device) {
 }
 
 int grid_for(const ck::Table& t, int device, int64_t cap = INT32_MAX) {
-  const int64_t grid = std::min({t.chunks, int64_t{max_grid(device)}, cap});
-  return static_cast<int>(std::max<int64_t>(1, grid));
+  return ck::launch_grid(t.chunks, max_grid(device), cap);  // harness.h: the host build's too
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -169,27 +169,17 @@ LaunchTable make_table(at::TensorList params, std::initializer_list<ListSpec> sp
   const int64_t n = static_cast<int64_t>(params.size());
   const ck::TableLayout layout{n, static_cast<int>(specs.size())};
   std::vector<int64_t> host(layout.size(), 0);
-  int64_t chunk = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t numel = params[t].numel();
-    host[layout.numel_at() + t] = numel;
-    host[layout.chunk_begin_at() + t] = chunk;
-    chunk += (numel + ck::kChunk - 1) / ck::kChunk;
-    bool aligned = true;
-    int l = 0;
-    for (const ListSpec& s : specs) {
-      if (!s.tensors.empty()) {
-        const auto addr = reinterpret_cast<int64_t>(s.tensors[t].data_ptr());
-        host[layout.ptr_at(l) + t] = addr;
-        aligned = aligned && (!s.vectorised || addr % 16 == 0);
-      } else if (!s.values.empty()) {
-        host[layout.ptr_at(l) + t] = s.values[t];
-      }
-      ++l;
-    }
-    host[layout.aligned_at() + t] = aligned ? 1 : 0;
-  }
-  host[layout.chunk_begin_at() + n] = chunk;
+  // The same image the host build of the kernels builds (harness.h).
+  ck::fill_table(
+      layout, [&](int64_t t) { return params[t].numel(); },
+      [&](int l, int64_t t) {
+        const ListSpec& s = specs.begin()[l];
+        if (!s.tensors.empty()) {
+          return ck::TableEntry{reinterpret_cast<int64_t>(s.tensors[t].data_ptr()), s.vectorised};
+        }
+        return ck::TableEntry{s.values.empty() ? 0 : s.values[t], false};
+      },
+      host.data());
   LaunchTable out;
   static_cast<ck::Table&>(out) = cache().get(std::move(host), layout, params[0].device(), out.keep);
   return out;

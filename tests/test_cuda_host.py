@@ -1,0 +1,779 @@
+"""The CUDA kernels' code, run on the CPU: the host build of ``csrc/cuda``.
+
+``csrc/cuda/element_math.h`` (the per-element math: conversions, norm terms, perturbation with
+masks and random bits, SGD, Adam/AdamW, axpby) and ``csrc/cuda/harness.h`` (the table image,
+the grid choice, the chunk and pack walks with 64-bit offsets, the 16-byte decision, the
+reduction tree) are compiled by nvcc into the kernels and, here, by the host compiler alone into
+``csrc/cuda/host_driver.cc``'s small library (no CUDA toolkit, no torch; ``-ffp-contract=off``
+as the CUDA build's ``--fmad=false``), which runs every block and thread of the grid the CUDA
+glue would launch (an H100's: 132 SMs x 4 blocks) over CPU tensors.
+
+What is compared, and how exactly:
+
+* against :mod:`fused_sam.reference` at the dtype tolerances of the design (section 6), every op;
+* bit for bit where the same math is done in the same order:
+  - float64 storage: the kernels compute in float64 in the reference's order, so perturbation
+    (one-element ``sumsq``, no random mask) and SGD equal the reference's bits; Adam/AdamW's
+    moments too, and its weights equal the same float64 math with a correctly rounded sqrt
+    (torch's CPU sqrt, which the reference calls, is not: it is 1 ulp off for some inputs);
+  - axpby and dot products are float64 for every storage type: equal to the reference's bits;
+  - float32/float16/bfloat16 storage: the kernels compute in float32, one rounding per
+    operation; the same operations on float32 torch tensors (``_f32``) give the same bits;
+  - norm and dot partials: per block, against a correctly rounded sum (``math.fsum``) of the
+    block's own terms (which chunks a block owns is derived here from the grid stride) at 1e-12.
+
+The GPU tests then only have to reproduce what this file already checked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close
+
+from fused_sam import reference as ref
+from fused_sam.hyperparams import AdamHyper, SGDHyper
+from fused_sam.masks import pack_bits
+from fused_sam.masks.bits import RandomBits, element_hash, keep_threshold, tensor_salt
+
+ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 1 << 16  # kChunk
+THREADS = 512  # kThreads
+H100_BLOCKS = 132 * (2048 // THREADS)  # the glue's grid cap on an H100 (max_grid)
+NORM_PARTIALS = 1024  # kCudaNormPartials
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPES = list(DTYPE_CODE)
+ODD = [1, 3, 4097, 65537]
+I64P = ctypes.POINTER(ctypes.c_int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The host build and a thin glue over it (what csrc/cuda/sam_cuda.cpp does with torch tensors)
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory) -> ctypes.CDLL:
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.fail("no C++ compiler found: the host build of the CUDA kernels needs one")
+    out = tmp_path_factory.mktemp("cuda_host") / "fused_sam_cuda_host.so"
+    build = subprocess.run(
+        [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall",
+         "-DFUSED_SAM_CUDA_HOST_BUILD", f"-I{ROOT / 'csrc'}",
+         str(ROOT / "csrc" / "cuda" / "host_driver.cc"), "-o", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-4000:]
+    lib = ctypes.CDLL(str(out))
+    lib.fsh_last_error.restype = ctypes.c_char_p
+    lib.fsh_table.restype = ctypes.c_int64
+    return lib
+
+
+def _addr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class Host:
+    """Calls the host build's launchers with tables built from tensor lists, like the glue."""
+
+    def __init__(self, lib: ctypes.CDLL, max_blocks: int = H100_BLOCKS) -> None:
+        self.lib = lib
+        self.max_blocks = max_blocks
+
+    @staticmethod
+    def _lists(rows: list[tuple[list | None, int]]):
+        """rows of (tensors or values or None, kind) -> (int64 array, int32 kinds)."""
+        n = max(len(r) for r, _ in rows if r is not None)
+        flat = []
+        for r, kind in rows:
+            if r is None:
+                flat += [0] * n
+            elif kind == 3:
+                flat += [int(v) for v in r]
+            else:
+                flat += [_addr(t) for t in r]
+        arr = (ctypes.c_int64 * len(flat))(*flat)
+        kinds = (ctypes.c_int * len(rows))(*[k if r is not None else 0 for r, k in rows])
+        return n, arr, kinds
+
+    @staticmethod
+    def _numels(ts: list[torch.Tensor]):
+        return (ctypes.c_int64 * len(ts))(*[t.numel() for t in ts])
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            raise RuntimeError(self.lib.fsh_last_error().decode())
+
+    def table(self, ts, rows, cap: int = 0) -> tuple[list[int], int]:
+        n, arr, kinds = self._lists(rows)
+        grid = ctypes.c_int(0)
+        size = self.lib.fsh_table(
+            ctypes.c_int64(n), self._numels(ts), ctypes.c_int(len(rows)), arr, kinds,
+            ctypes.c_int64(self.max_blocks), ctypes.c_int64(cap), None, ctypes.c_int64(0),
+            ctypes.byref(grid),
+        )  # fmt: skip
+        out = (ctypes.c_int64 * size)()
+        self.lib.fsh_table(
+            ctypes.c_int64(n), self._numels(ts), ctypes.c_int(len(rows)), arr, kinds,
+            ctypes.c_int64(self.max_blocks), ctypes.c_int64(cap), out, ctypes.c_int64(size),
+            ctypes.byref(grid),
+        )  # fmt: skip
+        return list(out), grid.value
+
+    def norm_sq_partials(self, grads, params, adaptive: bool, eta: float) -> torch.Tensor:
+        out = torch.empty(NORM_PARTIALS, dtype=torch.float64)
+        n, arr, kinds = self._lists([(grads, 1), (params if adaptive else None, 1)])
+        self._check(self.lib.fsh_norm_sq(
+            DTYPE_CODE[grads[0].dtype], ctypes.c_int64(n), self._numels(grads), arr, kinds,
+            int(adaptive), ctypes.c_double(eta), ctypes.c_void_p(out.data_ptr()), NORM_PARTIALS,
+            ctypes.c_int64(self.max_blocks),
+        ))  # fmt: skip
+        return out
+
+    def dot_partials(self, a, b) -> torch.Tensor:
+        out = torch.empty(NORM_PARTIALS, dtype=torch.float64)
+        n, arr, kinds = self._lists([(a, 1), (b, 1)])
+        self._check(self.lib.fsh_dot(
+            DTYPE_CODE[a[0].dtype], ctypes.c_int64(n), self._numels(a), arr, kinds,
+            ctypes.c_void_p(out.data_ptr()), NORM_PARTIALS, ctypes.c_int64(self.max_blocks),
+        ))  # fmt: skip
+        return out
+
+    def perturb_(self, params, grads, backups, sumsq, rho, eps, adaptive, eta, masks) -> None:
+        mask_kind, step_key, threshold = 0, 0, 0
+        mask_row: tuple[list | None, int] = (None, 0)
+        if isinstance(masks, RandomBits):  # as fused_sam.backends.native passes a random mask
+            rho = rho * masks.scale
+            mask_kind, step_key, threshold = 2, masks.step_key, masks.threshold
+            mask_row = (list(masks.salts), 3)
+        elif masks is not None:
+            mask_kind, mask_row = 1, (list(masks), 2)
+        n, arr, kinds = self._lists([(params, 1), (grads, 1), (backups, 1), mask_row])
+        s = sumsq.contiguous()
+        self._check(self.lib.fsh_perturb(
+            DTYPE_CODE[params[0].dtype], ctypes.c_int64(n), self._numels(params), arr, kinds,
+            mask_kind, ctypes.c_int64(step_key), ctypes.c_int64(threshold),
+            ctypes.c_void_p(s.data_ptr()), int(s.dtype == torch.float64),
+            ctypes.c_int64(s.numel()), ctypes.c_double(rho), ctypes.c_double(eps),
+            int(adaptive), ctypes.c_double(eta), ctypes.c_int64(self.max_blocks),
+        ))  # fmt: skip
+
+    @staticmethod
+    def _scalar(t: torch.Tensor | None):
+        if t is None:
+            return None, None
+        v = t.reshape(1).to(torch.float32).contiguous()
+        return v, ctypes.c_void_p(v.data_ptr())
+
+    def restore_sgd_step_(self, params, grads, backups, bufs, hyper: SGDHyper, *, first_step,
+                          grad_scale, found_inf) -> None:  # fmt: skip
+        lr, wd, mu, damp, nesterov, maximize = hyper
+        n, arr, kinds = self._lists(
+            [(params, 1), (grads, 1), (backups, 1), (bufs if mu != 0 else None, 1)]
+        )
+        _keep_gs, gs = self._scalar(grad_scale)  # alive until the call returns
+        _keep_fi, fi = self._scalar(found_inf)
+        self._check(self.lib.fsh_sgd(
+            DTYPE_CODE[params[0].dtype], ctypes.c_int64(n), self._numels(params), arr, kinds,
+            ctypes.c_double(lr), ctypes.c_double(wd), ctypes.c_double(mu), ctypes.c_double(damp),
+            int(nesterov), int(maximize), int(first_step), gs, fi,
+            ctypes.c_int64(self.max_blocks),
+        ))  # fmt: skip
+
+    def restore_adam_step_(self, params, grads, backups, ms, vs, vmaxs, steps, hyper: AdamHyper,
+                           *, grad_scale, found_inf) -> None:  # fmt: skip
+        lr, b1, b2, eps, wd, amsgrad, maximize, decoupled = hyper
+        _keep_gs, gs = self._scalar(grad_scale)  # alive until the call returns
+        _keep_fi, fi = self._scalar(found_inf)
+        device_steps = steps[0].dtype == torch.float32 and getattr(self, "device_steps", True)
+
+        def launch(idx, counters, step_size=0.0, bc2=0.0, flag=fi):
+            pick = [[lst[i] for i in idx] if lst else None for lst in (params, grads, backups,
+                                                                       ms, vs, vmaxs)]  # fmt: skip
+            rows = [(p, 1) for p in pick[:5]] + [(pick[5] if amsgrad else None, 1)]
+            rows.append((counters, 2))
+            n, arr, kinds = self._lists(rows)
+            self._check(self.lib.fsh_adam(
+                DTYPE_CODE[params[0].dtype], ctypes.c_int64(n), self._numels(pick[0]), arr, kinds,
+                ctypes.c_double(lr), ctypes.c_double(b1), ctypes.c_double(b2),
+                ctypes.c_double(eps), ctypes.c_double(wd), int(amsgrad), int(maximize),
+                int(decoupled), int(counters is not None), ctypes.c_double(step_size),
+                ctypes.c_double(bc2), gs, flag, ctypes.c_int64(self.max_blocks),
+            ))  # fmt: skip
+
+        everyone = list(range(len(params)))
+        if device_steps:
+            launch(everyone, list(steps))
+            return
+        # Counters on the host: the glue's path (sam_cuda.cpp), one launch per distinct count.
+        if found_inf is not None and float(found_inf) != 0:
+            n, arr, kinds = self._lists([(params, 1), (backups, 1)])
+            self._check(self.lib.fsh_restore(
+                DTYPE_CODE[params[0].dtype], ctypes.c_int64(n), self._numels(params), arr, kinds,
+                ctypes.c_int64(self.max_blocks),
+            ))  # fmt: skip
+            return
+        by_step: dict[float, list[int]] = {}
+        for i, s in enumerate(steps):
+            s.add_(1)
+            by_step.setdefault(float(s), []).append(i)
+        for step, idx in by_step.items():
+            bias = (ctypes.c_double * 2)()
+            self.lib.fsh_adam_bias(
+                ctypes.c_double(lr), ctypes.c_double(b1), ctypes.c_double(b2),
+                ctypes.c_double(step), bias,
+            )  # fmt: skip
+            launch(idx, None, bias[0], bias[1], None)
+
+    def axpby_(self, out, x, y, coefs: torch.Tensor, skip: torch.Tensor | None) -> None:
+        _keep, flag = self._scalar(skip)  # alive until the call returns
+        n, arr, kinds = self._lists([(out, 1), (x, 1), (y, 1)])
+        self._check(self.lib.fsh_axpby(
+            DTYPE_CODE[out[0].dtype], ctypes.c_int64(n), self._numels(out), arr, kinds,
+            ctypes.c_void_p(coefs.data_ptr()), ctypes.c_int64(coefs.stride(0)), flag,
+            ctypes.c_int64(self.max_blocks),
+        ))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _tensor(numel: int, dtype: torch.dtype, offset: int = 0, scale: float = 1.0, gen=None):
+    """A 1-D tensor of ``numel`` normal values starting ``offset`` elements into its storage
+    (offset 1 makes it misaligned for 16-byte accesses)."""
+    base = torch.empty(numel + offset + 8, dtype=dtype)
+    t = base[offset : offset + numel]
+    assert t.data_ptr() % 16 == (offset * t.element_size()) % 16
+    t.copy_(torch.randn(numel, dtype=torch.float64, generator=gen) * scale)
+    return t
+
+
+def _lists(sizes, dtype, count: int, seed: int, offsets=None, scale: float = 1.0):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = offsets or [0] * len(sizes)
+    return [
+        [_tensor(n, dtype, off, scale, gen) for n, off in zip(sizes, offsets)] for _ in range(count)
+    ]
+
+
+def _clone(ts):
+    """Copies with the same storage offsets (so the same alignment)."""
+    out = []
+    for t in ts:
+        base = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype)
+        out.append(base.as_strided(t.size(), t.stride(), t.storage_offset()).copy_(t))
+    return out
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same bits, except that any NaN equals any NaN (the conversions' NaN payloads)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    same = a.view(as_int) == b.view(as_int)
+    return bool((same | (a.isnan() & b.isnan())).all())
+
+
+def _assert_bits(actual, expected, what: str) -> None:
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        if not _bits_equal(a, e):
+            diff = (a.double() - e.double()).abs()
+            raise AssertionError(
+                f"{what}[{i}] ({a.dtype}, {a.numel()}): bits differ, "
+                f"max |diff| {diff.max().item()} at {int(diff.argmax())}"
+            )
+
+
+def _op_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' math type: float64 for float64 storage, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _f(x: float, dtype: torch.dtype) -> torch.Tensor:
+    """A host double converted to the math type (static_cast<Op> in the kernels)."""
+    return torch.tensor(x, dtype=torch.float64).to(dtype)
+
+
+SIZES = [1, 3, 4097, 65537, 3 * CHUNK + 5]  # odd sizes and several chunks per tensor
+
+
+@pytest.fixture
+def host(lib) -> Host:
+    return Host(lib)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions and the hash
+
+
+def test_conversions_match_torch(lib) -> None:
+    """The host's half/bfloat16 conversions (element_math.h) give torch's bits: every 16-bit
+    pattern to float32, and float32 values around every rounding boundary back."""
+    bits16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for dtype, to_f, from_f in [
+        (torch.float16, lib.fsh_half_to_float, lib.fsh_float_to_half),
+        (torch.bfloat16, lib.fsh_bfloat16_to_float, lib.fsh_float_to_bfloat16),
+    ]:
+        got = torch.empty(bits16.numel(), dtype=torch.float32)
+        to_f(ctypes.c_void_p(bits16.data_ptr()), ctypes.c_void_p(got.data_ptr()),
+             ctypes.c_int64(bits16.numel()))  # fmt: skip
+        assert _bits_equal(got, bits16.view(dtype).float()), dtype
+        # Every representable value, the midpoints between neighbours (ties), one float32 ulp
+        # either side of them, random bit patterns, and the edges (overflow, subnormals, NaN).
+        v = bits16.view(dtype).float()
+        v = v[v.isfinite()].sort().values.unique()
+        mid = (v[:-1].double() + v[1:].double()) / 2
+        mid32 = mid.float()
+        near = torch.cat([mid32, mid32.nextafter(torch.tensor(math.inf)),
+                          mid32.nextafter(torch.tensor(-math.inf))])  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        rand = torch.randint(-(2**31), 2**31, (200_000,), dtype=torch.int64, generator=gen)
+        rand = rand.to(torch.int32)
+        edges = torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 2.0**-24, 2.0**-25,
+                              1.5 * 2.0**-25, 2.0**-26, 3.4e38, math.inf, -math.inf, math.nan,
+                              0.0, -0.0, 1e-45])  # fmt: skip
+        x = torch.cat([v, near, rand.view(torch.float32), edges])
+        got16 = torch.empty(x.numel(), dtype=torch.int16)
+        from_f(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(got16.data_ptr()),
+               ctypes.c_int64(x.numel()))  # fmt: skip
+        want = x.to(dtype)
+        assert _bits_equal(got16.view(dtype), want), dtype
+
+
+def test_element_hash_matches_masks(lib) -> None:
+    """element_math.h's hash is fused_sam.masks' (positions past 2^32 included)."""
+    gen = torch.Generator().manual_seed(1)
+    j = torch.cat([torch.arange(1000), torch.randint(0, 2**40, (1000,), generator=gen)])
+    for key in (0, 1, 0x9E3779B9, 0xFFFFFFFF):
+        got = torch.empty(j.numel(), dtype=torch.int32)
+        lib.fsh_element_hash(
+            ctypes.c_uint32(key), ctypes.c_void_p(j.data_ptr()), ctypes.c_void_p(got.data_ptr()),
+            ctypes.c_int64(j.numel()),
+        )  # fmt: skip
+        assert torch.equal(got.to(torch.int64) & 0xFFFFFFFF, element_hash(key, j))
+
+
+# ---------------------------------------------------------------------------------------------
+# The table and the grid (harness.h: the glue's image, shared with sam_cuda.cpp)
+
+
+def test_table_image_chunks_alignment_and_grid(host) -> None:
+    """Chunk prefix sums, the per-tensor 16-byte decision (a misaligned tensor of any vectorised
+    list takes the scalar path alone; masks do not take part) and the grid caps."""
+    sizes = [1, 0, CHUNK, CHUNK + 1, 3]
+    a = [_tensor(n, torch.float32, off) for n, off in zip(sizes, [0, 0, 1, 0, 0])]
+    b = [_tensor(n, torch.float32, off) for n, off in zip(sizes, [0, 0, 0, 0, 3])]
+    masks = [pack_bits(torch.ones(max(n, 1), dtype=torch.bool))[1:] for n in sizes]  # odd addresses
+    image, grid = host.table(a, [(a, 1), (b, 1), (masks, 2)])
+    n = len(sizes)
+    assert image[:n] == sizes
+    assert image[n : 2 * n + 1] == [0, 1, 1, 2, 4, 5]  # first chunk of each tensor, then total
+    assert image[2 * n + 1 : 3 * n + 1] == [1, 1, 0, 1, 0]
+    assert image[3 * n + 1 : 4 * n + 1] == [t.data_ptr() for t in a]
+    assert image[5 * n + 1 : 6 * n + 1] == [m.data_ptr() for m in masks]
+    assert image[-1] == 0 and len(image) == 6 * n + 2  # the completion counter
+    assert grid == 5
+    assert host.table(a, [(a, 1)], cap=3)[1] == 3
+    assert Host(host.lib, max_blocks=2).table(a, [(a, 1)])[1] == 2
+    assert host.table([torch.empty(0)], [([torch.empty(0)], 1)])[1] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Norm and dot partials
+
+
+def _block_sums(terms: list[torch.Tensor], grid: int) -> list[float]:
+    """Correctly rounded sums of the float64 terms of the chunks each block owns: chunk c (in
+    tensor order, kChunk elements each) belongs to block c % grid."""
+    owned: list[list[float]] = [[] for _ in range(grid)]
+    c = 0
+    for t in terms:
+        for begin in range(0, t.numel(), CHUNK):
+            owned[c % grid].extend(t[begin : begin + CHUNK].tolist())
+            c += 1
+    return [math.fsum(x) for x in owned]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("max_blocks", [H100_BLOCKS, 2])
+def test_norm_partials(host, dtype, adaptive, max_blocks) -> None:
+    """Each block's partial is the sum of its own chunks' terms (1e-12: only the order of the
+    float64 additions differs), blocks past the grid write zeros, the total is the reference's."""
+    host.max_blocks = max_blocks
+    g, w = _lists(SIZES, dtype, 2, seed=2, offsets=[0, 1, 0, 1, 0])
+    out = host.norm_sq_partials(g, w, adaptive, 0.01)
+    want = ref.norm_sq_partials(g, w, adaptive, 0.01)
+    chunks = sum(-(-t.numel() // CHUNK) for t in g)
+    grid = min(chunks, max_blocks)
+    terms = [((w_.double().abs() + 0.01 if adaptive else 1.0) * g_.double()) ** 2
+             for g_, w_ in zip(g, w)]  # fmt: skip
+    expected = torch.tensor(_block_sums(terms, grid), dtype=torch.float64)
+    torch.testing.assert_close(out[:grid], expected, rtol=1e-12, atol=0)
+    assert not out[grid:].any()
+    torch.testing.assert_close(out.sum().reshape(1), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_partials(host, dtype) -> None:
+    a, b = _lists(SIZES, dtype, 2, seed=3, offsets=[1, 0, 1, 0, 1])
+    out = host.dot_partials(a, b)
+    grid = min(sum(-(-t.numel() // CHUNK) for t in a), H100_BLOCKS)
+    terms = [x.double() * y.double() for x, y in zip(a, b)]
+    expected = torch.tensor(_block_sums(terms, grid), dtype=torch.float64)
+    torch.testing.assert_close(out[:grid], expected, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(out.sum().reshape(1), ref.dot_partials(a, b), rtol=1e-11, atol=0)
+
+
+def test_norm_of_nonfinite_and_huge_gradients(host) -> None:
+    """Squares in float64: float32 values whose squares overflow float32 give a finite norm; an
+    inf or NaN gradient makes the total non-finite."""
+    g = [torch.full((5,), 3e38, dtype=torch.float32), torch.ones(4097, dtype=torch.float32)]
+    assert math.isfinite(float(host.norm_sq_partials(g, g, False, 0.0).sum()))
+    g[1][4000] = math.nan
+    assert math.isnan(float(host.norm_sq_partials(g, g, False, 0.0).sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbation
+
+
+def _perturb_f32(w, g, sumsq_value, rho, eps, adaptive, eta, keep):
+    """The kernel's float32 math on torch float32 tensors, one rounding per operation."""
+    op = torch.float32
+    scale = _f(rho / (math.sqrt(sumsq_value) + eps), op)
+    wf, gf = w.to(op), g.to(op)
+    e = scale.expand_as(wf)
+    if adaptive:
+        t = wf.abs() + _f(eta, op)
+        e = e * t * t
+    e = e * gf
+    if keep is not None:
+        e = e * keep.to(op)
+    return (wf + e).to(w.dtype)
+
+
+def _masks_for(kind: str, params):
+    gen = torch.Generator().manual_seed(7)
+    if kind == "bits":
+        return [pack_bits(torch.rand(p.numel(), generator=gen) < 0.5) for p in params]
+    if kind == "random":
+        salts = tuple(tensor_salt(i) for i in range(len(params)))
+        return RandomBits(salts, 0x1234ABCD, keep_threshold(0.3), 1 / 0.3)
+    return None
+
+
+def _keep(kind, masks, i, p):
+    if kind == "bits":
+        shifts = torch.arange(8, dtype=torch.uint8)
+        return ((masks[i].reshape(-1, 1) >> shifts) & 1).reshape(-1)[: p.numel()].bool()
+    if kind == "random":
+        return element_hash(masks.key(i), torch.arange(p.numel())) < masks.threshold
+    return None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("mask", ["none", "bits", "random"])
+def test_perturb(host, dtype, adaptive, mask) -> None:
+    w, g = _lists(SIZES, dtype, 2, seed=4, offsets=[0, 1, 0, 1, 0])
+    masks = _masks_for(mask, w)
+    sumsq = torch.tensor([37.25], dtype=torch.float64)  # one partial: the same norm on both sides
+    rho, eps, eta = 0.05, 1e-12, 0.01
+    w_k, b_k = _clone(w), [torch.full_like(t, math.nan) for t in w]
+    host.perturb_(w_k, g, b_k, sumsq, rho, eps, adaptive, eta, masks)
+    w_r, b_r = _clone(w), [torch.empty_like(t) for t in w]
+    ref.perturb_(w_r, g, b_r, sumsq, rho, eps, adaptive, eta, masks)
+    _assert_bits(b_k, w, "backups")
+    for a, e in zip(w_k, w_r):
+        assert_close(a, e)
+    if dtype == torch.float64 and mask != "random":
+        _assert_bits(w_k, w_r, "float64 weights vs the reference")
+    elif dtype != torch.float64:
+        rho_k = rho * masks.scale if mask == "random" else rho
+        want = [
+            _perturb_f32(p, q, 37.25, rho_k, eps, adaptive, eta, _keep(mask, masks, i, p))
+            for i, (p, q) in enumerate(zip(w, g))
+        ]
+        _assert_bits(w_k, want, "weights vs the float32 math")
+
+
+def test_perturb_skips_a_nonfinite_norm(host) -> None:
+    """A non-finite norm leaves the weights bit-identical; the backup is written anyway."""
+    for bad in (math.inf, math.nan):
+        w, g = _lists([4097, 3], torch.bfloat16, 2, seed=5, offsets=[1, 0])
+        w_k, b = _clone(w), [torch.zeros_like(t) for t in w]
+        host.perturb_(w_k, g, b, torch.tensor([1.0, bad]), 0.05, 1e-12, False, 0.0, None)
+        _assert_bits(w_k, w, "weights")
+        _assert_bits(b, w, "backups")
+
+
+def test_zero_gradient_perturbs_by_exactly_zero(host) -> None:
+    w, _ = _lists([65537], torch.float32, 2, seed=6)
+    g = [torch.zeros_like(w[0])]
+    w_k, b = _clone(w), [torch.empty_like(w[0])]
+    host.perturb_(w_k, g, b, torch.zeros(NORM_PARTIALS, dtype=torch.float64), 0.05, 1e-12,
+                  True, 0.01, None)  # fmt: skip
+    _assert_bits(w_k, w, "weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore + SGD
+
+
+def _sgd_f32(w, g, buf, hyper: SGDHyper, first_step, grad_scale):
+    op = torch.float32
+    lr, wd, mu, damp, nesterov, maximize = hyper
+    d, wf = g.to(op), w.to(op)
+    if grad_scale is not None:
+        d = d / grad_scale.to(op)
+    if maximize:
+        d = -d
+    if wd != 0:
+        d = d + _f(wd, op) * wf
+    new_buf = None
+    if mu != 0:
+        m = _f(mu, op)
+        v = d if first_step else m * buf.to(op) + _f(1.0 - damp, op) * d
+        new_buf = v.to(w.dtype)
+        d = d + m * v if nesterov else v
+    return (wf - _f(lr, op) * d).to(w.dtype), new_buf
+
+
+SGD_CASES = [
+    SGDHyper(0.1, 0.0, 0.0, 0.0, False, False),
+    SGDHyper(0.1, 5e-4, 0.9, 0.0, False, False),
+    SGDHyper(0.1, 5e-4, 0.9, 0.0, True, False),
+    SGDHyper(0.05, 1e-2, 0.8, 0.25, False, True),
+    SGDHyper(0.05, 0.0, 0.9, 0.0, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hyper", SGD_CASES, ids=lambda h: f"wd{h[1]}-mu{h[2]}-d{h[3]}-n{int(h[4])}-max{int(h[5])}"
+)
+@pytest.mark.parametrize("amp", [False, True])
+def test_restore_sgd_step(host, dtype, hyper, amp) -> None:
+    """Two steps (the first fills the momentum buffers) from perturbed weights."""
+    w, g, b, buf = _lists(SIZES, dtype, 4, seed=8, offsets=[0, 1, 0, 1, 0])
+    grad_scale = torch.tensor(1024.0) if amp else None
+    if amp:
+        g = [t * 1024 for t in g]
+    w_k, buf_k, w_r, buf_r = _clone(w), _clone(buf), _clone(w), _clone(buf)
+    for first_step in (True, False):
+        bufs_k = buf_k if hyper.momentum else []
+        bufs_r = buf_r if hyper.momentum else []
+        want32 = [
+            _sgd_f32(bb, gg, vv, hyper, first_step, grad_scale) for bb, gg, vv in zip(b, g, buf_k)
+        ]
+        host.restore_sgd_step_(w_k, g, b, bufs_k, hyper, first_step=first_step,
+                               grad_scale=grad_scale, found_inf=None)  # fmt: skip
+        skipped = ref.restore_sgd_step_(w_r, g, b, bufs_r, hyper, first_step=first_step,
+                                        grad_scale=grad_scale, found_inf=None)  # fmt: skip
+        assert not bool(skipped)
+        for a, e in zip(w_k + bufs_k, w_r + bufs_r):
+            assert_close(a, e)
+        if dtype == torch.float64:
+            _assert_bits(w_k + bufs_k, w_r + bufs_r, "float64 weights and buffers vs reference")
+        else:
+            _assert_bits(w_k, [x for x, _ in want32], "weights vs the float32 math")
+            if hyper.momentum:
+                _assert_bits(buf_k, [v for _, v in want32], "buffers vs the float32 math")
+        w_r, buf_r = _clone(w_k), _clone(buf_k)  # the next step starts from the same bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_restore_sgd_found_inf_only_restores(host, dtype) -> None:
+    w, g, b, buf = _lists(ODD, dtype, 4, seed=9, offsets=[1, 0, 1, 0])
+    w_k, buf_k = _clone(w), _clone(buf)
+    host.restore_sgd_step_(w_k, g, b, buf_k, SGD_CASES[1], first_step=False, grad_scale=None,
+                           found_inf=torch.tensor(1.0))  # fmt: skip
+    _assert_bits(w_k, b, "weights")
+    _assert_bits(buf_k, buf, "buffers")
+
+
+def test_param_as_its_own_backup(host) -> None:
+    """The restore is skipped for a tensor that is its own backup (w == b): a plain step."""
+    w, g = _lists([4097], torch.float32, 2, seed=10)
+    w_r = _clone(w)
+    hyper = SGD_CASES[0]
+    host.restore_sgd_step_(w, g, w, [], hyper, first_step=True, grad_scale=None, found_inf=None)
+    ref.restore_sgd_step_(w_r, g, w_r, [], hyper, first_step=True, grad_scale=None,
+                          found_inf=None)  # fmt: skip
+    assert_close(w[0], w_r[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore + Adam / AdamW
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root (sqrtf/sqrt in the kernels, on both sides; torch's CPU
+    sqrt is not: it differs in the last bit for a fraction of float32 and float64 inputs)."""
+    return torch.from_numpy(np.sqrt(x.numpy()))
+
+
+def _adam_math(w, g, m, v, vmax, hyper: AdamHyper, step: float, grad_scale):
+    """The kernel's math in its math type (float64 for float64 storage: then it is the
+    reference's formula and order, with a correctly rounded sqrt)."""
+    op = _op_dtype(w.dtype)
+    lr, b1, b2, eps, wd, amsgrad, maximize, decoupled = hyper
+    step_size = _f(lr / (1.0 - b1**step), op)
+    bc2 = _f(math.sqrt(1.0 - b2**step), op)
+    wf, gf = w.to(op), g.to(op)
+    if grad_scale is not None:
+        gf = gf / grad_scale.to(op)
+    if maximize:
+        gf = -gf
+    if wd != 0:
+        if decoupled:
+            wf = wf * _f(1.0 - lr * wd, op)
+        else:
+            gf = gf + _f(wd, op) * wf
+    mf = _f(b1, op) * m.to(op) + _f(1.0 - b1, op) * gf
+    vf = _f(b2, op) * v.to(op) + _f(1.0 - b2, op) * gf * gf
+    second = torch.maximum(vmax.to(op), vf) if amsgrad else vf
+    denom = _sqrt(second) / bc2 + _f(eps, op)
+    out = (wf - step_size * mf / denom).to(w.dtype)
+    return out, mf.to(w.dtype), vf.to(w.dtype), second.to(w.dtype)
+
+
+ADAM_CASES = [
+    AdamHyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False),
+    AdamHyper(1e-3, 0.9, 0.999, 1e-8, 1e-2, False, False, True),
+    AdamHyper(1e-3, 0.8, 0.99, 1e-6, 1e-2, True, False, False),
+    AdamHyper(2e-3, 0.9, 0.999, 1e-8, 5e-2, True, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hyper", ADAM_CASES, ids=lambda h: f"wd{h[4]}-ams{int(h[5])}-max{int(h[6])}-w{int(h[7])}"
+)
+@pytest.mark.parametrize("steps_on", ["device", "host"])
+def test_restore_adam_step(host, dtype, hyper, steps_on) -> None:
+    """Three steps from perturbed weights; counters read and advanced in the kernel (device) or
+    by the glue (host), and scaled gradients on the last one."""
+    w, g, b, m, v = _lists(SIZES, dtype, 5, seed=11, offsets=[0, 1, 0, 1, 0])
+    v = [t.abs() for t in v]
+    vmax = [t * 1.5 for t in v]
+    state_k = [_clone(x) for x in (w, m, v, vmax)]
+    state_r = [_clone(x) for x in (w, m, v, vmax)]
+    steps_k = [torch.tensor(float(i % 2), dtype=torch.float32) for i in range(len(w))]
+    steps_r = [s.clone() for s in steps_k]
+    host.device_steps = steps_on == "device"
+    for k in range(3):
+        grad_scale = torch.tensor(256.0) if k == 2 else None
+        gk = [t * 256 for t in g] if k == 2 else g
+        vmax_k = state_k[3] if hyper.amsgrad else []
+        vmax_r = state_r[3] if hyper.amsgrad else []
+        want = [
+            _adam_math(bb, gg, mm, vv, xx, hyper, float(s) + 1, grad_scale)
+            for bb, gg, mm, vv, xx, s in zip(b, gk, state_k[1], state_k[2], state_k[3], steps_k)
+        ]
+        host.restore_adam_step_(state_k[0], gk, b, state_k[1], state_k[2], vmax_k, steps_k,
+                                hyper, grad_scale=grad_scale, found_inf=None)  # fmt: skip
+        ref.restore_adam_step_(state_r[0], gk, b, state_r[1], state_r[2], vmax_r, steps_r, hyper,
+                               grad_scale=grad_scale, found_inf=None)  # fmt: skip
+        assert [float(s) for s in steps_k] == [float(s) for s in steps_r]
+        lists_k = state_k[:3] + ([vmax_k] if hyper.amsgrad else [])
+        lists_r = state_r[:3] + ([vmax_r] if hyper.amsgrad else [])
+        for a_list, e_list in zip(lists_k, lists_r):
+            for a, e in zip(a_list, e_list):
+                assert_close(a, e)
+        for j, name in enumerate(["weights", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]):
+            if j < 3 or hyper.amsgrad:
+                _assert_bits(state_k[j], [x[j] for x in want], f"{name} vs the kernel math")
+        if dtype == torch.float64:  # the moments are the reference's bits (no sqrt in them)
+            _assert_bits(state_k[1] + state_k[2], state_r[1] + state_r[2], "moments vs reference")
+        state_r = [_clone(x) for x in state_k]  # the next step starts from the same bits
+
+
+@pytest.mark.parametrize("steps_on", ["device", "host"])
+def test_restore_adam_found_inf_only_restores(host, steps_on) -> None:
+    w, g, b, m, v = _lists(ODD, torch.bfloat16, 5, seed=12, offsets=[1, 0, 1, 0])
+    state = [_clone(x) for x in (w, m, v)]
+    steps = [torch.tensor(3.0) for _ in w]
+    host.device_steps = steps_on == "device"
+    host.restore_adam_step_(state[0], g, b, state[1], state[2], [], steps, ADAM_CASES[1],
+                            grad_scale=None, found_inf=torch.tensor(1.0))  # fmt: skip
+    _assert_bits(state[0], b, "weights")
+    _assert_bits(state[1] + state[2], m + v, "moments")
+    assert all(float(s) == 3.0 for s in steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# axpby (float64 math for every storage type: the reference's bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alias", ["none", "x"])
+def test_axpby(host, dtype, alias) -> None:
+    x, y = _lists(SIZES, dtype, 2, seed=13, offsets=[1, 0, 1, 0, 1])
+    coefs = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    out_k = _clone(x) if alias == "x" else [torch.empty_like(t) for t in x]
+    x_k = out_k if alias == "x" else x
+    host.axpby_(out_k, x_k, y, coefs, None)
+    out_r = [torch.empty_like(t) for t in x]
+    ref.axpby_(out_r, x, y, coefs, None)
+    _assert_bits(out_k, out_r, "axpby vs the reference")
+    strided = torch.tensor([0.5, 9.0, 2.0], dtype=torch.float64)[::2]  # coefs stride 2
+    host.axpby_(out_k, x, y, strided, torch.tensor(1.0))  # skipped: nothing written
+    _assert_bits(out_k, out_r, "a skipped axpby")
+    host.axpby_(out_k, x, y, strided, torch.tensor(0.0))
+    ref.axpby_(out_r, x, y, strided.contiguous(), None)
+    _assert_bits(out_k, out_r, "axpby with strided coefficients")
+
+
+# ---------------------------------------------------------------------------------------------
+# 64-bit offsets: the walk over tensors past 2^31 elements (no memory behind them)
+
+
+def _walk(lib, numels, aligned, grid, block, thread, v):
+    n = len(numels)
+    args = (
+        ctypes.c_int64(n), (ctypes.c_int64 * n)(*numels), (ctypes.c_int * n)(*aligned),
+        ctypes.c_int64(grid), ctypes.c_int64(block), ctypes.c_int64(thread), ctypes.c_int(v),
+    )  # fmt: skip
+    lib.fsh_walk.restype = ctypes.c_int64
+    count = lib.fsh_walk(*args, None, ctypes.c_int64(0))
+    out = (ctypes.c_int64 * (3 * count))()
+    lib.fsh_walk(*args, out, ctypes.c_int64(3 * count))
+    return [tuple(out[3 * k : 3 * k + 3]) for k in range(count)]
+
+
+@pytest.mark.parametrize("v", [2, 4, 8])
+def test_walk_past_2_to_the_31(lib, v) -> None:
+    """Chunk offsets and pack indices past 2^31 (and 2^32) elements: the chunks after a huge
+    tensor, and its last, partial chunk with a partial pack, land where int64 math puts them."""
+    big = 3 * 2**31 + 2 * v + 1  # ends in a partial pack of 1 lane
+    numels = [5, big, 3]
+    chunks = [1, -(-big // CHUNK), 1]
+    grid = 528
+    last_chunk = chunks[0] + chunks[1] - 1  # the huge tensor's last chunk
+    block = last_chunk % grid
+    begin = (chunks[1] - 1) * CHUNK
+    # A thread's packs of the last chunk start at begin + thread * v, stride 512 v; the thread
+    # of the tail pack gets a 1-lane pack at the last element.
+    tail_thread = ((big - 1 - begin) // v) % THREADS
+    for thread in (0, 1, tail_thread):
+        got = [p for p in _walk(lib, numels, [1, 1, 1], grid, block, thread, v) if p[1] >= begin]
+        want = [(1, i, min(v, big - i)) for i in range(begin + thread * v, big, THREADS * v)]
+        assert got == want and got, thread
+    assert got[-1] == (1, big - 1, 1)
+    # Off the vector path: one element per pack, stride 512.
+    got = [p for p in _walk(lib, numels, [1, 0, 1], grid, block, 7, v) if p[1] >= begin]
+    assert got == [(1, i, 1) for i in range(begin + 7, big, THREADS)]
+    # The tensor after the huge one: chunk index past the huge tensor's, element 0 onwards.
+    after = chunks[0] + chunks[1]
+    got = _walk(lib, numels, [1, 1, 1], grid, after % grid, 0, v)
+    assert (2, 0, min(v, 3)) in got
