@@ -51,6 +51,7 @@ NORM_PARTIALS = 1024  # kCudaNormPartials
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 DTYPES = list(DTYPE_CODE)
 ODD = [1, 3, 4097, 65537]
+CANARY = 1234.0  # around every test tensor in its storage (exact in every dtype)
 I64P = ctypes.POINTER(ctypes.c_int64)
 
 
@@ -250,11 +251,21 @@ class Host:
 def _tensor(numel: int, dtype: torch.dtype, offset: int = 0, scale: float = 1.0, gen=None):
     """A 1-D tensor of ``numel`` normal values starting ``offset`` elements into its storage
     (offset 1 makes it misaligned for 16-byte accesses)."""
-    base = torch.empty(numel + offset + 8, dtype=dtype)
+    base = torch.full((numel + offset + 8,), CANARY, dtype=dtype)
     t = base[offset : offset + numel]
     assert t.data_ptr() % 16 == (offset * t.element_size()) % 16
     t.copy_(torch.randn(numel, dtype=torch.float64, generator=gen) * scale)
     return t
+
+
+def _untouched_outside(ts) -> None:
+    """The storage around each view still holds the canary: nothing was written past a tensor's
+    ends (a tail pack that stores lanes past n would)."""
+    for t in ts:
+        whole = t.new_empty(0).set_(t.untyped_storage())
+        inside = torch.zeros(whole.numel(), dtype=torch.bool)
+        inside[t.storage_offset() : t.storage_offset() + t.numel()] = True
+        assert bool((whole[~inside] == CANARY).all()), "a write past the end of a tensor"
 
 
 def _lists(sizes, dtype, count: int, seed: int, offsets=None, scale: float = 1.0):
@@ -266,10 +277,14 @@ def _lists(sizes, dtype, count: int, seed: int, offsets=None, scale: float = 1.0
 
 
 def _clone(ts):
-    """Copies with the same storage offsets (so the same alignment)."""
+    """Copies with the same storage offsets (so the same alignment) and canaries around them
+    (every tensor the host build writes has some: a write past its end is caught, not a
+    crash)."""
     out = []
     for t in ts:
-        base = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype)
+        base = torch.full(
+            (t.untyped_storage().nbytes() // t.element_size(),), CANARY, dtype=t.dtype
+        )
         out.append(base.as_strided(t.size(), t.stride(), t.storage_offset()).copy_(t))
     return out
 
@@ -488,11 +503,12 @@ def test_perturb(host, dtype, adaptive, mask) -> None:
     masks = _masks_for(mask, w)
     sumsq = torch.tensor([37.25], dtype=torch.float64)  # one partial: the same norm on both sides
     rho, eps, eta = 0.05, 1e-12, 0.01
-    w_k, b_k = _clone(w), [torch.full_like(t, math.nan) for t in w]
+    w_k, b_k = _clone(w), [_clone([t])[0].fill_(math.nan) for t in w]
     host.perturb_(w_k, g, b_k, sumsq, rho, eps, adaptive, eta, masks)
     w_r, b_r = _clone(w), [torch.empty_like(t) for t in w]
     ref.perturb_(w_r, g, b_r, sumsq, rho, eps, adaptive, eta, masks)
     _assert_bits(b_k, w, "backups")
+    _untouched_outside(w_k + b_k)
     for a, e in zip(w_k, w_r):
         assert_close(a, e)
     if dtype == torch.float64 and mask != "random":
@@ -510,7 +526,7 @@ def test_perturb_skips_a_nonfinite_norm(host) -> None:
     """A non-finite norm leaves the weights bit-identical; the backup is written anyway."""
     for bad in (math.inf, math.nan):
         w, g = _lists([4097, 3], torch.bfloat16, 2, seed=5, offsets=[1, 0])
-        w_k, b = _clone(w), [torch.zeros_like(t) for t in w]
+        w_k, b = _clone(w), [_clone([t])[0].zero_() for t in w]
         host.perturb_(w_k, g, b, torch.tensor([1.0, bad]), 0.05, 1e-12, False, 0.0, None)
         _assert_bits(w_k, w, "weights")
         _assert_bits(b, w, "backups")
@@ -519,7 +535,7 @@ def test_perturb_skips_a_nonfinite_norm(host) -> None:
 def test_zero_gradient_perturbs_by_exactly_zero(host) -> None:
     w, _ = _lists([65537], torch.float32, 2, seed=6)
     g = [torch.zeros_like(w[0])]
-    w_k, b = _clone(w), [torch.empty_like(w[0])]
+    w_k, b = _clone(w), _clone(w)
     host.perturb_(w_k, g, b, torch.zeros(NORM_PARTIALS, dtype=torch.float64), 0.05, 1e-12,
                   True, 0.01, None)  # fmt: skip
     _assert_bits(w_k, w, "weights")
@@ -580,6 +596,7 @@ def test_restore_sgd_step(host, dtype, hyper, amp) -> None:
         skipped = ref.restore_sgd_step_(w_r, g, b, bufs_r, hyper, first_step=first_step,
                                         grad_scale=grad_scale, found_inf=None)  # fmt: skip
         assert not bool(skipped)
+        _untouched_outside(w_k + bufs_k)
         for a, e in zip(w_k + bufs_k, w_r + bufs_r):
             assert_close(a, e)
         if dtype == torch.float64:
@@ -664,8 +681,8 @@ def test_restore_adam_step(host, dtype, hyper, steps_on) -> None:
     """Three steps from perturbed weights; counters read and advanced in the kernel (device) or
     by the glue (host), and scaled gradients on the last one."""
     w, g, b, m, v = _lists(SIZES, dtype, 5, seed=11, offsets=[0, 1, 0, 1, 0])
-    v = [t.abs() for t in v]
-    vmax = [t * 1.5 for t in v]
+    v = [t.abs_() for t in v]  # in place: the storage keeps its canaries
+    vmax = [_clone([t])[0].mul_(1.5) for t in v]
     state_k = [_clone(x) for x in (w, m, v, vmax)]
     state_r = [_clone(x) for x in (w, m, v, vmax)]
     steps_k = [torch.tensor(float(i % 2), dtype=torch.float32) for i in range(len(w))]
@@ -685,6 +702,7 @@ def test_restore_adam_step(host, dtype, hyper, steps_on) -> None:
         ref.restore_adam_step_(state_r[0], gk, b, state_r[1], state_r[2], vmax_r, steps_r, hyper,
                                grad_scale=grad_scale, found_inf=None)  # fmt: skip
         assert [float(s) for s in steps_k] == [float(s) for s in steps_r]
+        _untouched_outside([t for lst in state_k for t in lst])
         lists_k = state_k[:3] + ([vmax_k] if hyper.amsgrad else [])
         lists_r = state_r[:3] + ([vmax_r] if hyper.amsgrad else [])
         for a_list, e_list in zip(lists_k, lists_r):
@@ -720,9 +738,10 @@ def test_restore_adam_found_inf_only_restores(host, steps_on) -> None:
 def test_axpby(host, dtype, alias) -> None:
     x, y = _lists(SIZES, dtype, 2, seed=13, offsets=[1, 0, 1, 0, 1])
     coefs = torch.tensor([0.7, -1.3], dtype=torch.float64)
-    out_k = _clone(x) if alias == "x" else [torch.empty_like(t) for t in x]
+    out_k = _clone(x) if alias == "x" else [_clone([t])[0].zero_() for t in y]
     x_k = out_k if alias == "x" else x
     host.axpby_(out_k, x_k, y, coefs, None)
+    _untouched_outside(out_k)
     out_r = [torch.empty_like(t) for t in x]
     ref.axpby_(out_r, x, y, coefs, None)
     _assert_bits(out_k, out_r, "axpby vs the reference")
