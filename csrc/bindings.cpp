@@ -31,13 +31,13 @@ TORCH_LIBRARY(fused_sam, m) {
       "restore_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
       "Tensor(b!)[] momentum_buffers, *, float lr, float weight_decay, float momentum, "
       "float dampening, bool nesterov, bool maximize, bool first_step, Tensor? grad_scale, "
-      "Tensor? found_inf, Tensor[] sumsqs=[]) -> Tensor");
+      "Tensor? found_inf, Tensor[] sumsqs) -> Tensor");
   m.def(
       "restore_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
       "Tensor(e!)[] state_steps, *, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor[] sumsqs=[]) -> Tensor");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor[] sumsqs) -> Tensor");
   // The two ops of the SAM variants (fused_sam/variants): float64 dot products and
   // out = a x + b y with (a, b) read from a device tensor.
   m.def("dot_partials(Tensor[] a, Tensor[] b) -> Tensor");
@@ -74,7 +74,7 @@ TORCH_LIBRARY_IMPL(fused_sam, CUDA, m) {
 // kernels themselves take on small tensors. fused_sam/backends/native.py therefore calls these
 // functions when nothing needs the dispatcher: no grad mode, no torch.compile, no dispatch mode
 // (fake tensors, profilers' modes) and, checked here, only plain CPU tensors. They return
-// false (norm and dot: None) without doing anything otherwise, and the caller takes the
+// false (norm, dot and the restore steps: None) without doing anything otherwise, and the caller takes the
 // registered op.
 // The ops themselves bump the version counter of every tensor they write (sam_cpu.cpp).
 
@@ -132,38 +132,38 @@ bool direct_restore(const Tensors& params, const Tensors& backups) {
   return true;
 }
 
-bool direct_restore_sgd_step(const Tensors& params, const Tensors& grads, const Tensors& backups,
+std::optional<at::Tensor> direct_restore_sgd_step(const Tensors& params, const Tensors& grads, const Tensors& backups,
                              const Tensors& momentum_buffers, double lr, double weight_decay,
                              double momentum, double dampening, bool nesterov, bool maximize,
                              bool first_step, const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf) {
-  if (!plain_cpu({&params, &grads, &backups, &momentum_buffers}, {&grad_scale, &found_inf})) {
-    return false;
+                             const std::optional<at::Tensor>& found_inf, const Tensors& sumsqs) {
+  if (!plain_cpu({&params, &grads, &backups, &momentum_buffers, &sumsqs},
+                 {&grad_scale, &found_inf})) {
+    return std::nullopt;
   }
-  fused_sam::cpu::restore_sgd_step_(params, grads, backups, momentum_buffers, lr, weight_decay,
-                                    momentum, dampening, nesterov, maximize, first_step,
-                                    grad_scale, found_inf);
-  return true;
+  return fused_sam::cpu::restore_sgd_step_(params, grads, backups, momentum_buffers, lr,
+                                           weight_decay, momentum, dampening, nesterov, maximize,
+                                           first_step, grad_scale, found_inf, sumsqs);
 }
 
-bool direct_restore_adam_step(const Tensors& params, const Tensors& grads, const Tensors& backups,
+std::optional<at::Tensor> direct_restore_adam_step(const Tensors& params, const Tensors& grads, const Tensors& backups,
                               const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
                               const Tensors& max_exp_avg_sqs, const Tensors& state_steps,
                               double lr, double beta1, double beta2, double eps,
                               double weight_decay, bool amsgrad, bool maximize,
                               bool decoupled_weight_decay,
                               const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf) {
+                              const std::optional<at::Tensor>& found_inf,
+                              const Tensors& sumsqs) {
   if (!plain_cpu({&params, &grads, &backups, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs,
-                  &state_steps},
+                  &state_steps, &sumsqs},
                  {&grad_scale, &found_inf})) {
-    return false;
+    return std::nullopt;
   }
-  fused_sam::cpu::restore_adam_step_(params, grads, backups, exp_avgs, exp_avg_sqs,
-                                     max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                                     weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                                     grad_scale, found_inf);
-  return true;
+  return fused_sam::cpu::restore_adam_step_(params, grads, backups, exp_avgs, exp_avg_sqs,
+                                            max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                                            weight_decay, amsgrad, maximize,
+                                            decoupled_weight_decay, grad_scale, found_inf, sumsqs);
 }
 
 std::optional<at::Tensor> direct_dot_partials(const Tensors& a, const Tensors& b) {
@@ -269,13 +269,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grads"), py::arg("backups"), py::arg("momentum_buffers"), py::kw_only(),
         py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
         py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"), py::arg("grad_scale"),
-        py::arg("found_inf"));
+        py::arg("found_inf"), py::arg("sumsqs") = Tensors());
   m.def("direct_restore_adam_step_", &direct_restore_adam_step, py::arg("params"),
         py::arg("grads"), py::arg("backups"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("state_steps"), py::kw_only(), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"),
-        py::arg("grad_scale"), py::arg("found_inf"));
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("sumsqs") = Tensors());
   m.def("direct_dot_partials", &direct_dot_partials, py::arg("a"), py::arg("b"));
   m.def("direct_axpby_", &direct_axpby, py::arg("out"), py::arg("x"), py::arg("y"),
         py::arg("coefs"), py::arg("skip"));

@@ -152,7 +152,14 @@ def building_graph() -> bool:
     stay tensors."""
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _cuda_present() and torch.cuda.is_current_stream_capturing()
+
+
+@functools.cache
+def _cuda_present() -> bool:
+    """Whether this process has CUDA (asked once: the answer does not change, and every step
+    asks whether it is being captured)."""
+    return torch.cuda.is_available()
 
 
 def uses_fused_base_step(name: str | None, devices: Iterable[torch.device]) -> bool:
@@ -172,7 +179,7 @@ _CAPTURABLE = frozenset({"triton"})
 
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _cuda_present() and torch.cuda.is_current_stream_capturing()
 
 
 def capturable(name: str | None, devices: Iterable[torch.device]) -> bool:
@@ -571,27 +578,34 @@ def restore_sgd_step_(
     first_step: Sequence[bool],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    sumsqs: Sequence[Tensor] = (),
     backend: str | None,
     buckets: Buckets | None = None,
     state_dtypes_alike: bool = False,
-) -> None:
+) -> Tensor:
     """Restore and take one SGD step (see :func:`fused_sam.reference.restore_sgd_step_`).
 
     ``momentum_buffers`` is ``None`` when ``hyper.momentum == 0``; ``first_step`` is per tensor.
+    ``sumsqs``: the norm partials of the passes whose non-finite norm skips the step.
     ``state_dtypes_alike``: the caller knows every state tensor has its parameter's dtype
     (:func:`state_dtypes_alike` said so for these tensors), so the per-tensor check that routes
     mismatched ones to ``foreach`` is skipped (a pass over every tensor per step).
+
+    Returns:
+        The 0-dim bool skip flag, on the first parameter's device (every bucket decides alike:
+        from the same flags and partials).
     """
     if buckets is None:
         buckets = plan(backend, [params, grads, backups, momentum_buffers], first_step)
     if not state_dtypes_alike:
         buckets = _state_dtypes_apart(buckets, params, [momentum_buffers])
+    flags = []
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         p, g, b = _pick(params, idx), _pick(grads, idx), _pick(backups, idx)
         bufs = _pick(momentum_buffers, idx) or []
         mod = _route(chosen, "restore_sgd_step", [p, g, b, bufs if hyper.momentum != 0 else []])
-        mod.restore_sgd_step_(
+        flag = mod.restore_sgd_step_(
             p,
             g,
             b,
@@ -600,7 +614,10 @@ def restore_sgd_step_(
             first_step=first_step[idx[0]],
             grad_scale=_on(grad_scale, dev),
             found_inf=_on(found_inf, dev),
+            sumsqs=[_on(t, dev) for t in sumsqs],
         )
+        flags.append(flag)
+    return flags[0]
 
 
 def restore_adam_step_(
@@ -615,14 +632,15 @@ def restore_adam_step_(
     *,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    sumsqs: Sequence[Tensor] = (),
     backend: str | None,
     buckets: Buckets | None = None,
     state_dtypes_alike: bool = False,
-) -> None:
+) -> Tensor:
     """Restore and take one Adam/AdamW step (see :func:`fused_sam.reference.restore_adam_step_`).
 
-    ``max_exp_avg_sqs`` is ``None`` unless ``hyper.amsgrad``; ``state_dtypes_alike``: as in
-    :func:`restore_sgd_step_`.
+    ``max_exp_avg_sqs`` is ``None`` unless ``hyper.amsgrad``; ``sumsqs``,
+    ``state_dtypes_alike`` and the returned skip flag: as in :func:`restore_sgd_step_`.
     """
     if buckets is None:
         cols = [params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
@@ -630,6 +648,7 @@ def restore_adam_step_(
     if not state_dtypes_alike:
         states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
         buckets = _state_dtypes_apart(buckets, params, states)
+    flags = []
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         lists = [
@@ -643,13 +662,16 @@ def restore_adam_step_(
         steps = [state_steps[i] for i in idx]
         vmax = lists[5] if hyper.amsgrad else []
         mod = _route(chosen, "restore_adam_step", [*lists[:5], vmax], state_steps=steps)
-        mod.restore_adam_step_(
+        flag = mod.restore_adam_step_(
             *lists,
             steps,
             with_lr(hyper, _hyper(mod, hyper.lr)),
             grad_scale=_on(grad_scale, dev),
             found_inf=_on(found_inf, dev),
+            sumsqs=[_on(t, dev) for t in sumsqs],
         )
+        flags.append(flag)
+    return flags[0]
 
 
 def state_dtypes_alike(params: Sequence[Tensor], states: Sequence[Sequence[Tensor] | None]) -> bool:

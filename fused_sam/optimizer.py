@@ -354,9 +354,9 @@ class FusedSAM(Optimizer):
         if self.next_step == PLAIN:
             raise RuntimeError(V.plain_step_error(self.schedule, self._progress["steps"]))
         st = self._step_state
-        params, first_inf = engine.ascend(st, self._setup(), grad_scale)
+        params, first_sumsq = engine.ascend(st, self._setup(), grad_scale)
         # In flight from here: nothing above left a weight perturbed if it raised.
-        st.perturbed, st.first_inf, st.zero_grad = params, first_inf, False
+        st.perturbed, st.first_sumsq, st.zero_grad = params, first_sumsq, False
         st.replica_local = False
         if zero_grad:
             self._zero_grad()
@@ -533,12 +533,12 @@ class FusedSAM(Optimizer):
         st = self._step_state
         zero_grad = st.zero_grad
         try:
-            skip = engine.restore_and_step(st, scaler, self._setup())
+            skipped = engine.restore_and_step(st, scaler, self._setup())
         except BaseException:
             self.restore()  # a no-op once the restore has happened
             st.post_hooks_due = False
             raise
-        st.last_skipped = amp.skip_flag(skip)
+        st.last_skipped = skipped
         self._progress["steps"] += 1
         base_steps.post_hooks(self.base_optimizer, st)
         if zero_grad:

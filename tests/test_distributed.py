@@ -3,12 +3,13 @@ the variants.
 
 SAM under DDP: synchronised and per-replica steps.
 
-Each rank writes what it ends with; the parent compares the ranks with each other and with
+One spawn runs every part (a spawn costs seconds of process start and imports): each rank
+writes what it ends with, part by part; the tests compare the ranks with each other and with
 single-process computations written out in this file.
 
 Sparse SAM under DDP: every rank perturbs with rank 0's mask after each refresh.
 
-Every SAM variant under DDP (gloo, two spawned ranks on 127.0.0.1, ONE spawn for all).
+Every SAM variant under DDP.
 
 Under synchronised DDP each backward all-reduces the gradients, so every global reduction of a
 variant (LookSAM's and GSAM's dot products, the norms of LookSAM's reuse step and of
@@ -158,9 +159,8 @@ def _independent_m_sharpness() -> list[torch.Tensor]:
 
 
 @pytest.mark.distributed
-def test_ddp_synchronised_and_per_replica(tmp_path: Path) -> None:
-    spawn_gloo(_worker, str(tmp_path), world=WORLD)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+def test_ddp_synchronised_and_per_replica(ranks: Path) -> None:
+    r0, r1 = _load(ranks, "ddp")
     for key in ("sync", "replica", "accumulated", "nan_skipped", "nan_moved"):
         for a, b in zip(r0[key], r1[key]):
             assert torch.equal(a, b), f"ranks differ: {key}"
@@ -225,9 +225,8 @@ def _fsdp_worker(rank: int, out: str) -> None:
 
 
 @pytest.mark.distributed
-def test_fsdp2_shards_equal_the_unsharded_step(tmp_path: Path) -> None:
-    spawn_gloo(_fsdp_worker, str(tmp_path), world=WORLD)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+def test_fsdp2_shards_equal_the_unsharded_step(ranks: Path) -> None:
+    r0, r1 = _load(ranks, "fsdp2")
     for name, make in FSDP_RUNS.items():
         for a, b in zip(r0[name], r1[name]):
             assert torch.equal(a, b), f"ranks differ: {name}"
@@ -289,9 +288,8 @@ def _worker_ssam(rank: int, out: str) -> None:
 
 
 @pytest.mark.distributed
-def test_every_rank_uses_rank0_mask(tmp_path: Path) -> None:
-    spawn_gloo(_worker_ssam, str(tmp_path), world=WORLD)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+def test_every_rank_uses_rank0_mask(ranks: Path) -> None:
+    r0, r1 = _load(ranks, "ssam")
     for step, (a, b) in enumerate(zip(r0["dynamic"], r1["dynamic"])):
         assert torch.equal(a, b), f"SSAM-D masks differ across ranks at step {step}"
     assert not torch.equal(r0["dynamic"][0], r0["dynamic"][-1])  # refreshes happened
@@ -395,9 +393,8 @@ def _single_process(name: str) -> dict[str, Any]:
 
 
 @pytest.mark.distributed
-def test_every_variant_under_ddp(tmp_path: Path) -> None:
-    spawn_gloo(_worker_variants, str(tmp_path), world=WORLD)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+def test_every_variant_under_ddp(ranks: Path) -> None:
+    r0, r1 = _load(ranks, "variants")
     assert set(r0) == set(VARIANTS)
     for name in VARIANTS:
         a, b = r0[name], r1[name]
@@ -414,3 +411,35 @@ def test_every_variant_under_ddp(tmp_path: Path) -> None:
     # The schedules took their plain/reuse steps between SAM steps.
     assert r0["looksam"]["kinds"] == ["sam", "plain", "sam", "plain", "sam"]
     assert r0["every-2"]["kinds"] == r0["looksam"]["kinds"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One spawn for every part above
+
+
+#: part name -> the function each rank runs for it (it writes ``rank{r}.pt`` in its folder).
+_PARTS: dict[str, Callable[[int, str], None]] = {
+    "ddp": _worker,
+    "fsdp2": _fsdp_worker,
+    "ssam": _worker_ssam,
+    "variants": _worker_variants,
+}
+
+
+def _every_part(rank: int, out: str) -> None:
+    for name, part in _PARTS.items():
+        part(rank, os.path.join(out, name))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of every part's outputs, from one spawn of ``WORLD`` gloo ranks."""
+    out = tmp_path_factory.mktemp("ranks")
+    for name in _PARTS:
+        (out / name).mkdir()
+    spawn_gloo(_every_part, str(out), world=WORLD)
+    return out
+
+
+def _load(out: Path, part: str) -> list[dict[str, Any]]:
+    return [torch.load(out / part / f"rank{r}.pt") for r in range(WORLD)]

@@ -652,6 +652,79 @@ def test_adam_step_update_and_state(backend: str, dtype: torch.dtype, cfg: dict,
     check_adam_steps(backend, op_params(dtype), cfg, amp)
 
 
+#: What skips a restore+step op: nothing, the scaler's flag, or a non-finite norm of the first
+#: or the second pass (``sumsqs``; the other entry finite). name -> (found_inf, sumsqs totals).
+SKIP_INPUTS = {
+    "none": (0.0, [4.0, 9.0]),
+    "no-inputs": (None, []),
+    "found-inf": (1.0, [4.0, 9.0]),
+    "pass1-inf": (0.0, [math.inf, 9.0]),
+    "pass2-nan": (None, [4.0, math.nan]),
+    "one-partial-inf": (None, [4.0, -math.inf]),
+}
+
+
+def _sumsqs(totals: list[float], device: torch.device) -> list[Tensor]:
+    """Norm partials with the given totals, as norm_sq_partials hands them on (float64, 1-D;
+    three partials per pass, the non-finite value in one of them)."""
+    return [torch.tensor([t, 1.0, -1.0], dtype=torch.float64, device=device) for t in totals]
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
+@pytest.mark.parametrize("op", ["sgd", "adam"])
+@pytest.mark.parametrize("case", list(SKIP_INPUTS))
+def test_restore_step_decides_the_skip_and_returns_it(backend: str, op: str, case: str) -> None:
+    """The restore+step ops skip on ``found_inf`` or a non-finite total of any ``sumsqs``
+    entry, and return that decision as a 0-dim bool tensor on the parameters' device: weights
+    restored, state and step counters untouched when skipped; the reference's update when not."""
+    require_backend(backend)
+    found, totals = SKIP_INPUTS[case]
+    skip = case not in ("none", "no-inputs")
+    ps = op_params(torch.float32)
+    device = ps[0].device
+    gs = grads_like(ps, 1.0)
+    w_in = _perturbed_inputs(ps)
+    state_in = grads_like(ps, 0.5)
+    runs = {}
+    for name in ("reference", backend):
+        w = [twin(x) for x in w_in]
+        state = [twin(x) for x in state_in]
+        counters = [torch.full((), 3.0, device=device) for _ in ps]
+        before = [twin(x) for x in state] + [twin(x) for x in counters]
+        flags = dict(
+            grad_scale=None,
+            found_inf=None if found is None else torch.tensor(found, device=device),
+            sumsqs=_sumsqs(totals, device),
+            backend=name,
+        )
+        if op == "sgd":
+            hyper = SGDHyper(lr=SGD_LR, weight_decay=0.0, momentum=0.9, dampening=0.0,
+                             nesterov=False, maximize=False)  # fmt: skip
+            out = F.restore_sgd_step_(
+                w, gs, ps, state, hyper, first_step=[False] * len(ps), **flags
+            )
+            after = state
+        else:
+            sq = [x.abs() for x in state]
+            before = [twin(x) for x in state] + [twin(x) for x in sq] + before[len(ps) :]
+            out = F.restore_adam_step_(
+                w, gs, ps, state, sq, None, counters, AdamHyper(**ADAM, **ADAM_CONFIGS[0]), **flags
+            )
+            after = state + sq + counters
+        assert out.dtype == torch.bool and out.dim() == 0 and out.device == device, (name, out)
+        assert bool(out) == skip, (name, case)
+        if skip:
+            assert all(bits_equal(a, b) for a, b in zip(w, ps)), f"{name}: not restored"
+            assert all(bits_equal(a, b) for a, b in zip(after, before)), f"{name}: state moved"
+        else:
+            assert not all(bits_equal(a, b) for a, b in zip(w, ps)), f"{name}: no update"
+        runs[name] = (w, after)
+    for got, want in zip(
+        runs[backend][0] + runs[backend][1], runs["reference"][0] + runs["reference"][1]
+    ):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def misaligned(ts: Sequence[Tensor], offsets: Sequence[int] = (1, 0, 3)) -> list[Tensor]:
     """Copies of ``ts`` whose contiguous ones start ``offsets[i % len(offsets)]`` elements into
     their storage: an odd offset puts the address off the 16-byte grid for every dtype (2, 4 or

@@ -194,8 +194,38 @@ std::vector<T*> ptrs(at::TensorList ts) {
   return out;
 }
 
-bool flag_set(const std::optional<at::Tensor>& flag) {
-  return flag.has_value() && flag->item<double>() != 0.0;
+// The squared norm: the fixed-order float64 sum of a 1-D cpu tensor of norm partials.
+double total_of(const at::Tensor& sumsq, const char* name) {
+  TORCH_CHECK(sumsq.device().is_cpu() && sumsq.dim() == 1, "fused_sam: ", name,
+              " must be a 1-D cpu tensor");
+  const at::Tensor s = sumsq.to(at::kDouble).contiguous();
+  const double* sp = s.data_ptr<double>();
+  double total = 0.0;
+  for (int64_t k = 0; k < s.numel(); ++k) {
+    total += sp[k];
+  }
+  return total;
+}
+
+// Whether a base step is skipped: found_inf is nonzero, or the norm of a checked pass is not
+// finite (fused_sam.reference.skipped).
+bool skipped(const std::optional<at::Tensor>& found_inf, at::TensorList sumsqs) {
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) {
+    return true;
+  }
+  for (const at::Tensor& s : sumsqs) {
+    if (!std::isfinite(total_of(s, "sumsqs"))) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// The 0-dim bool skip flag the restore ops return.
+at::Tensor flag(bool skip) {
+  at::Tensor out = at::empty({}, at::TensorOptions(at::kBool));
+  *out.data_ptr<bool>() = skip;
+  return out;
 }
 
 void copy_chunk(void* dst, const void* src, const Chunk& c, int64_t elem_size) {
@@ -307,16 +337,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   check_list(backups, params, "backups");
   check_masks(masks, params);
   check_random(salts, step_key, threshold, masks, params);
-  TORCH_CHECK(sumsq.device().is_cpu() && sumsq.dim() == 1,
-              "fused_sam: sumsq must be a 1-D cpu tensor");
-  // Finalise the norm: fixed-order float64 sum of the partials.
-  const at::Tensor s = sumsq.to(at::kDouble).contiguous();
-  const double* sp = s.data_ptr<double>();
-  double total = 0.0;
-  for (int64_t k = 0; k < s.numel(); ++k) {
-    total += sp[k];
-  }
-  const double norm = std::sqrt(total);
+  const double norm = std::sqrt(total_of(sumsq, "sumsq"));
   const bool finite = std::isfinite(norm);
   const double scale = finite ? rho / (norm + eps) : 0.0;
   bump_versions({params, backups});
@@ -355,11 +376,11 @@ void restore_(at::TensorList params, at::TensorList backups) {
   restore_all(params, backups);
 }
 
-void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+at::Tensor restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
                        at::TensorList momentum_buffers, double lr, double weight_decay,
                        double momentum, double dampening, bool nesterov, bool maximize,
                        bool first_step, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf) {
+                       const std::optional<at::Tensor>& found_inf, at::TensorList sumsqs) {
   check_cpu_params(params);
   check_list(grads, params, "grads");
   check_list(backups, params, "backups");
@@ -368,9 +389,9 @@ void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
     check_list(momentum_buffers, params, "momentum_buffers");
   }
   bump_versions({params, with_momentum ? momentum_buffers : at::TensorList()});
-  if (flag_set(found_inf)) {
+  if (skipped(found_inf, sumsqs)) {
     restore_all(params, backups);
-    return;
+    return flag(true);
   }
   const SgdArgs args{lr,         weight_decay,           momentum, dampening, nesterov, maximize,
                      first_step, grad_scale.has_value(),
@@ -388,15 +409,16 @@ void restore_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
               c.begin, c.end, args);
         });
       });
+  return flag(false);
 }
 
-void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+at::Tensor restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorList backups,
                         at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                         at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
                         double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                         bool maximize, bool decoupled_weight_decay,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& found_inf, at::TensorList sumsqs) {
   check_cpu_params(params);
   check_list(grads, params, "grads");
   check_list(backups, params, "backups");
@@ -414,9 +436,9 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
   }
   bump_versions({params, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
                  state_steps});
-  if (flag_set(found_inf)) {
+  if (skipped(found_inf, sumsqs)) {
     restore_all(params, backups);
-    return;
+    return flag(true);
   }
   // Step counters and bias corrections are per tensor (a parameter may have missed steps).
   std::vector<double> step_size(params.size()), bias_c2_sqrt(params.size());
@@ -454,6 +476,7 @@ void restore_adam_step_(at::TensorList params, at::TensorList grads, at::TensorL
                step_size[t], bias_c2_sqrt[t]);
         });
       });
+  return flag(false);
 }
 
 at::Tensor dot_partials(at::TensorList a, at::TensorList b) {
@@ -491,7 +514,7 @@ void axpby_(at::TensorList out, at::TensorList x, at::TensorList y, const at::Te
   check_list(y, out, "y");
   check_axpby_scalars(coefs, skip, out[0].device());
   bump_versions({out});
-  if (flag_set(skip)) {
+  if (skipped(skip, {})) {
     return;
   }
   const double* c = coefs.const_data_ptr<double>();

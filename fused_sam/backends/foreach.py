@@ -249,16 +249,36 @@ def _select(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
     return new if skip is None else torch.where(skip, old, new)
 
 
+def _skip_of(
+    found_inf: Tensor | None, sumsqs: Sequence[Tensor], device: torch.device
+) -> Tensor | None:
+    """The 0-dim bool skip flag on ``device`` (see :func:`fused_sam.reference.skipped`), from
+    device values with no host read; ``None`` when nothing can skip the step."""
+    skip = None if found_inf is None else found_inf.to(device).ne(0)
+    for s in sumsqs:
+        bad = ~torch.isfinite(s.to(device, torch.float64).sum())
+        skip = bad if skip is None else skip | bad
+    return skip
+
+
+def _flag(skip: Tensor | None, device: torch.device) -> Tensor:
+    """The skip flag a restore step returns."""
+    return torch.zeros((), dtype=torch.bool, device=device) if skip is None else skip
+
+
 def _prepare(
-    grads: Sequence[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None, maximize: bool
+    grads: Sequence[Tensor],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    sumsqs: Sequence[Tensor],
+    maximize: bool,
 ) -> tuple[list[Tensor], Tensor | None]:
     g = _f32_copy(grads)
     if grad_scale is not None:
         torch._foreach_div_(g, grad_scale)
     if maximize:
         torch._foreach_neg_(g)
-    skip = None if found_inf is None else found_inf.ne(0)
-    return g, skip
+    return g, _skip_of(found_inf, sumsqs, grads[0].device)
 
 
 def restore_sgd_step_(
@@ -271,11 +291,12 @@ def restore_sgd_step_(
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
+    sumsqs: Sequence[Tensor] = (),
+) -> Tensor:
     """See :func:`fused_sam.reference.restore_sgd_step_`. The skip is decided on device."""
     lr, weight_decay, momentum, dampening, nesterov, maximize = hyper
     restore_(params, backups)
-    d, skip = _prepare(grads, grad_scale, found_inf, maximize)
+    d, skip = _prepare(grads, grad_scale, found_inf, sumsqs, maximize)
     w32 = _f32(params)
     if weight_decay != 0:
         torch._foreach_add_(d, w32, alpha=weight_decay)
@@ -294,6 +315,7 @@ def restore_sgd_step_(
     new_w = torch._foreach_add(w32, d, alpha=-lr)
     for w, nw in zip(params, new_w):
         w.copy_(_select(skip, w, nw.to(w.dtype)))
+    return _flag(skip, params[0].device)
 
 
 def restore_adam_step_(
@@ -308,11 +330,12 @@ def restore_adam_step_(
     *,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
+    sumsqs: Sequence[Tensor] = (),
+) -> Tensor:
     """See :func:`fused_sam.reference.restore_adam_step_`. The skip is decided on device."""
     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay = hyper
     restore_(params, backups)
-    g, skip = _prepare(grads, grad_scale, found_inf, maximize)
+    g, skip = _prepare(grads, grad_scale, found_inf, sumsqs, maximize)
     w = _f32_copy(params)
     if weight_decay != 0:
         if decoupled_weight_decay:
@@ -340,3 +363,4 @@ def restore_adam_step_(
         p.copy_(_select(skip, p, new_w.to(p.dtype)))
         step_skip = None if skip is None else skip.to(step_t.device)
         step_t.copy_(_select(step_skip, step_t, new_step))
+    return _flag(skip, params[0].device)

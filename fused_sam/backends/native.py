@@ -126,13 +126,17 @@ if _C is not None:
     def _restore_fake(params: list[Tensor], backups: list[Tensor]) -> None:
         return None
 
+    def _skip_flag_fake(params: Sequence[Tensor]) -> Tensor:
+        """The 0-dim bool skip flag a restore step returns, on the parameters' device."""
+        return torch.empty((), dtype=torch.bool, device=params[0].device)
+
     @torch.library.register_fake("fused_sam::restore_sgd_step_")
-    def _restore_sgd_step_fake(*args: object, **kwargs: object) -> None:
-        return None
+    def _restore_sgd_step_fake(params: list[Tensor], *args: object, **kwargs: object) -> Tensor:
+        return _skip_flag_fake(params)
 
     @torch.library.register_fake("fused_sam::restore_adam_step_")
-    def _restore_adam_step_fake(*args: object, **kwargs: object) -> None:
-        return None
+    def _restore_adam_step_fake(params: list[Tensor], *args: object, **kwargs: object) -> Tensor:
+        return _skip_flag_fake(params)
 
     @torch.library.register_fake("fused_sam::dot_partials")
     def _dot_partials_fake(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -203,17 +207,19 @@ if _C is not None:
         first_step: bool,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
-    ) -> None:
+        sumsqs: list[Tensor],
+    ) -> Tensor:
         _check_scalar("lr", lr)
         hyper = SGDHyper(float(lr), weight_decay, momentum, dampening, nesterov, maximize)
-        restore_sgd_step_(
+        return restore_sgd_step_(
             params, grads, backups, momentum_buffers, hyper, first_step=first_step,
-            grad_scale=grad_scale, found_inf=found_inf,
+            grad_scale=grad_scale, found_inf=found_inf, sumsqs=sumsqs,
         )  # fmt: skip
 
     @_restore_sgd_step_tensor_lr.register_fake
-    def _restore_sgd_step_tensor_lr_fake(*args: object) -> None:
-        _check_scalar("lr", args[4])
+    def _restore_sgd_step_tensor_lr_fake(params: list[Tensor], *args: object) -> Tensor:
+        _check_scalar("lr", args[3])
+        return _skip_flag_fake(params)
 
     @torch.library.custom_op(
         "fused_sam::restore_adam_step_tensor_lr_",
@@ -237,19 +243,21 @@ if _C is not None:
         decoupled_weight_decay: bool,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
-    ) -> None:
+        sumsqs: list[Tensor],
+    ) -> Tensor:
         _check_scalar("lr", lr)
         hyper = AdamHyper(
             float(lr), beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
         )
-        restore_adam_step_(
+        return restore_adam_step_(
             params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper,
-            grad_scale=grad_scale, found_inf=found_inf,
+            grad_scale=grad_scale, found_inf=found_inf, sumsqs=sumsqs,
         )  # fmt: skip
 
     @_restore_adam_step_tensor_lr.register_fake
-    def _restore_adam_step_tensor_lr_fake(*args: object) -> None:
-        _check_scalar("lr", args[7])
+    def _restore_adam_step_tensor_lr_fake(params: list[Tensor], *args: object) -> Tensor:
+        _check_scalar("lr", args[6])
+        return _skip_flag_fake(params)
 
     _perturb_t = _ops.perturb_tensor_rho_.default
     _restore_sgd_step_t = _ops.restore_sgd_step_tensor_lr_.default
@@ -377,17 +385,21 @@ def restore_sgd_step_(
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
+    sumsqs: Sequence[Tensor] = (),
+) -> Tensor:
     """See :func:`fused_sam.reference.restore_sgd_step_`; ``hyper.lr`` may be a one-element
     tensor (see :func:`perturb_`)."""
     tensors = (params, grads, backups, momentum_buffers)
+    sumsqs = list(sumsqs)
     if isinstance(hyper.lr, Tensor):
         if torch.compiler.is_compiling():
-            _restore_sgd_step_t(*tensors, *hyper, first_step, grad_scale, found_inf)
-            return
+            return _restore_sgd_step_t(*tensors, *hyper, first_step, grad_scale, found_inf, sumsqs)
         hyper = with_lr(hyper, _number(hyper.lr, "lr"))
     amp = {"first_step": first_step, "grad_scale": grad_scale, "found_inf": found_inf}
-    _run("direct_restore_sgd_step_", _restore_sgd_step, *tensors, **as_kwargs(hyper), **amp)
+    return _run(
+        "direct_restore_sgd_step_", _restore_sgd_step, *tensors, **as_kwargs(hyper), **amp,
+        sumsqs=sumsqs,
+    )  # fmt: skip
 
 
 def restore_adam_step_(
@@ -402,17 +414,20 @@ def restore_adam_step_(
     *,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
+    sumsqs: Sequence[Tensor] = (),
+) -> Tensor:
     """See :func:`fused_sam.reference.restore_adam_step_`; step counters advance in the op.
     ``hyper.lr`` may be a one-element tensor (see :func:`perturb_`)."""
     tensors = (params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    sumsqs = list(sumsqs)
     if isinstance(hyper.lr, Tensor):
         if torch.compiler.is_compiling():
-            _restore_adam_step_t(*tensors, *hyper, grad_scale, found_inf)
-            return
+            return _restore_adam_step_t(*tensors, *hyper, grad_scale, found_inf, sumsqs)
         hyper = with_lr(hyper, _number(hyper.lr, "lr"))
-    amp = {"grad_scale": grad_scale, "found_inf": found_inf}
-    _run("direct_restore_adam_step_", _restore_adam_step, *tensors, **as_kwargs(hyper), **amp)
+    amp = {"grad_scale": grad_scale, "found_inf": found_inf, "sumsqs": sumsqs}
+    return _run(
+        "direct_restore_adam_step_", _restore_adam_step, *tensors, **as_kwargs(hyper), **amp
+    )
 
 
 def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

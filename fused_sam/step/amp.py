@@ -4,19 +4,25 @@
 ``opt.step()``, having set ``opt.grad_scale`` (the loss scale, or ``None`` once the user has
 unscaled) and ``opt.found_inf`` (the scaler's device flag for the second-pass gradients).
 
-Three skip flags meet in a step, each a 0-dim float32 device tensor (1.0: skip) or ``None``:
-``first_inf`` (the first pass's gradients were not finite), ``scaler_inf`` (the scaler's flag)
-and ``skip``, their union with the optimizer's own check of the second pass.
+Three skip conditions meet in a step: the first pass's gradients were not finite (its
+squared-norm partials, ``first_sumsq``, have a non-finite total), the scaler's flag
+``scaler_inf`` (0-dim float32, 1.0: skip) for the second pass, and the optimizer's own check of
+the second pass when no scaler checked it. The fused restore ops take the flag and the partials
+and decide on the device, in the kernel that steps; :func:`union` makes the same decision with
+tensor ops for the other paths (a base optimizer's own ``step()``, policies that see the flag
+before the update).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fused_sam import distributed
+from fused_sam import functional as F
 from fused_sam.step.validation import raise_sparse
 
 
@@ -42,6 +48,15 @@ def any_flag(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if b is None:
         return a
     return torch.maximum(a, b.to(a.device, torch.float32, non_blocking=a.device.type != "cpu"))
+
+
+def union(found_inf: Tensor | None, sumsqs: Sequence[Tensor]) -> Tensor | None:
+    """The 0-dim float skip flag (1.0: skip) of ``found_inf`` or a non-finite total of one of
+    ``sumsqs``, on device, with no host read (``None``: nothing to check)."""
+    skip = found_inf
+    for sumsq in sumsqs:
+        skip = any_flag(F.nonfinite(sumsq), skip)
+    return skip
 
 
 def skip_flag(skip: Tensor | None) -> Tensor:

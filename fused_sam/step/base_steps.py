@@ -21,7 +21,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from fused_sam import distributed
 from fused_sam import functional as F
 from fused_sam.hyperparams import AdamHyper, SGDHyper
-from fused_sam.step.amp import unscale_grads
+from fused_sam.step import amp
 from fused_sam.step.guards import note_partial_base_step
 from fused_sam.step.plan import StepPlan, contiguous, dense_grads
 from fused_sam.step.state import StepState
@@ -43,10 +43,18 @@ class Tensors(NamedTuple):
 
 
 class Flags(NamedTuple):
-    """The AMP and skip inputs of a base update (see :mod:`fused_sam.step.amp`)."""
+    """The AMP and skip inputs of a base update (see :mod:`fused_sam.step.amp`).
+
+    The update is skipped when ``found_inf`` is set or the total of one of ``sumsqs`` is not
+    finite; the fused ops decide that on the device (no host read).
+    """
 
     grad_scale: Tensor | None
-    skip: Tensor | None
+    #: a 0-dim float flag (1.0: skip), or ``None``.
+    found_inf: Tensor | None
+    #: squared-norm partials of the passes to check (the first pass, and the second when the
+    #: optimizer checks it).
+    sumsqs: tuple[Tensor, ...] = ()
 
 
 def _group_lr(value: Any) -> float | Tensor:
@@ -60,19 +68,20 @@ def _group_lr(value: Any) -> float | Tensor:
 
 
 def skip_new_state(
-    state: dict[Tensor, dict[str, Any]], t: Tensors, skip: Tensor | None, backend: str | None
+    state: dict[Tensor, dict[str, Any]], t: Tensors, flags: Flags, backend: str | None
 ) -> bool:
     """Whether a step that would create optimizer state is skipped; if so, restore only.
 
     Skipped means untouched: torch's optimizers create state in their first real step, so
-    state is not created on a skipped one. The flag lives on the device; it is read on the
+    state is not created on a skipped one. The flags live on the device; they are read on the
     host only here, on steps that create state (a parameter's first step).
     """
-    if skip is None or F.building_graph():
+    if F.building_graph():
         # Traced, the flag has no value to branch on: the state is created and the kernel
         # skips the update, leaving it as created (zeros; see the README, torch.compile).
         return False
-    if not bool(skip.item()):
+    skip = amp.union(flags.found_inf, flags.sumsqs)
+    if skip is None or not bool(skip.item()):
         return False
     for p in t.owners:
         if p in state and not state[p]:
@@ -83,10 +92,16 @@ def skip_new_state(
     return True
 
 
+def _skipped(t: Tensors) -> Tensor:
+    """The skip flag of a step that :func:`skip_new_state` skipped."""
+    return torch.ones((), dtype=torch.bool, device=t.params[0].device)
+
+
 def sgd_step(
     base: Optimizer, group: dict[str, Any], t: Tensors, flags: Flags, backend: str | None
-) -> None:
-    """Restore + ``torch.optim.SGD``'s update of one param group."""
+) -> Tensor:
+    """Restore + ``torch.optim.SGD``'s update of one param group; returns the 0-dim bool skip
+    flag (on the device)."""
     momentum = group["momentum"]
     bufs = None
     first = [False] * len(t.params)
@@ -94,8 +109,8 @@ def sgd_step(
     if momentum != 0:
         state = base.state
         bufs = [state[p].get("momentum_buffer") for p in t.owners]
-        if any(buf is None for buf in bufs) and skip_new_state(state, t, flags.skip, backend):
-            return
+        if any(buf is None for buf in bufs) and skip_new_state(state, t, flags, backend):
+            return _skipped(t)
         for i, buf in enumerate(bufs):
             if buf is None:  # the first step of this parameter: a fresh buffer
                 p = t.owners[i]
@@ -107,7 +122,7 @@ def sgd_step(
             bufs = list(map(distributed.local, bufs))
     if buckets is not None and (any(first) or (bufs is not None and not contiguous(bufs))):
         buckets = None  # first_step differs per tensor, or a loaded buffer has other strides
-    F.restore_sgd_step_(
+    skip = F.restore_sgd_step_(
         t.params,
         t.grads,
         t.backups,
@@ -122,23 +137,26 @@ def sgd_step(
         ),
         first_step=first,
         grad_scale=flags.grad_scale,
-        found_inf=flags.skip,
+        found_inf=flags.found_inf,
+        sumsqs=flags.sumsqs,
         backend=backend,
         buckets=buckets,
         state_dtypes_alike=t.plan is not None and t.plan.state_dtypes_alike,
     )
     _note_state_dtypes(t, [bufs])
+    return skip
 
 
 def adam_step(
     base: Optimizer, group: dict[str, Any], t: Tensors, flags: Flags, backend: str | None
-) -> None:
-    """Restore + ``torch.optim.Adam``'s or ``AdamW``'s update of one param group."""
+) -> Tensor:
+    """Restore + ``torch.optim.Adam``'s or ``AdamW``'s update of one param group; returns the
+    0-dim bool skip flag (on the device)."""
     amsgrad = group["amsgrad"]
     state = base.state
     sts = [state[p] for p in t.owners]
-    if not all(sts) and skip_new_state(state, t, flags.skip, backend):
-        return
+    if not all(sts) and skip_new_state(state, t, flags, backend):
+        return _skipped(t)
     for p, st in zip(t.owners, sts):
         if not st:
             # torch.optim.Adam's own state format; the step counter lives on the param's
@@ -161,7 +179,7 @@ def adam_step(
         buckets = None  # state loaded from a checkpoint with other strides
     beta1, beta2 = group["betas"]
     decoupled = group.get("decoupled_weight_decay", isinstance(base, AdamW))
-    F.restore_adam_step_(
+    skip = F.restore_adam_step_(
         t.params,
         t.grads,
         t.backups,
@@ -180,12 +198,14 @@ def adam_step(
             decoupled_weight_decay=bool(decoupled),
         ),
         grad_scale=flags.grad_scale,
-        found_inf=flags.skip,
+        found_inf=flags.found_inf,
+        sumsqs=flags.sumsqs,
         backend=backend,
         buckets=buckets,
         state_dtypes_alike=t.plan is not None and t.plan.state_dtypes_alike,
     )
     _note_state_dtypes(t, [exp_avgs, exp_avg_sqs, max_sqs])
+    return skip
 
 
 def _note_state_dtypes(t: Tensors, states: list[list[Tensor] | None]) -> None:
@@ -195,8 +215,8 @@ def _note_state_dtypes(t: Tensors, states: list[list[Tensor] | None]) -> None:
         t.plan.state_dtypes_alike = F.state_dtypes_alike(t.params, states)
 
 
-#: A fused base step: ``(base, group, tensors, flags, backend) -> None``.
-FusedStep = Callable[[Optimizer, dict[str, Any], Tensors, Flags, str | None], None]
+#: A fused base step: ``(base, group, tensors, flags, backend) -> skip flag``.
+FusedStep = Callable[[Optimizer, dict[str, Any], Tensors, Flags, str | None], Tensor]
 
 
 def _adam_fusable(group: dict[str, Any]) -> bool:
@@ -242,12 +262,16 @@ def restore_and_step_groups(
     flags: Flags,
     backend: str | None,
     owner_of: Callable[[Tensor], Tensor] | None,
-) -> None:
+) -> Tensor | None:
     """Restore + base step group by group (the general case: several groups, or no plan).
 
     Args:
         perturbed: the kernel tensors at ``w + e``; their ``backups`` hold ``w``.
         owner_of: the parameter of a kernel tensor under FSDP2 (``None``: itself).
+
+    Returns:
+        The skip flag of the first group stepped (every group decides alike), or ``None`` when
+        no parameter has a gradient.
     """
     in_perturbed = set(map(id, perturbed))
     stepped: set[int] = set()
@@ -261,11 +285,14 @@ def restore_and_step_groups(
         bufs = [backups[p] if id(p) in in_perturbed else p for p in params]
         owners = params if owner_of is None else list(map(owner_of, params))
         work.append((group, Tensors(params, grads, bufs, owners, None)))
+    skip = None
     for group, t in work:
-        entry.step(base, group, t, flags, backend)
+        flag = entry.step(base, group, t, flags, backend)
+        skip = flag if skip is None else skip
     rest = [p for p in perturbed if id(p) not in stepped]
     if rest:
         F.restore_(rest, [backups[p] for p in rest], backend)
+    return skip
 
 
 def hooked(base: Optimizer, body: Callable[[], None], st: StepState) -> None:
@@ -325,5 +352,5 @@ def unfused_step(
     if skip is not None and bool(skip.item()):
         return
     if grad_scale is not None:
-        unscale_grads(params, grad_scale)
+        amp.unscale_grads(params, grad_scale)
     hooked(base, lambda: raw_base_step(base), st)

@@ -49,8 +49,9 @@ def ascend(
     GradScaler handed to ``step()``); the step's plan (backups, buckets) is cached in ``st``.
 
     Returns:
-        The parameters perturbed, and the 0-dim float flag of a non-finite first pass (``None``
-        with no gradient at all); on it nothing is perturbed.
+        The parameters perturbed, and the first pass's squared-norm partials (``None`` with no
+        gradient at all): a non-finite total means nothing was perturbed and the base step is
+        skipped, decided on the device by the restore op (or by :func:`amp.union`).
     """
     policies = setup.policies
     fp = plan.first_pass(setup.base.param_groups, setup.shards.owner is not None, policies.rho)
@@ -94,7 +95,6 @@ def _perturb(
     else:
         sumsq = F.norm_sq(grads, params, ad, eta, backend, buckets=buckets)
     sumsq = plan.global_sumsq(sumsq, setup.shards.group, replica_local=st.replica_local)
-    first_inf = F.nonfinite(sumsq)
     F.perturb_(
         params,
         grads,
@@ -109,15 +109,15 @@ def _perturb(
         buckets=buckets,
     )
     policies.perturbed()
-    return first_inf
+    return sumsq
 
 
 def restore_and_step(
     st: StepState,
     scaler: amp.ScalerArgs,
     setup: Setup,
-) -> Tensor | None:
-    """Restore the perturbed weights, then the base update unless a skip flag is set.
+) -> Tensor:
+    """Restore the perturbed weights, then the base update unless the step is skipped.
 
     Args:
         st: the step in flight (``st.perturbed`` at ``w + e``, their ``backups`` hold ``w``).
@@ -125,7 +125,8 @@ def restore_and_step(
         setup: the optimizer's parts and options.
 
     Returns:
-        The step's 0-dim float skip flag (on the device, no host sync), or ``None``.
+        The step's 0-dim bool skip flag (``last_step_skipped``), on the device: on the fused
+        path the restore op computes it in the kernel that steps (no extra op, no host sync).
     """
     base, policies, backups, backend = setup.base, setup.policies, setup.backups, setup.backend
     owner = setup.shards.owner
@@ -140,9 +141,10 @@ def restore_and_step(
     entry = base_steps.fused_entry(base, backend, devices)
     if entry is None and F.capturing():
         raise RuntimeError(CAPTURE)
-    # The skip flag: the first pass's, OR the scaler's (it has checked the second-pass
-    # gradients), OR our own check of them when no scaler did.
-    skip = amp.any_flag(st.first_inf, scaler.scaler_inf)
+    # The step is skipped when the first pass's norm is not finite, OR the scaler's flag is set
+    # (it has checked the second-pass gradients), OR our own check of them fails when no
+    # scaler did.
+    sumsqs = [] if st.first_sumsq is None else [st.first_sumsq]
     check = setup.skip_nonfinite and scaler.scaler_inf is None
     # The second-pass gradients are read here for the non-finite check, the policies and the
     # fused step of a single group. The step's plan holds for this pass too when the same
@@ -163,46 +165,55 @@ def restore_and_step(
     if check and with_grad:
         n = len(with_grad)
         sumsq2 = F.norm_sq(grads, with_grad, [False] * n, [0.0] * n, backend, buckets=buckets)
-        sumsq2 = plan.global_sumsq(sumsq2, setup.shards.group, replica_local=False)
-        skip = amp.any_flag(skip, F.nonfinite(sumsq2))
+        sumsqs.append(plan.global_sumsq(sumsq2, setup.shards.group, replica_local=False))
     grad_scale = scaler.grad_scale
-    if policies.gradient_hooks:
-        # with_grad and grads cover every parameter (one group's are all of them).
-        grad_scale, first = amp.unscale_second_pass(
-            grads,
-            grad_scale,
-            scaler.scaler_inf,
-            st.first_scale,
-            st.first_scale_told,
-            direction=policies.direction,
-        )
-        policies.second_pass(with_grad, grads, skip, first, backend)
-    flags = base_steps.Flags(grad_scale, skip)
-    if entry is not None:
-
-        def fused_step() -> None:
-            if buckets is not None and len(groups) == 1:
-                # One group holding every parameter of the plan: its buckets and backups
-                # apply, and every parameter with a gradient was perturbed.
-                owners = with_grad if owner is None else [owner[id(t)] for t in with_grad]
-                t = base_steps.Tensors(with_grad, grads, st.plan.backups, owners, buckets, st.plan)
-                entry.step(base, groups[0], t, flags, backend)
-            else:
-                owner_of = None if owner is None else (lambda t: owner[id(t)])
-                base_steps.restore_and_step_groups(
-                    entry, base, perturbed, backups, flags, backend, owner_of
-                )
-            st.perturbed = None  # restored: from here on an error must not restore again
-
-        base_steps.hooked(base, fused_step, st)
+    if entry is not None and not policies.gradient_hooks:
+        flags = base_steps.Flags(grad_scale, scaler.scaler_inf, tuple(sumsqs))
     else:
+        # The flag as a tensor now: the policies see it before the update, and a base
+        # optimizer's own step() decides on the host.
+        skip = amp.union(scaler.scaler_inf, sumsqs)
+        if policies.gradient_hooks:
+            # with_grad and grads cover every parameter (one group's are all of them).
+            grad_scale, first = amp.unscale_second_pass(
+                grads,
+                grad_scale,
+                scaler.scaler_inf,
+                st.first_scale,
+                st.first_scale_told,
+                direction=policies.direction,
+            )
+            policies.second_pass(with_grad, grads, skip, first, backend)
+        flags = base_steps.Flags(grad_scale, skip)
+    if entry is None:
         if perturbed:
             F.restore_(perturbed, [backups[p] for p in perturbed], backend)
         # Still "in flight" while the base optimizer steps: its step() may raise after
         # updating some parameters, and the backups (still w) then restore all of them.
-        base_steps.unfused_step(base, all_params, grad_scale, skip, st)
+        base_steps.unfused_step(base, all_params, grad_scale, flags.found_inf, st)
+        st.end()
+        return amp.skip_flag(flags.found_inf)
+    skipped: list[Tensor | None] = [None]
+
+    def fused_step() -> None:
+        if buckets is not None and len(groups) == 1:
+            # One group holding every parameter of the plan: its buckets and backups apply,
+            # and every parameter with a gradient was perturbed.
+            owners = with_grad if owner is None else [owner[id(t)] for t in with_grad]
+            t = base_steps.Tensors(with_grad, grads, st.plan.backups, owners, buckets, st.plan)
+            skipped[0] = entry.step(base, groups[0], t, flags, backend)
+        else:
+            owner_of = None if owner is None else (lambda t: owner[id(t)])
+            skipped[0] = base_steps.restore_and_step_groups(
+                entry, base, perturbed, backups, flags, backend, owner_of
+            )
+        st.perturbed = None  # restored: from here on an error must not restore again
+
+    base_steps.hooked(base, fused_step, st)
     st.end()
-    return skip
+    if skipped[0] is None:  # no parameter had a gradient: nothing stepped
+        return amp.skip_flag(amp.union(flags.found_inf, flags.sumsqs))
+    return skipped[0]
 
 
 def plain_step(st: StepState, scaler: amp.ScalerArgs, setup: Setup) -> None:

@@ -25,8 +25,9 @@ class StepState:
 
     #: the parameters at ``w + e`` (their backups hold ``w``); ``None`` <=> nothing in flight.
     perturbed: list[Tensor] | None = None
-    #: 0-dim float32 device flag of the first pass (1.0: a non-finite gradient, step skipped).
-    first_inf: Tensor | None = None
+    #: the squared-norm partials of the first pass (a non-finite total: a non-finite
+    #: gradient, nothing perturbed and the step skipped); ``None`` without a gradient.
+    first_sumsq: Tensor | None = None
     #: ``second_step(zero_grad=True)`` asked to zero the gradients once the step is done.
     zero_grad: bool = False
     #: the cached plan of the last step (see :class:`fused_sam.step.plan.StepPlan`).
@@ -55,5 +56,5 @@ class StepState:
     def end(self) -> None:
         """Nothing in flight any more (the weights are at ``w``)."""
         self.perturbed = None
-        self.first_inf = None
+        self.first_sumsq = None
         self.zero_grad = False
