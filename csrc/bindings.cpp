@@ -246,6 +246,43 @@ pybind11::object collect_grads(const pybind11::list& params) {
   return pybind11::make_tuple(with_grad, grads, contiguous, sparse);
 }
 
+#ifdef FUSED_SAM_WITH_CUDA
+// The CUDA ops with rho / lr as a one-element device tensor (sam_ops.h), for a step with no host
+// read that a CUDA graph can capture; fused_sam/backends/native.py calls them.
+void cuda_perturb_tensor_rho(const Tensors& params, const Tensors& grads, const Tensors& backups,
+                             const at::Tensor& sumsq, const at::Tensor& rho, double eps,
+                             bool adaptive, double eta, const Tensors& masks,
+                             const std::vector<int64_t>& salts, int64_t step_key,
+                             int64_t threshold) {
+  fused_sam::cuda::perturb_tensor_rho_(params, grads, backups, sumsq, rho, eps, adaptive, eta,
+                                       masks, salts, step_key, threshold);
+}
+
+at::Tensor cuda_restore_sgd_step_tensor_lr(
+    const Tensors& params, const Tensors& grads, const Tensors& backups,
+    const Tensors& momentum_buffers, const at::Tensor& lr, double weight_decay, double momentum,
+    double dampening, bool nesterov, bool maximize, bool first_step,
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+    const Tensors& sumsqs) {
+  return fused_sam::cuda::restore_sgd_step_tensor_lr_(
+      params, grads, backups, momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
+      maximize, first_step, grad_scale, found_inf, sumsqs);
+}
+
+at::Tensor cuda_restore_adam_step_tensor_lr(
+    const Tensors& params, const Tensors& grads, const Tensors& backups, const Tensors& exp_avgs,
+    const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& state_steps,
+    const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+    bool amsgrad, bool maximize, bool decoupled_weight_decay,
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+    const Tensors& sumsqs) {
+  return fused_sam::cuda::restore_adam_step_tensor_lr_(
+      params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
+      beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf,
+      sumsqs);
+}
+#endif  // FUSED_SAM_WITH_CUDA
+
 }  // namespace
 
 // The Python module: build facts for `fused-sam info` and the backend's availability checks,
@@ -290,4 +327,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Switch the CPU ops to a kernel build by name, or 'auto'.");
   m.def("cpu_parallel_threads", &fused_sam::cpu::parallel_threads,
         "Threads one parallel loop of the CPU ops runs on at torch's current thread count.");
+#ifdef FUSED_SAM_WITH_CUDA
+  m.def("cuda_perturb_tensor_rho_", &cuda_perturb_tensor_rho, py::arg("params"),
+        py::arg("grads"), py::arg("backups"), py::arg("sumsq"), py::arg("rho"), py::arg("eps"),
+        py::arg("adaptive"), py::arg("eta"), py::arg("masks"),
+        py::arg("salts") = std::vector<int64_t>(), py::arg("step_key") = 0,
+        py::arg("threshold") = 0, "perturb_ with rho as a one-element CUDA tensor.");
+  m.def("cuda_restore_sgd_step_tensor_lr_", &cuda_restore_sgd_step_tensor_lr, py::arg("params"),
+        py::arg("grads"), py::arg("backups"), py::arg("momentum_buffers"), py::kw_only(),
+        py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"), py::arg("grad_scale"),
+        py::arg("found_inf"), py::arg("sumsqs") = Tensors(),
+        "restore_sgd_step_ with lr as a one-element CUDA tensor.");
+  m.def("cuda_restore_adam_step_tensor_lr_", &cuda_restore_adam_step_tensor_lr,
+        py::arg("params"), py::arg("grads"), py::arg("backups"), py::arg("exp_avgs"),
+        py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("state_steps"), py::kw_only(),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+        py::arg("decoupled_weight_decay"), py::arg("grad_scale"), py::arg("found_inf"),
+        py::arg("sumsqs") = Tensors(), "restore_adam_step_ with lr as a one-element CUDA tensor.");
+#endif
 }

@@ -14,10 +14,11 @@
 
 namespace fused_sam {
 
-// Number of partial sums the CUDA norm and dot kernels write (their grid never exceeds this). A
-// constant, so the output shape is known without running the kernel (fake tensors,
-// torch.compile).
-constexpr int64_t kCudaNormPartials = 1024;
+// Length of the outputs of the CUDA norm and dot ops: one float64 total, which the last block
+// of the kernel adds up from the per-block partials in a fixed order (as the CPU ops and the
+// reference return one). A constant, so the output shape is known without running the kernel
+// (fake tensors, torch.compile).
+constexpr int64_t kCudaNormPartials = 1;
 
 namespace cpu {
 
@@ -90,6 +91,31 @@ at::Tensor dot_partials(at::TensorList a, at::TensorList b);
 
 void axpby_(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coefs,
             const std::optional<at::Tensor>& skip);
+
+// The ops above with rho / lr as a one-element CUDA tensor that the kernels read when they run
+// (no host read, and a CUDA graph replay reads the value of the moment). Not ops: called by
+// fused_sam._C (bindings.cpp) for fused_sam/backends/native.py.
+void perturb_tensor_rho_(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                         const at::Tensor& sumsq, const at::Tensor& rho, double eps,
+                         bool adaptive, double eta, at::TensorList masks, c10::IntArrayRef salts,
+                         int64_t step_key, int64_t threshold);
+
+at::Tensor restore_sgd_step_tensor_lr_(at::TensorList params, at::TensorList grads,
+                                       at::TensorList backups, at::TensorList momentum_buffers,
+                                       const at::Tensor& lr, double weight_decay, double momentum,
+                                       double dampening, bool nesterov, bool maximize,
+                                       bool first_step,
+                                       const std::optional<at::Tensor>& grad_scale,
+                                       const std::optional<at::Tensor>& found_inf,
+                                       at::TensorList sumsqs);
+
+at::Tensor restore_adam_step_tensor_lr_(
+    at::TensorList params, at::TensorList grads, at::TensorList backups, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+    const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+    bool amsgrad, bool maximize, bool decoupled_weight_decay,
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+    at::TensorList sumsqs);
 
 }  // namespace cuda
 #endif  // FUSED_SAM_WITH_CUDA

@@ -46,13 +46,12 @@ from fused_sam.masks.bits import RandomBits, element_hash, keep_threshold, tenso
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 1 << 16  # kChunk
 THREADS = 512  # kThreads
-H100_BLOCKS = 132 * (2048 // THREADS)  # the glue's grid cap on an H100 (max_grid)
-NORM_PARTIALS = 1024  # kCudaNormPartials
+H100_BLOCKS = 132 * (2048 // THREADS)  # resident blocks of a 4-blocks-per-SM kernel on an H100
+MAX_GRID = 1024  # kMaxGrid
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 DTYPES = list(DTYPE_CODE)
 ODD = [1, 3, 4097, 65537]
 CANARY = 1234.0  # around every test tensor in its storage (exact in every dtype)
-I64P = ctypes.POINTER(ctypes.c_int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +74,7 @@ def lib(tmp_path_factory) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     lib.fsh_last_error.restype = ctypes.c_char_p
     lib.fsh_table.restype = ctypes.c_int64
+    lib.fsh_workspace.restype = ctypes.c_uint
     return lib
 
 
@@ -83,15 +83,24 @@ def _addr(t: torch.Tensor | None) -> int:
 
 
 class Host:
-    """Calls the host build's launchers with tables built from tensor lists, like the glue."""
+    """Calls the host build's launchers with tables built from tensor lists, like the glue
+    (csrc/cuda/sam_cuda.cpp); the grid is what the occupancy API would give for
+    ``resident_blocks`` blocks resident at once (at most one per chunk and kMaxGrid)."""
 
-    def __init__(self, lib: ctypes.CDLL, max_blocks: int = H100_BLOCKS) -> None:
+    def __init__(self, lib: ctypes.CDLL, resident_blocks: int = H100_BLOCKS) -> None:
         self.lib = lib
-        self.max_blocks = max_blocks
+        self.resident_blocks = resident_blocks
+        self.device_steps = True
+
+    def _launch(self, fn, *args) -> None:
+        self.lib.fsh_set_resident_blocks(self.resident_blocks)
+        if fn(*args) != 0:
+            raise RuntimeError(self.lib.fsh_last_error().decode())
+        assert self.lib.fsh_workspace(None, 0) == 0, "the ticket is not back at zero"
 
     @staticmethod
     def _lists(rows: list[tuple[list | None, int]]):
-        """rows of (tensors or values or None, kind) -> (int64 array, int32 kinds)."""
+        """rows of (tensors or values or None, kind) -> (n, int64 array, int32 kinds)."""
         n = max(len(r) for r, _ in rows if r is not None)
         flat = []
         for r, kind in rows:
@@ -103,52 +112,75 @@ class Host:
                 flat += [_addr(t) for t in r]
         arr = (ctypes.c_int64 * len(flat))(*flat)
         kinds = (ctypes.c_int * len(rows))(*[k if r is not None else 0 for r, k in rows])
-        return n, arr, kinds
+        return ctypes.c_int64(n), arr, kinds
 
     @staticmethod
     def _numels(ts: list[torch.Tensor]):
         return (ctypes.c_int64 * len(ts))(*[t.numel() for t in ts])
 
-    def _check(self, rc: int) -> None:
-        if rc != 0:
-            raise RuntimeError(self.lib.fsh_last_error().decode())
+    @staticmethod
+    def _scalar(t: torch.Tensor | None, dtype=torch.float32):
+        """A one-element tensor as (storage to keep alive, pointer), or (None, None)."""
+        if t is None:
+            return None, None
+        v = t.reshape(1).to(dtype).contiguous()
+        return v, ctypes.c_void_p(v.data_ptr())
 
-    def table(self, ts, rows, cap: int = 0) -> tuple[list[int], int]:
+    @staticmethod
+    def _skip(sumsqs):
+        """The sumsqs of a skip decision as (keep, count, addresses, lengths)."""
+        keep = [s.double().contiguous() for s in sumsqs]
+        addrs = (ctypes.c_int64 * max(len(keep), 1))(*[s.data_ptr() for s in keep])
+        lens = (ctypes.c_int64 * max(len(keep), 1))(*[s.numel() for s in keep])
+        return keep, len(keep), addrs, lens
+
+    def table(self, ts, rows) -> tuple[list[int], int]:
         n, arr, kinds = self._lists(rows)
+        self.lib.fsh_set_resident_blocks(self.resident_blocks)
         grid = ctypes.c_int(0)
-        size = self.lib.fsh_table(
-            ctypes.c_int64(n), self._numels(ts), ctypes.c_int(len(rows)), arr, kinds,
-            ctypes.c_int64(self.max_blocks), ctypes.c_int64(cap), None, ctypes.c_int64(0),
-            ctypes.byref(grid),
-        )  # fmt: skip
+        args = (n, self._numels(ts), len(rows), arr, kinds)
+        size = self.lib.fsh_table(*args, None, ctypes.c_int64(0), ctypes.byref(grid))
         out = (ctypes.c_int64 * size)()
-        self.lib.fsh_table(
-            ctypes.c_int64(n), self._numels(ts), ctypes.c_int(len(rows)), arr, kinds,
-            ctypes.c_int64(self.max_blocks), ctypes.c_int64(cap), out, ctypes.c_int64(size),
-            ctypes.byref(grid),
-        )  # fmt: skip
+        self.lib.fsh_table(*args, out, ctypes.c_int64(size), ctypes.byref(grid))
         return list(out), grid.value
 
+    def block_partials(self, grid: int) -> torch.Tensor:
+        """The per-block partial sums the last norm/dot launch left in the workspace."""
+        out = torch.empty(grid, dtype=torch.float64)
+        self.lib.fsh_workspace(ctypes.c_void_p(out.data_ptr()), grid)
+        return out
+
     def norm_sq_partials(self, grads, params, adaptive: bool, eta: float) -> torch.Tensor:
-        out = torch.empty(NORM_PARTIALS, dtype=torch.float64)
+        out = torch.full((1,), math.nan, dtype=torch.float64)
         n, arr, kinds = self._lists([(grads, 1), (params if adaptive else None, 1)])
-        self._check(self.lib.fsh_norm_sq(
-            DTYPE_CODE[grads[0].dtype], ctypes.c_int64(n), self._numels(grads), arr, kinds,
-            int(adaptive), ctypes.c_double(eta), ctypes.c_void_p(out.data_ptr()), NORM_PARTIALS,
-            ctypes.c_int64(self.max_blocks),
-        ))  # fmt: skip
+        self._launch(
+            self.lib.fsh_norm_sq, DTYPE_CODE[grads[0].dtype], n, self._numels(grads), arr, kinds,
+            int(adaptive), ctypes.c_double(eta), ctypes.c_void_p(out.data_ptr()),
+        )  # fmt: skip
         return out
 
     def dot_partials(self, a, b) -> torch.Tensor:
-        out = torch.empty(NORM_PARTIALS, dtype=torch.float64)
+        out = torch.full((1,), math.nan, dtype=torch.float64)
         n, arr, kinds = self._lists([(a, 1), (b, 1)])
-        self._check(self.lib.fsh_dot(
-            DTYPE_CODE[a[0].dtype], ctypes.c_int64(n), self._numels(a), arr, kinds,
-            ctypes.c_void_p(out.data_ptr()), NORM_PARTIALS, ctypes.c_int64(self.max_blocks),
-        ))  # fmt: skip
+        self._launch(
+            self.lib.fsh_dot, DTYPE_CODE[a[0].dtype], n, self._numels(a), arr, kinds,
+            ctypes.c_void_p(out.data_ptr()),
+        )  # fmt: skip
         return out
 
-    def perturb_(self, params, grads, backups, sumsq, rho, eps, adaptive, eta, masks) -> None:
+    def perturb_(
+        self,
+        params,
+        grads,
+        backups,
+        sumsq,
+        rho,
+        eps,
+        adaptive,
+        eta,
+        masks,
+        rho_device: torch.Tensor | None = None,
+    ) -> None:
         mask_kind, step_key, threshold = 0, 0, 0
         mask_row: tuple[list | None, int] = (None, 0)
         if isinstance(masks, RandomBits):  # as fused_sam.backends.native passes a random mask
@@ -159,69 +191,99 @@ class Host:
             mask_kind, mask_row = 1, (list(masks), 2)
         n, arr, kinds = self._lists([(params, 1), (grads, 1), (backups, 1), mask_row])
         s = sumsq.contiguous()
-        self._check(self.lib.fsh_perturb(
-            DTYPE_CODE[params[0].dtype], ctypes.c_int64(n), self._numels(params), arr, kinds,
-            mask_kind, ctypes.c_int64(step_key), ctypes.c_int64(threshold),
+        _keep, rho_ptr = self._scalar(rho_device, torch.float64)
+        self._launch(
+            self.lib.fsh_perturb, DTYPE_CODE[params[0].dtype], n, self._numels(params), arr,
+            kinds, mask_kind, ctypes.c_int64(step_key), ctypes.c_int64(threshold),
             ctypes.c_void_p(s.data_ptr()), int(s.dtype == torch.float64),
-            ctypes.c_int64(s.numel()), ctypes.c_double(rho), ctypes.c_double(eps),
-            int(adaptive), ctypes.c_double(eta), ctypes.c_int64(self.max_blocks),
-        ))  # fmt: skip
+            ctypes.c_int64(s.numel()), ctypes.c_double(rho), rho_ptr, ctypes.c_double(eps),
+            int(adaptive), ctypes.c_double(eta),
+        )  # fmt: skip
 
-    @staticmethod
-    def _scalar(t: torch.Tensor | None):
-        if t is None:
-            return None, None
-        v = t.reshape(1).to(torch.float32).contiguous()
-        return v, ctypes.c_void_p(v.data_ptr())
-
-    def restore_sgd_step_(self, params, grads, backups, bufs, hyper: SGDHyper, *, first_step,
-                          grad_scale, found_inf) -> None:  # fmt: skip
+    def restore_sgd_step_(
+        self,
+        params,
+        grads,
+        backups,
+        bufs,
+        hyper: SGDHyper,
+        *,
+        first_step,
+        grad_scale,
+        found_inf,
+        sumsqs=(),
+        lr_device=None,
+    ) -> torch.Tensor:
         lr, wd, mu, damp, nesterov, maximize = hyper
         n, arr, kinds = self._lists(
             [(params, 1), (grads, 1), (backups, 1), (bufs if mu != 0 else None, 1)]
         )
         _keep_gs, gs = self._scalar(grad_scale)  # alive until the call returns
         _keep_fi, fi = self._scalar(found_inf)
-        self._check(self.lib.fsh_sgd(
-            DTYPE_CODE[params[0].dtype], ctypes.c_int64(n), self._numels(params), arr, kinds,
-            ctypes.c_double(lr), ctypes.c_double(wd), ctypes.c_double(mu), ctypes.c_double(damp),
-            int(nesterov), int(maximize), int(first_step), gs, fi,
-            ctypes.c_int64(self.max_blocks),
-        ))  # fmt: skip
+        _keep_lr, lr_ptr = self._scalar(lr_device, torch.float64)
+        _keep_s, count, addrs, lens = self._skip(sumsqs)
+        flag = torch.tensor(True)  # the kernel writes it
+        self._launch(
+            self.lib.fsh_sgd, DTYPE_CODE[params[0].dtype], n, self._numels(params), arr, kinds,
+            ctypes.c_double(lr), lr_ptr, ctypes.c_double(wd), ctypes.c_double(mu),
+            ctypes.c_double(damp), int(nesterov), int(maximize), int(first_step), gs, fi, count,
+            addrs, lens, ctypes.c_void_p(flag.data_ptr()),
+        )  # fmt: skip
+        return flag
 
-    def restore_adam_step_(self, params, grads, backups, ms, vs, vmaxs, steps, hyper: AdamHyper,
-                           *, grad_scale, found_inf) -> None:  # fmt: skip
+    def restore_adam_step_(
+        self,
+        params,
+        grads,
+        backups,
+        ms,
+        vs,
+        vmaxs,
+        steps,
+        hyper: AdamHyper,
+        *,
+        grad_scale,
+        found_inf,
+        sumsqs=(),
+        lr_device=None,
+    ) -> torch.Tensor:
         lr, b1, b2, eps, wd, amsgrad, maximize, decoupled = hyper
         _keep_gs, gs = self._scalar(grad_scale)  # alive until the call returns
         _keep_fi, fi = self._scalar(found_inf)
-        device_steps = steps[0].dtype == torch.float32 and getattr(self, "device_steps", True)
+        _keep_lr, lr_ptr = self._scalar(lr_device, torch.float64)
+        flag = torch.tensor(True)  # the kernel writes it
+        flag_ptr = ctypes.c_void_p(flag.data_ptr())
 
-        def launch(idx, counters, step_size=0.0, bc2=0.0, flag=fi):
-            pick = [[lst[i] for i in idx] if lst else None for lst in (params, grads, backups,
-                                                                       ms, vs, vmaxs)]  # fmt: skip
+        def launch(idx, counters, step_size=0.0, bc2=0.0, skip_inputs=True):
+            lists = (params, grads, backups, ms, vs, vmaxs)
+            pick = [[lst[i] for i in idx] if lst else None for lst in lists]
             rows = [(p, 1) for p in pick[:5]] + [(pick[5] if amsgrad else None, 1)]
             rows.append((counters, 2))
             n, arr, kinds = self._lists(rows)
-            self._check(self.lib.fsh_adam(
-                DTYPE_CODE[params[0].dtype], ctypes.c_int64(n), self._numels(pick[0]), arr, kinds,
-                ctypes.c_double(lr), ctypes.c_double(b1), ctypes.c_double(b2),
-                ctypes.c_double(eps), ctypes.c_double(wd), int(amsgrad), int(maximize),
-                int(decoupled), int(counters is not None), ctypes.c_double(step_size),
-                ctypes.c_double(bc2), gs, flag, ctypes.c_int64(self.max_blocks),
-            ))  # fmt: skip
+            _keep_s, count, addrs, lens = self._skip(sumsqs if skip_inputs else ())
+            self._launch(
+                self.lib.fsh_adam, DTYPE_CODE[params[0].dtype], n, self._numels(pick[0]), arr,
+                kinds, ctypes.c_double(lr), lr_ptr if counters is not None else None,
+                ctypes.c_double(b1), ctypes.c_double(b2), ctypes.c_double(eps),
+                ctypes.c_double(wd), int(amsgrad), int(maximize), int(decoupled),
+                int(counters is not None), ctypes.c_double(step_size), ctypes.c_double(bc2), gs,
+                fi if skip_inputs else None, count, addrs, lens, flag_ptr,
+            )  # fmt: skip
 
-        everyone = list(range(len(params)))
-        if device_steps:
-            launch(everyone, list(steps))
-            return
-        # Counters on the host: the glue's path (sam_cuda.cpp), one launch per distinct count.
-        if found_inf is not None and float(found_inf) != 0:
+        if self.device_steps:
+            launch(list(range(len(params))), list(steps))
+            return flag
+        # Counters on the host: the glue's path (sam_cuda.cpp): the skip decided on the host,
+        # then one launch per distinct count with the bias corrections computed there.
+        if lr_device is not None:
+            lr = float(lr_device)
+        if ref.skipped(found_inf, sumsqs):
             n, arr, kinds = self._lists([(params, 1), (backups, 1)])
-            self._check(self.lib.fsh_restore(
-                DTYPE_CODE[params[0].dtype], ctypes.c_int64(n), self._numels(params), arr, kinds,
-                ctypes.c_int64(self.max_blocks),
-            ))  # fmt: skip
-            return
+            self._launch(
+                self.lib.fsh_restore, DTYPE_CODE[params[0].dtype], n, self._numels(params), arr,
+                kinds,
+            )  # fmt: skip
+            return torch.tensor(True)
         by_step: dict[float, list[int]] = {}
         for i, s in enumerate(steps):
             s.add_(1)
@@ -232,16 +294,16 @@ class Host:
                 ctypes.c_double(lr), ctypes.c_double(b1), ctypes.c_double(b2),
                 ctypes.c_double(step), bias,
             )  # fmt: skip
-            launch(idx, None, bias[0], bias[1], None)
+            launch(idx, None, bias[0], bias[1], skip_inputs=False)
+        return flag
 
     def axpby_(self, out, x, y, coefs: torch.Tensor, skip: torch.Tensor | None) -> None:
         _keep, flag = self._scalar(skip)  # alive until the call returns
         n, arr, kinds = self._lists([(out, 1), (x, 1), (y, 1)])
-        self._check(self.lib.fsh_axpby(
-            DTYPE_CODE[out[0].dtype], ctypes.c_int64(n), self._numels(out), arr, kinds,
+        self._launch(
+            self.lib.fsh_axpby, DTYPE_CODE[out[0].dtype], n, self._numels(out), arr, kinds,
             ctypes.c_void_p(coefs.data_ptr()), ctypes.c_int64(coefs.stride(0)), flag,
-            ctypes.c_int64(self.max_blocks),
-        ))  # fmt: skip
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +444,8 @@ def test_element_hash_matches_masks(lib) -> None:
 
 def test_table_image_chunks_alignment_and_grid(host) -> None:
     """Chunk prefix sums, the per-tensor 16-byte decision (a misaligned tensor of any vectorised
-    list takes the scalar path alone; masks do not take part) and the grid caps."""
+    list takes the scalar path alone; masks do not take part) and the grid: the resident blocks,
+    at most one per chunk, at least one, at most kMaxGrid."""
     sizes = [1, 0, CHUNK, CHUNK + 1, 3]
     a = [_tensor(n, torch.float32, off) for n, off in zip(sizes, [0, 0, 1, 0, 0])]
     b = [_tensor(n, torch.float32, off) for n, off in zip(sizes, [0, 0, 0, 0, 3])]
@@ -394,15 +457,16 @@ def test_table_image_chunks_alignment_and_grid(host) -> None:
     assert image[2 * n + 1 : 3 * n + 1] == [1, 1, 0, 1, 0]
     assert image[3 * n + 1 : 4 * n + 1] == [t.data_ptr() for t in a]
     assert image[5 * n + 1 : 6 * n + 1] == [m.data_ptr() for m in masks]
-    assert image[-1] == 0 and len(image) == 6 * n + 2  # the completion counter
+    assert len(image) == 6 * n + 1  # nothing else: no kernel writes a table
     assert grid == 5
-    assert host.table(a, [(a, 1)], cap=3)[1] == 3
-    assert Host(host.lib, max_blocks=2).table(a, [(a, 1)])[1] == 2
+    assert Host(host.lib, resident_blocks=2).table(a, [(a, 1)])[1] == 2
     assert host.table([torch.empty(0)], [([torch.empty(0)], 1)])[1] == 1
+    many = [torch.empty(1)] * (MAX_GRID + 7)
+    assert Host(host.lib, resident_blocks=10**6).table(many, [(many, 1)])[1] == MAX_GRID
 
 
 # ---------------------------------------------------------------------------------------------
-# Norm and dot partials
+# Norm and dot: per-block partials, then the last block's sum of them in block order
 
 
 def _block_sums(terms: list[torch.Tensor], grid: int) -> list[float]:
@@ -417,44 +481,77 @@ def _block_sums(terms: list[torch.Tensor], grid: int) -> list[float]:
     return [math.fsum(x) for x in owned]
 
 
+def _block_sum(values: list[float]) -> float:
+    """block_sum's order, in Python floats (IEEE float64: the same bits): a shuffle-down tree
+    in every warp of 32 threads, then the same tree over the warp sums (zero past them)."""
+
+    def warp(v: list[float]) -> float:
+        for off in (16, 8, 4, 2, 1):
+            v = [v[i] + (v[i + off] if i + off < 32 else v[i]) for i in range(32)]
+        return v[0]
+
+    sums = [warp(values[w : w + 32]) for w in range(0, len(values), 32)]
+    return warp(sums + [0.0] * (32 - len(sums)))
+
+
+def _finalize(partials: list[float]) -> float:
+    """grid_sum's last block: thread k adds partials k, k + 512, ... from 0.0; block_sum."""
+    per_thread = []
+    for k in range(THREADS):
+        x = 0.0
+        for p in partials[k::THREADS]:
+            x += p
+        per_thread.append(x)
+    return _block_sum(per_thread)
+
+
+def _chunks(ts) -> int:
+    return sum(-(-t.numel() // CHUNK) for t in ts)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("max_blocks", [H100_BLOCKS, 2])
-def test_norm_partials(host, dtype, adaptive, max_blocks) -> None:
+@pytest.mark.parametrize("resident", [H100_BLOCKS, 2])
+def test_norm(host, dtype, adaptive, resident) -> None:
     """Each block's partial is the sum of its own chunks' terms (1e-12: only the order of the
-    float64 additions differs), blocks past the grid write zeros, the total is the reference's."""
-    host.max_blocks = max_blocks
+    float64 additions differs); the total is the last block's sum of the partials in block_sum's
+    order (bit for bit) and the reference's (1e-12)."""
+    host.resident_blocks = resident
     g, w = _lists(SIZES, dtype, 2, seed=2, offsets=[0, 1, 0, 1, 0])
     out = host.norm_sq_partials(g, w, adaptive, 0.01)
-    want = ref.norm_sq_partials(g, w, adaptive, 0.01)
-    chunks = sum(-(-t.numel() // CHUNK) for t in g)
-    grid = min(chunks, max_blocks)
+    grid = min(_chunks(g), resident)
+    partials = host.block_partials(grid)
     terms = [((w_.double().abs() + 0.01 if adaptive else 1.0) * g_.double()) ** 2
              for g_, w_ in zip(g, w)]  # fmt: skip
     expected = torch.tensor(_block_sums(terms, grid), dtype=torch.float64)
-    torch.testing.assert_close(out[:grid], expected, rtol=1e-12, atol=0)
-    assert not out[grid:].any()
-    torch.testing.assert_close(out.sum().reshape(1), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(partials, expected, rtol=1e-12, atol=0)
+    assert out.item() == _finalize(partials.tolist())
+    want = ref.norm_sq_partials(g, w, adaptive, 0.01)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dot_partials(host, dtype) -> None:
+def test_dot(host, dtype) -> None:
     a, b = _lists(SIZES, dtype, 2, seed=3, offsets=[1, 0, 1, 0, 1])
     out = host.dot_partials(a, b)
-    grid = min(sum(-(-t.numel() // CHUNK) for t in a), H100_BLOCKS)
+    grid = min(_chunks(a), H100_BLOCKS)
+    partials = host.block_partials(grid)
     terms = [x.double() * y.double() for x, y in zip(a, b)]
     expected = torch.tensor(_block_sums(terms, grid), dtype=torch.float64)
-    torch.testing.assert_close(out[:grid], expected, rtol=1e-12, atol=1e-300)
-    torch.testing.assert_close(out.sum().reshape(1), ref.dot_partials(a, b), rtol=1e-11, atol=0)
+    torch.testing.assert_close(partials, expected, rtol=1e-12, atol=1e-300)
+    assert out.item() == _finalize(partials.tolist())
+    torch.testing.assert_close(out, ref.dot_partials(a, b), rtol=1e-11, atol=0)
 
 
-def test_norm_of_nonfinite_and_huge_gradients(host) -> None:
-    """Squares in float64: float32 values whose squares overflow float32 give a finite norm; an
-    inf or NaN gradient makes the total non-finite."""
+def test_norm_of_empty_lists_nonfinite_and_huge_gradients(host) -> None:
+    """An all-empty list still gets its total (0, from the one block); squares in float64:
+    float32 values whose squares overflow float32 give a finite norm; an inf or NaN gradient
+    makes the total non-finite."""
+    assert host.norm_sq_partials([torch.empty(0)], [torch.empty(0)], False, 0.0).item() == 0.0
     g = [torch.full((5,), 3e38, dtype=torch.float32), torch.ones(4097, dtype=torch.float32)]
-    assert math.isfinite(float(host.norm_sq_partials(g, g, False, 0.0).sum()))
+    assert math.isfinite(host.norm_sq_partials(g, g, False, 0.0).item())
     g[1][4000] = math.nan
-    assert math.isnan(float(host.norm_sq_partials(g, g, False, 0.0).sum()))
+    assert math.isnan(host.norm_sq_partials(g, g, False, 0.0).item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +633,7 @@ def test_zero_gradient_perturbs_by_exactly_zero(host) -> None:
     w, _ = _lists([65537], torch.float32, 2, seed=6)
     g = [torch.zeros_like(w[0])]
     w_k, b = _clone(w), _clone(w)
-    host.perturb_(w_k, g, b, torch.zeros(NORM_PARTIALS, dtype=torch.float64), 0.05, 1e-12,
+    host.perturb_(w_k, g, b, torch.zeros(3, dtype=torch.float64), 0.05, 1e-12,
                   True, 0.01, None)  # fmt: skip
     _assert_bits(w_k, w, "weights")
 
@@ -591,8 +688,11 @@ def test_restore_sgd_step(host, dtype, hyper, amp) -> None:
         want32 = [
             _sgd_f32(bb, gg, vv, hyper, first_step, grad_scale) for bb, gg, vv in zip(b, g, buf_k)
         ]
-        host.restore_sgd_step_(w_k, g, b, bufs_k, hyper, first_step=first_step,
-                               grad_scale=grad_scale, found_inf=None)  # fmt: skip
+        finite = [torch.tensor([1.0, 2.0], dtype=torch.float64)]  # checked, finite: no skip
+        flag = host.restore_sgd_step_(w_k, g, b, bufs_k, hyper, first_step=first_step,
+                                      grad_scale=grad_scale, found_inf=torch.tensor(0.0),
+                                      sumsqs=finite)  # fmt: skip
+        assert flag.dtype == torch.bool and not flag
         skipped = ref.restore_sgd_step_(w_r, g, b, bufs_r, hyper, first_step=first_step,
                                         grad_scale=grad_scale, found_inf=None)  # fmt: skip
         assert not bool(skipped)
@@ -608,14 +708,31 @@ def test_restore_sgd_step(host, dtype, hyper, amp) -> None:
         w_r, buf_r = _clone(w_k), _clone(buf_k)  # the next step starts from the same bits
 
 
+#: Skip inputs: found_inf set, or the first or the second of two checked norms not finite.
+SKIPS = {
+    "found_inf": (torch.tensor(1.0), [torch.tensor([1.0])]),
+    "g1": (torch.tensor(0.0), [torch.tensor([1.0, math.inf]), torch.tensor([1.0])]),
+    "g2": (None, [torch.tensor([1.0]), torch.tensor([math.nan, 2.0])]),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_restore_sgd_found_inf_only_restores(host, dtype) -> None:
+@pytest.mark.parametrize("why", list(SKIPS))
+def test_restore_sgd_skip_only_restores(host, dtype, why) -> None:
+    """found_inf, or a non-finite total of either checked norm: the weights restored, the
+    buffers untouched, the flag set (and clear again on the next normal step)."""
     w, g, b, buf = _lists(ODD, dtype, 4, seed=9, offsets=[1, 0, 1, 0])
     w_k, buf_k = _clone(w), _clone(buf)
-    host.restore_sgd_step_(w_k, g, b, buf_k, SGD_CASES[1], first_step=False, grad_scale=None,
-                           found_inf=torch.tensor(1.0))  # fmt: skip
+    found_inf, sumsqs = SKIPS[why]
+    flag = host.restore_sgd_step_(w_k, g, b, buf_k, SGD_CASES[1], first_step=False,
+                                  grad_scale=None, found_inf=found_inf,
+                                  sumsqs=sumsqs)  # fmt: skip
+    assert bool(flag)
     _assert_bits(w_k, b, "weights")
     _assert_bits(buf_k, buf, "buffers")
+    flag = host.restore_sgd_step_(w_k, g, b, buf_k, SGD_CASES[1], first_step=False,
+                                  grad_scale=None, found_inf=None)  # fmt: skip
+    assert not bool(flag)
 
 
 def test_param_as_its_own_backup(host) -> None:
@@ -697,8 +814,10 @@ def test_restore_adam_step(host, dtype, hyper, steps_on) -> None:
             _adam_math(bb, gg, mm, vv, xx, hyper, float(s) + 1, grad_scale)
             for bb, gg, mm, vv, xx, s in zip(b, gk, state_k[1], state_k[2], state_k[3], steps_k)
         ]
-        host.restore_adam_step_(state_k[0], gk, b, state_k[1], state_k[2], vmax_k, steps_k,
-                                hyper, grad_scale=grad_scale, found_inf=None)  # fmt: skip
+        flag = host.restore_adam_step_(state_k[0], gk, b, state_k[1], state_k[2], vmax_k,
+                                       steps_k, hyper, grad_scale=grad_scale, found_inf=None,
+                                       sumsqs=[torch.tensor([3.0])])  # fmt: skip
+        assert not flag
         ref.restore_adam_step_(state_r[0], gk, b, state_r[1], state_r[2], vmax_r, steps_r, hyper,
                                grad_scale=grad_scale, found_inf=None)  # fmt: skip
         assert [float(s) for s in steps_k] == [float(s) for s in steps_r]
@@ -717,16 +836,46 @@ def test_restore_adam_step(host, dtype, hyper, steps_on) -> None:
 
 
 @pytest.mark.parametrize("steps_on", ["device", "host"])
-def test_restore_adam_found_inf_only_restores(host, steps_on) -> None:
+@pytest.mark.parametrize("why", list(SKIPS))
+def test_restore_adam_skip_only_restores(host, steps_on, why) -> None:
+    """As for SGD, and the step counters stay where they were."""
     w, g, b, m, v = _lists(ODD, torch.bfloat16, 5, seed=12, offsets=[1, 0, 1, 0])
     state = [_clone(x) for x in (w, m, v)]
     steps = [torch.tensor(3.0) for _ in w]
     host.device_steps = steps_on == "device"
-    host.restore_adam_step_(state[0], g, b, state[1], state[2], [], steps, ADAM_CASES[1],
-                            grad_scale=None, found_inf=torch.tensor(1.0))  # fmt: skip
+    found_inf, sumsqs = SKIPS[why]
+    flag = host.restore_adam_step_(state[0], g, b, state[1], state[2], [], steps, ADAM_CASES[1],
+                                   grad_scale=None, found_inf=found_inf,
+                                   sumsqs=sumsqs)  # fmt: skip
+    assert bool(flag)
     _assert_bits(state[0], b, "weights")
     _assert_bits(state[1] + state[2], m + v, "moments")
     assert all(float(s) == 3.0 for s in steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hyperparameters_read_on_the_device(host, dtype) -> None:
+    """lr (SGD, Adam with device counters) and rho given as device values (what a CUDA graph
+    replays) give the bits of the same values given as arguments."""
+    w, g, b, buf, m, v = _lists(SIZES[:4], dtype, 6, seed=14, offsets=[1, 0, 1, 0])
+    v = [t.abs_() for t in v]
+    lr = torch.tensor(0.0375, dtype=torch.float64)
+    runs = []
+    for device in (False, True):
+        ws, bufs = _clone(w), _clone(buf)
+        host.restore_sgd_step_(ws, g, b, bufs, SGD_CASES[2]._replace(lr=99.0 if device else 0.0375),
+                               first_step=True, grad_scale=None, found_inf=None,
+                               lr_device=lr if device else None)  # fmt: skip
+        wa, ms, vs = _clone(w), _clone(m), _clone(v)
+        steps = [torch.tensor(2.0) for _ in w]
+        hyper = ADAM_CASES[1]._replace(lr=99.0 if device else 0.0375)
+        host.restore_adam_step_(wa, g, b, ms, vs, [], steps, hyper, grad_scale=None,
+                                found_inf=None, lr_device=lr if device else None)  # fmt: skip
+        wp, bp = _clone(w), _clone(w)
+        host.perturb_(wp, g, bp, torch.tensor([9.0]), 99.0 if device else 0.05, 1e-12, True, 0.01,
+                      None, rho_device=torch.tensor(0.05) if device else None)  # fmt: skip
+        runs.append(ws + bufs + wa + ms + vs + wp)
+    _assert_bits(runs[1], runs[0], "device hyperparameters")
 
 
 # ---------------------------------------------------------------------------------------------

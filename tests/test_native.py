@@ -554,17 +554,18 @@ CUDA_SHAPES = ((1,), (3,), (4097,), (65537,), (), (33, 7), (1_000_003,))
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_dot_and_axpby_outputs(dtype: torch.dtype) -> None:
-    """The variant ops on CUDA tensors: the dot's partials (one per block slot), their total at
-    float64 accuracy and the same bits on every call; a x + b y into a new list, into x and into
-    y against the reference; a nonzero skip flag on the device writes nothing, even over
-    non-finite inputs; coefficients rewritten on the device are read by the next launch."""
+    """The variant ops on CUDA tensors: the dot's total (one float64, added up by the kernel's
+    last block) at float64 accuracy and the same bits on every call; a x + b y into a new list,
+    into x and into y against the reference; a nonzero skip flag on the device writes nothing,
+    even over non-finite inputs; coefficients rewritten on the device are read by the next
+    launch."""
     _require_cuda()
     x = op_params(dtype, "cuda", CUDA_SHAPES)
     y = grads_like(x, scale=3.0)
     dense = [i for i, t in enumerate(x) if F.is_dense(t)]  # (no Tensor method for it)
     xd, yd = [x[i] for i in dense], [y[i] for i in dense]
     got = native.dot_partials(xd, yd)
-    assert got.shape == (native._C.cuda_norm_partials,) and got.dtype == torch.float64
+    assert got.shape == (1,) == (native._C.cuda_norm_partials,) and got.dtype == torch.float64
     assert got.is_cuda and torch.equal(native.dot_partials(xd, yd), got)
     assert abs(float(got.sum()) - _dot_want(xd, yd)) <= _dot_error_bound(xd, yd)
     coefs = torch.tensor([0.9, -1.0 / 3.0], dtype=torch.float64, device="cuda")
@@ -610,35 +611,52 @@ def test_cuda_nonfinite_and_zero_gradients_leave_weights_bit_identical() -> None
         assert torch.equal(p, o)
 
 
+def _norm_want(gs) -> float:
+    """The float64 sum of squares, summed on the host in another order (the kernels square and
+    add in float64 too, so the two agree to float64 rounding over the tensors)."""
+    return float(sum(float(g.double().square().sum()) for g in gs))
+
+
 @gpu
-def test_cuda_norm_is_deterministic_and_three_launches() -> None:
+def test_cuda_norm_is_one_deterministic_total_and_a_step_is_three_launches() -> None:
+    """norm_sq_partials returns one float64, added up by the kernel's last block: the float64
+    total (1e-12 relative; a tensor or a chunk tail left out is far larger), the same bits on
+    every call, also between launches of other grid sizes (the ticket counter is back at zero
+    after each). A step (norm, perturb, restore + SGD checking that norm) is three launches and
+    no host synchronisation once the tables are cached."""
     _require_cuda()
-    sizes = [int(s) for s in torch.randint(1, 5000, (1000,))]
+    torch.manual_seed(0)
+    sizes = [int(s) for s in torch.randint(1, 5000, (1000,))] + [3_000_001]
     ps = _tensors(sizes, torch.float32, "cuda")
     gs = _tensors(sizes, torch.float32, "cuda")
+    ops = _ops()
+    first = ops.norm_sq_partials(gs, ps, False, 0.0)
+    assert first.shape == (1,) and first.dtype == torch.float64 and first.is_cuda
+    assert abs(float(first) - _norm_want(gs)) <= 1e-12 * _norm_want(gs)
+    for k in range(5):
+        one = ops.norm_sq_partials(gs[k : k + 1], ps[k : k + 1], False, 0.0)  # a grid of 1
+        assert abs(float(one) - _norm_want(gs[k : k + 1])) <= 1e-12 * _norm_want(gs[k : k + 1])
+        assert bits_equal(ops.norm_sq_partials(gs, ps, False, 0.0), first)
     bufs = [torch.zeros_like(p) for p in ps]
     b = [torch.empty_like(p) for p in ps]
-    first = native.norm_sq_partials(gs, ps, False, 0.0)
-    for _ in range(5):
-        assert torch.equal(native.norm_sq_partials(gs, ps, False, 0.0), first)
 
-    def step():
-        s = native.norm_sq_partials(gs, ps, False, 0.0)
-        native.perturb_(ps, gs, b, s, 0.05, 1e-12, False, 0.0, None)
-        native.restore_sgd_step_(
-            ps,
-            gs,
-            b,
-            bufs,
-            SGDHyper(
-                0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False
-            ),
-            first_step=False,
-            grad_scale=None,
-            found_inf=None,
-        )
+    def step() -> torch.Tensor:
+        s = ops.norm_sq_partials(gs, ps, False, 0.0)
+        ops.perturb_(ps, gs, b, s, 0.05, 1e-12, False, 0.0, [])
+        return ops.restore_sgd_step_(
+            ps, gs, b, bufs, lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0,
+            nesterov=False, maximize=False, first_step=False, grad_scale=None, found_inf=None,
+            sumsqs=[s],
+        )  # fmt: skip
 
-    step()  # builds and caches the pointer tables
+    step()  # builds and caches the pointer tables and the stream's workspace
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host read or blocking copy raises
+    try:
+        flag = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert flag.shape == () and flag.dtype == torch.bool and flag.is_cuda and not bool(flag)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
@@ -646,6 +664,177 @@ def test_cuda_norm_is_deterministic_and_three_launches() -> None:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     names = sorted({e.name for e in kernels})
     assert len(kernels) == 3, names
+
+
+def _sgd_step(ps, gs, b, bufs, **kw) -> torch.Tensor:
+    args = {"lr": 0.1, "weight_decay": 1e-3, "momentum": 0.9, "dampening": 0.0}
+    args |= {"nesterov": True, "maximize": False, "first_step": False}
+    args |= {"grad_scale": None, "found_inf": None, "sumsqs": []} | kw
+    return _ops().restore_sgd_step_(ps, gs, b, bufs, **args)
+
+
+def _adam_step(ps, gs, b, m, v, steps, **kw) -> torch.Tensor:
+    args = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
+    args |= {"amsgrad": False, "maximize": False, "decoupled_weight_decay": True}
+    args |= {"grad_scale": None, "found_inf": None, "sumsqs": []} | kw
+    return _ops().restore_adam_step_(ps, gs, b, m, v, [], steps, **args)
+
+
+@gpu
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_cuda_restore_step_skips_on_device_flags_and_returns_the_decision(base: str) -> None:
+    """The restore ops decide the skip on the device from found_inf and the totals of sumsqs
+    (any non-finite total skips), return it as a 0-dim bool on the GPU written by the kernel,
+    and on a skip restore the weights and leave every state tensor (Adam's step counters
+    included) as it was; otherwise they step and Adam's counters advance in the kernel."""
+    _require_cuda()
+    torch.manual_seed(1)
+    sizes = [1, 5, 4097, 70000]
+    ps = _tensors(sizes, torch.float32, "cuda")
+    gs = _tensors(sizes, torch.float32, "cuda")
+    finite = _ops().norm_sq_partials(gs, ps, False, 0.0)
+    inf = torch.tensor([1.0, float("inf")], dtype=torch.float64, device="cuda")
+    nan = torch.tensor([float("nan")], dtype=torch.float64, device="cuda")
+    one, zero = torch.ones(1, device="cuda"), torch.zeros(1, device="cuda")
+    state = [torch.randn_like(p) for p in ps] + [torch.rand_like(p) for p in ps]
+    steps = [torch.full((), 3.0, device="cuda") for _ in ps]
+
+    def run(**kw) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        w = [p.clone() for p in ps]
+        b = [p + 1.0 for p in ps]  # the weights before the perturbation
+        st = [t.clone() for t in state]
+        sc = [t.clone() for t in steps]
+        if base == "sgd":
+            flag = _sgd_step(w, gs, b, st[: len(ps)], **kw)
+        else:
+            flag = _adam_step(w, gs, b, st[: len(ps)], st[len(ps) :], sc, **kw)
+        assert flag.shape == () and flag.dtype == torch.bool and flag.is_cuda
+        skipped = bool(flag)
+        for wi, bi in zip(w, b):
+            assert bits_equal(wi, bi) == skipped
+        assert all(bits_equal(x, y) for x, y in zip(st, state)) == skipped
+        if base == "adam":
+            assert all(float(c) == (3.0 if skipped else 4.0) for c in sc)
+        return flag, w
+
+    for kw in (
+        {"sumsqs": [finite, inf]},
+        {"sumsqs": [nan]},
+        {"sumsqs": [finite], "found_inf": one},
+    ):
+        assert bool(run(**kw)[0]), kw
+    for kw in ({}, {"sumsqs": [finite]}, {"sumsqs": [finite, finite], "found_inf": zero}):
+        assert not bool(run(**kw)[0]), kw
+    # Checking finite norms does not change the step: the same bits as without them.
+    assert all(bits_equal(x, y) for x, y in zip(run()[1], run(sumsqs=[finite])[1]))
+    empty = [torch.empty(0, device="cuda")]
+    flag = _sgd_step(empty, empty, empty, empty, sumsqs=[inf])
+    assert bool(flag)  # no element, still one launch that writes the flag
+
+
+@gpu
+def test_cuda_streams_have_their_own_workspace() -> None:
+    """Norms launched on two streams at once (each with its own ticket counter and partials)
+    give the bits of the same norms run one after the other."""
+    _require_cuda()
+    torch.manual_seed(2)
+    lists = [_tensors([300_000] * 8, torch.float32, "cuda") for _ in range(2)]
+    want = [_ops().norm_sq_partials(g, g, False, 0.0) for g in lists]
+    streams = [torch.cuda.Stream() for _ in lists]
+    got: list[list[torch.Tensor]] = [[], []]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(20):
+        for k, (s, g) in enumerate(zip(streams, lists)):
+            with torch.cuda.stream(s):
+                got[k].append(_ops().norm_sq_partials(g, g, False, 0.0))
+    torch.cuda.synchronize()
+    for k in range(2):
+        assert all(bits_equal(x, want[k]) for x in got[k])
+
+
+@gpu
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_cuda_native_step_replays_in_a_cuda_graph(base: str) -> None:
+    """The CUDA ops with lr and rho as device tensors (fused_sam._C.cuda_*_tensor_*), captured
+    in a CUDA graph with both norms, are replayed with a new lr and rho written into their
+    tensors before each replay: the weights, the state and the skip flag are the bits of the
+    same steps run eagerly with those values as numbers, a non-finite second gradient makes a
+    replay skip (weights restored, state kept), and the tables and workspace a capture uses
+    outlive it."""
+    _require_cuda()
+    C = native._C
+    torch.manual_seed(3)
+    sizes = [7, 4097, 65537, 200_003]
+    init = _tensors(sizes, torch.float32, "cuda")
+
+    def setup():
+        ps = [p.clone() for p in init]
+        state = [torch.zeros_like(p) for p in ps] + [torch.zeros_like(p) for p in ps]
+        steps = [torch.zeros((), device="cuda") for _ in ps]
+        return ps, [torch.empty_like(p) for p in ps], state, steps
+
+    g1s = [_tensors(sizes, torch.float32, "cuda") for _ in range(6)]
+    g2s = [_tensors(sizes, torch.float32, "cuda") for _ in range(6)]
+    g2s[4][1][7] = float("inf")  # step 4 is skipped
+    rhos = [0.05 * 0.9**k for k in range(6)]
+    lrs = [0.1 * 0.8**k for k in range(6)]
+    hyper_sgd = {"weight_decay": 1e-3, "momentum": 0.9, "dampening": 0.0, "nesterov": True}
+    hyper_sgd |= {"maximize": False, "first_step": False, "grad_scale": None, "found_inf": None}
+    hyper_adam = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
+    hyper_adam |= {"amsgrad": False, "maximize": False, "decoupled_weight_decay": True}
+    hyper_adam |= {"grad_scale": None, "found_inf": None}
+
+    def step(ps, b, state, steps, g1, g2, rho, lr) -> torch.Tensor:
+        n = len(ps)
+        s1 = _ops().norm_sq_partials(g1, ps, False, 0.0)
+        if isinstance(rho, torch.Tensor):
+            C.cuda_perturb_tensor_rho_(ps, g1, b, s1, rho, 1e-12, False, 0.0, [])
+        else:
+            _ops().perturb_(ps, g1, b, s1, rho, 1e-12, False, 0.0, [])
+        s2 = _ops().norm_sq_partials(g2, ps, False, 0.0)
+        if base == "sgd":
+            fn = C.cuda_restore_sgd_step_tensor_lr_ if isinstance(lr, torch.Tensor) else None
+            args = (ps, g2, b, state[:n])
+            kw = hyper_sgd | {"lr": lr, "sumsqs": [s1, s2]}
+            return fn(*args, **kw) if fn else _ops().restore_sgd_step_(*args, **kw)
+        fn = C.cuda_restore_adam_step_tensor_lr_ if isinstance(lr, torch.Tensor) else None
+        args = (ps, g2, b, state[:n], state[n:], [], steps)
+        kw = hyper_adam | {"lr": lr, "sumsqs": [s1, s2]}
+        return fn(*args, **kw) if fn else _ops().restore_adam_step_(*args, **kw)
+
+    ref = setup()
+    ref_flags = [bool(step(*ref, g1s[k], g2s[k], rhos[k], lrs[k])) for k in range(6)]
+    assert ref_flags == [False] * 4 + [True, False]
+
+    ps, b, state, steps = setup()
+    g1 = [t.clone() for t in g1s[0]]
+    g2 = [t.clone() for t in g2s[0]]
+    rho = torch.tensor(rhos[0], dtype=torch.float64, device="cuda")
+    lr = torch.tensor(lrs[0], dtype=torch.float64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: tables cached, the side stream's workspace made
+        step(ps, b, state, steps, g1, g2, rho, lr)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    ps0, _, state0, steps0 = setup()  # the captured run starts where the eager one did
+    for dst, src in zip(ps + state + steps, ps0 + state0 + steps0):
+        dst.copy_(src)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # its own capture stream: a workspace made during capture
+        flag = step(ps, b, state, steps, g1, g2, rho, lr)
+    flags = []
+    for k in range(6):
+        for dst, src in zip(g1 + g2, g1s[k] + g2s[k]):
+            dst.copy_(src)
+        rho.fill_(rhos[k])
+        lr.fill_(lrs[k])
+        graph.replay()
+        flags.append(bool(flag))
+    assert flags == ref_flags
+    for got, want in zip(ps + state + steps, ref[0] + ref[2] + ref[3]):
+        assert bits_equal(got, want)
 
 
 @gpu
@@ -659,21 +848,35 @@ def test_cuda_ops_bump_versions() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: the vector path stores whole 16-byte packs (checked on the PTX; no GPU needed)
+# CUDA: the vector path loads and stores whole 16-byte packs (checked on the PTX; no GPU needed)
 
-#: 16-byte stores each kernel family's vector path must issue: perturb writes the backup and
-#: w; restore w; restore+SGD w and the momentum buffer (plus the restore of a skipped step);
-#: restore+Adam w, m, v, max v (plus the restore of a skipped step); axpby out.
-_VECTOR_STORES = {
-    "perturb_kernel": 2,
-    "restore_kernel": 1,
-    "sgd_kernel": 3,
-    "adam_kernel": 5,
-    "axpby_kernel": 1,
+#: 16-byte (loads, stores) of each kernel family's vector path, per instantiation: the
+#: norm loads g (and w when adaptive: ``Lb1E``, its first bool template argument); perturb
+#: loads w and g and stores the backup and w; restore loads the backup and stores w;
+#: restore+SGD loads backup, g and the momentum buffer and stores w and the buffer, plus the
+#: restore of a skipped step; restore+Adam loads backup, g, m, v, max v and stores w, m, v,
+#: max v, plus that restore; dot loads a and b; axpby loads x and y and stores out.
+_VECTOR_ACCESSES = {
+    "norm_sq_kernel": {"Lb0E": (1, 0), "Lb1E": (2, 0)},
+    "perturb_kernel": (2, 2),
+    "restore_kernel": (1, 1),
+    "sgd_kernel": (4, 3),
+    "adam_kernel": (6, 5),
+    "dot_kernel": (2, 0),
+    "axpby_kernel": (2, 1),
 }
+#: A 16-byte vector access in PTX: four 32-bit lanes (float, or the bits of 8 half/bfloat16)
+#: or two 64-bit ones (double).
+_WIDE = r"\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\s"
+#: Instantiations per family: 4 dtypes, times 2 (adaptive) for the norm, times 2 x 3 x 2
+#: (adaptive, mask kind, float32/float64 sumsq) for perturb.
+_INSTANCES = {name: 4 for name in _VECTOR_ACCESSES} | {"norm_sq_kernel": 8, "perturb_kernel": 48}
 
 
-def test_cuda_vector_path_stores_16_bytes(tmp_path) -> None:
+def test_cuda_vector_path_loads_and_stores_16_bytes(tmp_path) -> None:
+    """Every kernel's vector path is ld.global.cs.v4 / st.global.cs.v4 (SASS LDG/STG.E.EF.128),
+    exactly as many as the lists it reads and writes: a plain dereference of a table pointer
+    would be a generic ld.v4 (LD.E.128), a lost vector access a scalar one."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found (CI has it: .ci/run refuses to run without it)")
@@ -685,18 +888,28 @@ def test_cuda_vector_path_stores_16_bytes(tmp_path) -> None:
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     entries = re.split(r"\n\.(?:visible )?\.?entry ", ptx.read_text())[1:]
-    seen = set()
+    seen: dict[str, int] = {}
     for body in entries:
         name = body.split("(")[0]
-        family = next((k for k in _VECTOR_STORES if k in name), None)
-        if family is None:
-            continue
-        seen.add(family)
-        wide = len(re.findall(r"\n\s*st\.global(?:\.\w+)*\.v4\.", body))
-        assert wide == _VECTOR_STORES[family], (name[-60:], wide)
-        # Every other global store is a tail store of at most one pack (scalar lanes).
-        assert not re.search(r"\n\s*st\.(?:global\.)?(?:\w+\.)?v2\.", body), name[-60:]
-    assert seen == set(_VECTOR_STORES)
+        family = next((k for k in _VECTOR_ACCESSES if k in name), None)
+        assert family is not None, f"a kernel this test does not know: {name[-80:]}"
+        seen[family] = seen.get(family, 0) + 1
+        expected = _VECTOR_ACCESSES[family]
+        if isinstance(expected, dict):
+            # The first bool template argument after the name: the adaptive flag.
+            expected = expected[re.search(r"Lb[01]E", name.split(family, 1)[1]).group()]
+        got = (
+            len(re.findall(rf"\n\s*ld\.global\.cs{_WIDE}", body)),
+            len(re.findall(rf"\n\s*st\.global\.cs{_WIDE}", body)),
+        )
+        assert got == expected, (name[-80:], got, expected)
+        # No other vector access beside them (generic, other cache hints, 8-byte pairs): the
+        # tails are scalar lanes.
+        others = re.findall(
+            r"\n\s*(?:ld|st)(?!\.(?:param|shared|local|const))(?:\.\w+)*\.v[248]\.", body
+        )
+        assert len(others) == sum(got), (name[-80:], others)
+    assert seen == _INSTANCES
 
 
 def _cuda_include(nvcc: str) -> Path:

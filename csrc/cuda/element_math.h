@@ -201,6 +201,31 @@ FUSED_SAM_HD double dot_term(T a, T b) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Totals of short partials tensors and the skip decision
+
+// The total of a short partials tensor (the output of a norm launch, or a few concatenated), in
+// index order, in every thread (no block reduction: norm_sq already finalized it).
+template <typename S>
+FUSED_SAM_HD double total_of(const S* sumsq, int64_t len) {
+  double x = 0.0;
+  for (int64_t k = 0; k < len; ++k) {
+    x = x + static_cast<double>(sumsq[k]);
+  }
+  return x;
+}
+
+// Whether a base step is skipped (SkipArgs): found_inf is nonzero or the total of a checked
+// norm is not finite. The same decision in every thread of every block, from values no block
+// writes.
+FUSED_SAM_HD inline bool step_skipped(const SkipArgs& s) {
+  bool skip = s.found_inf != nullptr && *s.found_inf != 0.0f;
+  for (int i = 0; i < s.count && !skip; ++i) {
+    skip = !is_finite(total_of(s.sumsq[i], s.len[i]));
+  }
+  return skip;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Perturbation
 
 // The factor rho / (n + eps) of e, or 0 when the norm n is not finite (the step is skipped).
@@ -250,12 +275,13 @@ struct SgdCoefs {
 };
 
 // `grad_scale` is the value behind args.grad_scale (read by the caller; ignored when null).
+// (and lr the learning rate: args.lr, or the value behind args.lr_device).
 template <typename Op>
-FUSED_SAM_HD SgdCoefs<Op> sgd_coefs(const SgdArgs& a, float grad_scale) {
+FUSED_SAM_HD SgdCoefs<Op> sgd_coefs(const SgdArgs& a, float grad_scale, double lr) {
   SgdCoefs<Op> k;
   k.unscale = a.grad_scale != nullptr;
   k.gs = k.unscale ? static_cast<Op>(grad_scale) : Op(1);
-  k.lr = static_cast<Op>(a.lr);
+  k.lr = static_cast<Op>(lr);
   k.wd = static_cast<Op>(a.weight_decay);
   k.mu = static_cast<Op>(a.momentum);
   k.damp = static_cast<Op>(1.0 - a.dampening);

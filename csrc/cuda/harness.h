@@ -41,7 +41,7 @@ struct TableEntry {
   bool vectorised;
 };
 
-// Writes the table image (layout.size() entries, the trailing counter zeroed) for tensors of
+// Writes the table image (layout.size() entries) for tensors of
 // numel(t) elements whose list-l entry is entry(l, t); returns the chunk total. A tensor takes
 // the 16-byte path when every vectorised entry of it is 16-byte aligned; the others (masks, step
 // counters, values) do not take part.
@@ -62,7 +62,6 @@ int64_t fill_table(const TableLayout& layout, Numel&& numel, Entry&& entry, int6
     host[layout.aligned_at() + t] = aligned ? 1 : 0;
   }
   host[layout.chunk_begin_at() + layout.n] = chunk;
-  host[layout.counter_at()] = 0;
   return chunk;
 }
 

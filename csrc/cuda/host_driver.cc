@@ -8,12 +8,16 @@
 // Shared with the device, the very same source: the element math (element_math.h), the table
 // image, the grid choice, the chunk and pack walks and the reduction tree (harness.h). Mirrored
 // here, line for line with sam_kernels.cu: each kernel's body (which lists it loads and stores,
-// in which order, the skip paths, the Adam counter advance of the last block), block_sum's
-// shared-memory step, and load_pack/store_pack. The host runs every block and every thread of
-// the grid the glue would launch, one after another; the kernels' threads touch disjoint
-// elements (a reduction goes through per-thread sums and the tree), so the order cannot change
-// a result. What the host cannot show: races, the memory model, the hardware's conversions and
-// libm (element_math.h says which), and launch failures.
+// in which order, the skip paths), block_sum's shared-memory step, last_block and grid_sum (the
+// ticket of the stream's workspace: the block that takes the last ticket adds the block
+// partials in block order and advances Adam's counters), and load_pack/store_pack. The host
+// runs every block and every thread of the grid the launcher would pick, one after another, so
+// the last block is the last one run; the kernels' threads touch disjoint elements (a reduction
+// goes through per-thread sums and the tree), so the order cannot change a result. The grid
+// comes from the occupancy API on the device; here it is the number of resident blocks given
+// (fsh_set_resident_blocks), through the same launch_grid. What the host cannot show: races,
+// the memory model (fences, the ticket's atomics), the hardware's conversions and libm
+// (element_math.h says which), occupancy, and launch failures.
 #ifndef FUSED_SAM_CUDA_HOST_BUILD
 #error "compile with -DFUSED_SAM_CUDA_HOST_BUILD (the host build of the CUDA kernels)"
 #endif
@@ -136,13 +140,39 @@ void run_grid(int grid, Body&& body) {
   }
 }
 
-void write_partials(const std::vector<double>& totals, double* partials, int num_partials) {
-  const int grid = static_cast<int>(totals.size());
-  for (int b = 0; b < grid; ++b) {
-    partials[b] = totals[b];
+// last_block of multi_tensor.cuh for block `block` of `grid`, run in block order: the ticket
+// reaches grid - 1 in the last block, which puts it back to zero.
+bool last_block(unsigned int* ticket, int grid) {
+  const bool last = (*ticket)++ == static_cast<unsigned int>(grid) - 1;
+  if (last) {
+    *ticket = 0;
   }
-  for (int k = grid; k < num_partials; ++k) {
-    partials[k] = 0.0;
+  return last;
+}
+
+// grid_sum of multi_tensor.cuh: block `block` writes its total to the workspace's partials; the
+// last block adds them (thread k: entries k, k + kThreads, ...) with block_sum's tree and
+// writes the total to *out.
+void grid_sum(double block_total, int block, int grid, const Workspace& ws, double* out) {
+  ws.partials[block] = block_total;
+  if (!last_block(ws.ticket, grid)) {
+    return;
+  }
+  std::vector<double> per_thread(kThreads);
+  for (int thread = 0; thread < kThreads; ++thread) {
+    double x = 0.0;
+    for (int k = thread; k < grid; k += kThreads) {
+      x += ws.partials[k];
+    }
+    per_thread[thread] = x;
+  }
+  *out = block_sum(per_thread);
+}
+
+// report_skip of sam_kernels.cu: block 0 writes the decision.
+void report_skip(const SkipArgs& s, bool skip, int block) {
+  if (s.skipped != nullptr && block == 0) {
+    *s.skipped = skip;
   }
 }
 
@@ -150,9 +180,9 @@ void write_partials(const std::vector<double>& totals, double* partials, int num
 // The kernels of sam_kernels.cu
 
 template <typename T, bool kAdaptive>
-void norm_sq_kernel(int grid, const TableView& tab, int64_t chunks, double eta, double* partials,
-                    int num_partials) {
-  std::vector<double> totals(grid), per_thread(kThreads);
+void norm_sq_kernel(int grid, const TableView& tab, int64_t chunks, double eta,
+                    const Workspace& ws, double* out) {
+  std::vector<double> per_thread(kThreads);
   for (int block = 0; block < grid; ++block) {
     for (int thread = 0; thread < kThreads; ++thread) {
       double total = 0.0;
@@ -172,32 +202,21 @@ void norm_sq_kernel(int grid, const TableView& tab, int64_t chunks, double eta, 
       });
       per_thread[thread] = total;
     }
-    totals[block] = block_sum(per_thread);
+    grid_sum(block_sum(per_thread), block, grid, ws, out);
   }
-  write_partials(totals, partials, num_partials);
-}
-
-template <typename S>
-double reduce_sumsq(const S* sumsq, int64_t len) {
-  std::vector<double> per_thread(kThreads);
-  for (int thread = 0; thread < kThreads; ++thread) {
-    double x = 0.0;
-    for (int64_t k = thread; k < len; k += kThreads) {
-      x += static_cast<double>(sumsq[k]);
-    }
-    per_thread[thread] = x;
-  }
-  return block_sum(per_thread);
 }
 
 template <typename T, bool kAdaptive, MaskKind kMask, typename S>
 void perturb_kernel(int grid, const TableView& tab, int64_t chunks, RandomMask random,
-                    const S* sumsq, int64_t sumsq_len, double rho, double eps,
-                    typename Num<T>::Op eta) {
+                    const S* sumsq, int64_t sumsq_len, double rho, const double* rho_device,
+                    double eps, typename Num<T>::Op eta) {
   using Op = typename Num<T>::Op;
+  if (rho_device != nullptr) {
+    rho = *rho_device;
+  }
   for (int block = 0; block < grid; ++block) {
-    // Every block reduces the partials itself, in the same fixed order.
-    const double norm = sqrt(reduce_sumsq(sumsq, sumsq_len));
+    // Every thread of every block adds the (short) partials itself, in index order.
+    const double norm = sqrt(total_of(sumsq, sumsq_len));
     const bool finite = is_finite(norm);
     const Op scale = static_cast<Op>(perturb_scale(norm, rho, eps));
     for (int thread = 0; thread < kThreads; ++thread) {
@@ -258,11 +277,17 @@ void restore_kernel(int grid, const TableView& tab, int64_t chunks) {
 template <typename T>
 void sgd_kernel(int grid, const TableView& tab, int64_t chunks, const SgdArgs& a) {
   using Op = typename Num<T>::Op;
-  if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
+  const bool skip = step_skipped(a.skip);
+  for (int block = 0; block < grid; ++block) {
+    report_skip(a.skip, skip, block);
+  }
+  if (skip) {
     run_grid(grid, [&](int b, int t) { restore_thread<T>(tab, chunks, kSW, kSB, b, grid, t); });
     return;
   }
-  const SgdCoefs<Op> k = sgd_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
+  const double lr64 = a.lr_device != nullptr ? *a.lr_device : a.lr;
+  const SgdCoefs<Op> k =
+      sgd_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f, lr64);
   run_grid(grid, [&](int block, int thread) {
     walk_chunks(tab, chunks, block, grid, [&](const ChunkRef& c) {
       T* w = tab.ptr<T>(kSW, c.tensor);
@@ -294,9 +319,16 @@ void sgd_kernel(int grid, const TableView& tab, int64_t chunks, const SgdArgs& a
 }
 
 template <typename T>
-void adam_kernel(int grid, const TableView& tab, int64_t chunks, const AdamArgs& a) {
+void adam_kernel(int grid, const TableView& tab, int64_t chunks, AdamArgs a,
+                 const Workspace& ws) {
   using Op = typename Num<T>::Op;
-  const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
+  const bool skip = step_skipped(a.skip);
+  for (int block = 0; block < grid; ++block) {
+    report_skip(a.skip, skip, block);
+  }
+  if (a.lr_device != nullptr) {
+    a.lr = *a.lr_device;
+  }
   if (skip) {
     run_grid(grid, [&](int b, int t) { restore_thread<T>(tab, chunks, kAW, kAB, b, grid, t); });
   } else {
@@ -348,18 +380,23 @@ void adam_kernel(int grid, const TableView& tab, int64_t chunks, const AdamArgs&
     });
   }
   if (a.device_steps && !skip) {
-    // advance_steps_when_last: the last block, after every block has read the counters.
-    for (int64_t t = 0; t < tab.layout.n; ++t) {
-      float* step = tab.ptr<float>(kAStep, t);
-      *step = *step + 1.0f;
+    // advance_steps_when_last: every block takes a ticket after its work; the last one, after
+    // every block has read the counters, advances them.
+    for (int block = 0; block < grid; ++block) {
+      if (last_block(ws.ticket, grid)) {
+        for (int64_t t = 0; t < tab.layout.n; ++t) {
+          float* step = tab.ptr<float>(kAStep, t);
+          *step = *step + 1.0f;
+        }
+      }
     }
   }
 }
 
 template <typename T>
-void dot_kernel(int grid, const TableView& tab, int64_t chunks, double* partials,
-                int num_partials) {
-  std::vector<double> totals(grid), per_thread(kThreads);
+void dot_kernel(int grid, const TableView& tab, int64_t chunks, const Workspace& ws,
+                double* out) {
+  std::vector<double> per_thread(kThreads);
   for (int block = 0; block < grid; ++block) {
     for (int thread = 0; thread < kThreads; ++thread) {
       double total = 0.0;
@@ -376,9 +413,8 @@ void dot_kernel(int grid, const TableView& tab, int64_t chunks, double* partials
       });
       per_thread[thread] = total;
     }
-    totals[block] = block_sum(per_thread);
+    grid_sum(block_sum(per_thread), block, grid, ws, out);
   }
-  write_partials(totals, partials, num_partials);
 }
 
 template <typename T>
@@ -436,34 +472,43 @@ cudaError_t dispatch(DType dtype, F&& f) {
 
 TableView view(const Table& t) { return TableView{t.data, t.layout}; }
 
+// The blocks resident at once that the occupancy API would report for a kernel (the same for
+// every kernel here: set by the test, an H100's 132 SMs x 4 blocks of 512 threads by default).
+int resident_blocks = 132 * 4;
+
+// grid_of of sam_kernels.cu, with the shared launch_grid.
+int grid_of(const Table& t) { return launch_grid(t.chunks, resident_blocks, kMaxGrid); }
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // The launchers of sam_kernels.h (the stream is ignored: everything runs before they return)
 
 cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, double eta,
-                           double* partials, int num_partials, int grid, cudaStream_t) {
+                           const Workspace& ws, double* out, cudaStream_t) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const int grid = grid_of(table);
     if (adaptive) {
-      norm_sq_kernel<T, true>(grid, view(table), table.chunks, eta, partials, num_partials);
+      norm_sq_kernel<T, true>(grid, view(table), table.chunks, eta, ws, out);
     } else {
-      norm_sq_kernel<T, false>(grid, view(table), table.chunks, eta, partials, num_partials);
+      norm_sq_kernel<T, false>(grid, view(table), table.chunks, eta, ws, out);
     }
   });
 }
 
 cudaError_t launch_perturb(DType dtype, const Table& table, MaskKind mask, RandomMask random,
                            const void* sumsq, bool sumsq_double, int64_t sumsq_len, double rho,
-                           double eps, bool adaptive, double eta, int grid, cudaStream_t) {
+                           const double* rho_device, double eps, bool adaptive, double eta,
+                           cudaStream_t) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Op = typename Num<T>::Op;
     const auto launch = [&](auto s_tag, auto adaptive_tag, auto mask_tag) {
       using S = decltype(s_tag);
       perturb_kernel<T, decltype(adaptive_tag)::value, decltype(mask_tag)::value, S>(
-          grid, view(table), table.chunks, random, static_cast<const S*>(sumsq), sumsq_len, rho,
-          eps, static_cast<Op>(eta));
+          grid_of(table), view(table), table.chunks, random, static_cast<const S*>(sumsq),
+          sumsq_len, rho, rho_device, eps, static_cast<Op>(eta));
     };
     const auto by_mask = [&](auto s_tag, auto adaptive_tag) {
       using Kind = MaskKind;
@@ -490,50 +535,52 @@ cudaError_t launch_perturb(DType dtype, const Table& table, MaskKind mask, Rando
   });
 }
 
-cudaError_t launch_restore(DType dtype, const Table& table, int grid, cudaStream_t) {
+cudaError_t launch_restore(DType dtype, const Table& table, cudaStream_t) {
   return dispatch(dtype, [&](auto tag) {
-    restore_kernel<decltype(tag)>(grid, view(table), table.chunks);
+    restore_kernel<decltype(tag)>(grid_of(table), view(table), table.chunks);
   });
 }
 
 cudaError_t launch_restore_sgd_step(DType dtype, const Table& table, const SgdArgs& args,
-                                    int grid, cudaStream_t) {
+                                    cudaStream_t) {
   return dispatch(dtype, [&](auto tag) {
-    sgd_kernel<decltype(tag)>(grid, view(table), table.chunks, args);
+    sgd_kernel<decltype(tag)>(grid_of(table), view(table), table.chunks, args);
   });
 }
 
 cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const AdamArgs& args,
-                                     int grid, cudaStream_t) {
+                                     const Workspace& ws, cudaStream_t) {
   return dispatch(dtype, [&](auto tag) {
-    adam_kernel<decltype(tag)>(grid, view(table), table.chunks, args);
+    adam_kernel<decltype(tag)>(grid_of(table), view(table), table.chunks, args, ws);
   });
 }
 
-cudaError_t launch_dot(DType dtype, const Table& table, double* partials, int num_partials,
-                       int grid, cudaStream_t) {
+cudaError_t launch_dot(DType dtype, const Table& table, const Workspace& ws, double* out,
+                       cudaStream_t) {
   return dispatch(dtype, [&](auto tag) {
-    dot_kernel<decltype(tag)>(grid, view(table), table.chunks, partials, num_partials);
+    dot_kernel<decltype(tag)>(grid_of(table), view(table), table.chunks, ws, out);
   });
 }
 
 cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs, int64_t coefs_stride,
-                         const float* skip, int grid, cudaStream_t) {
+                         const float* skip, cudaStream_t) {
   return dispatch(dtype, [&](auto tag) {
-    axpby_kernel<decltype(tag)>(grid, view(table), table.chunks, coefs, coefs_stride, skip);
+    axpby_kernel<decltype(tag)>(grid_of(table), view(table), table.chunks, coefs, coefs_stride,
+                                skip);
   });
 }
 
 }  // namespace fused_sam::cuda_kernels
 
 // ---------------------------------------------------------------------------------------------
-// C interface for the test (ctypes): the glue's part (table, grid, launch) over raw addresses.
+// C interface for the test (ctypes): the glue's part (table, workspace, launch) over raw
+// addresses.
 //
 // `lists` holds `n_lists` rows of `n` int64 entries (addresses, or values such as the salts of
 // a random mask), `kinds[l]` says what row l is: 0 absent (null pointers), 1 addresses that take
 // part in the 16-byte decision, 2 addresses that do not (masks, step counters), 3 values.
-// `max_blocks` is what the glue's grid cap would be on the device (SMs x resident blocks);
-// `cap` the op's own cap (the number of norm partials), or 0 for none.
+// A skip input is `n_sumsqs` float64 arrays (addresses in `sumsqs`, lengths in `lens`), the
+// optional found_inf and the optional bool the decision is written to.
 
 namespace ck = fused_sam::cuda_kernels;
 
@@ -542,11 +589,10 @@ namespace {
 struct HostTable {
   std::vector<int64_t> data;
   ck::Table table;
-  int grid;
 };
 
 HostTable make_table(int64_t n, const int64_t* numels, int n_lists, const int64_t* lists,
-                     const int* kinds, int64_t max_blocks, int64_t cap) {
+                     const int* kinds) {
   HostTable h;
   const ck::TableLayout layout{n, n_lists};
   h.data.assign(layout.size(), 0);
@@ -558,8 +604,25 @@ HostTable make_table(int64_t n, const int64_t* numels, int n_lists, const int64_
       },
       h.data.data());
   h.table = ck::Table{h.data.data(), layout, chunks};
-  h.grid = ck::launch_grid(chunks, max_blocks, cap > 0 ? cap : INT32_MAX);
   return h;
+}
+
+// The stream's workspace (sam_cuda.cpp's workspace(): zero when made, left at zero by kernels).
+unsigned int ticket = 0;
+double partials[ck::kMaxGrid] = {};
+const ck::Workspace workspace{&ticket, partials};
+
+ck::SkipArgs skip_args(const float* found_inf, int n_sumsqs, const int64_t* sumsqs,
+                       const int64_t* lens, bool* skipped) {
+  ck::SkipArgs args{};
+  args.found_inf = found_inf;
+  for (int i = 0; i < n_sumsqs && i < ck::kMaxSumsqs; ++i) {
+    args.sumsq[i] = reinterpret_cast<const double*>(sumsqs[i]);
+    args.len[i] = lens[i];
+  }
+  args.count = n_sumsqs;
+  args.skipped = skipped;
+  return args;
 }
 
 }  // namespace
@@ -568,86 +631,97 @@ extern "C" {
 
 const char* fsh_last_error() { return ck::last_error.c_str(); }
 
-// The table image and grid the glue would build (for the tests of the indexing itself).
+void fsh_set_resident_blocks(int blocks) { ck::resident_blocks = blocks; }
+
+// The workspace: copies its first `n` partials to out, returns the ticket (0 between launches).
+unsigned int fsh_workspace(double* out, int n) {
+  for (int k = 0; k < n && k < ck::kMaxGrid; ++k) {
+    out[k] = partials[k];
+  }
+  return ticket;
+}
+
+// The table image and grid the launchers would use (for the tests of the indexing itself).
 int64_t fsh_table(int64_t n, const int64_t* numels, int n_lists, const int64_t* lists,
-                  const int* kinds, int64_t max_blocks, int64_t cap, int64_t* out, int64_t out_len,
-                  int* grid) {
-  HostTable h = make_table(n, numels, n_lists, lists, kinds, max_blocks, cap);
+                  const int* kinds, int64_t* out, int64_t out_len, int* grid) {
+  HostTable h = make_table(n, numels, n_lists, lists, kinds);
   const int64_t size = static_cast<int64_t>(h.data.size());
   for (int64_t k = 0; k < size && k < out_len; ++k) {
     out[k] = h.data[k];
   }
-  *grid = h.grid;
+  *grid = ck::grid_of(h.table);
   return size;
 }
 
 int fsh_norm_sq(int dtype, int64_t n, const int64_t* numels, const int64_t* lists,
-                const int* kinds, int adaptive, double eta, double* partials, int num_partials,
-                int64_t max_blocks) {
-  HostTable h = make_table(n, numels, ck::lists::kNormLists, lists, kinds, max_blocks,
-                           num_partials);
-  if (h.table.chunks == 0) {
-    for (int k = 0; k < num_partials; ++k) {
-      partials[k] = 0.0;
-    }
-    return 0;
-  }
-  return ck::launch_norm_sq(static_cast<ck::DType>(dtype), h.table, adaptive != 0, eta, partials,
-                            num_partials, h.grid, nullptr);
+                const int* kinds, int adaptive, double eta, double* out) {
+  HostTable h = make_table(n, numels, ck::lists::kNormLists, lists, kinds);
+  return ck::launch_norm_sq(static_cast<ck::DType>(dtype), h.table, adaptive != 0, eta,
+                            workspace, out, nullptr);
 }
 
 int fsh_perturb(int dtype, int64_t n, const int64_t* numels, const int64_t* lists,
                 const int* kinds, int mask_kind, int64_t step_key, int64_t threshold,
-                const void* sumsq, int sumsq_double, int64_t sumsq_len, double rho, double eps,
-                int adaptive, double eta, int64_t max_blocks) {
-  HostTable h = make_table(n, numels, ck::lists::kPerturbLists, lists, kinds, max_blocks, 0);
-  if (h.table.chunks == 0) {
-    return 0;
-  }
+                const void* sumsq, int sumsq_double, int64_t sumsq_len, double rho,
+                const double* rho_device, double eps, int adaptive, double eta) {
+  HostTable h = make_table(n, numels, ck::lists::kPerturbLists, lists, kinds);
   const ck::RandomMask random{static_cast<uint32_t>(step_key), static_cast<uint32_t>(threshold)};
   return ck::launch_perturb(static_cast<ck::DType>(dtype), h.table,
                             static_cast<ck::MaskKind>(mask_kind), random, sumsq,
-                            sumsq_double != 0, sumsq_len, rho, eps, adaptive != 0, eta, h.grid,
-                            nullptr);
+                            sumsq_double != 0, sumsq_len, rho, rho_device, eps, adaptive != 0,
+                            eta, nullptr);
 }
 
 int fsh_restore(int dtype, int64_t n, const int64_t* numels, const int64_t* lists,
-                const int* kinds, int64_t max_blocks) {
-  HostTable h = make_table(n, numels, ck::lists::kRestoreLists, lists, kinds, max_blocks, 0);
-  if (h.table.chunks == 0) {
-    return 0;
-  }
-  return ck::launch_restore(static_cast<ck::DType>(dtype), h.table, h.grid, nullptr);
+                const int* kinds) {
+  HostTable h = make_table(n, numels, ck::lists::kRestoreLists, lists, kinds);
+  return ck::launch_restore(static_cast<ck::DType>(dtype), h.table, nullptr);
 }
 
 int fsh_sgd(int dtype, int64_t n, const int64_t* numels, const int64_t* lists, const int* kinds,
-            double lr, double weight_decay, double momentum, double dampening, int nesterov,
-            int maximize, int first_step, const float* grad_scale, const float* found_inf,
-            int64_t max_blocks) {
-  HostTable h = make_table(n, numels, ck::lists::kSgdLists, lists, kinds, max_blocks, 0);
-  if (h.table.chunks == 0) {
-    return 0;
-  }
-  const ck::SgdArgs args{lr,         weight_decay, momentum,        dampening,  nesterov != 0,
-                         maximize != 0, first_step != 0, momentum != 0.0, grad_scale, found_inf};
-  return ck::launch_restore_sgd_step(static_cast<ck::DType>(dtype), h.table, args, h.grid,
-                                     nullptr);
+            double lr, const double* lr_device, double weight_decay, double momentum,
+            double dampening, int nesterov, int maximize, int first_step, const float* grad_scale,
+            const float* found_inf, int n_sumsqs, const int64_t* sumsqs, const int64_t* lens,
+            bool* skipped) {
+  HostTable h = make_table(n, numels, ck::lists::kSgdLists, lists, kinds);
+  ck::SgdArgs args{};
+  args.lr = lr;
+  args.weight_decay = weight_decay;
+  args.momentum = momentum;
+  args.dampening = dampening;
+  args.nesterov = nesterov != 0;
+  args.maximize = maximize != 0;
+  args.first_step = first_step != 0;
+  args.with_momentum = momentum != 0.0;
+  args.lr_device = lr_device;
+  args.grad_scale = grad_scale;
+  args.skip = skip_args(found_inf, n_sumsqs, sumsqs, lens, skipped);
+  return ck::launch_restore_sgd_step(static_cast<ck::DType>(dtype), h.table, args, nullptr);
 }
 
 int fsh_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* lists, const int* kinds,
-             double lr, double beta1, double beta2, double eps, double weight_decay, int amsgrad,
-             int maximize, int decoupled_weight_decay, int device_steps, double step_size,
-             double bias_c2_sqrt, const float* grad_scale, const float* found_inf,
-             int64_t max_blocks) {
-  HostTable h = make_table(n, numels, ck::lists::kAdamLists, lists, kinds, max_blocks, 0);
-  if (h.table.chunks == 0) {
-    return 0;
-  }
-  const ck::AdamArgs args{lr,        beta1,        beta2,      eps,
-                          weight_decay, amsgrad != 0, maximize != 0, decoupled_weight_decay != 0,
-                          device_steps != 0, step_size, bias_c2_sqrt, grad_scale,
-                          found_inf};
-  return ck::launch_restore_adam_step(static_cast<ck::DType>(dtype), h.table, args, h.grid,
+             double lr, const double* lr_device, double beta1, double beta2, double eps,
+             double weight_decay, int amsgrad, int maximize, int decoupled_weight_decay,
+             int device_steps, double step_size, double bias_c2_sqrt, const float* grad_scale,
+             const float* found_inf, int n_sumsqs, const int64_t* sumsqs, const int64_t* lens,
+             bool* skipped) {
+  HostTable h = make_table(n, numels, ck::lists::kAdamLists, lists, kinds);
+  ck::AdamArgs args{};
+  args.lr = lr;
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.amsgrad = amsgrad != 0;
+  args.maximize = maximize != 0;
+  args.decoupled_weight_decay = decoupled_weight_decay != 0;
+  args.device_steps = device_steps != 0;
+  args.step_size = step_size;
+  args.bias_c2_sqrt = bias_c2_sqrt;
+  args.lr_device = lr_device;
+  args.grad_scale = grad_scale;
+  args.skip = skip_args(found_inf, n_sumsqs, sumsqs, lens, skipped);
+  return ck::launch_restore_adam_step(static_cast<ck::DType>(dtype), h.table, args, workspace,
                                       nullptr);
 }
 
@@ -659,27 +733,16 @@ void fsh_adam_bias(double lr, double beta1, double beta2, double step, double* o
 }
 
 int fsh_dot(int dtype, int64_t n, const int64_t* numels, const int64_t* lists, const int* kinds,
-            double* partials, int num_partials, int64_t max_blocks) {
-  HostTable h = make_table(n, numels, ck::lists::kDotLists, lists, kinds, max_blocks,
-                           num_partials);
-  if (h.table.chunks == 0) {
-    for (int k = 0; k < num_partials; ++k) {
-      partials[k] = 0.0;
-    }
-    return 0;
-  }
-  return ck::launch_dot(static_cast<ck::DType>(dtype), h.table, partials, num_partials, h.grid,
-                        nullptr);
+            double* out) {
+  HostTable h = make_table(n, numels, ck::lists::kDotLists, lists, kinds);
+  return ck::launch_dot(static_cast<ck::DType>(dtype), h.table, workspace, out, nullptr);
 }
 
 int fsh_axpby(int dtype, int64_t n, const int64_t* numels, const int64_t* lists, const int* kinds,
-              const double* coefs, int64_t coefs_stride, const float* skip, int64_t max_blocks) {
-  HostTable h = make_table(n, numels, ck::lists::kAxpbyLists, lists, kinds, max_blocks, 0);
-  if (h.table.chunks == 0) {
-    return 0;
-  }
+              const double* coefs, int64_t coefs_stride, const float* skip) {
+  HostTable h = make_table(n, numels, ck::lists::kAxpbyLists, lists, kinds);
   return ck::launch_axpby(static_cast<ck::DType>(dtype), h.table, coefs, coefs_stride, skip,
-                          h.grid, nullptr);
+                          nullptr);
 }
 
 // The conversions of element_math.h's host side, element by element (checked against torch's).

@@ -1,25 +1,34 @@
 // CUDA kernels of the fused_sam ops (no torch headers: raw pointers and a stream).
 //
-// One SAM step is three launches per (device, dtype) group, whatever the number of tensors:
+// One SAM step is three or four launches per (device, dtype) group, whatever the number of
+// tensors:
 //
-//   norm_sq     s_b = sum over the chunks of block b of (T(w) g)^2           (reads g [, w])
-//   perturb     n = sqrt(sum_b s_b) in a fixed order, in every block;
-//               b = w; w = w + rho T(w)^2 g / (n + eps) (* mask) if n finite (reads w, g;
-//               writes b, w)
+//   norm_sq     s = sum of (T(w) g)^2: per-block partials, added in block order by the grid's
+//               last block into one float64 (reads g [, w]); for g1, and for g2 when checked
+//   perturb     n = sqrt(s); b = w; w = w + rho T(w)^2 g / (n + eps) (* mask) if n finite
+//               (reads w, g; writes b, w)
 //   restore+step  w = b, then the SGD or Adam/AdamW update with the second-pass gradient
+//               unless found_inf is set or a checked norm is not finite; writes that decision
+//               (the 0-dim skip flag) and advances Adam's device step counters
 //
 // and the two ops of the SAM variants, one launch each:
 //
-//   dot         s_b = sum over the chunks of block b of a b                   (reads a, b)
+//   dot         s = sum of a b, finalized like norm_sq                           (reads a, b)
 //   axpby       out = c0 x + c1 y, (c0, c1) and the skip flag read on the device (reads x, y;
 //               writes out, which may be x or y)
+//
+// No kernel writes its pointer table; the only state that outlives a launch is the glue's
+// per-stream Workspace (a ticket counter that the last block resets, and scratch partials).
 //
 // Math is float32 for half/bfloat16/float32 storage and float64 for float64, rounded once on
 // store; norms and dot products are float64 for every storage type (squares included, so a
 // finite gradient gives a finite norm), and so is a x + b y (stored as torch converts float64).
-// Blocks reduce with a fixed shuffle tree, so results are bitwise reproducible on one GPU model.
+// Blocks reduce with a fixed shuffle tree and the last block adds the block sums in block order,
+// so results are bitwise reproducible on one GPU model (whose occupancy fixes the grid).
 // Build with --fmad=false (setup.py does) so that no multiply-add is contracted behind our back.
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 
@@ -31,19 +40,14 @@ namespace {
 
 using namespace lists;
 
-// The element math (to_double, from_double, the hash, the SGD/Adam/perturb values, ...) is in
-// element_math.h, compiled for the host too: tests/test_cuda_host.py runs it on the CPU.
+// The element math (to_double, from_double, the hash, the SGD/Adam/perturb values, the skip
+// decision, ...) is in element_math.h, compiled for the host too: tests/test_cuda_host.py runs
+// it on the CPU.
 
-// Block b's partial sum (in thread 0 after block_sum) to partials[b]; block 0 also zeroes the
-// entries past the grid, so that every one of the num_partials entries is defined.
-__device__ __forceinline__ void write_partials(double total, double* partials, int num_partials) {
-  if (threadIdx.x == 0) {
-    partials[blockIdx.x] = total;
-  }
-  if (blockIdx.x == 0) {
-    for (int k = gridDim.x + threadIdx.x; k < num_partials; k += blockDim.x) {
-      partials[k] = 0.0;
-    }
+// Block 0 reports the decision: the op's 0-dim bool output, written by the kernel itself.
+__device__ __forceinline__ void report_skip(const SkipArgs& s, bool skip) {
+  if (s.skipped != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    *s.skipped = skip;
   }
 }
 
@@ -52,8 +56,7 @@ __device__ __forceinline__ void write_partials(double total, double* partials, i
 
 template <typename T, bool kAdaptive>
 __global__ void __launch_bounds__(kThreads)
-    norm_sq_kernel(TableView tab, int64_t chunks, double eta, double* partials,
-                   int num_partials) {
+    norm_sq_kernel(TableView tab, int64_t chunks, double eta, Workspace ws, double* out) {
   double total = 0.0;
   for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
     const T* g = tab.ptr<const T>(kNormGrad, c.tensor);
@@ -71,33 +74,22 @@ __global__ void __launch_bounds__(kThreads)
       }
     });
   });
-  write_partials(block_sum(total), partials, num_partials);
+  grid_sum(block_sum(total), ws.ticket, ws.partials, out);
 }
 
 // ---------------------------------------------------------------------------------------------
 // perturb
 
-template <typename S>
-__device__ double reduce_sumsq(const S* sumsq, int64_t len) {
-  __shared__ double total;
-  double x = 0.0;
-  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
-    x += static_cast<double>(sumsq[k]);
-  }
-  x = block_sum(x);
-  if (threadIdx.x == 0) {
-    total = x;
-  }
-  __syncthreads();
-  return total;
-}
-
 template <typename T, bool kAdaptive, MaskKind kMask, typename S>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(TableView tab, int64_t chunks, RandomMask random, const S* sumsq,
-                   int64_t sumsq_len, double rho, double eps, typename Num<T>::Op eta) {
+                   int64_t sumsq_len, double rho, const double* rho_device, double eps,
+                   typename Num<T>::Op eta) {
   using Op = typename Num<T>::Op;
-  const double norm = sqrt(reduce_sumsq(sumsq, sumsq_len));
+  if (rho_device != nullptr) {
+    rho = *rho_device;
+  }
+  const double norm = sqrt(total_of(sumsq, sumsq_len));
   const bool finite = is_finite(norm);
   const Op scale = static_cast<Op>(perturb_scale(norm, rho, eps));
   for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
@@ -163,11 +155,15 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     sgd_kernel(TableView tab, int64_t chunks, SgdArgs a) {
   using Op = typename Num<T>::Op;
-  if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
+  const bool skip = step_skipped(a.skip);
+  report_skip(a.skip, skip);
+  if (skip) {
     restore_chunks<T>(tab, chunks, kSW, kSB);
     return;
   }
-  const SgdCoefs<Op> k = sgd_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
+  const double lr64 = a.lr_device != nullptr ? *a.lr_device : a.lr;
+  const SgdCoefs<Op> k =
+      sgd_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f, lr64);
   for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
     T* w = tab.ptr<T>(kSW, c.tensor);
     const T* g = tab.ptr<const T>(kSG, c.tensor);
@@ -201,20 +197,11 @@ __global__ void __launch_bounds__(kThreads)
 // restore + Adam / AdamW
 
 // Lets the last block to finish advance the step counters: every block has read them by then.
-__device__ __forceinline__ void advance_steps_when_last(const TableView& tab) {
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    int64_t* slot = const_cast<int64_t*>(tab.data) + tab.layout.counter_at();
-    auto* counter = reinterpret_cast<unsigned long long*>(slot);
-    last = atomicAdd(counter, 1ull) == gridDim.x - 1;
-    if (last) {
-      *counter = 0;  // ready for the next launch on this table
-    }
-  }
-  __syncthreads();
-  if (last) {
+// The ticket is the stream's (Workspace), not the table's: a cached table may be shared by
+// streams and graphs, and no kernel writes it.
+__device__ __forceinline__ void advance_steps_when_last(const TableView& tab,
+                                                        unsigned int* ticket) {
+  if (last_block(ticket)) {
     for (int64_t t = threadIdx.x; t < tab.layout.n; t += blockDim.x) {
       float* step = tab.ptr<float>(kAStep, t);
       *step = *step + 1.0f;
@@ -224,9 +211,13 @@ __device__ __forceinline__ void advance_steps_when_last(const TableView& tab) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(TableView tab, int64_t chunks, AdamArgs a) {
+    adam_kernel(TableView tab, int64_t chunks, AdamArgs a, Workspace ws) {
   using Op = typename Num<T>::Op;
-  const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
+  const bool skip = step_skipped(a.skip);
+  report_skip(a.skip, skip);
+  if (a.lr_device != nullptr) {
+    a.lr = *a.lr_device;
+  }
   if (skip) {
     restore_chunks<T>(tab, chunks, kAW, kAB);
   } else {
@@ -278,19 +269,19 @@ __global__ void __launch_bounds__(kThreads)
     });
   }
   if (a.device_steps && !skip) {  // skip is the same in every block: all or none take part
-    advance_steps_when_last(tab);
+    advance_steps_when_last(tab, ws.ticket);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // dot: s_b = sum of a b over the chunks of block b, products and sums in float64 (a product of
 // two float32 or lower values is exact there). Each thread adds its packs in chunk order, the
-// block reduces with the fixed tree of block_sum, and the host-side total adds the partials in
-// index order: the same bits on every run with the same grid.
+// block reduces with the fixed tree of block_sum, and the last block adds the block sums in
+// block order: the same bits on every run with the same grid.
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    dot_kernel(TableView tab, int64_t chunks, double* partials, int num_partials) {
+    dot_kernel(TableView tab, int64_t chunks, Workspace ws, double* out) {
   double total = 0.0;
   for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
     const T* a = tab.ptr<const T>(kDotA, c.tensor);
@@ -304,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     });
   });
-  write_partials(block_sum(total), partials, num_partials);
+  grid_sum(block_sum(total), ws.ticket, ws.partials, out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,18 +350,61 @@ cudaError_t dispatch(DType dtype, F&& f) {
 
 TableView view(const Table& t) { return TableView{t.data, t.layout}; }
 
+// Blocks of kKernel resident at once on the current device (its SMs times the occupancy of the
+// kernel at kThreads threads: registers differ per kernel and dtype, e.g. Adam on half holds
+// fewer blocks per SM than restore), queried once per kernel and device. A template on the
+// kernel's address, so every instantiation has its own cache.
+template <auto kKernel>
+int resident_blocks() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cached[kDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    return 1;
+  }
+  const bool cacheable = device >= 0 && device < kDevices;
+  if (cacheable) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) {
+      return known;
+    }
+  }
+  int per_sm = 0, sms = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, 0) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // not sticky: the launch reports what is wrong
+    return 1;
+  }
+  const int blocks = per_sm > 0 && sms > 0 ? per_sm * sms : 1;
+  if (cacheable) {
+    cached[device].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
+// The grid of one launch of kKernel: the resident blocks, no more than one per chunk (at least
+// one block, which writes a norm's total or a skip flag) and no more than kMaxGrid.
+template <auto kKernel>
+int grid_of(const Table& t) {
+  return launch_grid(t.chunks, resident_blocks<kKernel>(), kMaxGrid);  // harness.h
+}
+
 }  // namespace
 
 cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, double eta,
-                           double* partials, int num_partials, int grid, cudaStream_t stream) {
+                           const Workspace& ws, double* out, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const auto launch = [&](auto adaptive_tag) {
+      constexpr auto kernel = &norm_sq_kernel<T, decltype(adaptive_tag)::value>;
+      kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, eta, ws,
+                                                              out);
+    };
     if (adaptive) {
-      norm_sq_kernel<T, true><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, eta,
-                                                             partials, num_partials);
+      launch(std::true_type{});
     } else {
-      norm_sq_kernel<T, false><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, eta,
-                                                              partials, num_partials);
+      launch(std::false_type{});
     }
     return cudaGetLastError();
   });
@@ -378,16 +412,18 @@ cudaError_t launch_norm_sq(DType dtype, const Table& table, bool adaptive, doubl
 
 cudaError_t launch_perturb(DType dtype, const Table& table, MaskKind mask, RandomMask random,
                            const void* sumsq, bool sumsq_double, int64_t sumsq_len, double rho,
-                           double eps, bool adaptive, double eta, int grid, cudaStream_t stream) {
+                           const double* rho_device, double eps, bool adaptive, double eta,
+                           cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Op = typename Num<T>::Op;
     const auto launch = [&](auto s_tag, auto adaptive_tag, auto mask_tag) {
       using S = decltype(s_tag);
-      perturb_kernel<T, decltype(adaptive_tag)::value, decltype(mask_tag)::value, S>
-          <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, random,
-                                          static_cast<const S*>(sumsq), sumsq_len, rho, eps,
-                                          static_cast<Op>(eta));
+      constexpr auto kernel =
+          &perturb_kernel<T, decltype(adaptive_tag)::value, decltype(mask_tag)::value, S>;
+      kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(
+          view(table), table.chunks, random, static_cast<const S*>(sumsq), sumsq_len, rho,
+          rho_device, eps, static_cast<Op>(eta));
     };
     const auto by_mask = [&](auto s_tag, auto adaptive_tag) {
       using Kind = MaskKind;
@@ -415,43 +451,48 @@ cudaError_t launch_perturb(DType dtype, const Table& table, MaskKind mask, Rando
   });
 }
 
-cudaError_t launch_restore(DType dtype, const Table& table, int grid, cudaStream_t stream) {
+cudaError_t launch_restore(DType dtype, const Table& table, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    restore_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks);
+    constexpr auto kernel = &restore_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks);
     return cudaGetLastError();
   });
 }
 
 cudaError_t launch_restore_sgd_step(DType dtype, const Table& table, const SgdArgs& args,
-                                    int grid, cudaStream_t stream) {
+                                    cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    sgd_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, args);
+    constexpr auto kernel = &sgd_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, args);
     return cudaGetLastError();
   });
 }
 
 cudaError_t launch_restore_adam_step(DType dtype, const Table& table, const AdamArgs& args,
-                                     int grid, cudaStream_t stream) {
+                                     const Workspace& ws, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    adam_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(view(table), table.chunks, args);
+    constexpr auto kernel = &adam_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, args,
+                                                            ws);
     return cudaGetLastError();
   });
 }
 
-cudaError_t launch_dot(DType dtype, const Table& table, double* partials, int num_partials,
-                       int grid, cudaStream_t stream) {
+cudaError_t launch_dot(DType dtype, const Table& table, const Workspace& ws, double* out,
+                       cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    dot_kernel<decltype(tag)>
-        <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, partials, num_partials);
+    constexpr auto kernel = &dot_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, ws, out);
     return cudaGetLastError();
   });
 }
 
 cudaError_t launch_axpby(DType dtype, const Table& table, const double* coefs, int64_t coefs_stride,
-                         const float* skip, int grid, cudaStream_t stream) {
+                         const float* skip, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
-    axpby_kernel<decltype(tag)>
-        <<<grid, kThreads, 0, stream>>>(view(table), table.chunks, coefs, coefs_stride, skip);
+    constexpr auto kernel = &axpby_kernel<decltype(tag)>;
+    kernel<<<grid_of<kernel>(table), kThreads, 0, stream>>>(view(table), table.chunks, coefs,
+                                                            coefs_stride, skip);
     return cudaGetLastError();
   });
 }

@@ -101,6 +101,7 @@ if _C is not None:
     def _norm_sq_partials_fake(
         grads: list[Tensor], params: list[Tensor], adaptive: bool, eta: float
     ) -> Tensor:
+        # One float64 total on every device (the CUDA kernel's last block finalizes it).
         device = grads[0].device if grads else torch.device("cpu")
         n = _C.cuda_norm_partials if device.type == "cuda" else 1
         return torch.empty(n, dtype=torch.float64, device=device)
@@ -330,8 +331,8 @@ def norm_sq_partials(
 ) -> Tensor:
     """See :func:`fused_sam.reference.norm_sq_partials`.
 
-    One float64 partial on CPU, ``_C.cuda_norm_partials`` on CUDA, in both cases reduced in a
-    fixed order (deterministic).
+    One float64 total on CPU and on CUDA (``_C.cuda_norm_partials`` = 1, added up by the
+    kernel's last block), in both cases reduced in a fixed order (deterministic).
     """
     return _run("direct_norm_sq_partials", _norm_sq_partials, grads, params, adaptive, eta)
 
@@ -433,9 +434,9 @@ def restore_adam_step_(
 def dot_partials(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """See :func:`fused_sam.reference.dot_partials`.
 
-    Products and sums in float64 for every storage dtype. One partial on CPU (per-chunk sums
-    added in chunk order, whatever the thread count), ``_C.cuda_norm_partials`` on CUDA (one per
-    block, each block reduced in a fixed order); deterministic in both cases.
+    Products and sums in float64 for every storage dtype. One total on CPU (per-chunk sums
+    added in chunk order, whatever the thread count) and on CUDA (block sums added in block
+    order by the kernel's last block); deterministic in both cases.
     """
     return _run("direct_dot_partials", _dot_partials, a, b)
 
