@@ -173,8 +173,9 @@ def uses_fused_base_step(name: str | None, devices: Iterable[torch.device]) -> b
 
 
 #: Backends whose kernels read every hyperparameter and flag on the device, so that a CUDA
-#: graph can capture a whole SAM step (see the README, CUDA graphs).
-_CAPTURABLE = frozenset({"triton"})
+#: graph can capture a whole SAM step (see the README, CUDA graphs). The native CUDA kernels
+#: read ``lr``/``rho`` given as CUDA tensors on the device (native.py, ``_on_device``).
+_CAPTURABLE = frozenset({"triton", "cuda"})
 
 
 def capturing() -> bool:

@@ -1,9 +1,10 @@
 """A whole SAM training step captured in a CUDA graph and replayed (``gpu`` tests).
 
-Capture needs a step with nothing read on the host: the Triton backend (its kernels read ``lr``
-and ``rho`` from one-element device tensors and decide a skip on the device) and the fused
-SGD/Adam/AdamW update. An LR scheduler then changes the ``lr`` tensor in place between replays.
-The replays must give the weights and optimizer state of the same steps run eagerly.
+Capture needs a step with nothing read on the host: the Triton or the native CUDA backend (their
+kernels read ``lr`` and ``rho`` from one-element device tensors and decide a skip on the device)
+and the fused SGD/Adam/AdamW update. An LR scheduler then changes the ``lr`` tensor in place
+between replays. The replays must give the weights and optimizer state of the same steps run
+eagerly.
 
 The CPU checks at the end run everywhere: without a GPU nothing can be captured, but the
 refusals that protect a capture can be checked by pretending one is in progress.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as nnf
+from conftest import require_backend
 from torch import nn
 
 from fused_sam import FusedSAM
@@ -35,7 +37,7 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _sam(model: nn.Module, base: str, tensors: bool) -> FusedSAM:
+def _sam(model: nn.Module, base: str, tensors: bool, backend: str = "triton") -> FusedSAM:
     def hyper(value: float):
         # float64, so the kernels read exactly the value the eager run gets as a float.
         return torch.tensor(value, dtype=torch.float64, device="cuda") if tensors else value
@@ -43,10 +45,10 @@ def _sam(model: nn.Module, base: str, tensors: bool) -> FusedSAM:
     if base == "sgd":
         return FusedSAM(
             model.parameters(), torch.optim.SGD, rho=hyper(0.05), lr=hyper(0.1), momentum=0.9,
-            nesterov=True, weight_decay=1e-3, backend="triton",
+            nesterov=True, weight_decay=1e-3, backend=backend,
         )  # fmt: skip
     adamw = torch.optim.AdamW(model.parameters(), lr=hyper(1e-2), capturable=True)
-    return FusedSAM(adamw, rho=hyper(0.05), backend="triton")
+    return FusedSAM(adamw, rho=hyper(0.05), backend=backend)
 
 
 def _step(model: nn.Module, opt: FusedSAM, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -60,9 +62,9 @@ def _schedule(opt: FusedSAM) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8**s)
 
 
-def _eager_run(base: str, tensors: bool, data) -> tuple[nn.Module, FusedSAM]:
+def _eager_run(base: str, tensors: bool, data, backend: str) -> tuple[nn.Module, FusedSAM]:
     model = _model()
-    opt = _sam(model, base, tensors=tensors)
+    opt = _sam(model, base, tensors=tensors, backend=backend)
     sched = _schedule(opt)
     for x, y in data:
         _step(model, opt, x, y)
@@ -75,8 +77,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_gpu_graph_replay_equals_eager_with_a_scheduler(base: str) -> None:
+def test_gpu_graph_replay_equals_eager_with_a_scheduler(base: str, backend: str) -> None:
     """Three eager warm-up steps, then one captured step replayed; lr decays every step.
 
     A replay runs the kernels of the eager step on the same inputs, so the weights and the
@@ -86,11 +89,12 @@ def test_gpu_graph_replay_equals_eager_with_a_scheduler(base: str) -> None:
     counters on the host, not capturable), compared at a tolerance."""
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need a CUDA device")
+    require_backend(backend, "cuda")
     data = _batches()
-    ref_model, ref = _eager_run(base, tensors=True, data=data)
+    ref_model, ref = _eager_run(base, tensors=True, data=data, backend=backend)
 
     model = _model()
-    opt = _sam(model, base, tensors=True)
+    opt = _sam(model, base, tensors=True, backend=backend)
     sched = _schedule(opt)
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
     side = torch.cuda.Stream()
@@ -119,19 +123,19 @@ def test_gpu_graph_replay_equals_eager_with_a_scheduler(base: str) -> None:
             if isinstance(v, torch.Tensor):
                 w = ref.state[q][key]
                 assert torch.equal(_bits(v), _bits(w.to(v.device))), f"parameter {i} {key}"
-    float_model, _ = _eager_run(base, tensors=False, data=data)
+    float_model, _ = _eager_run(base, tensors=False, data=data, backend=backend)
     for a, b in zip(model.parameters(), float_model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.gpu
 def test_gpu_capture_refuses_what_would_freeze() -> None:
-    """Backends that read lr on the host (native CUDA kernels, foreach) refuse to be captured,
-    with a message that says how to capture, instead of recording a frozen lr."""
+    """A backend that reads lr on the host (foreach) refuses to be captured, with a message
+    that says how to capture, instead of recording a frozen lr."""
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need a CUDA device")
     data = _batches()
-    for backend in ("cuda", "foreach"):
+    for backend in ("foreach",):
         model = _model()
         lr = torch.tensor(0.1, dtype=torch.float64, device="cuda")
         opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=lr, momentum=0.9, backend=backend)
@@ -169,8 +173,8 @@ def test_capture_without_a_fused_step_raises_clearly(monkeypatch) -> None:
 
 
 def test_capture_refuses_backends_that_read_the_host(monkeypatch) -> None:
-    """Pretending a capture is in progress: first_step refuses a backend other than Triton
-    before touching anything (the native kernels take lr and rho as numbers)."""
+    """Pretending a capture is in progress: first_step refuses a backend that is not
+    capturable (the CPU kernels take lr and rho as numbers) before touching anything."""
     import fused_sam.functional as functional_module
 
     model = nn.Linear(4, 3)

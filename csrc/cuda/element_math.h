@@ -324,8 +324,9 @@ struct AdamCoefs {
   bool unscale, maximize, weight_decay, decoupled, amsgrad;
 };
 
+// As sgd_coefs: the values behind args.grad_scale and (or) args.lr_device, read by the caller.
 template <typename Op>
-FUSED_SAM_HD AdamCoefs<Op> adam_coefs(const AdamArgs& a, float grad_scale) {
+FUSED_SAM_HD AdamCoefs<Op> adam_coefs(const AdamArgs& a, float grad_scale, double lr) {
   AdamCoefs<Op> k;
   k.unscale = a.grad_scale != nullptr;
   k.gs = k.unscale ? static_cast<Op>(grad_scale) : Op(1);
@@ -334,7 +335,7 @@ FUSED_SAM_HD AdamCoefs<Op> adam_coefs(const AdamArgs& a, float grad_scale) {
   k.beta2 = static_cast<Op>(a.beta2);
   k.one_minus_beta2 = static_cast<Op>(1.0 - a.beta2);
   k.wd = static_cast<Op>(a.weight_decay);
-  k.decay = static_cast<Op>(1.0 - a.lr * a.weight_decay);
+  k.decay = static_cast<Op>(1.0 - lr * a.weight_decay);
   k.eps = static_cast<Op>(a.eps);
   k.maximize = a.maximize;
   k.weight_decay = a.weight_decay != 0.0;

@@ -319,27 +319,26 @@ void sgd_kernel(int grid, const TableView& tab, int64_t chunks, const SgdArgs& a
 }
 
 template <typename T>
-void adam_kernel(int grid, const TableView& tab, int64_t chunks, AdamArgs a,
+void adam_kernel(int grid, const TableView& tab, int64_t chunks, const AdamArgs& a,
                  const Workspace& ws) {
   using Op = typename Num<T>::Op;
   const bool skip = step_skipped(a.skip);
   for (int block = 0; block < grid; ++block) {
     report_skip(a.skip, skip, block);
   }
-  if (a.lr_device != nullptr) {
-    a.lr = *a.lr_device;
-  }
+  const double lr = a.lr_device != nullptr ? *a.lr_device : a.lr;
   if (skip) {
     run_grid(grid, [&](int b, int t) { restore_thread<T>(tab, chunks, kAW, kAB, b, grid, t); });
   } else {
-    const AdamCoefs<Op> k = adam_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
+    const AdamCoefs<Op> k =
+        adam_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f, lr);
     run_grid(grid, [&](int block, int thread) {
       walk_chunks(tab, chunks, block, grid, [&](const ChunkRef& c) {
         Op step_size = static_cast<Op>(a.step_size), bc2 = static_cast<Op>(a.bias_c2_sqrt);
         if (a.device_steps) {
           const double step =
               static_cast<double>(*tab.ptr<const float>(kAStep, c.tensor)) + 1.0;
-          const AdamBias bias = adam_bias(a.lr, a.beta1, a.beta2, step);
+          const AdamBias bias = adam_bias(lr, a.beta1, a.beta2, step);
           step_size = static_cast<Op>(bias.step_size);
           bc2 = static_cast<Op>(bias.bias_c2_sqrt);
         }

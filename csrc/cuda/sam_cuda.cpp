@@ -29,6 +29,7 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -67,11 +68,15 @@ void check(cudaError_t err) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-bool capturing(cudaStream_t s) {
+// The id of the capture sequence stream s is in (unique in the process), 0 when it captures none.
+unsigned long long capture_id(cudaStream_t s) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  check(cudaStreamIsCapturing(s, &status));
-  return status != cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  check(cudaStreamGetCaptureInfo(s, &status, &id));
+  return status == cudaStreamCaptureStatusNone ? 0 : id;
 }
+
+bool capturing(cudaStream_t s) { return capture_id(s) != 0; }
 
 // Lets this thread make allocations while a stream captures (cudaMalloc, pinned host memory):
 // torch.cuda.graph's default ("global") mode refuses them as potentially unsafe, but these are
@@ -89,15 +94,17 @@ class RelaxedCapture {
 
 // ---------------------------------------------------------------------------------------------
 // Per-stream workspaces (sam_kernels.h): the ticket counter of the last-block finalize and the
-// norm/dot partials. Made zero once per (device, stream) and never freed (a graph captured
-// with one keeps its address); the kernels leave the counter at zero. Two streams never share
-// one, so concurrent launches cannot mix their tickets.
+// norm/dot partials. Made zero once per (device, stream), and once per capture sequence, and
+// never freed (a graph keeps the address it captured); the kernels leave the counter at zero.
+// No two streams and no two graphs share one, so launches that may run at once (eager work on
+// two streams, two graphs replayed on two streams, a graph beside eager work) cannot mix their
+// tickets.
 
 ck::Workspace workspace(int device, cudaStream_t s) {
   static std::mutex mu;
-  static std::map<std::pair<int, cudaStream_t>, ck::Workspace> made;
+  static std::map<std::tuple<int, cudaStream_t, unsigned long long>, ck::Workspace> made;
+  const auto key = std::make_tuple(device, s, capture_id(s));
   std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(device, s);
   auto it = made.find(key);
   if (it != made.end()) {
     return it->second;

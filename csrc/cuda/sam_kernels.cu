@@ -151,8 +151,11 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(TableView tab, int64_
 // ---------------------------------------------------------------------------------------------
 // restore + SGD
 
+// At least 3 resident blocks (at most 42 registers): the skip decision's loop over the norm
+// partials otherwise takes float32 to 48 registers, 2 blocks per SM (nvcc 13, sm_90: 40
+// registers for every dtype, no spills).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)
     sgd_kernel(TableView tab, int64_t chunks, SgdArgs a) {
   using Op = typename Num<T>::Op;
   const bool skip = step_skipped(a.skip);
@@ -215,20 +218,20 @@ __global__ void __launch_bounds__(kThreads)
   using Op = typename Num<T>::Op;
   const bool skip = step_skipped(a.skip);
   report_skip(a.skip, skip);
-  if (a.lr_device != nullptr) {
-    a.lr = *a.lr_device;
-  }
   if (skip) {
     restore_chunks<T>(tab, chunks, kAW, kAB);
   } else {
+    // (A local, not an assignment to a.lr: writing a by-value kernel parameter copies the
+    // whole argument struct to local memory.)
+    const double lr = a.lr_device != nullptr ? *a.lr_device : a.lr;
     const AdamCoefs<Op> k =
-        adam_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
+        adam_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f, lr);
     for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
       Op step_size = static_cast<Op>(a.step_size), bc2 = static_cast<Op>(a.bias_c2_sqrt);
       if (a.device_steps) {
         // Bias corrections of this tensor from its counter as it will be after this step.
         const double step = static_cast<double>(*tab.ptr<const float>(kAStep, c.tensor)) + 1.0;
-        const AdamBias bias = adam_bias(a.lr, a.beta1, a.beta2, step);
+        const AdamBias bias = adam_bias(lr, a.beta1, a.beta2, step);
         step_size = static_cast<Op>(bias.step_size);
         bc2 = static_cast<Op>(bias.bias_c2_sqrt);
       }

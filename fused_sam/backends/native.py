@@ -165,8 +165,10 @@ if _C is not None:
     # scheduled lr or rho) is a constant of a compiled graph, guarded on, so every new value
     # recompiles; torch's optimizers take ``lr`` as a 0-dim tensor for that reason. These three
     # ops are the C++ ops with ``rho``/``lr`` as a tensor: the graph passes the tensor, and the
-    # op reads its value when it runs (free for a CPU tensor, one sync for a device one). The
-    # kernels and every other argument are those of the float ops, so results are identical.
+    # op reads its value when it runs (free for a CPU tensor); for CUDA tensors the CUDA kernels
+    # read it on the device (``_C.cuda_*_tensor_*``: no host read, so eager steps do not sync and
+    # a CUDA graph replay reads the value of the moment). The kernels and every other argument
+    # are those of the float ops, so results are identical.
 
     @torch.library.custom_op("fused_sam::perturb_tensor_rho_", mutates_args=("params", "backups"))
     def _perturb_tensor_rho(
@@ -184,6 +186,10 @@ if _C is not None:
         threshold: int,
     ) -> None:
         _check_scalar("rho", rho)
+        if _on_device(rho, params):
+            args = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks)
+            _C.cuda_perturb_tensor_rho_(*args, salts, step_key, threshold)
+            return
         args = (params, grads, backups, sumsq, float(rho), eps, adaptive, eta, masks)
         _run("direct_perturb_", _perturb, *args, salts, step_key, threshold)
 
@@ -211,6 +217,12 @@ if _C is not None:
         sumsqs: list[Tensor],
     ) -> Tensor:
         _check_scalar("lr", lr)
+        if _on_device(lr, params):
+            return _C.cuda_restore_sgd_step_tensor_lr_(
+                params, grads, backups, momentum_buffers, lr=lr, weight_decay=weight_decay,
+                momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
+                first_step=first_step, grad_scale=grad_scale, found_inf=found_inf, sumsqs=sumsqs,
+            )  # fmt: skip
         hyper = SGDHyper(float(lr), weight_decay, momentum, dampening, nesterov, maximize)
         return restore_sgd_step_(
             params, grads, backups, momentum_buffers, hyper, first_step=first_step,
@@ -247,6 +259,13 @@ if _C is not None:
         sumsqs: list[Tensor],
     ) -> Tensor:
         _check_scalar("lr", lr)
+        if _on_device(lr, params):
+            return _C.cuda_restore_adam_step_tensor_lr_(
+                params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+                grad_scale=grad_scale, found_inf=found_inf, sumsqs=sumsqs,
+            )  # fmt: skip
         hyper = AdamHyper(
             float(lr), beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
         )
@@ -263,6 +282,12 @@ if _C is not None:
     _perturb_t = _ops.perturb_tensor_rho_.default
     _restore_sgd_step_t = _ops.restore_sgd_step_tensor_lr_.default
     _restore_adam_step_t = _ops.restore_adam_step_tensor_lr_.default
+
+
+def _on_device(value: Tensor, params: Sequence[Tensor]) -> bool:
+    """Whether the CUDA kernels can read the tensor hyperparameter ``value`` on the device
+    (``_C.cuda_*_tensor_*``): it and the parameters are CUDA tensors of a CUDA build."""
+    return value.is_cuda and bool(params) and params[0].is_cuda and bool(_C.with_cuda)
 
 
 def _number(value: Tensor, name: str) -> float:
@@ -353,7 +378,9 @@ def perturb_(
     ``1 / keep`` is folded into ``rho`` here).
 
     ``rho`` may be a one-element tensor: traced, it stays one (the ``perturb_tensor_rho_`` op),
-    so a new value does not recompile; eagerly its value is read here.
+    so a new value does not recompile; a CUDA tensor beside CUDA parameters also takes that op
+    eagerly, and the CUDA kernel reads it on the device (no sync; CUDA graphs); eagerly a CPU
+    tensor's value is read here.
     """
     salts: list[int] = []
     step_key = threshold = 0
@@ -362,7 +389,7 @@ def perturb_(
         salts, step_key, threshold = list(masks.salts), masks.step_key, masks.threshold
         masks = None
     if isinstance(rho, Tensor):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _on_device(rho, params):
             args_t = (params, grads, backups, sumsq, rho, eps, adaptive, eta, masks or [])
             _perturb_t(*args_t, salts, step_key, threshold)
             return
@@ -393,7 +420,7 @@ def restore_sgd_step_(
     tensors = (params, grads, backups, momentum_buffers)
     sumsqs = list(sumsqs)
     if isinstance(hyper.lr, Tensor):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _on_device(hyper.lr, params):
             return _restore_sgd_step_t(*tensors, *hyper, first_step, grad_scale, found_inf, sumsqs)
         hyper = with_lr(hyper, _number(hyper.lr, "lr"))
     amp = {"first_step": first_step, "grad_scale": grad_scale, "found_inf": found_inf}
@@ -422,7 +449,7 @@ def restore_adam_step_(
     tensors = (params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     sumsqs = list(sumsqs)
     if isinstance(hyper.lr, Tensor):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _on_device(hyper.lr, params):
             return _restore_adam_step_t(*tensors, *hyper, grad_scale, found_inf, sumsqs)
         hyper = with_lr(hyper, _number(hyper.lr, "lr"))
     amp = {"grad_scale": grad_scale, "found_inf": found_inf, "sumsqs": sumsqs}

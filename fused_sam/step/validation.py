@@ -153,9 +153,9 @@ def check_state_shapes(base: Optimizer) -> None:
 
 CAPTURE = (
     "a CUDA graph can capture a SAM step only where nothing is read on the host: "
-    "backend='triton' (its kernels read lr and rho from one-element tensors on the GPU and "
-    "decide a skip on the device) with SGD, Adam or AdamW, whose update it fuses with the "
-    "restore; see the README, CUDA graphs"
+    "backend='triton' or backend='cuda' (their kernels read lr and rho from one-element "
+    "tensors on the GPU and decide a skip on the device) with SGD, Adam or AdamW, whose update "
+    "they fuse with the restore; see the README, CUDA graphs"
 )
 
 
