@@ -4,9 +4,10 @@ Each replaces one exact line fragment (``old``, which must occur exactly once in
 ``new``. ``kind`` says what running it needs: ``python`` and ``triton`` (interpreted) mutants
 only need the tests; ``cpp`` mutants rebuild the CPU extension; ``cuda`` mutants need a GPU
 (a CUDA build and ``-m gpu``); ``cuda_host`` mutants are in the code the CUDA kernels share with
-their host build (``csrc/cuda/element_math.h``, ``harness.h``), which
-``tests/test_cuda_host.py`` compiles and runs on the CPU: they need no GPU and no rebuild. ``tests`` are the test files run against the mutant (all of them
-belong to the default suite, so a mutant they kill the default suite kills too).
+their host build (``csrc/cuda/element_math.h``, ``harness.h``), which ``tests/test_cuda_host.py``
+compiles and runs on the CPU: they need no GPU and no rebuild. ``tests`` are the test files run
+against the mutant (all of them belong to the default suite, so a mutant they kill the default
+suite kills too).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ and must pass.
 ``cpp`` mutants rebuild the CPU extension in the copy (the first one builds it whole, later
 ones incrementally); ``cuda`` mutants need a CUDA GPU and a CUDA build and are reported as not
 run elsewhere; ``cuda_host`` mutants (the CUDA kernels' shared math and indexing) are killed on
-the CPU by tests/test_cuda_host.py, which compiles the host build from the copy itself. Exit status: 0 when every mutant that ran was killed.
+the CPU by tests/test_cuda_host.py, which compiles the host build from the copy itself. Exit
+status: 0 when every mutant that ran was killed.
 """
 
 from __future__ import annotations
