@@ -945,3 +945,28 @@ def test_walk_past_2_to_the_31(lib, v) -> None:
     after = chunks[0] + chunks[1]
     got = _walk(lib, numels, [1, 1, 1], grid, after % grid, 0, v)
     assert (2, 0, min(v, 3)) in got
+
+
+# ---------------------------------------------------------------------------------------------
+# The sharing itself
+
+
+def test_kernels_and_host_build_call_the_shared_functions() -> None:
+    """The CUDA kernels and the host build both call every shared function (a kernel that
+    went back to its own copy of the math would leave the host build testing something else).
+    The per-element math and the indexing live only in element_math.h and harness.h."""
+    cuda = "\n".join(
+        (ROOT / "csrc" / "cuda" / f).read_text() for f in ("sam_kernels.cu", "multi_tensor.cuh")
+    )
+    host = (ROOT / "csrc" / "cuda" / "host_driver.cc").read_text()
+    shared = [
+        "norm_sq_term(", "dot_term(", "perturb_scale(", "perturb_value<", "mask_bit(",
+        "element_hash(", "total_of(", "step_skipped(", "sgd_coefs<", "sgd_value(",
+        "adam_coefs<", "adam_bias(", "adam_value(", "axpby_value(", "walk_chunks(",
+        "walk_packs<", "warp_tree(", "launch_grid(",
+    ]  # fmt: skip
+    for name in shared:
+        assert name in cuda, f"the CUDA kernels no longer call {name}"
+        assert name in host, f"the host build no longer calls {name}"
+    for own_copy in ("0x85EBCA6B", "fmix", "__shfl_down_sync(0xffffffffu, x, off)", "pow("):
+        assert own_copy not in (ROOT / "csrc" / "cuda" / "sam_kernels.cu").read_text(), own_copy
