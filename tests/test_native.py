@@ -876,7 +876,8 @@ _INSTANCES = {name: 4 for name in _VECTOR_ACCESSES} | {"norm_sq_kernel": 8, "per
 def test_cuda_vector_path_loads_and_stores_16_bytes(tmp_path) -> None:
     """Every kernel's vector path is ld.global.cs.v4 / st.global.cs.v4 (SASS LDG/STG.E.EF.128),
     exactly as many as the lists it reads and writes: a plain dereference of a table pointer
-    would be a generic ld.v4 (LD.E.128), a lost vector access a scalar one."""
+    would be a generic ld.v4 (LD.E.128), a lost vector access a scalar one. No kernel keeps
+    anything in local memory."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found (CI has it: .ci/run refuses to run without it)")
@@ -909,6 +910,9 @@ def test_cuda_vector_path_loads_and_stores_16_bytes(tmp_path) -> None:
             r"\n\s*(?:ld|st)(?!\.(?:param|shared|local|const))(?:\.\w+)*\.v[248]\.", body
         )
         assert len(others) == sum(got), (name[-80:], others)
+        # Nothing in local memory: e.g. a write to a by-value argument struct, or a dynamic
+        # index into one, copies it there (a stack frame per thread, spilled through L1).
+        assert ".local" not in body and "__local_depot" not in body, name[-80:]
     assert seen == _INSTANCES
 
 
