@@ -1,12 +1,14 @@
 """The CUDA kernels' code, run on the CPU: the host build of ``csrc/cuda``.
 
 ``csrc/cuda/element_math.h`` (the per-element math: conversions, norm terms, perturbation with
-masks and random bits, SGD, Adam/AdamW, axpby) and ``csrc/cuda/harness.h`` (the table image,
-the grid choice, the chunk and pack walks with 64-bit offsets, the 16-byte decision, the
-reduction tree) are compiled by nvcc into the kernels and, here, by the host compiler alone into
-``csrc/cuda/host_driver.cc``'s small library (no CUDA toolkit, no torch; ``-ffp-contract=off``
-as the CUDA build's ``--fmad=false``), which runs every block and thread of the grid the CUDA
-glue would launch (an H100's: 132 SMs x 4 blocks) over CPU tensors.
+masks and random bits, SGD, Adam/AdamW, axpby, the skip decision) and ``csrc/cuda/harness.h``
+(the table image, the grid choice, the chunk and pack walks with 64-bit offsets, the 16-byte
+decision, the reduction tree) are compiled by nvcc into the kernels and, here, by the host
+compiler alone into ``csrc/cuda/host_driver.cc``'s small library (no CUDA toolkit, no torch;
+``-ffp-contract=off`` as the CUDA build's ``--fmad=false``), which runs every block and thread
+of the grid a GPU would get (by default an H100's 132 SMs x 4 resident blocks; the occupancy
+API's answer is the one input the host cannot compute) over CPU tensors, the stream
+workspace's ticket and the last block's finalize included.
 
 What is compared, and how exactly:
 
@@ -16,11 +18,15 @@ What is compared, and how exactly:
     (one-element ``sumsq``, no random mask) and SGD equal the reference's bits; Adam/AdamW's
     moments too, and its weights equal the same float64 math with a correctly rounded sqrt
     (torch's CPU sqrt, which the reference calls, is not: it is 1 ulp off for some inputs);
-  - axpby and dot products are float64 for every storage type: equal to the reference's bits;
+  - axpby is float64 for every storage type: equal to the reference's bits;
   - float32/float16/bfloat16 storage: the kernels compute in float32, one rounding per
-    operation; the same operations on float32 torch tensors (``_f32``) give the same bits;
-  - norm and dot partials: per block, against a correctly rounded sum (``math.fsum``) of the
-    block's own terms (which chunks a block owns is derived here from the grid stride) at 1e-12.
+    operation; the same operations on float32 torch tensors (``_sgd_f32``, ``_perturb_f32``,
+    ``_adam_math``) give the same bits;
+  - norm and dot: each block's partial against a correctly rounded sum (``math.fsum``) of the
+    block's own terms (which chunks a block owns is derived here from the grid stride) at
+    1e-12, and the total bit for bit against the last block's order (``_finalize``, in Python
+    floats); the reference's total at 1e-12;
+  - the half/bfloat16 conversions against torch's, and the hash against fused_sam.masks'.
 
 The GPU tests then only have to reproduce what this file already checked.
 """
