@@ -976,3 +976,81 @@ def test_kernels_and_host_build_call_the_shared_functions() -> None:
         assert name in host, f"the host build no longer calls {name}"
     for own_copy in ("0x85EBCA6B", "fmix", "__shfl_down_sync(0xffffffffu, x, off)", "pow("):
         assert own_copy not in (ROOT / "csrc" / "cuda" / "sam_kernels.cu").read_text(), own_copy
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: the CUDA build reproduces the host build's bits
+
+
+def _cuda_twin(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA copy of ``t`` with its storage offset (so the same 16-byte decision)."""
+    numel = t.untyped_storage().nbytes() // t.element_size()
+    base = torch.full((numel,), CANARY, dtype=t.dtype, device="cuda")
+    return base.as_strided(t.size(), t.stride(), t.storage_offset()).copy_(t)
+
+
+def _bits_match(cuda: list[torch.Tensor], cpu: list[torch.Tensor], what: str) -> None:
+    _assert_bits([t.cpu() for t in cuda], cpu, what)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_reproduces_the_host_bits(host, dtype) -> None:
+    """Every op of a SAM step on the CUDA build gives the bits of the host build on the same
+    inputs. The tensors hold 9 chunks, so every kernel's grid (resident blocks, at most one per
+    chunk) is 9 blocks on any GPU with 9 SMs or more: the norm's partials group alike. Adam runs
+    with step counters on the CPU (bias corrections from the host's pow on both sides)."""
+    if not torch.cuda.is_available():
+        pytest.fail("-m gpu selected but torch sees no CUDA device")
+    ops = torch.ops.fused_sam
+    w, g, g2, buf, m, v = _lists(SIZES, dtype, 6, seed=15, offsets=[0, 1, 0, 1, 0])
+    v = [t.abs_() for t in v]
+    cw, cg, cg2, cbuf, cm, cv = ([_cuda_twin(t) for t in x] for x in (w, g, g2, buf, m, v))
+    # norm of g1 (ASAM)
+    total = host.norm_sq_partials(g, w, True, 0.01)
+    ctotal = ops.norm_sq_partials(cg, cw, True, 0.01)
+    _bits_match([ctotal], [total], "norm")
+    # perturb with a random mask
+    masks = _masks_for("random", w)
+    b, cb = _clone(w), [_cuda_twin(t) for t in w]
+    host.perturb_(w, g, b, total, 0.05, 1e-12, True, 0.01, masks)
+    ops.perturb_(cw, cg, cb, ctotal, 0.05 * masks.scale, 1e-12, True, 0.01, [],
+                 list(masks.salts), masks.step_key, masks.threshold)  # fmt: skip
+    _bits_match(cw + cb, w + b, "perturb")
+    # restore + SGD (momentum, nesterov, weight decay, loss scale, checked norms)
+    gs = torch.tensor(64.0)
+    hyper = SGD_CASES[2]
+    sumsq = [total]
+    flag = host.restore_sgd_step_(w, g2, b, buf, hyper, first_step=False, grad_scale=gs,
+                                  found_inf=torch.tensor(0.0), sumsqs=sumsq)  # fmt: skip
+    cflag = ops.restore_sgd_step_(cw, cg2, cb, cbuf, lr=hyper.lr, weight_decay=hyper.weight_decay,
+                                  momentum=hyper.momentum, dampening=hyper.dampening,
+                                  nesterov=hyper.nesterov, maximize=hyper.maximize,
+                                  first_step=False, grad_scale=gs.cuda(),
+                                  found_inf=torch.zeros((), device="cuda"),
+                                  sumsqs=[ctotal])  # fmt: skip
+    assert not bool(flag) and not bool(cflag)
+    _bits_match(cw + cbuf, w + buf, "restore + SGD")
+    # restore + AdamW (amsgrad), step counters on the CPU
+    hyper_a = ADAM_CASES[3]
+    vmax, cvmax = _clone(v), [_cuda_twin(t) for t in v]
+    steps = [torch.tensor(4.0) for _ in w]
+    csteps = [torch.tensor(4.0) for _ in w]
+    host.device_steps = False
+    host.restore_adam_step_(w, g2, b, m, v, vmax, steps, hyper_a, grad_scale=None,
+                            found_inf=None, sumsqs=sumsq)  # fmt: skip
+    ops.restore_adam_step_(cw, cg2, cb, cm, cv, cvmax, csteps, lr=hyper_a.lr, beta1=hyper_a.beta1,
+                           beta2=hyper_a.beta2, eps=hyper_a.eps,
+                           weight_decay=hyper_a.weight_decay, amsgrad=hyper_a.amsgrad,
+                           maximize=hyper_a.maximize,
+                           decoupled_weight_decay=hyper_a.decoupled_weight_decay,
+                           grad_scale=None, found_inf=None, sumsqs=[ctotal])  # fmt: skip
+    _bits_match(cw + cm + cv + cvmax, w + m + v + vmax, "restore + AdamW")
+    assert [float(s) for s in csteps] == [float(s) for s in steps]
+    # the variants' ops
+    dot, cdot = host.dot_partials(g, g2), ops.dot_partials(cg, cg2)
+    _bits_match([cdot], [dot], "dot")
+    coefs = torch.tensor([0.75, -0.5], dtype=torch.float64)
+    host.axpby_(g, g, g2, coefs, None)
+    ops.axpby_(cg, cg, cg2, coefs.cuda(), None)
+    _bits_match(cg, g, "axpby")
