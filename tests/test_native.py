@@ -81,7 +81,14 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
         "restore_sgd_step_": [
             (
                 (ps, gs, bs, bufs),
-                dict(sgd, maximize=False, first_step=True, grad_scale=None, found_inf=None),
+                dict(
+                    sgd,
+                    maximize=False,
+                    first_step=True,
+                    grad_scale=None,
+                    found_inf=None,
+                    sumsqs=[],
+                ),
             ),
             (
                 (ps, gs, bs, bufs),
@@ -91,6 +98,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
                     first_step=False,
                     grad_scale=scalar(8.0),
                     found_inf=scalar(0.0),
+                    sumsqs=[sumsq, sumsq],
                 ),
             ),
         ],
@@ -103,6 +111,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
                     decoupled_weight_decay=True,
                     grad_scale=None,
                     found_inf=None,
+                    sumsqs=[sumsq],
                 ),
             ),
             (
@@ -121,6 +130,7 @@ def _opcheck_cases(device: str, dtype: torch.dtype):
                     decoupled_weight_decay=False,
                     grad_scale=scalar(2.0),
                     found_inf=scalar(1.0),
+                    sumsqs=[],
                 ),
             ),
         ],
@@ -384,14 +394,17 @@ def test_direct_calls_match_the_registered_ops() -> None:
             if direct:
                 s = native.norm_sq_partials(gs, ps, False, 0.0)
                 native.perturb_(ps, gs, bs, s, 0.05, 1e-12, False, 0.0, None)
-                native.restore_sgd_step_(ps, gs, bs, bufs, _SGD, **_SGD_AMP)
+                flag = native.restore_sgd_step_(ps, gs, bs, bufs, _SGD, **_SGD_AMP, sumsqs=[s])
             else:
                 s = _ops().norm_sq_partials(gs, ps, False, 0.0)
                 _ops().perturb_(ps, gs, bs, s, 0.05, 1e-12, False, 0.0, [])
-                _ops().restore_sgd_step_(ps, gs, bs, bufs, **_SGD._asdict(), **_SGD_AMP)
+                flag = _ops().restore_sgd_step_(
+                    ps, gs, bs, bufs, **_SGD._asdict(), **_SGD_AMP, sumsqs=[s]
+                )
         assert all(p._version >= v + 2 for p, v in zip(ps, versions))
         assert all(b._version >= 1 for b in bufs + bs)
-        results.append([*ps, *bufs, s])
+        assert flag.dtype == torch.bool and flag.dim() == 0
+        results.append([*ps, *bufs, s, flag])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
