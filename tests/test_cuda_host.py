@@ -321,7 +321,7 @@ def _tensor(numel: int, dtype: torch.dtype, offset: int = 0, scale: float = 1.0,
     (offset 1 makes it misaligned for 16-byte accesses)."""
     base = torch.full((numel + offset + 8,), CANARY, dtype=dtype)
     t = base[offset : offset + numel]
-    assert t.data_ptr() % 16 == (offset * t.element_size()) % 16
+    assert numel == 0 or t.data_ptr() % 16 == (offset * t.element_size()) % 16
     t.copy_(torch.randn(numel, dtype=torch.float64, generator=gen) * scale)
     return t
 
@@ -336,11 +336,13 @@ def _untouched_outside(ts) -> None:
         assert bool((whole[~inside] == CANARY).all()), "a write past the end of a tensor"
 
 
-def _lists(sizes, dtype, count: int, seed: int, offsets=None, scale: float = 1.0):
+def _lists(sizes, dtype, count: int, seed: int, offsets=(0,), scale: float = 1.0):
+    """``count`` lists of tensors of ``sizes``; tensor i starts ``offsets[i % len(offsets)]``
+    elements into its storage."""
     gen = torch.Generator().manual_seed(seed)
-    offsets = offsets or [0] * len(sizes)
     return [
-        [_tensor(n, dtype, off, scale, gen) for n, off in zip(sizes, offsets)] for _ in range(count)
+        [_tensor(n, dtype, offsets[i % len(offsets)], scale, gen) for i, n in enumerate(sizes)]
+        for _ in range(count)
     ]
 
 
@@ -385,7 +387,8 @@ def _f(x: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float64).to(dtype)
 
 
-SIZES = [1, 3, 4097, 65537, 3 * CHUNK + 5]  # odd sizes and several chunks per tensor
+#: Odd sizes, an empty tensor (it owns no chunk), and several chunks per tensor (9 in all).
+SIZES = [1, 3, 0, 4097, 65537, 3 * CHUNK + 5]
 
 
 @pytest.fixture
@@ -523,7 +526,7 @@ def test_norm(host, dtype, adaptive, resident) -> None:
     float64 additions differs); the total is the last block's sum of the partials in block_sum's
     order (bit for bit) and the reference's (1e-12)."""
     host.resident_blocks = resident
-    g, w = _lists(SIZES, dtype, 2, seed=2, offsets=[0, 1, 0, 1, 0])
+    g, w = _lists(SIZES, dtype, 2, seed=2, offsets=[0, 1])
     out = host.norm_sq_partials(g, w, adaptive, 0.01)
     grid = min(_chunks(g), resident)
     partials = host.block_partials(grid)
@@ -538,7 +541,7 @@ def test_norm(host, dtype, adaptive, resident) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dot(host, dtype) -> None:
-    a, b = _lists(SIZES, dtype, 2, seed=3, offsets=[1, 0, 1, 0, 1])
+    a, b = _lists(SIZES, dtype, 2, seed=3, offsets=[1, 0])
     out = host.dot_partials(a, b)
     grid = min(_chunks(a), H100_BLOCKS)
     partials = host.block_partials(grid)
@@ -601,8 +604,12 @@ def _keep(kind, masks, i, p):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("mask", ["none", "bits", "random"])
-def test_perturb(host, dtype, adaptive, mask) -> None:
-    w, g = _lists(SIZES, dtype, 2, seed=4, offsets=[0, 1, 0, 1, 0])
+@pytest.mark.parametrize("resident", [H100_BLOCKS, 3])
+def test_perturb(host, dtype, adaptive, mask, resident) -> None:
+    """Against the reference, and bit for bit against the same math (3 resident blocks: each
+    block walks several chunks, of different tensors)."""
+    host.resident_blocks = resident
+    w, g = _lists(SIZES, dtype, 2, seed=4, offsets=[0, 1])
     masks = _masks_for(mask, w)
     sumsq = torch.tensor([37.25], dtype=torch.float64)  # one partial: the same norm on both sides
     rho, eps, eta = 0.05, 1e-12, 0.01
@@ -683,7 +690,7 @@ SGD_CASES = [
 @pytest.mark.parametrize("amp", [False, True])
 def test_restore_sgd_step(host, dtype, hyper, amp) -> None:
     """Two steps (the first fills the momentum buffers) from perturbed weights."""
-    w, g, b, buf = _lists(SIZES, dtype, 4, seed=8, offsets=[0, 1, 0, 1, 0])
+    w, g, b, buf = _lists(SIZES, dtype, 4, seed=8, offsets=[0, 1])
     grad_scale = torch.tensor(1024.0) if amp else None
     if amp:
         g = [t * 1024 for t in g]
@@ -727,7 +734,7 @@ SKIPS = {
 def test_restore_sgd_skip_only_restores(host, dtype, why) -> None:
     """found_inf, or a non-finite total of either checked norm: the weights restored, the
     buffers untouched, the flag set (and clear again on the next normal step)."""
-    w, g, b, buf = _lists(ODD, dtype, 4, seed=9, offsets=[1, 0, 1, 0])
+    w, g, b, buf = _lists(ODD, dtype, 4, seed=9, offsets=[1, 0])
     w_k, buf_k = _clone(w), _clone(buf)
     found_inf, sumsqs = SKIPS[why]
     flag = host.restore_sgd_step_(w_k, g, b, buf_k, SGD_CASES[1], first_step=False,
@@ -803,7 +810,7 @@ ADAM_CASES = [
 def test_restore_adam_step(host, dtype, hyper, steps_on) -> None:
     """Three steps from perturbed weights; counters read and advanced in the kernel (device) or
     by the glue (host), and scaled gradients on the last one."""
-    w, g, b, m, v = _lists(SIZES, dtype, 5, seed=11, offsets=[0, 1, 0, 1, 0])
+    w, g, b, m, v = _lists(SIZES, dtype, 5, seed=11, offsets=[0, 1])
     v = [t.abs_() for t in v]  # in place: the storage keeps its canaries
     vmax = [_clone([t])[0].mul_(1.5) for t in v]
     state_k = [_clone(x) for x in (w, m, v, vmax)]
@@ -845,7 +852,7 @@ def test_restore_adam_step(host, dtype, hyper, steps_on) -> None:
 @pytest.mark.parametrize("why", list(SKIPS))
 def test_restore_adam_skip_only_restores(host, steps_on, why) -> None:
     """As for SGD, and the step counters stay where they were."""
-    w, g, b, m, v = _lists(ODD, torch.bfloat16, 5, seed=12, offsets=[1, 0, 1, 0])
+    w, g, b, m, v = _lists(ODD, torch.bfloat16, 5, seed=12, offsets=[1, 0])
     state = [_clone(x) for x in (w, m, v)]
     steps = [torch.tensor(3.0) for _ in w]
     host.device_steps = steps_on == "device"
@@ -863,7 +870,7 @@ def test_restore_adam_skip_only_restores(host, steps_on, why) -> None:
 def test_hyperparameters_read_on_the_device(host, dtype) -> None:
     """lr (SGD, Adam with device counters) and rho given as device values (what a CUDA graph
     replays) give the bits of the same values given as arguments."""
-    w, g, b, buf, m, v = _lists(SIZES[:4], dtype, 6, seed=14, offsets=[1, 0, 1, 0])
+    w, g, b, buf, m, v = _lists(SIZES[:5], dtype, 6, seed=14, offsets=[1, 0])
     v = [t.abs_() for t in v]
     lr = torch.tensor(0.0375, dtype=torch.float64)
     runs = []
@@ -891,7 +898,7 @@ def test_hyperparameters_read_on_the_device(host, dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("alias", ["none", "x"])
 def test_axpby(host, dtype, alias) -> None:
-    x, y = _lists(SIZES, dtype, 2, seed=13, offsets=[1, 0, 1, 0, 1])
+    x, y = _lists(SIZES, dtype, 2, seed=13, offsets=[1, 0])
     coefs = torch.tensor([0.7, -1.3], dtype=torch.float64)
     out_k = _clone(x) if alias == "x" else [_clone([t])[0].zero_() for t in y]
     x_k = out_k if alias == "x" else x
@@ -1003,7 +1010,7 @@ def test_gpu_reproduces_the_host_bits(host, dtype) -> None:
     if not torch.cuda.is_available():
         pytest.fail("-m gpu selected but torch sees no CUDA device")
     ops = torch.ops.fused_sam
-    w, g, g2, buf, m, v = _lists(SIZES, dtype, 6, seed=15, offsets=[0, 1, 0, 1, 0])
+    w, g, g2, buf, m, v = _lists(SIZES, dtype, 6, seed=15, offsets=[0, 1])
     v = [t.abs_() for t in v]
     cw, cg, cg2, cbuf, cm, cv = ([_cuda_twin(t) for t in x] for x in (w, g, g2, buf, m, v))
     # norm of g1 (ASAM)
