@@ -3,8 +3,11 @@
 Each replaces one exact line fragment (``old``, which must occur exactly once in ``path``) by
 ``new``. ``kind`` says what running it needs: ``python`` and ``triton`` (interpreted) mutants
 only need the tests; ``cpp`` mutants rebuild the CPU extension; ``cuda`` mutants need a GPU
-(a CUDA build and ``-m gpu``). ``tests`` are the test files run against the mutant (all of them
-belong to the default suite, so a mutant they kill the default suite kills too).
+(a CUDA build and ``-m gpu``); ``cuda_host`` mutants are in the code the CUDA kernels share with
+their host build (``csrc/cuda/element_math.h``, ``harness.h``), which ``tests/test_cuda_host.py``
+compiles and runs on the CPU: they need no GPU and no rebuild. ``tests`` are the test files run
+against the mutant (all of them belong to the default suite, so a mutant they kill the default
+suite kills too).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ class Mutant:
     path: str
     old: str
     new: str
-    kind: str  # "python", "triton", "cpp" or "cuda"
+    kind: str  # "python", "triton", "cpp", "cuda" or "cuda_host"
     tests: tuple[str, ...]
     why: str
 
@@ -29,6 +32,7 @@ _OPS = ("tests/test_op_outputs.py", "tests/test_ops.py")
 _OPT = ("tests/test_optimizer.py", "tests/test_faults.py", "tests/test_amp.py")
 _NATIVE = ("tests/test_op_outputs.py", "tests/test_native.py", "tests/test_ops.py")
 _GPU = ("tests/test_native.py", "tests/test_triton.py", "tests/test_amp.py")
+_CUDA_HOST = ("tests/test_cuda_host.py",)
 _VARIANT_TRITON = ("tests/test_variant_ops.py", "tests/test_triton.py")
 _VARIANT_OPS = ("tests/test_variant_ops.py", "tests/test_native.py")
 
@@ -230,25 +234,33 @@ MUTANTS: tuple[Mutant, ...] = (
            "F.restore_(ps, [self._w[p] for p in ps], self.backend)",
            "pass", "python",
            ("tests/test_variants.py",), "Momentum-SAM steps from the perturbed weights"),
+    # --- The CUDA kernels' shared math and indexing (killed on the CPU by their host build) ----
+    Mutant("cuda-perturb-sign", "csrc/cuda/element_math.h", "  return w + e;", "  return w - e;",
+           "cuda_host", _CUDA_HOST, "descent instead of ascent"),
+    Mutant("cuda-sgd-scale-mul", "csrc/cuda/element_math.h", "d = d / k.gs;", "d = d * k.gs;",
+           "cuda_host", _CUDA_HOST, "SGD multiplies by the AMP grad_scale"),
+    Mutant("cuda-norm-unsquared", "csrc/cuda/element_math.h", "  return x * x;", "  return x;",
+           "cuda_host", _CUDA_HOST, "norm sums g, not g^2"),
+    Mutant("cuda-sgd-nesterov", "csrc/cuda/element_math.h", "d = k.nesterov ? d + k.mu * v : v;",
+           "d = v;", "cuda_host", _CUDA_HOST, "SGD nesterov ignored"),
+    Mutant("cuda-sumsqs-ignored", "csrc/cuda/element_math.h",
+           "skip = !is_finite(total_of(s.sumsq[i], s.len[i]));", "skip = false;", "cuda_host",
+           _CUDA_HOST, "the restore+step kernels step although a checked norm is not finite"),
+    Mutant("cuda-adam-bc2-beta1", "csrc/cuda/element_math.h", "sqrt(1.0 - pow(beta2, step))",
+           "sqrt(1.0 - pow(beta1, step))", "cuda_host", _CUDA_HOST,
+           "Adam's second bias correction computed with beta1"),
+    Mutant("cuda-tail-full-pack", "csrc/cuda/harness.h",
+           "step(i, left < V ? static_cast<int>(left) : V);", "step(i, V);", "cuda_host",
+           _CUDA_HOST, "a tensor's last pack stores lanes past its end"),
+    Mutant("cuda-align-8", "csrc/cuda/harness.h", "e.value % 16 == 0", "e.value % 8 == 0",
+           "cuda_host", _CUDA_HOST, "8-byte aligned tensors take the 16-byte path"),
     # --- CUDA kernels (need a GPU: CUDA build + ``-m gpu``) -----------------------------------
-    Mutant("cuda-perturb-sign", "csrc/cuda/sam_kernels.cu",
-           "wp.v[j] = Num<T>::from_op(wj + e);", "wp.v[j] = Num<T>::from_op(wj - e);", "cuda",
-           _GPU, "descent instead of ascent"),
-    Mutant("cuda-sgd-scale-mul", "csrc/cuda/sam_kernels.cu", "d = d / gs;", "d = d * gs;", "cuda",
-           _GPU, "SGD multiplies by the AMP grad_scale"),
-    Mutant("cuda-norm-unsquared", "csrc/cuda/sam_kernels.cu", "total = total + x * x;",
-           "total = total + x;", "cuda", _GPU, "norm sums g, not g^2"),
     Mutant("cuda-random-salt-ignored", "csrc/cuda/sam_kernels.cu",
            "? static_cast<uint32_t>(tab.value(kPMask, c.tensor)) ^ random.step_key",
            "? random.step_key", "cuda", _GPU, "every tensor draws the same random mask"),
-    Mutant("cuda-sgd-nesterov", "csrc/cuda/sam_kernels.cu", "d = a.nesterov ? d + mu * v : v;",
-           "d = v;", "cuda", _GPU, "SGD nesterov ignored"),
     Mutant("cuda-axpby-skip-ignored", "csrc/cuda/sam_kernels.cu",
            "if (skip != nullptr && *skip != 0.0f) {", "if (skip != nullptr && false) {", "cuda",
            _GPU, "axpby_ writes out although the device skip flag is set"),
-    Mutant("cuda-sumsqs-ignored", "csrc/cuda/sam_kernels.cu",
-           "skip = !isfinite(total);", "skip = false;", "cuda",
-           _GPU, "the restore+step kernels step although a checked norm is not finite"),
     Mutant("cuda-ticket-not-reset", "csrc/cuda/multi_tensor.cuh",
            "atomicExch(ticket, 0u);", "(void)ticket;", "cuda",
            _GPU, "the last-block ticket is left counting: the next launch finalizes nothing"),

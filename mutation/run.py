@@ -7,13 +7,15 @@ suite, so a test is missing. Before any mutant, the same tests run once on the u
 and must pass.
 
     python mutation/run.py                         # every mutant this machine can run
-    python mutation/run.py --kinds python,triton   # no rebuild (what CI runs)
+    python mutation/run.py --kinds python,triton,cuda_host   # no rebuild (what CI runs)
     python mutation/run.py --ids cpp-perturb-sign  # one mutant
     python mutation/run.py --check                 # only check that every mutant applies
 
 ``cpp`` mutants rebuild the CPU extension in the copy (the first one builds it whole, later
 ones incrementally); ``cuda`` mutants need a CUDA GPU and a CUDA build and are reported as not
-run elsewhere. Exit status: 0 when every mutant that ran was killed.
+run elsewhere; ``cuda_host`` mutants (the CUDA kernels' shared math and indexing) are killed on
+the CPU by tests/test_cuda_host.py, which compiles the host build from the copy itself. Exit
+status: 0 when every mutant that ran was killed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mutants import MUTANTS, Mutant
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("python", "triton", "cpp", "cuda")
+KINDS = ("python", "triton", "cpp", "cuda", "cuda_host")
 
 
 def _apply(text: str, m: Mutant) -> str:

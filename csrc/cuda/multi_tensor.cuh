@@ -14,42 +14,15 @@
 
 #include <cstdint>
 
+#include "cuda/element_math.h"
+#include "cuda/harness.h"
 #include "cuda/sam_kernels.h"
 
 namespace fused_sam::cuda_kernels {
 
 // ---------------------------------------------------------------------------------------------
-// Math type and conversions: float for half/bfloat16/float, double for double.
-
-template <typename T>
-struct Num {
-  using Op = T;
-  static __device__ __forceinline__ Op to_op(T x) { return x; }
-  static __device__ __forceinline__ T from_op(Op x) { return x; }
-};
-
-template <>
-struct Num<__half> {
-  using Op = float;
-  static __device__ __forceinline__ Op to_op(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_op(Op x) { return __float2half_rn(x); }
-};
-
-template <>
-struct Num<__nv_bfloat16> {
-  using Op = float;
-  static __device__ __forceinline__ Op to_op(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_op(Op x) { return __float2bfloat16_rn(x); }
-};
-
-// ---------------------------------------------------------------------------------------------
 // 16-byte packs
 
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
-};
 static_assert(sizeof(Pack<float>) == sizeof(uint4) && sizeof(Pack<double>) == sizeof(uint4),
               "a pack is one 16-byte vector");
 
@@ -115,77 +88,18 @@ __device__ __forceinline__ void store_pack(T* p, int64_t i, const Pack<T>& x, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Table access and the chunk walk
-
-struct TableView {
-  const int64_t* data;
-  TableLayout layout;
-
-  __device__ __forceinline__ int64_t numel(int64_t t) const { return data[t]; }
-  __device__ __forceinline__ bool aligned(int64_t t) const {
-    return data[layout.aligned_at() + t] != 0;
-  }
-  template <typename P>
-  __device__ __forceinline__ P* ptr(int list, int64_t t) const {
-    return reinterpret_cast<P*>(data[layout.ptr_at(list) + t]);
-  }
-  // Entry t of a list that holds values instead of addresses.
-  __device__ __forceinline__ int64_t value(int list, int64_t t) const {
-    return data[layout.ptr_at(list) + t];
-  }
-  // The tensor that owns chunk c: the last t with chunk_begin[t] <= c (empty tensors own none).
-  __device__ __forceinline__ int64_t tensor_of(int64_t c) const {
-    const int64_t* begin = data + layout.chunk_begin_at();
-    int64_t lo = 0, hi = layout.n;  // invariant: begin[lo] <= c < begin[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (begin[mid] <= c) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
-    return lo;
-  }
-  __device__ __forceinline__ int64_t chunk_begin(int64_t t) const {
-    return data[layout.chunk_begin_at() + t];
-  }
-};
-
-struct ChunkRef {
-  int64_t tensor;
-  int64_t begin;  // first element of the chunk in its tensor
-  int64_t end;    // one past the last
-  bool vec;       // the tensor's pointers allow 16-byte accesses
-};
+// The chunk walk of this block and thread (harness.h, shared with the host build)
 
 // Calls body(chunk) for every chunk this block owns (grid-stride over the chunk list).
 template <typename Body>
 __device__ __forceinline__ void for_each_chunk(const TableView& tab, int64_t chunks, Body&& body) {
-  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const int64_t t = tab.tensor_of(c);
-    const int64_t begin = (c - tab.chunk_begin(t)) * kChunk;
-    const int64_t end = begin + kChunk < tab.numel(t) ? begin + kChunk : tab.numel(t);
-    body(ChunkRef{t, begin, end, tab.aligned(t)});
-  }
+  walk_chunks(tab, chunks, blockIdx.x, gridDim.x, body);
 }
 
-// Calls step(i, n) for the packs of a chunk owned by this thread: i is the first element of a
-// pack, n <= Pack<T>::kSize the number of valid lanes (less only for the tensor's last pack).
-// Off the vector path every pack is one element.
+// Calls step(i, n) for the packs of a chunk owned by this thread (see walk_packs).
 template <typename T, typename Step>
 __device__ __forceinline__ void for_each_pack(const ChunkRef& c, Step&& step) {
-  if (c.vec) {
-    constexpr int V = Pack<T>::kSize;
-    for (int64_t i = c.begin + int64_t{threadIdx.x} * V; i < c.end; i += int64_t{blockDim.x} * V) {
-      const int64_t left = c.end - i;
-      step(i, left < V ? static_cast<int>(left) : V);
-    }
-  } else {
-    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
-      step(i, 1);
-    }
-  }
+  walk_packs<Pack<T>::kSize>(c, threadIdx.x, blockDim.x, step);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -195,10 +109,8 @@ __device__ __forceinline__ double block_sum(double x) {
   __shared__ double warp_sums[32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    x += __shfl_down_sync(0xffffffffu, x, off);
-  }
+  const auto down = [](double v, int off) { return __shfl_down_sync(0xffffffffu, v, off); };
+  x = warp_tree(x, down);  // the tree the host build evaluates (harness.h)
   __syncthreads();  // warp_sums may still be read by a previous call
   if (lane == 0) {
     warp_sums[warp] = x;
@@ -207,10 +119,7 @@ __device__ __forceinline__ double block_sum(double x) {
   const int warps = (blockDim.x + 31) >> 5;
   x = threadIdx.x < warps ? warp_sums[threadIdx.x] : 0.0;
   if (warp == 0) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      x += __shfl_down_sync(0xffffffffu, x, off);
-    }
+    x = warp_tree(x, down);
   }
   return x;  // valid in thread 0
 }

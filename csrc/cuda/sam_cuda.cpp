@@ -33,6 +33,8 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/element_math.h"
+#include "cuda/harness.h"
 #include "cuda/sam_kernels.h"
 #include "op_checks.h"
 #include "sam_ops.h"
@@ -291,27 +293,17 @@ LaunchTable make_table(at::TensorList params, std::initializer_list<ListSpec> sp
   const int64_t n = static_cast<int64_t>(params.size());
   const ck::TableLayout layout{n, static_cast<int>(specs.size())};
   std::vector<int64_t> host(layout.size(), 0);
-  int64_t chunk = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t numel = params[t].numel();
-    host[layout.numel_at() + t] = numel;
-    host[layout.chunk_begin_at() + t] = chunk;
-    chunk += (numel + ck::kChunk - 1) / ck::kChunk;
-    bool aligned = true;
-    int l = 0;
-    for (const ListSpec& s : specs) {
-      if (!s.tensors.empty()) {
-        const auto addr = reinterpret_cast<int64_t>(s.tensors[t].data_ptr());
-        host[layout.ptr_at(l) + t] = addr;
-        aligned = aligned && (!s.vectorised || addr % 16 == 0);
-      } else if (!s.values.empty()) {
-        host[layout.ptr_at(l) + t] = s.values[t];
-      }
-      ++l;
-    }
-    host[layout.aligned_at() + t] = aligned ? 1 : 0;
-  }
-  host[layout.chunk_begin_at() + n] = chunk;
+  // The same image the host build of the kernels builds (harness.h).
+  ck::fill_table(
+      layout, [&](int64_t t) { return params[t].numel(); },
+      [&](int l, int64_t t) {
+        const ListSpec& s = specs.begin()[l];
+        if (!s.tensors.empty()) {
+          return ck::TableEntry{reinterpret_cast<int64_t>(s.tensors[t].data_ptr()), s.vectorised};
+        }
+        return ck::TableEntry{s.values.empty() ? 0 : s.values[t], false};
+      },
+      host.data());
   LaunchTable out;
   static_cast<ck::Table&>(out) =
       cache().get(std::move(host), layout, params[0].device(), stream(), out.keep);
@@ -540,8 +532,9 @@ at::Tensor restore_adam_step_impl(at::TensorList params, at::TensorList grads,
     by_step[step].push_back(i);
   }
   for (const auto& [step, idx] : by_step) {
-    args.step_size = lr / (1.0 - std::pow(beta1, step));
-    args.bias_c2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
+    const ck::AdamBias bias = ck::adam_bias(lr, beta1, beta2, step);  // element_math.h
+    args.step_size = bias.step_size;
+    args.bias_c2_sqrt = bias.bias_c2_sqrt;
     if (idx.size() == params.size()) {
       launch(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, {});
       continue;

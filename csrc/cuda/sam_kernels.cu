@@ -40,65 +40,15 @@ namespace {
 
 using namespace lists;
 
-__device__ __forceinline__ float op_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double op_abs(double x) { return fabs(x); }
-__device__ __forceinline__ float op_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double op_sqrt(double x) { return sqrt(x); }
-
-// Float64 value of a stored element (exact for every storage type).
-template <typename T>
-__device__ __forceinline__ double to_double(T x) {
-  return static_cast<double>(Num<T>::to_op(x));
-}
-
-// A float64 result stored in T the way torch converts a float64 tensor (the reference's
-// .to(dtype)): float32 and float64 round once; half and bfloat16 round to float32 first, then to
-// T. (Rounding once, __double2bfloat16, differs where a value lies within float32 rounding of a
-// tie of T, which a x + b y often does: a product of two short mantissas ends just above one.)
-template <typename T>
-__device__ __forceinline__ T from_double(double x) {
-  if constexpr (std::is_same_v<T, double>) {
-    return x;
-  } else {
-    return Num<T>::from_op(static_cast<float>(x));
-  }
-}
-
-// Whether a base step is skipped (SkipArgs): the same decision in every thread of every
-// block, from device values that no block writes. The norm partials are short (one entry per
-// norm_sq launch): every thread adds them in index order.
-__device__ __forceinline__ bool step_skipped(const SkipArgs& s) {
-  bool skip = s.found_inf != nullptr && *s.found_inf != 0.0f;
-  for (int i = 0; i < s.count && !skip; ++i) {
-    double total = 0.0;
-    for (int64_t k = 0; k < s.len[i]; ++k) {
-      total = total + s.sumsq[i][k];
-    }
-    skip = !isfinite(total);
-  }
-  return skip;
-}
+// The element math (to_double, from_double, the hash, the SGD/Adam/perturb values, the skip
+// decision, ...) is in element_math.h, compiled for the host too: tests/test_cuda_host.py runs
+// it on the CPU.
 
 // Block 0 reports the decision: the op's 0-dim bool output, written by the kernel itself.
 __device__ __forceinline__ void report_skip(const SkipArgs& s, bool skip) {
   if (s.skipped != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
     *s.skipped = skip;
   }
-}
-
-__device__ __forceinline__ bool mask_bit(const uint8_t* mask, int64_t k) {
-  return (mask[k >> 3] >> (k & 7)) & 1;
-}
-
-// The random-mask hash of fused_sam.masks.element_hash: fmix32(k + j * 0x9E3779B9), uint32
-// arithmetic, j the element's position modulo 2^32.
-__device__ __forceinline__ uint32_t element_hash(uint32_t key, int64_t j) {
-  uint32_t x = key + static_cast<uint32_t>(j) * 0x9E3779B9u;
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  return x ^ (x >> 16);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -120,11 +70,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < Pack<T>::kSize; ++j) {
         // Widened before squaring: float64 squares of finite float32/16 values never overflow.
-        double x = static_cast<double>(Num<T>::to_op(gp.v[j]));
-        if (kAdaptive) {
-          x = (fabs(static_cast<double>(Num<T>::to_op(wp.v[j]))) + eta) * x;
-        }
-        total = total + x * x;
+        total = total + norm_sq_term(gp.v[j], kAdaptive ? wp.v[j] : gp.v[j], kAdaptive, eta);
       }
     });
   });
@@ -133,17 +79,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------------------------
 // perturb
-
-// The total of a short partials tensor, in index order, in every thread (no block reduction:
-// norm_sq already finalized it to one entry per launch).
-template <typename S>
-__device__ __forceinline__ double total_of(const S* sumsq, int64_t len) {
-  double x = 0.0;
-  for (int64_t k = 0; k < len; ++k) {
-    x = x + static_cast<double>(sumsq[k]);
-  }
-  return x;
-}
 
 template <typename T, bool kAdaptive, MaskKind kMask, typename S>
 __global__ void __launch_bounds__(kThreads)
@@ -155,8 +90,8 @@ __global__ void __launch_bounds__(kThreads)
     rho = *rho_device;
   }
   const double norm = sqrt(total_of(sumsq, sumsq_len));
-  const bool finite = isfinite(norm);
-  const Op scale = static_cast<Op>(finite ? rho / (norm + eps) : 0.0);
+  const bool finite = is_finite(norm);
+  const Op scale = static_cast<Op>(perturb_scale(norm, rho, eps));
   for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
     T* w = tab.ptr<T>(kPW, c.tensor);
     const T* g = tab.ptr<const T>(kPG, c.tensor);
@@ -176,19 +111,14 @@ __global__ void __launch_bounds__(kThreads)
       const Pack<T> gp = load_pack(g, i, n, c.vec);
 #pragma unroll
       for (int j = 0; j < Pack<T>::kSize; ++j) {
-        const Op wj = Num<T>::to_op(wp.v[j]);
-        Op e = scale;
-        if (kAdaptive) {
-          const Op t = op_abs(wj) + eta;
-          e = e * t * t;
-        }
-        e = e * Num<T>::to_op(gp.v[j]);
+        bool keep = true;
         if (kMask == MaskKind::kBits) {
-          e = e * static_cast<Op>(j < n && mask_bit(mask, i + j));
+          keep = j < n && mask_bit(mask, i + j);
         } else if (kMask == MaskKind::kRandom) {
-          e = e * static_cast<Op>(element_hash(key, i + j) < random.threshold);
+          keep = element_hash(key, i + j) < random.threshold;
         }
-        wp.v[j] = Num<T>::from_op(wj + e);
+        wp.v[j] = Num<T>::from_op(perturb_value<Op, kAdaptive, kMask>(
+            Num<T>::to_op(wp.v[j]), Num<T>::to_op(gp.v[j]), scale, eta, keep));
       }
       store_pack(w, i, wp, n, c.vec);
     });
@@ -234,10 +164,9 @@ __global__ void __launch_bounds__(kThreads, 3)
     restore_chunks<T>(tab, chunks, kSW, kSB);
     return;
   }
-  const Op gs = a.grad_scale != nullptr ? static_cast<Op>(*a.grad_scale) : Op(1);
   const double lr64 = a.lr_device != nullptr ? *a.lr_device : a.lr;
-  const Op lr = static_cast<Op>(lr64), wd = static_cast<Op>(a.weight_decay);
-  const Op mu = static_cast<Op>(a.momentum), damp = static_cast<Op>(1.0 - a.dampening);
+  const SgdCoefs<Op> k =
+      sgd_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f, lr64);
   for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
     T* w = tab.ptr<T>(kSW, c.tensor);
     const T* g = tab.ptr<const T>(kSG, c.tensor);
@@ -252,23 +181,12 @@ __global__ void __launch_bounds__(kThreads, 3)
       }
 #pragma unroll
       for (int j = 0; j < Pack<T>::kSize; ++j) {
-        const Op wj = Num<T>::to_op(wp.v[j]);
-        Op d = Num<T>::to_op(gp.v[j]);
-        if (a.grad_scale != nullptr) {
-          d = d / gs;
-        }
-        if (a.maximize) {
-          d = -d;
-        }
-        if (a.weight_decay != 0.0) {
-          d = d + wd * wj;
-        }
+        Op v = a.with_momentum && !a.first_step ? Num<T>::to_op(vp.v[j]) : Op(0);
+        wp.v[j] = Num<T>::from_op(
+            sgd_value(k, Num<T>::to_op(wp.v[j]), Num<T>::to_op(gp.v[j]), v));
         if (a.with_momentum) {
-          const Op v = a.first_step ? d : mu * Num<T>::to_op(vp.v[j]) + damp * d;
           vp.v[j] = Num<T>::from_op(v);
-          d = a.nesterov ? d + mu * v : v;
         }
-        wp.v[j] = Num<T>::from_op(wj - lr * d);
       }
       if (a.with_momentum) {
         store_pack(buf, i, vp, n, c.vec);
@@ -303,22 +221,19 @@ __global__ void __launch_bounds__(kThreads)
   if (skip) {
     restore_chunks<T>(tab, chunks, kAW, kAB);
   } else {
-    const Op gs = a.grad_scale != nullptr ? static_cast<Op>(*a.grad_scale) : Op(1);
-    const Op beta1 = static_cast<Op>(a.beta1), one_minus_beta1 = static_cast<Op>(1.0 - a.beta1);
-    const Op beta2 = static_cast<Op>(a.beta2), one_minus_beta2 = static_cast<Op>(1.0 - a.beta2);
-    const Op wd = static_cast<Op>(a.weight_decay);
     // (A local, not an assignment to a.lr: writing a by-value kernel parameter copies the
     // whole argument struct to local memory.)
     const double lr = a.lr_device != nullptr ? *a.lr_device : a.lr;
-    const Op decay = static_cast<Op>(1.0 - lr * a.weight_decay);
-    const Op eps = static_cast<Op>(a.eps);
+    const AdamCoefs<Op> k =
+        adam_coefs<Op>(a, a.grad_scale != nullptr ? *a.grad_scale : 1.0f, lr);
     for_each_chunk(tab, chunks, [&](const ChunkRef& c) {
       Op step_size = static_cast<Op>(a.step_size), bc2 = static_cast<Op>(a.bias_c2_sqrt);
       if (a.device_steps) {
         // Bias corrections of this tensor from its counter as it will be after this step.
         const double step = static_cast<double>(*tab.ptr<const float>(kAStep, c.tensor)) + 1.0;
-        step_size = static_cast<Op>(lr / (1.0 - pow(a.beta1, step)));
-        bc2 = static_cast<Op>(sqrt(1.0 - pow(a.beta2, step)));
+        const AdamBias bias = adam_bias(lr, a.beta1, a.beta2, step);
+        step_size = static_cast<Op>(bias.step_size);
+        bc2 = static_cast<Op>(bias.bias_c2_sqrt);
       }
       T* w = tab.ptr<T>(kAW, c.tensor);
       const T* g = tab.ptr<const T>(kAG, c.tensor);
@@ -337,33 +252,15 @@ __global__ void __launch_bounds__(kThreads)
         }
 #pragma unroll
         for (int j = 0; j < Pack<T>::kSize; ++j) {
-          Op wj = Num<T>::to_op(wp.v[j]);
-          Op gj = Num<T>::to_op(gp.v[j]);
-          if (a.grad_scale != nullptr) {
-            gj = gj / gs;
-          }
-          if (a.maximize) {
-            gj = -gj;
-          }
-          if (a.weight_decay != 0.0) {
-            if (a.decoupled_weight_decay) {
-              wj = wj * decay;
-            } else {
-              gj = gj + wd * wj;
-            }
-          }
-          const Op mj = beta1 * Num<T>::to_op(mp.v[j]) + one_minus_beta1 * gj;
-          const Op vj = beta2 * Num<T>::to_op(vp.v[j]) + one_minus_beta2 * gj * gj;
+          Op mj = Num<T>::to_op(mp.v[j]), vj = Num<T>::to_op(vp.v[j]);
+          Op xj = a.amsgrad ? Num<T>::to_op(xp.v[j]) : Op(0);
+          wp.v[j] = Num<T>::from_op(adam_value(k, step_size, bc2, Num<T>::to_op(wp.v[j]),
+                                               Num<T>::to_op(gp.v[j]), mj, vj, xj));
           mp.v[j] = Num<T>::from_op(mj);
           vp.v[j] = Num<T>::from_op(vj);
-          Op second = vj;
           if (a.amsgrad) {
-            const Op old = Num<T>::to_op(xp.v[j]);
-            second = old > vj || old != old ? old : vj;  // torch.maximum: NaN wins
-            xp.v[j] = Num<T>::from_op(second);
+            xp.v[j] = Num<T>::from_op(xj);
           }
-          const Op denom = op_sqrt(second) / bc2 + eps;
-          wp.v[j] = Num<T>::from_op(wj - step_size * mj / denom);
         }
         store_pack(m, i, mp, n, c.vec);
         store_pack(v, i, vp, n, c.vec);
@@ -397,7 +294,7 @@ __global__ void __launch_bounds__(kThreads)
       const Pack<T> bp = load_pack(b, i, n, c.vec);
 #pragma unroll
       for (int j = 0; j < Pack<T>::kSize; ++j) {
-        total = total + to_double(ap.v[j]) * to_double(bp.v[j]);
+        total = total + dot_term(ap.v[j], bp.v[j]);
       }
     });
   });
@@ -429,7 +326,7 @@ __global__ void __launch_bounds__(kThreads)
       Pack<T> op;
 #pragma unroll
       for (int j = 0; j < Pack<T>::kSize; ++j) {
-        op.v[j] = from_double<T>(c0 * to_double(xp.v[j]) + c1 * to_double(yp.v[j]));
+        op.v[j] = axpby_value(c0, c1, xp.v[j], yp.v[j]);
       }
       store_pack(out, i, op, n, c.vec);
     });
@@ -447,9 +344,9 @@ cudaError_t dispatch(DType dtype, F&& f) {
     case DType::kDouble:
       return f(double{});
     case DType::kHalf:
-      return f(__half{});
+      return f(Half{});
     case DType::kBFloat16:
-      return f(__nv_bfloat16{});
+      return f(BFloat16{});
   }
   return cudaErrorInvalidValue;
 }
@@ -493,9 +390,7 @@ int resident_blocks() {
 // one block, which writes a norm's total or a skip flag) and no more than kMaxGrid.
 template <auto kKernel>
 int grid_of(const Table& t) {
-  const int64_t grid =
-      std::min<int64_t>({int64_t{resident_blocks<kKernel>()}, t.chunks, int64_t{kMaxGrid}});
-  return static_cast<int>(std::max<int64_t>(1, grid));
+  return launch_grid(t.chunks, resident_blocks<kKernel>(), kMaxGrid);  // harness.h
 }
 
 }  // namespace

@@ -5,7 +5,11 @@
 // with nvcc alone, which is how CI checks them on machines without a CUDA build of torch.
 #pragma once
 
+#if defined(FUSED_SAM_CUDA_HOST_BUILD)
+#include "cuda/host_runtime.h"  // the host build of the kernels: no CUDA toolkit needed
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 
