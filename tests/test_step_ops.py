@@ -169,6 +169,26 @@ def test_gpu_steady_state_step_is_at_most_four_launches_and_no_sync(
     _check(backend, "cuda", config, scaler, dtype)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_param_groups_share_the_norms_and_the_perturbation(backend: str) -> None:
+    """Two param groups with different base options (weight decay on one): the norms and the
+    perturbation stay one op each, the restore+step is one op per group (README)."""
+    require_backend(backend, "cpu")
+    params = _params("cpu", torch.float32)
+    groups = [{"params": params[:3], "weight_decay": 1e-4}, {"params": params[3:]}]
+    opt = FusedSAM(groups, torch.optim.SGD, rho=0.05, backend=backend, lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        for _ in range(2):
+            _sam_step(opt, params, False, count=False)
+        with _HostReads() as reads:
+            ops = _sam_step(opt, params, False, count=True)
+    assert not reads.reads, reads.reads
+    # fused_sam.perturb_ or fused_sam_triton.perturb: the op's name without its namespace
+    names = {k.split(".")[-1].rstrip("_"): v for k, v in ops.items()}
+    assert sum(ops.values()) == 5, dict(ops)
+    assert names == {"norm_sq_partials": 2, "perturb": 1, "restore_sgd_step": 2}, dict(ops)
+
+
 def test_the_counter_sees_host_reads_and_extra_ops() -> None:
     """The two modes catch what they must: a value read back and an op outside the four."""
     t = torch.ones(3)
