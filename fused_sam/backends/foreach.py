@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fused_sam.backends._checks import check_axpby, check_lists
+from fused_sam.backends._skip import skip_flag
 from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.masks.bits import RandomBits, random_mask, unpack_bits
 
@@ -249,18 +250,6 @@ def _select(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
     return new if skip is None else torch.where(skip, old, new)
 
 
-def _skip_of(
-    found_inf: Tensor | None, sumsqs: Sequence[Tensor], device: torch.device
-) -> Tensor | None:
-    """The 0-dim bool skip flag on ``device`` (see :func:`fused_sam.reference.skipped`), from
-    device values with no host read; ``None`` when nothing can skip the step."""
-    skip = None if found_inf is None else found_inf.to(device).ne(0)
-    for s in sumsqs:
-        bad = ~torch.isfinite(s.to(device, torch.float64).sum())
-        skip = bad if skip is None else skip | bad
-    return skip
-
-
 def _flag(skip: Tensor | None, device: torch.device) -> Tensor:
     """The skip flag a restore step returns."""
     return torch.zeros((), dtype=torch.bool, device=device) if skip is None else skip
@@ -278,7 +267,7 @@ def _prepare(
         torch._foreach_div_(g, grad_scale)
     if maximize:
         torch._foreach_neg_(g)
-    return g, _skip_of(found_inf, sumsqs, grads[0].device)
+    return g, skip_flag(found_inf, sumsqs, grads[0].device)
 
 
 def restore_sgd_step_(

@@ -7,6 +7,7 @@ import torch
 import triton
 from torch import Tensor
 
+from fused_sam.backends._skip import skip_flag
 from fused_sam.backends.triton import _launch, _table
 from fused_sam.backends.triton._launch import (
     STEPS_BLOCK,
@@ -121,11 +122,9 @@ def _traced_skip(
 ) -> tuple[Tensor, Tensor]:
     """``(skipped, live)`` of a traced call from torch ops (0-dim bool and float32): the
     per-tensor launches of a traced step have no program that could write them for all."""
-    skip = torch.zeros((), dtype=torch.bool, device=like.device)
-    if found_inf is not None:
-        skip = skip | (found_inf.reshape(()) != 0)
-    for s in sumsqs:
-        skip = skip | ~torch.isfinite(s.double().sum())
+    skip = skip_flag(found_inf, sumsqs, like.device)
+    if skip is None:
+        skip = torch.zeros((), dtype=torch.bool, device=like.device)
     return skip, (~skip).to(torch.float32)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fused_sam.backends._checks import check_axpby, check_lists, flat_ok
+from fused_sam.backends._skip import skip_flag
 from fused_sam.backends.triton._registration import call
 from fused_sam.hyperparams import AdamHyper, SGDHyper
 from fused_sam.masks.bits import RandomBits
@@ -250,12 +251,8 @@ def _empty_skip(found_inf: Tensor | None, sumsqs: Sequence[Tensor]) -> Tensor:
     the device of ``found_inf`` or the first entry of ``sumsqs`` (the CPU without either)."""
     tensors = [t for t in (found_inf, *sumsqs) if t is not None]
     device = tensors[0].device if tensors else torch.device("cpu")
-    skip = torch.zeros((), dtype=torch.bool, device=device)
-    if found_inf is not None:
-        skip = skip | (found_inf.reshape(()) != 0)
-    for s in sumsqs:
-        skip = skip | ~torch.isfinite(s.double().sum())
-    return skip
+    skip = skip_flag(found_inf, sumsqs, device)
+    return torch.zeros((), dtype=torch.bool, device=device) if skip is None else skip
 
 
 # ---------------------------------------------------------------------------------------------
