@@ -583,7 +583,7 @@ def restore_sgd_step_(
     backend: str | None,
     buckets: Buckets | None = None,
     state_dtypes_alike: bool = False,
-) -> Tensor:
+) -> Tensor | None:
     """Restore and take one SGD step (see :func:`fused_sam.reference.restore_sgd_step_`).
 
     ``momentum_buffers`` is ``None`` when ``hyper.momentum == 0``; ``first_step`` is per tensor.
@@ -594,13 +594,13 @@ def restore_sgd_step_(
 
     Returns:
         The 0-dim bool skip flag, on the first parameter's device (every bucket decides alike:
-        from the same flags and partials).
+        from the same flags and partials); ``None`` for empty lists (nothing to step).
     """
     if buckets is None:
         buckets = plan(backend, [params, grads, backups, momentum_buffers], first_step)
     if not state_dtypes_alike:
         buckets = _state_dtypes_apart(buckets, params, [momentum_buffers])
-    flags = []
+    first: Tensor | None = None
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         p, g, b = _pick(params, idx), _pick(grads, idx), _pick(backups, idx)
@@ -617,8 +617,8 @@ def restore_sgd_step_(
             found_inf=_on(found_inf, dev),
             sumsqs=[_on(t, dev) for t in sumsqs],
         )
-        flags.append(flag)
-    return flags[0]
+        first = flag if first is None else first
+    return first
 
 
 def restore_adam_step_(
@@ -637,7 +637,7 @@ def restore_adam_step_(
     backend: str | None,
     buckets: Buckets | None = None,
     state_dtypes_alike: bool = False,
-) -> Tensor:
+) -> Tensor | None:
     """Restore and take one Adam/AdamW step (see :func:`fused_sam.reference.restore_adam_step_`).
 
     ``max_exp_avg_sqs`` is ``None`` unless ``hyper.amsgrad``; ``sumsqs``,
@@ -649,7 +649,7 @@ def restore_adam_step_(
     if not state_dtypes_alike:
         states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
         buckets = _state_dtypes_apart(buckets, params, states)
-    flags = []
+    first: Tensor | None = None
     for chosen, idx in buckets:
         dev = params[idx[0]].device
         lists = [
@@ -671,8 +671,8 @@ def restore_adam_step_(
             found_inf=_on(found_inf, dev),
             sumsqs=[_on(t, dev) for t in sumsqs],
         )
-        flags.append(flag)
-    return flags[0]
+        first = flag if first is None else first
+    return first
 
 
 def state_dtypes_alike(params: Sequence[Tensor], states: Sequence[Sequence[Tensor] | None]) -> bool:

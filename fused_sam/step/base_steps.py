@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,6 +25,8 @@ from fused_sam.step import amp
 from fused_sam.step.guards import note_partial_base_step
 from fused_sam.step.plan import StepPlan, contiguous, dense_grads
 from fused_sam.step.state import StepState
+
+_T = TypeVar("_T")
 
 
 class Tensors(NamedTuple):
@@ -99,7 +101,7 @@ def _skipped(t: Tensors) -> Tensor:
 
 def sgd_step(
     base: Optimizer, group: dict[str, Any], t: Tensors, flags: Flags, backend: str | None
-) -> Tensor:
+) -> Tensor | None:
     """Restore + ``torch.optim.SGD``'s update of one param group; returns the 0-dim bool skip
     flag (on the device)."""
     momentum = group["momentum"]
@@ -149,7 +151,7 @@ def sgd_step(
 
 def adam_step(
     base: Optimizer, group: dict[str, Any], t: Tensors, flags: Flags, backend: str | None
-) -> Tensor:
+) -> Tensor | None:
     """Restore + ``torch.optim.Adam``'s or ``AdamW``'s update of one param group; returns the
     0-dim bool skip flag (on the device)."""
     amsgrad = group["amsgrad"]
@@ -216,7 +218,7 @@ def _note_state_dtypes(t: Tensors, states: list[list[Tensor] | None]) -> None:
 
 
 #: A fused base step: ``(base, group, tensors, flags, backend) -> skip flag``.
-FusedStep = Callable[[Optimizer, dict[str, Any], Tensors, Flags, str | None], Tensor]
+FusedStep = Callable[[Optimizer, dict[str, Any], Tensors, Flags, str | None], Tensor | None]
 
 
 def _adam_fusable(group: dict[str, Any]) -> bool:
@@ -295,10 +297,10 @@ def restore_and_step_groups(
     return skip
 
 
-def hooked(base: Optimizer, body: Callable[[], None], st: StepState) -> None:
+def hooked(base: Optimizer, body: Callable[[], _T], st: StepState) -> _T:
     """Run a base update as ``base.step()`` would: with the base optimizer's own step
     pre-hooks before it, and marked as stepped for an LR scheduler built on it. Its post-hooks
-    run once the whole step is done (:func:`post_hooks`)."""
+    run once the whole step is done (:func:`post_hooks`). Returns what ``body`` returns."""
     for hook in list(base._optimizer_step_pre_hooks.values()):
         if hook(base, (), {}) is not None:
             raise RuntimeError(
@@ -306,13 +308,14 @@ def hooked(base: Optimizer, body: Callable[[], None], st: StepState) -> None:
                 "calls the base step itself and cannot pass them on"
             )
     try:
-        body()
+        out = body()
     except BaseException as err:
         if st.perturbed is not None:  # the caller restores w; the base's state keeps its writes
             note_partial_base_step(err, type(base).__name__)
         raise
     base._opt_called = True  # what an LR scheduler's step() wrapper records
     st.post_hooks_due = True
+    return out
 
 
 def post_hooks(base: Optimizer, st: StepState) -> None:

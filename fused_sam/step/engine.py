@@ -193,27 +193,27 @@ def restore_and_step(
         base_steps.unfused_step(base, all_params, grad_scale, flags.found_inf, st)
         st.end()
         return amp.skip_flag(flags.found_inf)
-    skipped: list[Tensor | None] = [None]
 
-    def fused_step() -> None:
+    def fused_step() -> Tensor | None:
         if buckets is not None and len(groups) == 1:
             # One group holding every parameter of the plan: its buckets and backups apply,
             # and every parameter with a gradient was perturbed.
             owners = with_grad if owner is None else [owner[id(t)] for t in with_grad]
             t = base_steps.Tensors(with_grad, grads, st.plan.backups, owners, buckets, st.plan)
-            skipped[0] = entry.step(base, groups[0], t, flags, backend)
+            flag = entry.step(base, groups[0], t, flags, backend)
         else:
             owner_of = None if owner is None else (lambda t: owner[id(t)])
-            skipped[0] = base_steps.restore_and_step_groups(
+            flag = base_steps.restore_and_step_groups(
                 entry, base, perturbed, backups, flags, backend, owner_of
             )
         st.perturbed = None  # restored: from here on an error must not restore again
+        return flag
 
-    base_steps.hooked(base, fused_step, st)
+    skipped = base_steps.hooked(base, fused_step, st)
     st.end()
-    if skipped[0] is None:  # no parameter had a gradient: nothing stepped
+    if skipped is None:  # no parameter had a gradient: nothing stepped
         return amp.skip_flag(amp.union(flags.found_inf, flags.sumsqs))
-    return skipped[0]
+    return skipped
 
 
 def plain_step(st: StepState, scaler: amp.ScalerArgs, setup: Setup) -> None:
