@@ -91,13 +91,15 @@ CONFIGS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any], dict[str, 
 }
 
 
-def _sam_step(opt: FusedSAM, params: list[torch.Tensor], scaler: bool, count: bool) -> Counter:
+def _sam_step(
+    opt: FusedSAM, params: list[torch.Tensor], k: int, scaler: bool, count: bool
+) -> Counter:
     """One SAM step as a training loop drives it; with ``scaler``, as ``GradScaler.step``
     drives it (``grad_scale`` and ``found_inf`` set on the optimizer for ``step()``). With
-    ``count``, the ops of the optimizer's two calls (not those making the gradients)."""
+    ``count``, the ops of the optimizer's two calls (not those making the gradients). ``k``:
+    the step's index, which seeds its gradients."""
     device = params[0].device
     run = (lambda f: dispatched_ops(f, device, warmup=0)) if count else (lambda f: f() or {})
-    opt._test_k = k = getattr(opt, "_test_k", 0) + 1
     _grads(params, 2 * k)
     ops = Counter(run(opt.first_step))
     _grads(params, 2 * k + 1)
@@ -118,13 +120,13 @@ def _check(backend: str, device: str, config: str, scaler: bool, dtype: torch.dt
     params = _params(device, dtype)
     opt = FusedSAM(params, base, rho=0.05, backend=backend, **base_kw, **sam_kw)
     with torch.no_grad():
-        for _ in range(2):  # state creation, table builds, the mask's refresh
-            _sam_step(opt, params, scaler, count=False)
+        for k in range(2):  # state creation, table builds, the mask's refresh
+            _sam_step(opt, params, k, scaler, count=False)
         with _HostReads() as reads:
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                ops = _sam_step(opt, params, scaler, count=True)
+                ops = _sam_step(opt, params, 2, scaler, count=True)
             finally:
                 if device == "cuda":
                     torch.cuda.set_sync_debug_mode("default")
@@ -178,10 +180,10 @@ def test_param_groups_share_the_norms_and_the_perturbation(backend: str) -> None
     groups = [{"params": params[:3], "weight_decay": 1e-4}, {"params": params[3:]}]
     opt = FusedSAM(groups, torch.optim.SGD, rho=0.05, backend=backend, lr=0.1, momentum=0.9)
     with torch.no_grad():
-        for _ in range(2):
-            _sam_step(opt, params, False, count=False)
+        for k in range(2):
+            _sam_step(opt, params, k, False, count=False)
         with _HostReads() as reads:
-            ops = _sam_step(opt, params, False, count=True)
+            ops = _sam_step(opt, params, 2, False, count=True)
     assert not reads.reads, reads.reads
     # fused_sam.perturb_ or fused_sam_triton.perturb: the op's name without its namespace
     names = {k.split(".")[-1].rstrip("_"): v for k, v in ops.items()}
